@@ -1,0 +1,338 @@
+"""TrainingArguments with the Hugging Face names, validated before any process starts.
+
+Every field of `transformers.TrainingArguments` is accepted by name, so an HF
+script or YAML ports by changing its import. Fields scaletrain implements are
+declared below; every other HF field is added automatically and must keep its
+HF default: a value that would be silently ignored is an error instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import transformers
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy
+
+
+class NotSupportedError(ValueError):
+    """A known option that scaletrain does not implement (yet)."""
+
+
+STRATEGIES = ("auto", "single", "ddp", "fsdp", "zero1", "zero2", "zero3")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd")
+_TOKEN_FIELDS = ("hub_token",)
+
+
+@dataclass
+class _ScaletrainArguments:
+    output_dir: Optional[str] = None
+    do_train: bool = False
+    do_eval: bool = False
+    do_predict: bool = False
+    resume_from_checkpoint: Optional[str] = None
+
+    # Batching and optimisation.
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch_fused"
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    lr_scheduler_type: str = "linear"
+    lr_scheduler_kwargs: Optional[dict] = None
+    warmup_steps: float = 0
+    warmup_ratio: Optional[float] = None
+
+    # Logging, evaluation, saving.
+    logging_strategy: str = "steps"
+    logging_steps: float = 500
+    logging_first_step: bool = False
+    logging_nan_inf_filter: bool = True
+    eval_strategy: str = "no"
+    evaluation_strategy: Optional[str] = None  # deprecated HF alias of eval_strategy
+    eval_steps: Optional[float] = None
+    eval_delay: float = 0
+    eval_on_start: bool = False
+    prediction_loss_only: bool = False
+    save_strategy: str = "steps"
+    save_steps: float = 500
+    save_total_limit: Optional[int] = None
+    save_only_model: bool = False
+    load_best_model_at_end: bool = False
+    metric_for_best_model: Optional[str] = None
+    greater_is_better: Optional[bool] = None
+    report_to: Union[None, str, list[str]] = "none"
+    run_name: Optional[str] = None
+    project: str = "huggingface"
+    disable_tqdm: Optional[bool] = None
+    log_level: str = "passive"
+    log_level_replica: str = "warning"
+    log_on_each_node: bool = True
+
+    # Reproducibility and data.
+    seed: int = 42
+    data_seed: Optional[int] = None
+    dataloader_drop_last: bool = False
+    dataloader_num_workers: int = 0
+    dataloader_pin_memory: bool = True
+    dataloader_persistent_workers: bool = False
+    dataloader_prefetch_factor: Optional[int] = None
+    remove_unused_columns: bool = True
+    label_names: Optional[list[str]] = None
+    ignore_data_skip: bool = False
+
+    # Distributed.
+    use_cpu: bool = False
+    local_rank: int = -1  # old launchers pass --local_rank; the env is read instead
+    ddp_backend: Optional[str] = None
+    ddp_timeout: int = 1800
+    ddp_find_unused_parameters: Optional[bool] = None
+    ddp_bucket_cap_mb: Optional[int] = None
+    ddp_broadcast_buffers: Optional[bool] = None
+    ddp_static_graph: Optional[bool] = None
+
+    # scaletrain's own.
+    strategy: str = "auto"
+    torch_threads: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        self._reject_unsupported_hf_fields()
+        if self.output_dir is None:
+            self.output_dir = "trainer_output"
+        if self.evaluation_strategy is not None:
+            warnings.warn(
+                "`evaluation_strategy` is deprecated; use `eval_strategy` instead",
+                FutureWarning,
+                stacklevel=3,
+            )
+            self.eval_strategy = self.evaluation_strategy
+            self.evaluation_strategy = None
+        if self.warmup_ratio is not None:
+            if not 0.0 <= self.warmup_ratio < 1.0:
+                raise ValueError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+            if self.warmup_steps:
+                raise ValueError(
+                    f"warmup_ratio={self.warmup_ratio} and warmup_steps={self.warmup_steps} are both "
+                    "set; keep one of them"
+                )
+        if isinstance(self.report_to, str):
+            self.report_to = [] if self.report_to in ("none", "") else (
+                ["wandb"] if self.report_to == "all" else [self.report_to]
+            )
+        elif self.report_to is None:
+            self.report_to = []
+        self._validate()
+
+    # ------------------------------------------------------------------ checks
+    def _reject_unsupported_hf_fields(self) -> None:
+        for name, default in _UNSUPPORTED_DEFAULTS.items():
+            value = getattr(self, name)
+            if value != default:
+                hint = _UNSUPPORTED_HINTS.get(name, f"leave it at its default {default!r}")
+                raise NotSupportedError(
+                    f"TrainingArguments.{name}={value!r} is not supported yet by scaletrain; {hint}"
+                )
+
+    def _validate(self) -> None:
+        def choice(name: str, options) -> None:
+            value = getattr(self, name)
+            if value not in options:
+                raise ValueError(f"{name}={value!r} is not one of {sorted(options)}")
+
+        for name in ("logging_strategy", "eval_strategy"):
+            choice(name, {s.value for s in IntervalStrategy})
+            setattr(self, name, IntervalStrategy(getattr(self, name)))
+        choice("save_strategy", {s.value for s in SaveStrategy})
+        self.save_strategy = SaveStrategy(self.save_strategy)
+        choice("strategy", STRATEGIES)
+        choice("optim", OPTIMIZERS)
+        choice("ddp_backend", {None, "gloo", "nccl"})
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps={self.max_steps} must be a positive number of steps or -1 (use epochs)")
+        if self.max_steps < 0 and self.num_train_epochs <= 0:
+            raise ValueError(f"num_train_epochs={self.num_train_epochs} must be > 0 when max_steps is -1")
+        if self.learning_rate < 0:
+            raise ValueError(f"learning_rate={self.learning_rate} must be >= 0")
+        for name in ("logging_steps", "save_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0 (a count, or a fraction of max steps if < 1)")
+        if self.eval_steps is not None and self.eval_steps <= 0:
+            raise ValueError(f"eval_steps={self.eval_steps} must be > 0")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"save_total_limit={self.save_total_limit} must be >= 1 or None (keep all)")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads={self.torch_threads} must be >= 1 or None (automatic)")
+        if self.dataloader_prefetch_factor is not None and self.dataloader_num_workers == 0:
+            raise ValueError(
+                f"dataloader_prefetch_factor={self.dataloader_prefetch_factor} needs dataloader_num_workers > 0"
+            )
+        unknown_reports = set(self.report_to) - {"wandb", "jsonl"}
+        if unknown_reports:
+            raise NotSupportedError(
+                f"report_to={self.report_to!r}: {sorted(unknown_reports)} not supported; use 'wandb' or 'none' "
+                "(metrics.jsonl in output_dir is always written)"
+            )
+        if self.save_strategy == SaveStrategy.BEST and self.metric_for_best_model is None:
+            raise ValueError("save_strategy='best' needs metric_for_best_model")
+        if self.load_best_model_at_end:
+            if self.eval_strategy == IntervalStrategy.NO:
+                raise ValueError("load_best_model_at_end=True needs eval_strategy 'steps' or 'epoch'")
+            if self.save_strategy == SaveStrategy.NO:
+                raise ValueError("load_best_model_at_end=True needs a save_strategy other than 'no'")
+            if self.save_strategy != SaveStrategy.BEST and self.eval_strategy.value != self.save_strategy.value:
+                raise ValueError(
+                    f"load_best_model_at_end=True needs save_strategy ({self.save_strategy.value}) to match "
+                    f"eval_strategy ({self.eval_strategy.value})"
+                )
+            if (
+                self.save_strategy == SaveStrategy.STEPS
+                and self.eval_steps is not None
+                and self.save_steps % self.eval_steps != 0
+            ):
+                raise ValueError(
+                    f"load_best_model_at_end=True needs save_steps ({self.save_steps}) to be a multiple of "
+                    f"eval_steps ({self.eval_steps}), so the best evaluated step is saved"
+                )
+            if self.metric_for_best_model is None:
+                self.metric_for_best_model = "loss"
+        if self.metric_for_best_model is not None and self.greater_is_better is None:
+            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
+
+    # --------------------------------------------------------------- helpers
+    @property
+    def train_batch_size(self) -> int:
+        return self.per_device_train_batch_size
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.per_device_eval_batch_size
+
+    @property
+    def should_log(self) -> bool:  # HF callbacks read these two
+        return True
+
+    @property
+    def should_save(self) -> bool:
+        return True
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        if self.warmup_ratio is not None:
+            return math.ceil(num_training_steps * self.warmup_ratio)
+        if 0 < self.warmup_steps < 1:  # HF v5: a fraction of the total
+            return math.ceil(num_training_steps * self.warmup_steps)
+        return int(self.warmup_steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            if not f.init:
+                continue
+            value = getattr(self, f.name)
+            if f.name in _TOKEN_FIELDS or f.name.endswith("_token"):
+                value = "<redacted>" if value else value
+            if hasattr(value, "value"):  # enums
+                value = value.value
+            out[f.name] = value
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
+
+    def to_sanitized_dict(self) -> dict[str, Any]:
+        """Flat, W&B/TensorBoard-friendly values (lists and dicts as strings)."""
+        return {
+            k: (v if isinstance(v, (bool, int, float, str)) else str(v))
+            for k, v in self.to_dict().items()
+        }
+
+
+_UNSUPPORTED_HINTS = {
+    "bf16": "bf16 mixed precision lands with the memory-middleware work; train in fp32 for now",
+    "fp16": "fp16 mixed precision lands with the memory-middleware work; train in fp32 for now",
+    "gradient_checkpointing": "activation checkpointing lands with the memory-middleware work",
+    "auto_find_batch_size": "the batch-size finder lands with the memory-middleware work",
+    "fsdp": "set strategy: fsdp instead",
+    "deepspeed": "set strategy: zero1|zero2|zero3 instead",
+    "eval_accumulation_steps": "scaletrain already moves predictions to host memory after every eval batch",
+    "average_tokens_across_devices": "scaletrain always normalises the loss by the global token count",
+    "push_to_hub": "export the saved folder and push it with huggingface_hub",
+}
+
+
+def _hf_field_defaults() -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(transformers.TrainingArguments):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = (f.type, f.default, None)
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = (f.type, dataclasses.MISSING, f.default_factory)
+    return out
+
+
+_OWN_FIELDS = {f.name for f in dataclasses.fields(_ScaletrainArguments)}
+_HF_ONLY = {name: spec for name, spec in _hf_field_defaults().items() if name not in _OWN_FIELDS}
+_UNSUPPORTED_DEFAULTS = {
+    name: (factory() if factory is not None else default) for name, (_, default, factory) in _HF_ONLY.items()
+}
+
+TrainingArguments = dataclasses.make_dataclass(
+    "TrainingArguments",
+    [
+        (
+            name,
+            Any,
+            field(default=default, repr=False)
+            if factory is None
+            else field(default_factory=factory, repr=False),
+        )
+        for name, (_, default, factory) in _HF_ONLY.items()
+    ],
+    bases=(_ScaletrainArguments,),
+)
+TrainingArguments.__module__ = __name__
+TrainingArguments.__doc__ = _ScaletrainArguments.__doc__ or __doc__
+
+
+@dataclass
+class _Seq2SeqFields:
+    sortish_sampler: bool = False
+    predict_with_generate: bool = False
+    generation_max_length: Optional[int] = None
+    generation_num_beams: Optional[int] = None
+    generation_config: Optional[Any] = None
+
+
+Seq2SeqTrainingArguments = dataclasses.make_dataclass(
+    "Seq2SeqTrainingArguments",
+    [],
+    bases=(TrainingArguments, _Seq2SeqFields),
+)
+Seq2SeqTrainingArguments.__module__ = __name__
+
+
+def _check_seq2seq(self) -> None:
+    TrainingArguments.__post_init__(self)
+    if self.sortish_sampler:
+        raise NotSupportedError("Seq2SeqTrainingArguments.sortish_sampler=True is not supported yet by scaletrain")
+
+
+Seq2SeqTrainingArguments.__post_init__ = _check_seq2seq

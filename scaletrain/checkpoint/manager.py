@@ -1,0 +1,246 @@
+"""Checkpoint layout, atomic commit, retention and resume lookup.
+
+Layout of `output_dir/checkpoint-<step>/`:
+    state/                 model + optimizer through torch.distributed.checkpoint
+                           (sharded per rank, resharded at load)
+    scheduler.pt           LR scheduler state (plain tensors/numbers)
+    trainer_state.json     HF TrainerState (log history, best metric, ...)
+    progress.json          data position: epoch and samples consumed in it
+    rng_state_<rank>.pth   python/numpy/torch RNG of each rank
+    manifest.json          strategy, world size, versions, files
+    COMMITTED              written last; a folder without it is never resumed
+
+Everything is written under `checkpoint-<step>.tmp`, and the folder is renamed
+only after every rank has finished, so a crash mid-save leaves the previous
+checkpoint as the newest committed one. Loads use weights_only / JSON: no
+pickled code runs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "checkpoint"
+COMMIT_MARKER = "COMMITTED"
+_STEP_RE = re.compile(rf"^{PREFIX}-(\d+)$")
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def checkpoint_step(path: Path) -> Optional[int]:
+    match = _STEP_RE.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def is_committed(path: Path) -> bool:
+    return (path / COMMIT_MARKER).is_file() and (path / "manifest.json").is_file()
+
+
+def committed_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Committed checkpoints, oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        step = checkpoint_step(child)
+        if step is None or not child.is_dir():
+            continue
+        if is_committed(child):
+            found.append((step, child))
+        else:
+            logger.warning("ignoring %s: it has no %s marker (an interrupted save)", child, COMMIT_MARKER)
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Optional[Path]:
+    found = committed_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+# ------------------------------------------------------------------ RNG state
+def capture_rng_state() -> dict[str, Any]:
+    """RNG state as tensors and numbers only, so it loads with weights_only=True."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
+        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".part")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointManager:
+    """When/where checkpoints go; the Strategy says what the state is."""
+
+    def __init__(self, output_dir: str | os.PathLike, strategy) -> None:
+        self.output_dir = Path(output_dir)
+        self.strategy = strategy
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, model, optimizer, scheduler, trainer_state, progress: dict[str, Any],
+             manifest_extra: dict[str, Any], save_only_model: bool = False) -> Path:
+        strategy = self.strategy
+        final = self.output_dir / f"{PREFIX}-{step}"
+        tmp = self.output_dir / f"{PREFIX}-{step}.tmp"
+        started = time.perf_counter()
+        if strategy.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left by a crash; never a committed checkpoint
+            tmp.mkdir(parents=True)
+        strategy.barrier()
+
+        state = strategy.state_dict(model, None if save_only_model else optimizer)
+        dcp.save(state, checkpoint_id=str(tmp / "state"))
+        torch.save(capture_rng_state(), tmp / f"rng_state_{strategy.rank}.pth")
+
+        if strategy.is_main:
+            if scheduler is not None and not save_only_model:
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            trainer_state.save_to_json(str(tmp / "trainer_state.json"))
+            _write_json(tmp / "progress.json", progress)
+            _write_json(tmp / "manifest.json", {
+                "format_version": FORMAT_VERSION,
+                "step": step,
+                "strategy": strategy.name,
+                "world_size": strategy.world_size,
+                "includes_optimizer": not save_only_model,
+                "versions": _library_versions(),
+                "created_unix": time.time(),
+                **manifest_extra,
+            })
+        strategy.barrier()  # every rank's shard and RNG file is on disk
+
+        if strategy.is_main:
+            _write_json(tmp / COMMIT_MARKER, {"step": step})
+            _fsync_dir(tmp)
+            if final.exists():  # same step saved again (e.g. end of training after a resume)
+                stale = final.with_name(final.name + ".old")
+                os.replace(final, stale)
+                os.replace(tmp, final)
+                shutil.rmtree(stale)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(self.output_dir)
+        strategy.barrier()
+        logger.info("saved %s in %.2fs", final, time.perf_counter() - started)
+        return final
+
+    # ------------------------------------------------------------------ load
+    def load(self, path: str | os.PathLike, model, optimizer, scheduler) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Restore model/optimizer/scheduler/RNG in place; returns (manifest, progress)."""
+        path = Path(path)
+        manifest = self.read_manifest(path)
+        with_optimizer = optimizer is not None and manifest.get("includes_optimizer", True)
+        if optimizer is not None and not with_optimizer:
+            raise CheckpointError(
+                f"{path} was saved with save_only_model=True and holds no optimizer state, so training cannot "
+                "resume from it; start a new run from its weights instead (scaletrain export, then from_pretrained)"
+            )
+        state = self.strategy.state_dict(model, optimizer if with_optimizer else None)
+        dcp.load(state, checkpoint_id=str(path / "state"))
+        self.strategy.load_state_dict(model, optimizer if with_optimizer else None, state)
+        if scheduler is not None and (path / "scheduler.pt").is_file():
+            scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        rng_file = path / f"rng_state_{self.strategy.rank}.pth"
+        if manifest["world_size"] == self.strategy.world_size and rng_file.is_file():
+            restore_rng_state(torch.load(rng_file, weights_only=True))
+        else:
+            logger.warning("world size changed (%s -> %s): RNG streams are not restored",
+                           manifest["world_size"], self.strategy.world_size)
+        progress = json.loads((path / "progress.json").read_text())
+        return manifest, progress
+
+    def load_model(self, path: str | os.PathLike, model) -> None:
+        path = Path(path)
+        self.read_manifest(path)
+        state = self.strategy.state_dict(model, None)
+        dcp.load(state, checkpoint_id=str(path / "state"))
+        self.strategy.load_state_dict(model, None, state)
+
+    def read_manifest(self, path: Path) -> dict[str, Any]:
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        if not is_committed(path):
+            raise CheckpointError(
+                f"checkpoint {path} has no {COMMIT_MARKER} marker: its save was interrupted. "
+                f"Resume from an earlier one (resume_from_checkpoint=True picks the newest committed)"
+            )
+        manifest = json.loads((path / "manifest.json").read_text())
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{path} has checkpoint format {manifest.get('format_version')}, "
+                                  f"this scaletrain reads {FORMAT_VERSION}")
+        return manifest
+
+    # ------------------------------------------------------------- retention
+    def rotate(self, limit: Optional[int], keep: set[Path]) -> list[Path]:
+        """Delete the oldest committed checkpoints beyond `limit`, never one in `keep`
+        (the best) nor the newest (the resume target). Main rank only."""
+        if not limit or not self.strategy.is_main:
+            return []
+        found = committed_checkpoints(self.output_dir)
+        protected = {p.resolve() for p in keep if p is not None} | ({found[-1].resolve()} if found else set())
+        budget = max(limit, len(protected))
+        removable = [p for p in found if p.resolve() not in protected]
+        excess = len(found) - budget
+        deleted = []
+        for path in removable[: max(0, excess)]:
+            logger.info("deleting %s (save_total_limit=%s)", path, limit)
+            shutil.rmtree(path)
+            deleted.append(path)
+        return deleted
+
+
+def _library_versions() -> dict[str, str]:
+    import transformers
+
+    from .. import __version__
+
+    return {"scaletrain": __version__, "torch": torch.__version__, "transformers": transformers.__version__}

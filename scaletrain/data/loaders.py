@@ -1,0 +1,107 @@
+"""DataLoaders for train/eval under any world size, with HF column handling."""
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any, Callable, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from .samplers import ContiguousShardSampler, ResumableShardedSampler, ShardedIterable
+
+logger = logging.getLogger(__name__)
+_ALWAYS_KEPT = ("label", "label_ids")
+
+
+def signature_columns(model: torch.nn.Module, label_names: list[str]) -> list[str]:
+    """Names the model's forward takes, plus label columns (collators rename `label`)."""
+    params = inspect.signature(model.forward).parameters
+    return list(params) + [c for c in (*_ALWAYS_KEPT, *label_names) if c not in params]
+
+
+def _is_hf_dataset(dataset: Any) -> bool:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        return False
+    return isinstance(dataset, datasets.Dataset)
+
+
+class ColumnFilterCollator:
+    """Drops keys the model's forward does not take before collating (for
+    torch Datasets that yield dicts; HF datasets get their columns removed)."""
+
+    def __init__(self, collator: Callable, columns: list[str]) -> None:
+        self.collator = collator
+        self.columns = set(columns)
+        self._warned = False
+
+    def __call__(self, features: list[Any]):
+        if features and isinstance(features[0], dict):
+            dropped = set(features[0]) - self.columns
+            if dropped and not self._warned:
+                logger.info("dropping columns the model does not take: %s", sorted(dropped))
+                self._warned = True
+            features = [{k: v for k, v in f.items() if k in self.columns} for f in features]
+        return self.collator(features)
+
+
+def prepare_dataset(dataset, collator: Callable, columns: Optional[list[str]], description: str):
+    """Apply `remove_unused_columns`: returns (dataset, collator)."""
+    if columns is None:
+        return dataset, collator
+    if _is_hf_dataset(dataset):
+        unused = [c for c in dataset.column_names if c not in columns]
+        if unused and len(unused) == len(dataset.column_names):
+            raise ValueError(
+                f"no column of the {description} dataset ({dataset.column_names}) is taken by the model's "
+                f"forward ({columns}); tokenize it first or set remove_unused_columns=False"
+            )
+        if unused:
+            logger.info("%s dataset: dropping columns the model does not take: %s", description, unused)
+            dataset = dataset.remove_columns(unused)
+        return dataset, collator
+    return dataset, ColumnFilterCollator(collator, columns)
+
+
+def _loader_kwargs(args, device: torch.device) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "num_workers": args.dataloader_num_workers,
+        # pinning only helps host->GPU copies, and fails without an accelerator
+        "pin_memory": bool(args.dataloader_pin_memory and device.type == "cuda"),
+    }
+    if args.dataloader_num_workers > 0:
+        kwargs["persistent_workers"] = args.dataloader_persistent_workers
+        if args.dataloader_prefetch_factor is not None:
+            kwargs["prefetch_factor"] = args.dataloader_prefetch_factor
+    return kwargs
+
+
+def build_train_dataloader(dataset: Dataset, collator: Callable, args, rank: int, world_size: int,
+                           device: torch.device) -> DataLoader:
+    if isinstance(dataset, IterableDataset):
+        if world_size > 1:
+            dataset = ShardedIterable(dataset, rank, world_size, args.per_device_train_batch_size)
+        return DataLoader(dataset, batch_size=args.per_device_train_batch_size, collate_fn=collator,
+                          drop_last=args.dataloader_drop_last, **_loader_kwargs(args, device))
+    seed = args.data_seed if args.data_seed is not None else args.seed
+    sampler = ResumableShardedSampler(len(dataset), rank, world_size, seed=seed, shuffle=True)
+    return DataLoader(dataset, batch_size=args.per_device_train_batch_size, sampler=sampler,
+                      collate_fn=collator, drop_last=args.dataloader_drop_last, **_loader_kwargs(args, device))
+
+
+def build_eval_dataloader(dataset: Dataset, collator: Callable, args, rank: int, world_size: int,
+                          device: torch.device) -> DataLoader:
+    if isinstance(dataset, IterableDataset):
+        if world_size > 1:
+            raise ValueError(
+                "distributed evaluation of an IterableDataset cannot guarantee each sample is seen once; "
+                "pass a map-style (sized) eval dataset"
+            )
+        sampler = None
+    else:
+        sampler = ContiguousShardSampler(len(dataset), rank, world_size)
+    # never drop eval samples: metrics must see every one
+    return DataLoader(dataset, batch_size=args.per_device_eval_batch_size, sampler=sampler,
+                      collate_fn=collator, drop_last=False, **_loader_kwargs(args, device))

@@ -1,0 +1,104 @@
+"""Samplers that shard data across ranks without losing or duplicating samples
+where it matters, and that can start mid-epoch without replaying batches."""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch.utils.data import IterableDataset, Sampler
+
+
+class ResumableShardedSampler(Sampler[int]):
+    """Shuffled (or ordered) indices for one rank, seeded per epoch.
+
+    Rank r takes positions r, r+W, r+2W, ... of the epoch's permutation, so the
+    global batch at step s is the same set of samples whatever the world size
+    (W ranks x b == one process x W*b). Like DistributedSampler, the permutation
+    is padded by wrapping so every rank sees the same count; `start` skips
+    samples already consumed this epoch by index arithmetic, not by iterating.
+    """
+
+    def __init__(self, num_samples: int, rank: int, world_size: int, seed: int, shuffle: bool = True,
+                 drop_last: bool = False) -> None:
+        if num_samples <= 0:
+            raise ValueError("the training dataset is empty")
+        self.num_samples_total = num_samples
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.epoch = 0
+        self.start = 0
+        if drop_last:
+            self.per_rank = num_samples // world_size
+        else:
+            self.per_rank = math.ceil(num_samples / world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def set_start(self, start: int) -> None:
+        """Begin this epoch at this rank's `start`-th sample (resume)."""
+        if not 0 <= start <= self.per_rank:
+            raise ValueError(f"sampler start={start} outside [0, {self.per_rank}]")
+        self.start = start
+
+    def _epoch_order(self) -> torch.Tensor:
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_samples_total, generator=g)
+        else:
+            order = torch.arange(self.num_samples_total)
+        total = self.per_rank * self.world_size
+        if total > len(order):
+            order = torch.cat([order, order[: total - len(order)]])
+        return order[:total]
+
+    def __iter__(self) -> Iterator[int]:
+        mine = self._epoch_order()[self.rank :: self.world_size]
+        start, self.start = self.start, 0  # a resume offset applies to one epoch only
+        return iter(mine[start:].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+class ContiguousShardSampler(Sampler[int]):
+    """Rank r gets the r-th contiguous slice, no padding: every sample is seen
+    exactly once across ranks and concatenating in rank order restores the
+    dataset order (what distributed evaluate/predict need)."""
+
+    def __init__(self, num_samples: int, rank: int, world_size: int) -> None:
+        self.begin = num_samples * rank // world_size
+        self.end = num_samples * (rank + 1) // world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.begin, self.end))
+
+    def __len__(self) -> int:
+        return self.end - self.begin
+
+
+class ShardedIterable(IterableDataset):
+    """Rank r's share of an IterableDataset: within every window of
+    world_size * batch_size items it keeps positions r, r+W, ... An incomplete
+    last window is dropped so that all ranks run out at the same step (a rank
+    that stops early would hang the others in the next collective)."""
+
+    def __init__(self, dataset: IterableDataset, rank: int, world_size: int, batch_size: int) -> None:
+        self.dataset, self.rank, self.world_size, self.batch_size = dataset, rank, world_size, batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        window = self.world_size * self.batch_size
+        buffer = []
+        for item in self.dataset:
+            buffer.append(item)
+            if len(buffer) == window:
+                yield from buffer[self.rank :: self.world_size]
+                buffer = []

@@ -1,0 +1,155 @@
+"""The Strategy interface: everything backend-specific the trainer may ask for.
+
+The trainer calls only these methods and never branches on which backend it
+has; a new backend is a new subclass.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import datetime
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from ..distributed import DistEnv, read_env
+
+OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
+
+
+class Strategy(abc.ABC):
+    name: str = "base"
+
+    def __init__(self, args, env: DistEnv | None = None) -> None:
+        self.args = args
+        self.env = env or read_env()
+        self.device = torch.device("cpu")
+
+    # ------------------------------------------------------------ lifecycle
+    @classmethod
+    def check_environment(cls, env: DistEnv) -> None:
+        """Raise before any process group starts if this backend cannot run here."""
+
+    def setup_environment(self) -> None:
+        """Start the process group (if any) and pick this rank's device."""
+        self.device = self._pick_device()
+        if self.env.is_distributed and not dist.is_initialized():
+            backend = self.args.ddp_backend or ("nccl" if self.device.type == "cuda" else "gloo")
+            kwargs: dict[str, Any] = {"timeout": datetime.timedelta(seconds=self.args.ddp_timeout)}
+            if self.device.type == "cuda":
+                kwargs["device_id"] = self.device
+            dist.init_process_group(backend=backend, rank=self.env.rank, world_size=self.env.world_size, **kwargs)
+
+    def _pick_device(self) -> torch.device:
+        if torch.cuda.is_available() and not self.args.use_cpu:
+            device = torch.device("cuda", self.env.local_rank)
+            torch.cuda.set_device(device)
+            return device
+        return torch.device("cpu")
+
+    def teardown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ---------------------------------------------------------------- model
+    @abc.abstractmethod
+    def setup(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """Place/wrap/shard the model and build its optimizer together."""
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module to run evaluation with; ranks may see different batch counts."""
+        return self.unwrap(model).to(self.device)
+
+    def no_sync(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+        """Skip gradient reduction on micro-steps that are not the last of a step."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_grad_norm_(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(self.unwrap(model).parameters(), max_norm)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        """Model (+optimizer) state keyed by parameter FQNs, ready for DCP."""
+        if optimizer is None:
+            return {"model": get_model_state_dict(self.unwrap(model))}
+        model_sd, optim_sd = get_state_dict(self.unwrap(model), optimizer)
+        return {"model": model_sd, "optimizer": optim_sd}
+
+    def load_state_dict(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:
+        if optimizer is None or "optimizer" not in state:
+            set_model_state_dict(self.unwrap(model), state["model"], options=StateDictOptions(strict=True))
+        else:
+            set_state_dict(self.unwrap(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+    def full_model_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Unsharded weights on CPU (rank 0 at least), for HF export."""
+        return get_model_state_dict(self.unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    # ---------------------------------------------------------- collectives
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.env.local_rank == 0
+
+    def _collectives(self) -> bool:
+        return self.env.is_distributed and dist.is_initialized()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (in place, returned). gloo has no AVG for ints: divide yourself."""
+        if self._collectives():
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._collectives():
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if not self._collectives():
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        if not self._collectives():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self._collectives():
+            dist.barrier()
+
+    def describe(self) -> str:
+        return f"{self.name} (world size {self.world_size}, device {self.device})"

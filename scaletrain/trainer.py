@@ -1,0 +1,778 @@
+"""The training loop: train / evaluate / predict with the Hugging Face Trainer API.
+
+The loop is backend-agnostic: everything that differs between single-device,
+DDP and the sharded backends is a method of the Strategy object.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from transformers import DataCollatorWithPadding, default_data_collator, get_scheduler
+from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerControl, TrainerState
+from transformers.trainer_pt_utils import get_parameter_names, nested_concat, nested_detach, nested_numpify
+from transformers.trainer_utils import (
+    EvalLoopOutput,
+    EvalPrediction,
+    IntervalStrategy,
+    PredictionOutput,
+    SaveStrategy,
+    TrainOutput,
+    set_seed,
+)
+from transformers.utils import find_labels
+
+from .args import NotSupportedError, TrainingArguments
+from .callbacks import JsonlMetricsCallback, ProgressCallback, WandbCallback
+from .checkpoint import CheckpointError, CheckpointManager, latest_checkpoint
+from .checkpoint.manager import PREFIX as CHECKPOINT_PREFIX
+from .data.loaders import build_eval_dataloader, build_train_dataloader, prepare_dataset, signature_columns
+from .data.samplers import ResumableShardedSampler, ShardedIterable
+from .distributed import configure_threads
+from .strategies import Strategy, build_strategy
+
+logger = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+_NORM_LAYERS = (torch.nn.LayerNorm, torch.nn.GroupNorm) + ((torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ())
+
+
+def _causal_lm_class_names() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names: set[str] = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update(value if isinstance(value, (list, tuple)) else [value])
+    return names
+
+
+class Trainer:
+    """Drop-in for `transformers.Trainer` (same constructor and methods)."""
+
+    def __init__(
+        self,
+        model: Optional[torch.nn.Module] = None,
+        args: Optional[TrainingArguments] = None,
+        data_collator: Optional[Callable] = None,
+        train_dataset: Optional[Dataset] = None,
+        eval_dataset: Optional[Union[Dataset, dict[str, Dataset]]] = None,
+        processing_class: Any = None,
+        model_init: Optional[Callable[..., torch.nn.Module]] = None,
+        compute_loss_func: Optional[Callable] = None,
+        compute_metrics: Optional[Callable[[EvalPrediction], dict]] = None,
+        callbacks: Optional[list] = None,
+        optimizers: tuple = (None, None),
+        optimizer_cls_and_kwargs: Optional[tuple] = None,
+        preprocess_logits_for_metrics: Optional[Callable] = None,
+        tokenizer: Any = None,
+        strategy: Optional[Strategy] = None,
+    ) -> None:
+        if args is None:
+            args = TrainingArguments(output_dir="trainer_output")
+        if not hasattr(args, "strategy"):
+            raise TypeError(
+                f"args is a {type(args).__module__}.{type(args).__name__}; pass scaletrain.TrainingArguments "
+                "(same field names) so every option is either honoured or refused"
+            )
+        if tokenizer is not None:
+            warnings.warn("`tokenizer` is deprecated; pass `processing_class`", FutureWarning, stacklevel=2)
+            processing_class = processing_class if processing_class is not None else tokenizer
+        if compute_loss_func is not None:
+            raise NotSupportedError(
+                "compute_loss_func is not supported yet by scaletrain; override Trainer.compute_loss and return "
+                "the micro-batch mean loss (the trainer normalises by the global token count itself)"
+            )
+        if optimizer_cls_and_kwargs is not None and optimizers[0] is not None:
+            raise ValueError("pass either optimizers or optimizer_cls_and_kwargs, not both")
+        self.args = args
+        self.strategy = strategy if strategy is not None else build_strategy(args)
+        self.strategy.setup_environment()
+        self.num_threads = configure_threads(self.strategy.env, args.torch_threads)
+        set_seed(args.seed)
+
+        if model is None:
+            if model_init is None:
+                raise ValueError("Trainer needs a model or a model_init")
+            model = self._call_model_init(model_init)
+        elif model_init is not None:
+            raise ValueError("pass either model or model_init, not both")
+        self.model_init = model_init
+        self.model = model
+        self.model_wrapped: Optional[torch.nn.Module] = None
+        self.processing_class = processing_class
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.compute_metrics = compute_metrics
+        self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
+        if data_collator is None:
+            data_collator = (
+                DataCollatorWithPadding(processing_class)
+                if processing_class is not None and hasattr(processing_class, "pad")
+                else default_data_collator
+            )
+        self.data_collator = data_collator
+        self.optimizer, self.lr_scheduler = optimizers
+        self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
+        self.label_names = args.label_names if args.label_names is not None else find_labels(type(self.model))
+        self.checkpoints = CheckpointManager(args.output_dir, self.strategy)
+
+        default_callbacks: list = [DefaultFlowCallback, JsonlMetricsCallback()]
+        if not args.disable_tqdm:
+            default_callbacks.append(ProgressCallback())
+        if "wandb" in args.report_to:
+            default_callbacks.append(WandbCallback())
+        self.callback_handler = CallbackHandler(
+            default_callbacks + list(callbacks or []), self.model, processing_class, self.optimizer, self.lr_scheduler
+        )
+        self.state = TrainerState(
+            is_local_process_zero=self.strategy.is_local_main, is_world_process_zero=self.strategy.is_main
+        )
+        self.control = TrainerControl()
+        self._label_shift: Optional[int] = None
+        self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+
+    # ---------------------------------------------------------------- public
+    def is_world_process_zero(self) -> bool:
+        return self.strategy.is_main
+
+    def is_local_process_zero(self) -> bool:
+        return self.strategy.is_local_main
+
+    def add_callback(self, callback) -> None:
+        self.callback_handler.add_callback(callback)
+
+    def pop_callback(self, callback):
+        return self.callback_handler.pop_callback(callback)
+
+    def remove_callback(self, callback) -> None:
+        self.callback_handler.remove_callback(callback)
+
+    def hyperparameter_search(self, *args, **kwargs):
+        raise NotSupportedError("hyperparameter_search is not supported yet by scaletrain")
+
+    # ------------------------------------------------------------- dataloaders
+    def _columns(self) -> Optional[list[str]]:
+        if not self.args.remove_unused_columns:
+            return None
+        return signature_columns(self.strategy.unwrap(self.model), self.label_names)
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            raise ValueError("Trainer.train needs a train_dataset")
+        dataset, collator = prepare_dataset(self.train_dataset, self.data_collator, self._columns(), "training")
+        return build_train_dataloader(dataset, collator, self.args, self.strategy.rank, self.strategy.world_size,
+                                      self.strategy.device)
+
+    def get_eval_dataloader(self, eval_dataset: Optional[Union[str, Dataset]] = None) -> DataLoader:
+        if isinstance(eval_dataset, str):
+            eval_dataset = self.eval_dataset[eval_dataset]
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluation needs an eval_dataset")
+        dataset, collator = prepare_dataset(dataset, self.data_collator, self._columns(), "evaluation")
+        return build_eval_dataloader(dataset, collator, self.args, self.strategy.rank, self.strategy.world_size,
+                                     self.strategy.device)
+
+    def get_test_dataloader(self, test_dataset: Dataset) -> DataLoader:
+        dataset, collator = prepare_dataset(test_dataset, self.data_collator, self._columns(), "test")
+        return build_eval_dataloader(dataset, collator, self.args, self.strategy.rank, self.strategy.world_size,
+                                     self.strategy.device)
+
+    # ------------------------------------------------------ optimizer / sched
+    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
+        """Weight decay applies to weights, not to biases or normalisation layers."""
+        return [n for n in get_parameter_names(model, list(_NORM_LAYERS)) if "bias" not in n]
+
+    def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
+        if self.optimizer is not None:
+            return self.optimizer
+        model = model if model is not None else self.strategy.unwrap(self.model)
+        args = self.args
+        decay = set(self.get_decay_parameter_names(model))
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in named if n in decay], "weight_decay": args.weight_decay},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        if self.optimizer_cls_and_kwargs is not None:
+            cls, kwargs = self.optimizer_cls_and_kwargs
+            self.optimizer = cls(groups, **kwargs)
+        elif args.optim == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=args.learning_rate)
+        else:
+            self.optimizer = torch.optim.AdamW(
+                groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                fused=args.optim == "adamw_torch_fused" or None,
+            )
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Optional[torch.optim.Optimizer] = None):
+        if self.lr_scheduler is None:
+            self.lr_scheduler = get_scheduler(
+                self.args.lr_scheduler_type,
+                optimizer=optimizer if optimizer is not None else self.optimizer,
+                num_warmup_steps=self.args.get_warmup_steps(num_training_steps),
+                num_training_steps=num_training_steps,
+                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs or {},
+            )
+        return self.lr_scheduler
+
+    def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
+        self.create_optimizer()
+        self.create_scheduler(num_training_steps, self.optimizer)
+
+    # ------------------------------------------------------------------- loss
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Optional[int] = None):
+        """The micro-batch's mean loss, as the model computes it. The trainer
+        re-weights micro-batches itself (see `_loss_weights`), so an override
+        should return a mean too."""
+        outputs = model(**inputs)
+        if isinstance(outputs, dict):
+            if "loss" not in outputs or outputs["loss"] is None:
+                raise ValueError(
+                    f"the model returned no loss (keys: {sorted(outputs.keys())}); the batch needs labels "
+                    f"({self.label_names}) or override Trainer.compute_loss"
+                )
+            loss = outputs["loss"]
+        else:
+            loss = outputs[0]
+        return (loss, outputs) if return_outputs else loss
+
+    def _count_loss_items(self, inputs: dict[str, Any]) -> Optional[int]:
+        """How many targets the model's mean loss averages over in this micro-batch."""
+        labels = inputs.get(self.label_names[0]) if len(self.label_names) == 1 else None
+        if not isinstance(labels, torch.Tensor):
+            return None
+        if labels.is_floating_point():
+            return labels.numel()
+        if self._label_shift is None:
+            model = self.strategy.unwrap(self.model)
+            is_causal = type(model).__name__ in _causal_lm_class_names()
+            self._label_shift = 1 if is_causal and not getattr(model.config, "is_encoder_decoder", False) else 0
+        if self._label_shift and labels.dim() >= 2:
+            labels = labels[..., self._label_shift:]
+        return int((labels != IGNORE_INDEX).sum())
+
+    def _loss_weights(self, micro_batches: list[dict[str, Any]]) -> tuple[list[float], Optional[int]]:
+        """Per-micro-batch weights making the step's gradient the mean over all
+        valid targets of the global batch (all micro-batches, all ranks).
+
+        Gradients are averaged over ranks by the strategy, hence the world-size
+        factor. Without countable labels, micro-batch means are averaged.
+        """
+        counts = [self._count_loss_items(b) for b in micro_batches]
+        if any(c is None for c in counts):
+            return [1.0 / len(micro_batches)] * len(micro_batches), None
+        total = torch.tensor([float(sum(counts))], dtype=torch.float64, device=self.strategy.device)
+        global_items = int(self.strategy.all_reduce_sum(total).item())
+        if global_items == 0:
+            return [0.0] * len(counts), 0
+        world = self.strategy.world_size
+        return [c * world / global_items for c in counts], global_items
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        device = self.strategy.device
+        if device.type == "cpu":
+            return inputs
+        return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Optional[int] = None,
+                      loss_weight: float = 1.0) -> torch.Tensor:
+        """Forward + backward of one micro-batch; returns the weighted loss, detached."""
+        inputs = self._prepare_inputs(inputs)
+        loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        if loss_weight != 1.0:
+            loss = loss * loss_weight
+        self.strategy.backward(loss)
+        return loss.detach()
+
+    # ------------------------------------------------------------------ train
+    def _call_model_init(self, model_init, trial=None) -> torch.nn.Module:
+        import inspect
+
+        n_args = len(inspect.signature(model_init).parameters)
+        model = model_init(trial) if n_args == 1 else model_init()
+        if model is None:
+            raise ValueError("model_init returned None")
+        return model
+
+    def _plan(self, loader: DataLoader) -> tuple[int, int, Optional[int]]:
+        """(max_steps, epochs, micro-batches per epoch or None for iterables)."""
+        args = self.args
+        try:
+            per_epoch: Optional[int] = len(loader)
+        except TypeError:
+            per_epoch = None
+        if per_epoch is None:
+            if args.max_steps <= 0:
+                raise ValueError("the training dataset has no length (IterableDataset): set max_steps")
+            return args.max_steps, 2**31 - 1, None
+        if per_epoch == 0:
+            raise ValueError(
+                f"the training dataloader is empty on rank {self.strategy.rank} (dataset too small for "
+                f"per_device_train_batch_size={args.per_device_train_batch_size} with drop_last)"
+            )
+        updates_per_epoch = max(math.ceil(per_epoch / args.gradient_accumulation_steps), 1)
+        if args.max_steps > 0:
+            return args.max_steps, math.ceil(args.max_steps / updates_per_epoch), per_epoch
+        max_steps = math.ceil(args.num_train_epochs * updates_per_epoch)
+        return max_steps, math.ceil(args.num_train_epochs), per_epoch
+
+    def _interval(self, value: Optional[float], max_steps: int, fallback: int) -> int:
+        if value is None:
+            return fallback
+        return max(1, math.ceil(max_steps * value)) if value < 1 else int(value)
+
+    def _resolve_resume(self, resume_from_checkpoint) -> Optional[Path]:
+        if resume_from_checkpoint in (None, False):
+            return None
+        if resume_from_checkpoint is True:
+            found = latest_checkpoint(self.args.output_dir)
+            if found is None:
+                raise CheckpointError(
+                    f"resume_from_checkpoint=True but {self.args.output_dir} holds no committed checkpoint"
+                )
+            return found
+        return Path(resume_from_checkpoint)
+
+    def _model_config_hash(self) -> Optional[str]:
+        config = getattr(self.strategy.unwrap(self.model), "config", None)
+        if config is None or not hasattr(config, "to_dict"):
+            return None
+        keep = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def train(self, resume_from_checkpoint: Union[str, bool, None] = None, trial=None,
+              ignore_keys_for_eval: Optional[list[str]] = None, **kwargs) -> TrainOutput:
+        if kwargs:
+            raise TypeError(f"train() got unexpected keyword arguments {sorted(kwargs)}")
+        args = self.args
+        resume_path = self._resolve_resume(resume_from_checkpoint)
+        if self.model_init is not None:
+            set_seed(args.seed)
+            self.model = self._call_model_init(self.model_init, trial)
+            self.optimizer, self.lr_scheduler = None, None
+        loader = self.get_train_dataloader()
+        max_steps, num_epochs, per_epoch = self._plan(loader)
+
+        user_optimizer = self.optimizer
+        self.model_wrapped, self.optimizer = self.strategy.setup(
+            self.model, lambda module: user_optimizer if user_optimizer is not None else self.create_optimizer(module)
+        )
+        self.create_scheduler(max_steps, self.optimizer)
+
+        self.state = TrainerState(
+            max_steps=max_steps,
+            num_train_epochs=num_epochs,
+            train_batch_size=args.per_device_train_batch_size,
+            logging_steps=self._interval(args.logging_steps, max_steps, 500),
+            save_steps=self._interval(args.save_steps, max_steps, 500),
+            is_local_process_zero=self.strategy.is_local_main,
+            is_world_process_zero=self.strategy.is_main,
+            trial_name=None,
+        )
+        self.state.eval_steps = self._interval(args.eval_steps, max_steps, self.state.logging_steps)
+        start_epoch, skip_micro = 0, 0
+        if resume_path is not None:
+            start_epoch, skip_micro = self._resume(resume_path, max_steps)
+        if self.strategy.is_main:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+
+        handler = self.callback_handler
+        handler.model, handler.optimizer, handler.lr_scheduler = self.model, self.optimizer, self.lr_scheduler
+        handler.train_dataloader = loader
+        logger.info("training with %s, %d threads/rank, %d steps", self.strategy.describe(), self.num_threads, max_steps)
+        self.control = handler.on_train_begin(args, self.state, self.control)
+        if args.eval_on_start and self.eval_dataset is not None:
+            self._evaluate_and_track(ignore_keys_for_eval)
+
+        self._reset_log_window()
+        self._position = (start_epoch, skip_micro)
+        total_loss, total_steps, total_samples = torch.zeros((), dtype=torch.float64), 0, 0
+        train_start = time.perf_counter()
+        self.model_wrapped.train()
+        gas = args.gradient_accumulation_steps
+        for epoch in range(start_epoch, num_epochs):
+            micro_done = self._start_epoch(loader, epoch, skip_micro if epoch == start_epoch else 0)
+            self.control = handler.on_epoch_begin(args, self.state, self.control)
+            batches = iter(loader)
+            if isinstance(loader.dataset, (IterableDataset, ShardedIterable)) and micro_done:
+                for _ in range(micro_done):  # iterables cannot seek: replay
+                    next(batches)
+            exhausted = False
+            while not exhausted:
+                micro_batches = []
+                for _ in range(gas):
+                    try:
+                        micro_batches.append(next(batches))
+                    except StopIteration:
+                        exhausted = True
+                        break
+                if not micro_batches:
+                    break
+                self.control = handler.on_step_begin(args, self.state, self.control)
+                step_loss, samples = self._optimizer_step(micro_batches)
+                micro_done += len(micro_batches)
+                total_loss += step_loss.double().cpu()
+                total_steps += 1
+                total_samples += samples
+
+                self.state.global_step += 1
+                self.state.epoch = epoch + (micro_done / per_epoch if per_epoch else 0.0)
+                self._position = (epoch, micro_done)
+                self.control = handler.on_step_end(args, self.state, self.control)
+                self._maybe_log_save_evaluate(ignore_keys_for_eval)
+                if self.control.should_epoch_stop or self.control.should_training_stop:
+                    break
+            if per_epoch is not None and not self.control.should_training_stop:
+                self.state.epoch = float(epoch + 1)
+                self._position = (epoch + 1, 0)
+                self.control = handler.on_epoch_end(args, self.state, self.control)
+                self._maybe_log_save_evaluate(ignore_keys_for_eval)
+            if self.control.should_training_stop or self.state.global_step >= max_steps:
+                break
+
+        runtime = time.perf_counter() - train_start
+        if args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+            logger.info("loading best model from %s (%s=%s)", self.state.best_model_checkpoint,
+                        args.metric_for_best_model, self.state.best_metric)
+            self.checkpoints.load_model(self.state.best_model_checkpoint, self.model_wrapped)
+        global_samples = self.strategy.all_reduce_sum(
+            torch.tensor([float(total_samples)], dtype=torch.float64, device=self.strategy.device)).item()
+        train_loss = self.strategy.all_reduce_sum(total_loss.to(self.strategy.device)).item() / max(total_steps, 1)
+        metrics = {
+            "train_runtime": round(runtime, 4),
+            "train_samples_per_second": round(global_samples / runtime, 3) if runtime > 0 else 0.0,
+            "train_steps_per_second": round(total_steps / runtime, 3) if runtime > 0 else 0.0,
+            "train_loss": train_loss,
+            "epoch": self.state.epoch,
+        }
+        self.log(metrics)
+        self.control = handler.on_train_end(args, self.state, self.control)
+        return TrainOutput(self.state.global_step, train_loss, metrics)
+
+    def _start_epoch(self, loader: DataLoader, epoch: int, skip_micro: int) -> int:
+        sampler = loader.sampler
+        if isinstance(sampler, ResumableShardedSampler):
+            sampler.set_epoch(epoch)
+            if skip_micro:
+                sampler.set_start(min(skip_micro * loader.batch_size, sampler.per_rank))
+        elif hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(epoch)
+        return skip_micro
+
+    def _optimizer_step(self, micro_batches: list[dict[str, Any]]) -> tuple[torch.Tensor, int]:
+        """One optimizer step over this rank's micro-batches. Returns this rank's
+        share of the step's global mean loss, and its sample count."""
+        handler, args = self.callback_handler, self.args
+        weights, global_items = self._loss_weights(micro_batches)
+        step_loss = torch.zeros((), device=self.strategy.device)
+        samples = 0
+        last = len(micro_batches) - 1
+        for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
+            samples += _batch_size(batch)
+            self._tokens_in_window += _token_count(batch)
+            sync = contextlib.nullcontext() if i == last else self.strategy.no_sync(self.model_wrapped)
+            with sync:
+                step_loss += self.training_step(self.model_wrapped, batch, global_items, loss_weight=weight)
+            if i != last:
+                self.control = handler.on_substep_end(args, self.state, self.control)
+        self.control = handler.on_pre_optimizer_step(args, self.state, self.control)
+        if args.max_grad_norm is not None and args.max_grad_norm > 0:
+            self._last_grad_norm = self.strategy.clip_grad_norm_(self.model_wrapped, args.max_grad_norm)
+        self.strategy.optimizer_step(self.optimizer)
+        self.control = handler.on_optimizer_step(args, self.state, self.control)
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        step_loss = step_loss / self.strategy.world_size
+        finite = torch.isfinite(step_loss)
+        if args.logging_nan_inf_filter:
+            self._loss_in_window += torch.where(finite, step_loss, torch.zeros_like(step_loss))
+            self._finite_steps_in_window += finite.to(torch.float32)
+        else:
+            self._loss_in_window += step_loss
+            self._finite_steps_in_window += 1.0
+        self._samples_in_window += samples
+        return step_loss.detach(), samples
+
+    # ----------------------------------------------------------------- logging
+    def _reset_log_window(self) -> None:
+        device = self.strategy.device
+        self._loss_in_window = torch.zeros((), device=device)
+        self._finite_steps_in_window = torch.zeros((), device=device)
+        self._samples_in_window = 0
+        self._tokens_in_window = 0
+        self._window_start = time.perf_counter()
+        self._last_grad_norm: Optional[torch.Tensor] = None
+
+    def _flush_log_window(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+        packed = torch.stack([
+            self._loss_in_window.double(), self._finite_steps_in_window.double(),
+            torch.tensor(float(self._samples_in_window), dtype=torch.float64, device=self.strategy.device),
+            torch.tensor(float(self._tokens_in_window), dtype=torch.float64, device=self.strategy.device),
+        ])
+        loss_sum, finite_steps, samples, tokens = self.strategy.all_reduce_sum(packed).tolist()
+        world = self.strategy.world_size
+        logs = {
+            # every rank counted each finite step once
+            "loss": loss_sum / max(finite_steps / world, 1e-9) if finite_steps else float("nan"),
+            "learning_rate": float(self.lr_scheduler.get_last_lr()[0]),
+            "train_samples_per_second": samples / elapsed,
+            "train_tokens_per_second": tokens / elapsed,
+        }
+        if self._last_grad_norm is not None:
+            logs["grad_norm"] = float(self._last_grad_norm)
+        self._reset_log_window()
+        return logs
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        if self.state.epoch is not None:
+            logs = {**logs, "epoch": logs.get("epoch", self.state.epoch)}
+        if start_time is not None:
+            logs["total_runtime"] = round(time.perf_counter() - start_time, 4)
+        self.state.log_history.append({**logs, "step": self.state.global_step})
+        self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
+
+    def _maybe_log_save_evaluate(self, ignore_keys_for_eval: Optional[list[str]]) -> None:
+        if self.control.should_log:
+            self.log(self._flush_log_window())
+        if self.control.should_evaluate:
+            self._evaluate_and_track(ignore_keys_for_eval)
+        if self.control.should_save:
+            self._save_checkpoint()
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+
+    def _evaluate_and_track(self, ignore_keys: Optional[list[str]]) -> dict[str, float]:
+        if isinstance(self.eval_dataset, dict):
+            metrics: dict[str, float] = {}
+            for name, dataset in self.eval_dataset.items():
+                metrics.update(self.evaluate(dataset, ignore_keys, metric_key_prefix=f"eval_{name}"))
+        else:
+            metrics = self.evaluate(ignore_keys=ignore_keys)
+        if self._update_best(metrics) and self.args.save_strategy == SaveStrategy.BEST:
+            self.control.should_save = True
+        if self.model_wrapped is not None:
+            self.model_wrapped.train()
+        return metrics
+
+    def _update_best(self, metrics: dict[str, float]) -> bool:
+        name = self.args.metric_for_best_model
+        if name is None:
+            return False
+        key = name if name.startswith("eval_") else f"eval_{name}"
+        if key not in metrics:
+            raise KeyError(
+                f"metric_for_best_model={name!r}: {key!r} is not among the evaluation metrics {sorted(metrics)}"
+            )
+        value = float(metrics[key])
+        better = np.greater if self.args.greater_is_better else np.less
+        if self.state.best_metric is None or better(value, self.state.best_metric):
+            self.state.best_metric = value
+            self.state.best_global_step = self.state.global_step
+            return True
+        return False
+
+    # ---------------------------------------------------------------- saving
+    def _save_checkpoint(self) -> Path:
+        step = self.state.global_step
+        final = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}-{step}"
+        if self.state.best_global_step == step:
+            self.state.best_model_checkpoint = str(final)
+        epoch, micro_done = getattr(self, "_position", (0, 0))
+        path = self.checkpoints.save(
+            step, self.model_wrapped, self.optimizer, self.lr_scheduler, self.state,
+            progress={"epoch": epoch, "micro_batches_in_epoch": micro_done, "global_step": step,
+                      "per_device_train_batch_size": self.args.per_device_train_batch_size},
+            manifest_extra={"model_config_hash": self._model_config_hash(),
+                            "model_class": type(self.strategy.unwrap(self.model)).__name__},
+            save_only_model=self.args.save_only_model,
+        )
+        best = Path(self.state.best_model_checkpoint) if self.state.best_model_checkpoint else None
+        self.checkpoints.rotate(self.args.save_total_limit, keep={best} if best else set())
+        self.strategy.barrier()
+        return path
+
+    def _resume(self, path: Path, max_steps: int) -> tuple[int, int]:
+        manifest = self.checkpoints.read_manifest(path)
+        expected = self._model_config_hash()
+        if manifest.get("model_config_hash") and expected and manifest["model_config_hash"] != expected:
+            raise CheckpointError(
+                f"{path} was saved for a different model configuration ({manifest.get('model_class')}, config "
+                f"hash {manifest['model_config_hash']} != {expected}); resume with the model it was trained with"
+            )
+        if manifest["world_size"] != self.strategy.world_size:
+            raise NotSupportedError(
+                f"{path} was saved with world size {manifest['world_size']}, this run has "
+                f"{self.strategy.world_size}; resuming across world sizes is not supported yet"
+            )
+        _, progress = self.checkpoints.load(path, self.model_wrapped, self.optimizer, self.lr_scheduler)
+        self.state = TrainerState.load_from_json(str(path / "trainer_state.json"))
+        self.state.max_steps = max_steps
+        self.state.is_local_process_zero = self.strategy.is_local_main
+        self.state.is_world_process_zero = self.strategy.is_main
+        if progress.get("per_device_train_batch_size") != self.args.per_device_train_batch_size:
+            raise CheckpointError(
+                f"{path} was trained with per_device_train_batch_size={progress.get('per_device_train_batch_size')}, "
+                f"this run uses {self.args.per_device_train_batch_size}; keep it the same to resume"
+            )
+        logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", path, self.state.global_step,
+                    progress["epoch"], progress["micro_batches_in_epoch"])
+        return int(progress["epoch"]), int(progress["micro_batches_in_epoch"])
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> Path:
+        """Write a plain HF folder (config + safetensors + tokenizer) on the main rank."""
+        out = Path(output_dir or self.args.output_dir)
+        model = self.model_wrapped if self.model_wrapped is not None else self.model
+        state_dict = self.strategy.full_model_state_dict(model)
+        if self.strategy.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            unwrapped = self.strategy.unwrap(model)
+            if hasattr(unwrapped, "save_pretrained"):
+                unwrapped.save_pretrained(str(out), state_dict=state_dict)
+            else:
+                from safetensors.torch import save_model as save_safetensors
+
+                save_safetensors(unwrapped, str(out / "model.safetensors"))
+            if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
+                self.processing_class.save_pretrained(str(out))
+            (out / "training_args.json").write_text(self.args.to_json_string())
+        self.strategy.barrier()
+        return out
+
+    # ------------------------------------------------------------- evaluation
+    def evaluate(self, eval_dataset: Optional[Union[Dataset, dict, str]] = None, ignore_keys: Optional[list[str]] = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        if isinstance(eval_dataset, dict):
+            metrics = {}
+            for name, dataset in eval_dataset.items():
+                metrics.update(self.evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        loader = self.get_eval_dataloader(eval_dataset)
+        start = time.perf_counter()
+        output = self.evaluation_loop(loader, "Evaluation", prediction_loss_only=True if self.compute_metrics is None else None,
+                                      ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        runtime = time.perf_counter() - start
+        output.metrics.update({
+            f"{metric_key_prefix}_runtime": round(runtime, 4),
+            f"{metric_key_prefix}_samples_per_second": round(output.num_samples / runtime, 3) if runtime > 0 else 0.0,
+        })
+        self.log(output.metrics)
+        self.callback_handler.eval_dataloader = loader
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=output.metrics)
+        return output.metrics
+
+    def predict(self, test_dataset: Dataset, ignore_keys: Optional[list[str]] = None,
+                metric_key_prefix: str = "test") -> PredictionOutput:
+        loader = self.get_test_dataloader(test_dataset)
+        start = time.perf_counter()
+        output = self.evaluation_loop(loader, "Prediction", ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        runtime = time.perf_counter() - start
+        output.metrics[f"{metric_key_prefix}_runtime"] = round(runtime, 4)
+        self.control = self.callback_handler.on_predict(self.args, self.state, self.control, output.metrics)
+        return PredictionOutput(predictions=output.predictions, label_ids=output.label_ids, metrics=output.metrics)
+
+    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: Optional[list[str]] = None):
+        """(loss, logits, labels) for one batch, as the HF Trainer returns them."""
+        has_labels = bool(self.label_names) and all(inputs.get(k) is not None for k in self.label_names)
+        inputs = self._prepare_inputs(inputs)
+        if ignore_keys is None:
+            ignore_keys = list(getattr(getattr(model, "config", None), "keys_to_ignore_at_inference", []) or [])
+        labels = None
+        if has_labels:
+            labels = nested_detach(tuple(inputs[k] for k in self.label_names))
+            labels = labels[0] if len(labels) == 1 else labels
+        with torch.no_grad():
+            if has_labels:
+                loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+                loss = loss.detach().mean()
+            else:
+                loss, outputs = None, model(**inputs)
+        if prediction_loss_only:
+            return loss, None, None
+        if isinstance(outputs, dict):
+            logits = tuple(v for k, v in outputs.items() if k not in ignore_keys + ["loss"])
+        else:
+            logits = outputs[1:] if has_labels else outputs
+        logits = nested_detach(logits)
+        if isinstance(logits, (tuple, list)) and len(logits) == 1:
+            logits = logits[0]
+        return loss, logits, labels
+
+    def evaluation_loop(self, dataloader: DataLoader, description: str, prediction_loss_only: Optional[bool] = None,
+                        ignore_keys: Optional[list[str]] = None, metric_key_prefix: str = "eval") -> EvalLoopOutput:
+        """Each rank evaluates its contiguous shard; results are gathered in
+        dataset order, every sample exactly once."""
+        args = self.args
+        prediction_loss_only = args.prediction_loss_only if prediction_loss_only is None else prediction_loss_only
+        model = self.strategy.eval_model(self.model_wrapped if self.model_wrapped is not None else self.model)
+        model.eval()
+        losses, preds, labels = [], [], []
+        num_samples = 0
+        for inputs in dataloader:
+            bs = _batch_size(inputs)
+            num_samples += bs
+            loss, logits, batch_labels = self.prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            if loss is not None:
+                losses.append(np.full(bs, loss.item(), dtype=np.float64))
+            if logits is not None:
+                if self.preprocess_logits_for_metrics is not None:
+                    logits = self.preprocess_logits_for_metrics(logits, batch_labels)
+                preds.append(nested_numpify(logits))
+            if batch_labels is not None:
+                labels.append(nested_numpify(batch_labels))
+            self.control = self.callback_handler.on_prediction_step(args, self.state, self.control)
+
+        local = (num_samples, _concat(losses), _concat(preds), _concat(labels))
+        gathered = self.strategy.all_gather_object(local)
+        num_samples = sum(g[0] for g in gathered)
+        losses, preds, labels = (_concat([g[i] for g in gathered]) for i in (1, 2, 3))
+
+        metrics: dict[str, Any] = {}
+        if self.compute_metrics is not None and preds is not None and labels is not None:
+            computed = self.compute_metrics(EvalPrediction(predictions=preds, label_ids=labels)) if self.strategy.is_main else None
+            metrics = dict(self.strategy.broadcast_object(computed))  # one call, identical on every rank
+        metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
+        if losses is not None:
+            metrics["loss"] = float(np.mean(losses))
+        metrics = {(k if k.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{k}"): v for k, v in metrics.items()}
+        return EvalLoopOutput(predictions=preds, label_ids=labels, metrics=metrics, num_samples=num_samples)
+
+
+def _concat(parts: list[Any]) -> Any:
+    """Concatenate along the batch axis, padding ragged sequence axes with -100."""
+    out = None
+    for part in parts:
+        if part is not None:
+            out = part if out is None else nested_concat(out, part, padding_index=IGNORE_INDEX)
+    return out
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, dict) or hasattr(batch, "keys"):
+        for value in batch.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                return int(value.shape[0])
+    return 0
+
+
+def _token_count(batch: Any) -> int:
+    """Non-padding input tokens (attention mask if present)."""
+    mask = batch.get("attention_mask") if hasattr(batch, "get") else None
+    if isinstance(mask, torch.Tensor):
+        return int(mask.sum())
+    ids = batch.get("input_ids") if hasattr(batch, "get") else None
+    return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
