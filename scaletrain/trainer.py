@@ -725,9 +725,13 @@ class Trainer:
         for inputs in dataloader:
             bs = _batch_size(inputs)
             num_samples += bs
+            items = self._count_loss_items(inputs)
             loss, logits, batch_labels = self.prediction_step(model, inputs, prediction_loss_only, ignore_keys)
             if loss is not None:
-                losses.append(np.full(bs, loss.item(), dtype=np.float64))
+                # (loss x targets, targets): the mean over all targets does not
+                # depend on how rows fell into batches or ranks
+                weight = items if items is not None else bs
+                losses.append(np.array([[loss.item() * weight, weight]], dtype=np.float64))
             if logits is not None:
                 if self.preprocess_logits_for_metrics is not None:
                     logits = self.preprocess_logits_for_metrics(logits, batch_labels)
@@ -747,7 +751,7 @@ class Trainer:
             metrics = dict(self.strategy.broadcast_object(computed))  # one call, identical on every rank
         metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
         if losses is not None:
-            metrics["loss"] = float(np.mean(losses))
+            metrics["loss"] = float(losses[:, 0].sum() / max(losses[:, 1].sum(), 1.0))
         metrics = {(k if k.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{k}"): v for k, v in metrics.items()}
         return EvalLoopOutput(predictions=preds, label_ids=labels, metrics=metrics, num_samples=num_samples)
 

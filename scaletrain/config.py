@@ -1,0 +1,201 @@
+"""One config tree: dataclasses <- YAML <- command-line overrides.
+
+    model:    ModelConfig fields
+    data:     DataConfig fields
+    training: TrainingArguments fields (HF names)
+
+Overrides are `--field value` (the field name is unique across sections) or
+`--section.field value`. Unknown keys and bad values raise ConfigError naming
+the key and the fix, before any process group starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .args import TrainingArguments
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    # a local HF folder, or an alias of an offline model package ("minilm")
+    name_or_path: str = "minilm"
+    # randomly initialise from the checkpoint's config with these overrides
+    # (e.g. a tiny model for tests) instead of loading pretrained weights
+    config_overrides: Optional[dict] = None
+    dropout: Optional[float] = None  # overrides hidden/attention dropout when set
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "trec"
+    label_granularity: str = "coarse"  # trec: 6 coarse or 50 fine classes
+    max_length: int = 64
+    eval_size: int = 1000
+    train_size: Optional[int] = None  # subsample the training split
+    split_seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: Any = None  # TrainingArguments
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
+                "training": self.training.to_dict()}
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingArguments}
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Turn a YAML/CLI value into the field's type (strings from the CLI)."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any or annotation is None:
+        return value
+    if origin in (Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in typing.get_args(annotation)):
+            return None
+        errors = []
+        for option in options:
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}={value!r} does not fit {annotation}")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list")
+        (inner,) = typing.get_args(annotation)[:1] or (Any,)
+        return [_coerce(v, inner, key) for v in value]
+    if origin is dict or annotation is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} must be a mapping")
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        try:
+            number = float(value) if annotation is float else int(str(value), 10) if isinstance(value, str) else value
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r} must be {'a number' if annotation is float else 'an integer'}") from None
+        if annotation is int and not isinstance(number, int):
+            if isinstance(number, float) and number.is_integer():
+                return int(number)
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return number
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return str(value)
+    return value
+
+
+def _unknown(key: str, known: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown key {key!r} in {where}{hint}")
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A YAML path, or the name of a recipe shipped inside the package."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    recipe = resources.files("scaletrain.recipes") / f"{name_or_path}.yaml"
+    if recipe.is_file():
+        return Path(str(recipe))
+    shipped = sorted(p.name[:-5] for p in resources.files("scaletrain.recipes").iterdir() if p.name.endswith(".yaml"))
+    raise ConfigError(f"config {name_or_path!r} is neither a file nor a built-in recipe ({', '.join(shipped)})")
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
+    pairs, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--"):
+            raise ConfigError(f"unexpected argument {token!r}; overrides look like --learning_rate 1e-4")
+        key = token[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"override {token} has no value")
+            value = argv[i + 1]
+            i += 2
+        pairs.append((key.replace("-", "_") if "." not in key else key, value))
+    return pairs
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with sections {sorted(SECTIONS)}")
+    for section in raw:
+        if section not in SECTIONS:
+            raise _unknown(section, list(SECTIONS), f"{path} (top-level sections)")
+    values = {name: dict(raw.get(name) or {}) for name in SECTIONS}
+    types_by_section = {name: _field_types(cls) for name, cls in SECTIONS.items()}
+    for name, section_values in values.items():
+        for key in section_values:
+            if key not in types_by_section[name]:
+                raise _unknown(key, list(types_by_section[name]), f"{path} section '{name}'")
+
+    for key, value in parse_overrides(overrides or []):
+        if "." in key:
+            section, _, fname = key.partition(".")
+            if section not in SECTIONS:
+                raise _unknown(section, list(SECTIONS), "override sections")
+            if fname not in types_by_section[section]:
+                raise _unknown(fname, list(types_by_section[section]), f"section '{section}'")
+            values[section][fname] = value
+            continue
+        owners = [s for s, t in types_by_section.items() if key in t]
+        if not owners:
+            everything = [k for t in types_by_section.values() for k in t]
+            raise _unknown(key, everything, "overrides")
+        if len(owners) > 1:
+            raise ConfigError(f"--{key} exists in sections {owners}; write --{owners[0]}.{key}")
+        values[owners[0]][key] = value
+
+    built = {}
+    for name, cls in SECTIONS.items():
+        kwargs = {k: _coerce(v, types_by_section[name][k], f"{name}.{k}") for k, v in values[name].items()}
+        try:
+            built[name] = cls(**kwargs)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{path} section '{name}': {exc}") from exc
+    return RunConfig(model=built["model"], data=built["data"], training=built["training"])
