@@ -549,11 +549,14 @@ class Trainer:
     def _maybe_log_save_evaluate(self, ignore_keys_for_eval: Optional[list[str]]) -> None:
         if self.control.should_log:
             self.log(self._flush_log_window())
+        paused = time.perf_counter()
         if self.control.should_evaluate:
             self._evaluate_and_track(ignore_keys_for_eval)
         if self.control.should_save:
             self._save_checkpoint()
             self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+        # training throughput should not count time spent evaluating or saving
+        self._window_start += time.perf_counter() - paused
 
     def _evaluate_and_track(self, ignore_keys: Optional[list[str]]) -> dict[str, float]:
         if isinstance(self.eval_dataset, dict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,7 +25,10 @@ class ProgressCallback(TrainerCallback):
         if state.is_world_process_zero:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True)
+            # redraws every few seconds fill CI logs; a terminal gets a live bar
+            interval = 0.5 if sys.stderr.isatty() else 30.0
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True,
+                            mininterval=interval)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:

@@ -1,0 +1,79 @@
+"""The CLI for real under the launchers users run, and W&B offline logging."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import free_port
+from wandb_reader import read_wandb_history
+
+BIN = Path(sys.executable).parent
+
+
+def run(cmd: list[str], tmp_path: Path, extra_env: dict | None = None, timeout: int = 300):
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1", **(extra_env or {})}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def check_two_rank_run(out: Path) -> dict:
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["strategy"].startswith("ddp (world size 2")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
+    assert sum("eval_loss" in r for r in records) == 3  # steps 3 and 6, then the final evaluate()
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(summary["final_model"])
+    assert model.config.num_hidden_layers == 1
+    return summary
+
+
+def test_cli_under_torchrun(tmp_path):
+    out = tmp_path / "run"
+    run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "scaletrain",
+         "train", "tiny-test", "--output_dir", str(out)], tmp_path)
+    check_two_rank_run(out)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+
+
+def test_cli_under_accelerate_launch(tmp_path):
+    out = tmp_path / "run"
+    run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+         "-m", "scaletrain", "train", "tiny-test", "--output_dir", str(out)], tmp_path,
+        extra_env={"ACCELERATE_USE_CPU": "1"})
+    check_two_rank_run(out)
+
+
+def test_cli_rejects_bad_config_before_starting(tmp_path):
+    proc = subprocess.run([str(BIN / "scaletrain"), "train", "tiny-test", "--per_device_train_batch_size", "0"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "per_device_train_batch_size=0 must be >= 1" in proc.stderr
+
+
+def test_wandb_offline_history_matches_jsonl(tmp_path):
+    out = tmp_path / "run"
+    run([str(BIN / "scaletrain"), "train", "tiny-test", "--output_dir", str(out), "--report_to", "wandb",
+         "--run_name", "tiny"], tmp_path,
+        extra_env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wb"), "WANDB_API_KEY": "x" * 40})
+    run_files = list((tmp_path / "wb").glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(run_files) == 1
+    history = read_wandb_history(str(run_files[0]))
+    jsonl = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # every training-loss and eval-loss point appears in W&B with the same step and value
+    for key in ("loss", "eval_loss"):
+        logged = {r["step"]: r[key] for r in jsonl if key in r}
+        seen = {h["_step"]: h[key] for h in history if key in h}
+        assert logged and seen == pytest.approx(logged, rel=1e-6), key
+    # the API key is never written into the run
+    for path in (tmp_path / "wb").rglob("*"):
+        if path.is_file():
+            assert b"x" * 40 not in path.read_bytes(), path

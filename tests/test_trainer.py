@@ -1,0 +1,215 @@
+"""Single-process behaviour of the Trainer: accumulation math, HF flow
+(eval/save strategies, callbacks, early stopping), retention and resume."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from helpers import RaggedLM, losses_of, tiny_gpt2
+from scaletrain import EarlyStoppingCallback, Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
+from scaletrain.checkpoint import latest_checkpoint
+
+
+def make_args(out, **kw) -> TrainingArguments:
+    base = dict(output_dir=str(out), per_device_train_batch_size=4, learning_rate=3e-3, logging_steps=1,
+                save_strategy="no", disable_tqdm=True, seed=0, optim="adamw_torch", strategy="single")
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def max_diff(a, b) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# ----------------------------------------------------------------- accumulation
+def test_k_micro_batches_equal_one_batch_on_ragged_sequences(tmp_path):
+    runs = {}
+    for per_device, gas in ((8, 1), (4, 2), (2, 4)):
+        trainer = Trainer(model=tiny_gpt2(), args=make_args(tmp_path / f"{per_device}", per_device_train_batch_size=per_device,
+                                                          gradient_accumulation_steps=gas, max_steps=6),
+                          train_dataset=RaggedLM(48))
+        trainer.train()
+        runs[(per_device, gas)] = (losses_of(trainer), weights(trainer.model))
+    ref_losses, ref_weights = runs[(8, 1)]
+    for key in ((4, 2), (2, 4)):
+        losses, w = runs[key]
+        # fp32, same rows per step, only the summation grouping differs
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+        assert max_diff(w, ref_weights) < 1e-6, key
+
+
+def test_mean_of_micro_batch_means_would_be_detectably_wrong():
+    """Guards the test above: on this data the naive normalisation differs by
+    far more than the 1e-6 tolerance, so a regression to it would fail."""
+    model = tiny_gpt2()
+    rows = [RaggedLM(48)[i] for i in range(8)]
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    with torch.no_grad():
+        token_mean = model(**batch).loss.item()
+        halves = [{k: v[i:i + 2] for k, v in batch.items()} for i in range(0, 8, 2)]
+        naive = float(np.mean([model(**h).loss.item() for h in halves]))
+    assert abs(naive - token_mean) > 1e-3
+
+
+# ---------------------------------------------------------------- flow control
+class EventRecorder(transformers.TrainerCallback):  # a plain HF callback
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []
+
+    def __getattribute__(self, name):
+        if name.startswith("on_"):
+            return lambda args, state, control, **kw: self.events.append((name, state.global_step))
+        return super().__getattribute__(name)
+
+
+def test_eval_and_save_by_steps_with_an_hf_callback(tmp_path):
+    recorder = EventRecorder()
+    trainer = Trainer(model=tiny_gpt2(), args=make_args(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=2,
+                                                        save_strategy="steps", save_steps=3),
+                      train_dataset=RaggedLM(64), eval_dataset=RaggedLM(10, seed=3), callbacks=[recorder])
+    trainer.train()
+    steps_of = lambda event: [s for e, s in recorder.events if e == event]  # noqa: E731
+    assert steps_of("on_evaluate") == [2, 4, 6]
+    assert steps_of("on_save") == [3, 6]
+    assert steps_of("on_step_end") == [1, 2, 3, 4, 5, 6]
+    assert recorder.events[0][0] == "on_init_end" and recorder.events[-1][0] == "on_train_end"
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    eval_losses = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
+    assert len(eval_losses) == 3 and eval_losses[-1] < eval_losses[0]
+
+
+def test_eval_and_save_by_epoch(tmp_path):
+    recorder = EventRecorder()
+    trainer = Trainer(model=tiny_gpt2(), args=make_args(tmp_path, num_train_epochs=2, eval_strategy="epoch",
+                                                        save_strategy="epoch"),
+                      train_dataset=RaggedLM(16), eval_dataset=RaggedLM(8, seed=3), callbacks=[recorder])
+    trainer.train()
+    assert [s for e, s in recorder.events if e == "on_evaluate"] == [4, 8]  # 16 rows / 4 = 4 steps per epoch
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+    assert trainer.state.epoch == 2.0
+
+
+class WorseningMetric:
+    """An eval metric that gets worse at every evaluation (best is the first)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, pred):
+        self.calls += 1
+        return {"badness": float(self.calls)}
+
+
+def test_early_stopping_stops(tmp_path):
+    metric = WorseningMetric()
+    trainer = Trainer(model=tiny_gpt2(), args=make_args(tmp_path, max_steps=40, eval_strategy="steps", eval_steps=2,
+                                                        save_strategy="steps", save_steps=2, load_best_model_at_end=True,
+                                                        metric_for_best_model="badness", greater_is_better=False),
+                      train_dataset=RaggedLM(64), eval_dataset=RaggedLM(8, seed=3), compute_metrics=metric,
+                      callbacks=[EarlyStoppingCallback(early_stopping_patience=2)])
+    trainer.train()
+    assert metric.calls == 3  # best, worse, worse -> stop
+    assert trainer.state.global_step == 6
+
+
+def test_save_total_limit_keeps_best_and_latest_and_loads_best(tmp_path):
+    snapshots = {}
+
+    class Snapshot(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            snapshots[state.global_step] = weights(model)
+
+    trainer = Trainer(model=tiny_gpt2(), args=make_args(tmp_path, max_steps=8, eval_strategy="steps", eval_steps=2,
+                                                        save_strategy="steps", save_steps=2, save_total_limit=1,
+                                                        load_best_model_at_end=True, metric_for_best_model="badness",
+                                                        greater_is_better=False),
+                      train_dataset=RaggedLM(64), eval_dataset=RaggedLM(8, seed=3), compute_metrics=WorseningMetric(),
+                      callbacks=[Snapshot()])
+    trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-8"]
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    assert max_diff(weights(trainer.model), snapshots[2]) == 0.0  # best weights restored exactly
+    assert max_diff(snapshots[8], snapshots[2]) > 1e-4  # ...and they differ from the last step's
+
+
+def test_resume_is_exact_and_skips_uncommitted(tmp_path):
+    args = lambda: make_args(tmp_path, max_steps=8, save_strategy="steps", save_steps=4, per_device_train_batch_size=8)  # noqa: E731
+    full = Trainer(model=tiny_gpt2(), args=args(), train_dataset=RaggedLM(40))  # 5 steps/epoch: resume crosses one
+    full.train()
+    interrupted = tmp_path / "checkpoint-99"  # a save that died before its commit marker
+    interrupted.mkdir()
+    (interrupted / "manifest.json").write_text("{}")
+    assert latest_checkpoint(tmp_path).name == "checkpoint-8"
+
+    resumed = Trainer(model=tiny_gpt2(seed=5), args=args(), train_dataset=RaggedLM(40))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert losses_of(resumed) == losses_of(full)
+    assert max_diff(weights(resumed.model), weights(full.model)) == 0.0
+
+
+def test_resume_rejects_a_different_model(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from scaletrain.checkpoint import CheckpointError
+
+    Trainer(model=tiny_gpt2(), args=make_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
+            train_dataset=RaggedLM(16)).train()
+    other = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
+    with pytest.raises(CheckpointError, match="different model configuration"):
+        Trainer(model=other, args=make_args(tmp_path, max_steps=4), train_dataset=RaggedLM(16)).train(
+            resume_from_checkpoint=True)
+
+
+# ------------------------------------------------------------------- data
+class Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(RaggedLM(32).rows)
+
+
+def test_iterable_dataset_needs_max_steps_and_trains(tmp_path):
+    with pytest.raises(ValueError, match="set max_steps"):
+        Trainer(model=tiny_gpt2(), args=make_args(tmp_path), train_dataset=Stream()).train()
+    trainer = Trainer(model=tiny_gpt2(), args=make_args(tmp_path, max_steps=12), train_dataset=Stream())
+    assert trainer.train().global_step == 12  # 8 batches per pass: crosses into a second pass
+
+
+def test_hf_dataset_unused_columns_are_dropped_and_save_model_round_trips(tmp_path):
+    import datasets
+
+    rows = RaggedLM(16).rows
+    ds = datasets.Dataset.from_dict({
+        "input_ids": [r["input_ids"].tolist() for r in rows],
+        "attention_mask": [r["attention_mask"].tolist() for r in rows],
+        "labels": [r["labels"].tolist() for r in rows],
+        "text": [f"row {i}" for i in range(16)],  # not a forward() argument
+    })
+    trainer = Trainer(model=tiny_gpt2(), args=make_args(tmp_path, max_steps=2), train_dataset=ds)
+    trainer.train()
+    out = trainer.save_model(str(tmp_path / "final"))
+    assert (out / "model.safetensors").is_file()
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(str(out))
+    assert max_diff(weights(reloaded), weights(trainer.model)) == 0.0
+
+
+def test_seq2seq_predict_with_generate(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                                num_heads=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    rows = [{"input_ids": torch.randint(2, 32, (6,)), "labels": torch.randint(2, 32, (4,))} for _ in range(5)]
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), predict_with_generate=True, generation_max_length=7,
+                                    per_device_eval_batch_size=2, disable_tqdm=True, strategy="single")
+    trainer = Seq2SeqTrainer(model=model, args=args)
+    out = trainer.predict(rows)
+    assert out.predictions.shape[0] == 5 and out.predictions.shape[1] <= 7
+    assert out.label_ids.shape == (5, 4)
+    assert "test_loss" in out.metrics
