@@ -435,11 +435,12 @@ class Trainer:
                 self._maybe_log_save_evaluate(ignore_keys_for_eval)
                 if self.control.should_epoch_stop or self.control.should_training_stop:
                     break
-            if per_epoch is not None and not self.control.should_training_stop:
+            if exhausted or (per_epoch is not None and micro_done >= per_epoch):
                 self.state.epoch = float(epoch + 1)
                 self._position = (epoch + 1, 0)
-                self.control = handler.on_epoch_end(args, self.state, self.control)
-                self._maybe_log_save_evaluate(ignore_keys_for_eval)
+            # like the HF Trainer: epoch-end events also fire when max_steps ends the epoch early
+            self.control = handler.on_epoch_end(args, self.state, self.control)
+            self._maybe_log_save_evaluate(ignore_keys_for_eval)
             if self.control.should_training_stop or self.state.global_step >= max_steps:
                 break
 

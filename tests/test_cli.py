@@ -15,9 +15,10 @@ from wandb_reader import read_wandb_history
 BIN = Path(sys.executable).parent
 
 
-def run(cmd: list[str], tmp_path: Path, extra_env: dict | None = None, timeout: int = 300):
+def run(cmd: list[str], tmp_path: Path, extra_env: dict | None = None, timeout: int = 180):
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1", **(extra_env or {})}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 

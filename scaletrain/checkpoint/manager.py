@@ -24,6 +24,8 @@ import random
 import re
 import shutil
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -117,6 +119,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def _quiet_single_process_dcp():
+    """DCP warns that it assumes a single process when no process group exists;
+    without one that is exactly the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 class CheckpointManager:
     """When/where checkpoints go; the Strategy says what the state is."""
 
@@ -138,7 +149,8 @@ class CheckpointManager:
         strategy.barrier()
 
         state = strategy.state_dict(model, None if save_only_model else optimizer)
-        dcp.save(state, checkpoint_id=str(tmp / "state"))
+        with _quiet_single_process_dcp():
+            dcp.save(state, checkpoint_id=str(tmp / "state"))
         torch.save(capture_rng_state(), tmp / f"rng_state_{strategy.rank}.pth")
 
         if strategy.is_main:
@@ -185,7 +197,8 @@ class CheckpointManager:
                 "resume from it; start a new run from its weights instead (scaletrain export, then from_pretrained)"
             )
         state = self.strategy.state_dict(model, optimizer if with_optimizer else None)
-        dcp.load(state, checkpoint_id=str(path / "state"))
+        with _quiet_single_process_dcp():
+            dcp.load(state, checkpoint_id=str(path / "state"))
         self.strategy.load_state_dict(model, optimizer if with_optimizer else None, state)
         if scheduler is not None and (path / "scheduler.pt").is_file():
             scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
@@ -202,7 +215,8 @@ class CheckpointManager:
         path = Path(path)
         self.read_manifest(path)
         state = self.strategy.state_dict(model, None)
-        dcp.load(state, checkpoint_id=str(path / "state"))
+        with _quiet_single_process_dcp():
+            dcp.load(state, checkpoint_id=str(path / "state"))
         self.strategy.load_state_dict(model, None, state)
 
     def read_manifest(self, path: Path) -> dict[str, Any]:

@@ -57,6 +57,8 @@ class Strategy(abc.ABC):
 
     def teardown(self) -> None:
         if dist.is_initialized():
+            # no rank may tear down while a peer is still inside a collective
+            dist.barrier()
             dist.destroy_process_group()
 
     # ---------------------------------------------------------------- model
