@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -25,7 +24,6 @@ from transformers.trainer_pt_utils import get_parameter_names, nested_concat, ne
 from transformers.trainer_utils import (
     EvalLoopOutput,
     EvalPrediction,
-    IntervalStrategy,
     PredictionOutput,
     SaveStrategy,
     TrainOutput,

@@ -2,7 +2,6 @@
 (eval/save strategies, callbacks, early stopping), retention and resume."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
