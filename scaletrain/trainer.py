@@ -620,16 +620,17 @@ class Trainer:
                 f"{path} was saved with world size {manifest['world_size']}, this run has "
                 f"{self.strategy.world_size}; resuming across world sizes is not supported yet"
             )
+        saved_batch = json.loads((path / "progress.json").read_text()).get("per_device_train_batch_size")
+        if saved_batch != self.args.per_device_train_batch_size:  # checked before anything is loaded
+            raise CheckpointError(
+                f"{path} was trained with per_device_train_batch_size={saved_batch}, "
+                f"this run uses {self.args.per_device_train_batch_size}; keep it the same to resume"
+            )
         _, progress = self.checkpoints.load(path, self.model_wrapped, self.optimizer, self.lr_scheduler)
         self.state = TrainerState.load_from_json(str(path / "trainer_state.json"))
         self.state.max_steps = max_steps
         self.state.is_local_process_zero = self.strategy.is_local_main
         self.state.is_world_process_zero = self.strategy.is_main
-        if progress.get("per_device_train_batch_size") != self.args.per_device_train_batch_size:
-            raise CheckpointError(
-                f"{path} was trained with per_device_train_batch_size={progress.get('per_device_train_batch_size')}, "
-                f"this run uses {self.args.per_device_train_batch_size}; keep it the same to resume"
-            )
         logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", path, self.state.global_step,
                     progress["epoch"], progress["micro_batches_in_epoch"])
         return int(progress["epoch"]), int(progress["micro_batches_in_epoch"])
