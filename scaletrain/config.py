@@ -76,12 +76,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in typing.get_args(annotation)):
             return None
-        errors = []
         for option in options:
             try:
                 return _coerce(value, option, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}={value!r} does not fit {annotation}")
     if origin in (list, tuple):
         if isinstance(value, str):

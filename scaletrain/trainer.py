@@ -176,12 +176,13 @@ class Trainer:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluation needs an eval_dataset")
-        dataset, collator = prepare_dataset(dataset, self.data_collator, self._columns(), "evaluation")
-        return build_eval_dataloader(dataset, collator, self.args, self.strategy.rank, self.strategy.world_size,
-                                     self.strategy.device)
+        return self._sharded_eval_loader(dataset, "evaluation")
 
     def get_test_dataloader(self, test_dataset: Dataset) -> DataLoader:
-        dataset, collator = prepare_dataset(test_dataset, self.data_collator, self._columns(), "test")
+        return self._sharded_eval_loader(test_dataset, "test")
+
+    def _sharded_eval_loader(self, dataset: Dataset, description: str) -> DataLoader:
+        dataset, collator = prepare_dataset(dataset, self.data_collator, self._columns(), description)
         return build_eval_dataloader(dataset, collator, self.args, self.strategy.rank, self.strategy.world_size,
                                      self.strategy.device)
 

@@ -196,10 +196,7 @@ class CheckpointManager:
                 f"{path} was saved with save_only_model=True and holds no optimizer state, so training cannot "
                 "resume from it; start a new run from its weights instead (scaletrain export, then from_pretrained)"
             )
-        state = self.strategy.state_dict(model, optimizer if with_optimizer else None)
-        with _quiet_single_process_dcp():
-            dcp.load(state, checkpoint_id=str(path / "state"))
-        self.strategy.load_state_dict(model, optimizer if with_optimizer else None, state)
+        self._load_state(path, model, optimizer if with_optimizer else None)
         if scheduler is not None and (path / "scheduler.pt").is_file():
             scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         rng_file = path / f"rng_state_{self.strategy.rank}.pth"
@@ -214,10 +211,14 @@ class CheckpointManager:
     def load_model(self, path: str | os.PathLike, model) -> None:
         path = Path(path)
         self.read_manifest(path)
-        state = self.strategy.state_dict(model, None)
+        self._load_state(path, model, None)
+
+    def _load_state(self, path: Path, model, optimizer) -> None:
+        """DCP fills the strategy's (possibly sharded) state in place, then the strategy applies it."""
+        state = self.strategy.state_dict(model, optimizer)
         with _quiet_single_process_dcp():
             dcp.load(state, checkpoint_id=str(path / "state"))
-        self.strategy.load_state_dict(model, None, state)
+        self.strategy.load_state_dict(model, optimizer, state)
 
     def read_manifest(self, path: Path) -> dict[str, Any]:
         if not path.is_dir():
