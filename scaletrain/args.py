@@ -101,9 +101,24 @@ class _ScaletrainArguments:
     ddp_broadcast_buffers: Optional[bool] = None
     ddp_static_graph: Optional[bool] = None
 
+    # HF's ways to ask for a sharded backend; mapped onto `strategy` and the
+    # fields below (see _apply_hf_sharding_fields)
+    fsdp: Union[None, str, list] = None
+    fsdp_config: Union[None, str, dict] = None
+    deepspeed: Union[None, str, dict] = None  # extra DeepSpeed config keys (dict or JSON file)
+
     # scaletrain's own.
     strategy: str = "auto"
     torch_threads: Optional[int] = None
+    # fsdp: module classes sharded as one unit (default: the model's _no_split_modules)
+    fsdp_layer_classes: Optional[list[str]] = None
+    fsdp_reshard_after_forward: bool = True  # False: keep gathered params until backward (ZeRO-2-like)
+    fsdp_cpu_offload: bool = False  # parameters, gradients and optimizer step on CPU
+    # fsdp: only rank 0 reads the weights; the others build the model on the meta
+    # device and receive their shards from rank 0 (via Strategy.build_model)
+    fsdp_low_memory_init: bool = False
+    offload_optimizer: bool = False  # zero1/2/3: optimizer state and step on CPU
+    offload_params: bool = False  # zero3: parameters on CPU between uses
 
     def __post_init__(self) -> None:
         self._reject_unsupported_hf_fields()
@@ -131,9 +146,61 @@ class _ScaletrainArguments:
             )
         elif self.report_to is None:
             self.report_to = []
+        self._apply_hf_sharding_fields()
         self._validate()
 
     # ------------------------------------------------------------------ checks
+    def _apply_hf_sharding_fields(self) -> None:
+        """Honour HF's `fsdp`/`fsdp_config`/`deepspeed` fields, or refuse what we cannot honour."""
+        if self.fsdp:
+            options = self.fsdp.split() if isinstance(self.fsdp, str) else list(self.fsdp)
+            unknown = [o for o in options if o not in _HF_FSDP_OPTIONS]
+            if unknown:
+                raise NotSupportedError(
+                    f"fsdp={self.fsdp!r}: {unknown} not supported; scaletrain's FSDP2 takes 'full_shard' or "
+                    "'shard_grad_op', plus 'offload' and 'auto_wrap' (per-block wrapping is always on)"
+                )
+            self._claim_strategy("fsdp", f"fsdp={self.fsdp!r}")
+            if "shard_grad_op" in options:
+                self.fsdp_reshard_after_forward = False
+            if "offload" in options:
+                self.fsdp_cpu_offload = True
+        if self.fsdp_config:
+            config = _read_json_option("fsdp_config", self.fsdp_config)
+            for key, value in config.items():
+                key = key[len("fsdp_"):] if key.startswith("fsdp_") else key
+                if key not in _HF_FSDP_CONFIG_KEYS:
+                    raise NotSupportedError(
+                        f"fsdp_config key {key!r} is not supported by scaletrain's FSDP2; supported keys: "
+                        f"{sorted(_HF_FSDP_CONFIG_KEYS)} (or the fsdp_* TrainingArguments fields)"
+                    )
+                if key == "version" and int(value) != 2:
+                    raise NotSupportedError(f"fsdp_config version={value}: only FSDP2 (fully_shard) is supported")
+                if _HF_FSDP_CONFIG_KEYS[key]:
+                    if key == "transformer_layer_cls_to_wrap" and isinstance(value, str):
+                        value = [v.strip() for v in value.split(",")]
+                    setattr(self, _HF_FSDP_CONFIG_KEYS[key], value)
+            self._claim_strategy("fsdp", "fsdp_config")
+        if self.deepspeed:
+            self.deepspeed = _read_json_option("deepspeed", self.deepspeed)
+            stage = self.deepspeed.get("zero_optimization", {}).get("stage")
+            if self.strategy == "auto":
+                if stage not in (1, 2, 3):
+                    raise ValueError(
+                        f"deepspeed config has zero_optimization.stage={stage!r}; set strategy: zero1, zero2 "
+                        "or zero3 (or a stage of 1-3 in the config)"
+                    )
+                self.strategy = f"zero{stage}"
+            elif not self.strategy.startswith("zero"):
+                raise ValueError(f"a deepspeed config was given but strategy={self.strategy!r}; use zero1|zero2|zero3")
+
+    def _claim_strategy(self, name: str, source: str) -> None:
+        if self.strategy == "auto":
+            self.strategy = name
+        elif self.strategy != name:
+            raise ValueError(f"{source} asks for {name} but strategy={self.strategy!r}; keep one of them")
+
+
     def _reject_unsupported_hf_fields(self) -> None:
         for name, default in _UNSUPPORTED_DEFAULTS.items():
             value = getattr(self, name)
@@ -177,6 +244,25 @@ class _ScaletrainArguments:
             raise ValueError(f"eval_steps={self.eval_steps} must be > 0")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ValueError(f"save_total_limit={self.save_total_limit} must be >= 1 or None (keep all)")
+        fsdp_fields = ("fsdp_layer_classes", "fsdp_cpu_offload", "fsdp_low_memory_init")
+        for name in fsdp_fields:
+            if getattr(self, name) and self.strategy != "fsdp":
+                raise ValueError(f"{name}={getattr(self, name)!r} only applies to strategy: fsdp "
+                                 f"(strategy is {self.strategy!r})")
+        if not self.fsdp_reshard_after_forward and self.strategy != "fsdp":
+            raise ValueError("fsdp_reshard_after_forward=False only applies to strategy: fsdp")
+        if self.offload_optimizer and not self.strategy.startswith("zero"):
+            raise ValueError(
+                f"offload_optimizer=True needs strategy zero1|zero2|zero3 (strategy is {self.strategy!r}); "
+                "with fsdp use fsdp_cpu_offload"
+            )
+        if self.offload_params and self.strategy != "zero3":
+            raise ValueError(
+                f"offload_params=True needs strategy: zero3 (strategy is {self.strategy!r}); only ZeRO-3 "
+                "partitions parameters, so only it can keep them on CPU"
+            )
+        if self.deepspeed and not self.strategy.startswith("zero"):
+            raise ValueError(f"a deepspeed config section needs strategy zero1|zero2|zero3, not {self.strategy!r}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads={self.torch_threads} must be >= 1 or None (automatic)")
         if self.dataloader_prefetch_factor is not None and self.dataloader_num_workers == 0:
@@ -268,12 +354,36 @@ _UNSUPPORTED_HINTS = {
     "fp16": "fp16 mixed precision lands with the memory-middleware work; train in fp32 for now",
     "gradient_checkpointing": "activation checkpointing lands with the memory-middleware work",
     "auto_find_batch_size": "the batch-size finder lands with the memory-middleware work",
-    "fsdp": "set strategy: fsdp instead",
-    "deepspeed": "set strategy: zero1|zero2|zero3 instead",
     "eval_accumulation_steps": "scaletrain already moves predictions to host memory after every eval batch",
     "average_tokens_across_devices": "scaletrain always normalises the loss by the global token count",
     "push_to_hub": "export the saved folder and push it with huggingface_hub",
 }
+
+
+_HF_FSDP_OPTIONS = {"full_shard", "shard_grad_op", "offload", "auto_wrap"}
+# HF/accelerate fsdp_config keys -> the TrainingArguments field that implements them
+_HF_FSDP_CONFIG_KEYS = {
+    "transformer_layer_cls_to_wrap": "fsdp_layer_classes",
+    "reshard_after_forward": "fsdp_reshard_after_forward",
+    "offload_params": "fsdp_cpu_offload",
+    "cpu_ram_efficient_loading": "fsdp_low_memory_init",
+    "version": None,
+}
+
+
+def _read_json_option(name: str, value: Union[str, dict]) -> dict:
+    if isinstance(value, dict):
+        return dict(value)
+    try:
+        with open(value) as fh:
+            loaded = json.load(fh)
+    except FileNotFoundError as exc:
+        raise ValueError(f"{name}={value!r}: no such file; pass a dict or the path of a JSON file") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name}={value!r} is not valid JSON: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{name}={value!r} must hold a JSON object")
+    return loaded
 
 
 def _hf_field_defaults() -> dict[str, Any]:

@@ -34,6 +34,9 @@ class Seq2SeqTrainer(Trainer):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
         gen_kwargs = dict(getattr(self, "_gen_kwargs", {}))
+        if self.strategy.eval_needs_all_ranks and self.strategy.world_size > 1:
+            # ranks finish generating at different lengths; sharded forwards must stay in step
+            gen_kwargs.setdefault("synced_gpus", True)
         gen_inputs = {k: v for k, v in inputs.items() if k not in self.label_names and not k.startswith("decoder_")}
         with torch.no_grad():
             generated = model.generate(**gen_inputs, **gen_kwargs)

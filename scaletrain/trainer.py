@@ -257,7 +257,8 @@ class Trainer:
             return labels.numel()
         if self._label_shift is None:
             model = self.strategy.unwrap(self.model)
-            is_causal = type(model).__name__ in _causal_lm_class_names()
+            # sharding backends may swap the class for a subclass (FSDP2): look along the MRO
+            is_causal = any(cls.__name__ in _causal_lm_class_names() for cls in type(model).__mro__)
             self._label_shift = 1 if is_causal and not getattr(model.config, "is_encoder_decoder", False) else 0
         if self._label_shift and labels.dim() >= 2:
             labels = labels[..., self._label_shift:]
@@ -492,6 +493,8 @@ class Trainer:
         if args.max_grad_norm is not None and args.max_grad_norm > 0:
             self._last_grad_norm = self.strategy.clip_grad_norm_(self.model_wrapped, args.max_grad_norm)
         self.strategy.optimizer_step(self.optimizer)
+        if args.max_grad_norm is not None and args.max_grad_norm > 0 and self._last_grad_norm is None:
+            self._last_grad_norm = self.strategy.reported_grad_norm(self.model_wrapped)
         self.control = handler.on_optimizer_step(args, self.state, self.control)
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -726,7 +729,9 @@ class Trainer:
         model.eval()
         losses, preds, labels = [], [], []
         num_samples = 0
+        local_batches = 0
         for inputs in dataloader:
+            local_batches += 1
             bs = _batch_size(inputs)
             num_samples += bs
             items = self._count_loss_items(inputs)
@@ -743,6 +748,8 @@ class Trainer:
             if batch_labels is not None:
                 labels.append(nested_numpify(batch_labels))
             self.control = self.callback_handler.on_prediction_step(args, self.state, self.control)
+        if self.strategy.eval_needs_all_ranks:
+            self._join_remaining_forwards(model, dataloader, local_batches, prediction_loss_only, ignore_keys)
 
         local = (num_samples, _concat(losses), _concat(preds), _concat(labels))
         gathered = self.strategy.all_gather_object(local)
@@ -758,6 +765,19 @@ class Trainer:
             metrics["loss"] = float(losses[:, 0].sum() / max(losses[:, 1].sum(), 1.0))
         metrics = {(k if k.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{k}"): v for k, v in metrics.items()}
         return EvalLoopOutput(predictions=preds, label_ids=labels, metrics=metrics, num_samples=num_samples)
+
+    def _join_remaining_forwards(self, model: torch.nn.Module, dataloader: DataLoader, local_batches: int,
+                                 prediction_loss_only: bool, ignore_keys: Optional[list[str]]) -> None:
+        """Ranks whose shard ran out keep joining the forwards (and their
+        parameter all-gathers) of the others, with results discarded; otherwise
+        the ranks still evaluating would wait forever."""
+        most = int(self.strategy.all_reduce_max(
+            torch.tensor([local_batches], dtype=torch.int64, device=self.strategy.device)).item())
+        if most == local_batches:
+            return
+        filler = dataloader.collate_fn([dataloader.dataset[0]])
+        for _ in range(most - local_batches):
+            self.prediction_step(model, filler, prediction_loss_only, ignore_keys)
 
 
 def _concat(parts: list[Any]) -> Any:

@@ -87,7 +87,5 @@ def test_strategy_checks_happen_before_any_process_group():
     two_ranks = DistEnv(rank=0, world_size=2, local_rank=0, local_world_size=2)
     with pytest.raises(ValueError, match="every rank would train its own copy"):
         resolve_strategy_class("single", two_ranks)
-    with pytest.raises(NotSupportedError, match="strategy='fsdp'"):
-        resolve_strategy_class("fsdp", two_ranks)
     assert resolve_strategy_class("auto", two_ranks).name == "ddp"
     assert resolve_strategy_class("auto", DistEnv(0, 1, 0, 1)).name == "single"

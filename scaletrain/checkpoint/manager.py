@@ -1,8 +1,8 @@
 """Checkpoint layout, atomic commit, retention and resume lookup.
 
 Layout of `output_dir/checkpoint-<step>/`:
-    state/                 model + optimizer through torch.distributed.checkpoint
-                           (sharded per rank, resharded at load)
+    state/                 model + optimizer as the strategy writes them: DCP
+                           (sharded per rank, resharded at load) or DeepSpeed's own
     scheduler.pt           LR scheduler state (plain tensors/numbers)
     trainer_state.json     HF TrainerState (log history, best metric, ...)
     progress.json          data position: epoch and samples consumed in it
@@ -31,7 +31,6 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
 
 logger = logging.getLogger(__name__)
 
@@ -148,9 +147,8 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         strategy.barrier()
 
-        state = strategy.state_dict(model, None if save_only_model else optimizer)
         with _quiet_single_process_dcp():
-            dcp.save(state, checkpoint_id=str(tmp / "state"))
+            strategy.save_state(tmp / "state", model, None if save_only_model else optimizer)
         torch.save(capture_rng_state(), tmp / f"rng_state_{strategy.rank}.pth")
 
         if strategy.is_main:
@@ -214,11 +212,8 @@ class CheckpointManager:
         self._load_state(path, model, None)
 
     def _load_state(self, path: Path, model, optimizer) -> None:
-        """DCP fills the strategy's (possibly sharded) state in place, then the strategy applies it."""
-        state = self.strategy.state_dict(model, optimizer)
         with _quiet_single_process_dcp():
-            dcp.load(state, checkpoint_id=str(path / "state"))
-        self.strategy.load_state_dict(model, optimizer, state)
+            self.strategy.load_state(path / "state", model, optimizer)
 
     def read_manifest(self, path: Path) -> dict[str, Any]:
         if not path.is_dir():

@@ -8,10 +8,12 @@ from __future__ import annotations
 import abc
 import contextlib
 import datetime
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -27,6 +29,11 @@ OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 
 class Strategy(abc.ABC):
     name: str = "base"
+    # DDP/FSDP/DeepSpeed need a process group even in a world of one
+    needs_process_group: bool = False
+    # every forward is a collective (sharded parameters are gathered), so all
+    # ranks must run the same number of forwards during evaluation too
+    eval_needs_all_ranks: bool = False
 
     def __init__(self, args, env: DistEnv | None = None) -> None:
         self.args = args
@@ -47,6 +54,11 @@ class Strategy(abc.ABC):
             if self.device.type == "cuda":
                 kwargs["device_id"] = self.device
             dist.init_process_group(backend=backend, rank=self.env.rank, world_size=self.env.world_size, **kwargs)
+        elif self.needs_process_group and not dist.is_initialized():
+            # a private one-rank group keeps the single-process path identical
+            # to the multi-rank one (and needs no MASTER_ADDR/PORT)
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo",
+                                    store=dist.HashStore(), rank=0, world_size=1)
 
     def _pick_device(self) -> torch.device:
         if torch.cuda.is_available() and not self.args.use_cpu:
@@ -62,6 +74,14 @@ class Strategy(abc.ABC):
             dist.destroy_process_group()
 
     # ---------------------------------------------------------------- model
+    def build_model(self, from_pretrained: Callable[[], torch.nn.Module],
+                    from_config: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        """Construct the model the way this backend wants it built (call after
+        setup_environment). `from_pretrained` loads the weights; `from_config`
+        builds the same architecture without reading them. Sharded backends
+        override this to avoid materialising the full model on every rank."""
+        return from_pretrained()
+
     @abc.abstractmethod
     def setup(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """Place/wrap/shard the model and build its optimizer together."""
@@ -86,6 +106,11 @@ class Strategy(abc.ABC):
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         optimizer.step()
 
+    def reported_grad_norm(self, model: torch.nn.Module):
+        """The gradient norm of the last step when the backend computes it
+        inside optimizer_step (clip_grad_norm_ returned None); else None."""
+        return None
+
     # ---------------------------------------------------------------- state
     def state_dict(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
         """Model (+optimizer) state keyed by parameter FQNs, ready for DCP."""
@@ -99,6 +124,16 @@ class Strategy(abc.ABC):
             set_model_state_dict(self.unwrap(model), state["model"], options=StateDictOptions(strict=True))
         else:
             set_state_dict(self.unwrap(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+    def save_state(self, directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        """Write model (+optimizer) state under `directory`; every rank calls this."""
+        dcp.save(self.state_dict(model, optimizer), checkpoint_id=str(directory))
+
+    def load_state(self, directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        """DCP fills this rank's (possibly sharded) state in place, resharding if needed."""
+        state = self.state_dict(model, optimizer)
+        dcp.load(state, checkpoint_id=str(directory))
+        self.load_state_dict(model, optimizer, state)
 
     def full_model_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Unsharded weights on CPU (rank 0 at least), for HF export."""

@@ -3,7 +3,6 @@ from __future__ import annotations
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ..distributed import DistEnv
 from .base import OptimizerFactory, Strategy
 
 
@@ -11,23 +10,7 @@ class DDPStrategy(Strategy):
     """Replicated model, gradients all-reduced (averaged) by DistributedDataParallel."""
 
     name = "ddp"
-
-    @classmethod
-    def check_environment(cls, env: DistEnv) -> None:
-        if not env.is_distributed:
-            return  # a world of one is legal (and useful for tests); DDP just has no peers
-
-    def setup_environment(self) -> None:
-        super().setup_environment()
-        if not self.env.is_distributed and not torch.distributed.is_initialized():
-            # DDP needs a process group even alone; a private one-rank group keeps
-            # the single-process launch path identical to the multi-rank one.
-            torch.distributed.init_process_group(
-                backend="gloo" if self.device.type == "cpu" else "nccl",
-                store=torch.distributed.HashStore(),
-                rank=0,
-                world_size=1,
-            )
+    needs_process_group = True
 
     def setup(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory):
         model = model.to(self.device)

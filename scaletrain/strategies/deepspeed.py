@@ -1,0 +1,268 @@
+"""DeepSpeed ZeRO stages 1-3 (optionally offloaded to CPU) behind the Strategy interface.
+
+The DeepSpeed JSON is generated from TrainingArguments. A `deepspeed:` section
+may add keys DeepSpeed understands, but a key that scaletrain owns (batch
+sizes, accumulation, clipping, stage, offload, precision, optimizer,
+scheduler) must be absent, "auto", or equal to the generated value; anything
+else is an error naming the argument to set instead.
+
+Accumulation: the trainer already weights each micro-batch by its share of the
+global target count, so the engine's own 1/gradient_accumulation_steps scaling
+is turned off (the loss is never divided twice), and the trainer marks the
+accumulation boundary itself: the engine reduces and steps exactly when the
+trainer's step ends, also for a short last step of an epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..args import NotSupportedError
+from ..distributed import DistEnv
+from .base import OptimizerFactory, Strategy
+
+CHECKPOINT_TAG = "zero"
+_AUTO = "auto"
+
+
+class DeepSpeedConfigError(ValueError):
+    pass
+
+
+def _require_deepspeed() -> None:
+    if importlib.util.find_spec("deepspeed") is None:
+        raise NotSupportedError(
+            "the zero1/zero2/zero3 strategies need DeepSpeed, which is not installed; "
+            "pip install 'scaletrain[deepspeed]' (or pick strategy: fsdp, which needs only torch)"
+        )
+
+
+def _owned_values(args, stage: int, world_size: int) -> dict[str, tuple[Any, str]]:
+    """DeepSpeed key path -> (the value scaletrain sets, the argument that controls it)."""
+    micro, gas = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    offload_device = {True: "cpu", False: "none"}
+    return {
+        "train_micro_batch_size_per_gpu": (micro, "per_device_train_batch_size"),
+        "gradient_accumulation_steps": (gas, "gradient_accumulation_steps"),
+        "train_batch_size": (micro * gas * world_size,
+                             "per_device_train_batch_size x gradient_accumulation_steps x world size"),
+        "gradient_clipping": (float(args.max_grad_norm or 0.0), "max_grad_norm"),
+        "zero_optimization.stage": (stage, "strategy (zero1|zero2|zero3)"),
+        "zero_optimization.offload_optimizer.device": (offload_device[args.offload_optimizer], "offload_optimizer"),
+        "zero_optimization.offload_param.device": (offload_device[args.offload_params], "offload_params"),
+        "fp16.enabled": (False, "fp16 (precision arguments)"),
+        "bf16.enabled": (False, "bf16 (precision arguments)"),
+        "optimizer": (None, "optim / learning_rate / adam_* / weight_decay (scaletrain builds the optimizer)"),
+        "scheduler": (None, "lr_scheduler_type / warmup_* (scaletrain steps the scheduler)"),
+    }
+
+
+_MISSING = object()
+
+
+def _get_path(tree: dict, path: str) -> Any:
+    node: Any = tree
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _set_path(tree: dict, path: str, value: Any) -> None:
+    parts = path.split(".")
+    for part in parts[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[parts[-1]] = value
+
+
+def _drop_path(tree: dict, path: str) -> None:
+    parts = path.split(".")
+    for part in parts[:-1]:
+        tree = tree.get(part, {})
+    tree.pop(parts[-1], None)
+
+
+def build_deepspeed_config(args, stage: int, world_size: int, on_cuda: bool = False) -> dict[str, Any]:
+    """The complete DeepSpeed config for these arguments, with the user's
+    `deepspeed` section merged in (conflicts raise DeepSpeedConfigError)."""
+    user = copy.deepcopy(args.deepspeed or {})
+    owned = _owned_values(args, stage, world_size)
+    for path, (ours, argument) in owned.items():
+        theirs = _get_path(user, path)
+        if theirs is _MISSING:
+            continue
+        if theirs == _AUTO:  # HF-style placeholder: "fill it in for me" is what we do anyway
+            _drop_path(user, path)
+            continue
+        if ours is None:
+            raise DeepSpeedConfigError(
+                f"the deepspeed section sets {path!r}; scaletrain owns it, set {argument} instead and remove the key"
+            )
+        if theirs != ours and not (isinstance(ours, float) and isinstance(theirs, (int, float)) and float(theirs) == ours):
+            raise DeepSpeedConfigError(
+                f"the deepspeed section sets {path}={theirs!r} but scaletrain derives {ours!r} from {argument}; "
+                f"set {argument} instead and remove the key (or write \"auto\")"
+            )
+        _drop_path(user, path)
+
+    config: dict[str, Any] = {
+        "steps_per_print": 2**31 - 1,  # progress is the trainer's job
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,  # a torch optimizer from Trainer.create_optimizer
+    }
+    for path, (ours, _) in owned.items():
+        if ours is not None and not path.endswith(".device"):
+            _set_path(config, path, ours)
+    if args.offload_optimizer:
+        _set_path(config, "zero_optimization.offload_optimizer", {"device": "cpu", "pin_memory": on_cuda})
+    if args.offload_params:
+        _set_path(config, "zero_optimization.offload_param", {"device": "cpu", "pin_memory": on_cuda})
+    if not on_cuda:
+        # DeepSpeedCPUAdam needs a ~4 minute JIT build; with offload on a CPU
+        # host the torch optimizer does the same step
+        config["zero_force_ds_cpu_optimizer"] = False
+    return _merge(config, user)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class DeepSpeedStrategy(Strategy):
+    name = "zero"
+    needs_process_group = True
+
+    @classmethod
+    def check_environment(cls, env: DistEnv) -> None:
+        _require_deepspeed()
+
+    def __init__(self, args, env=None) -> None:
+        super().__init__(args, env)
+        self.stage = int(args.strategy[-1])
+        self.name = args.strategy
+        # ZeRO-3 gathers each layer's parameters inside forward: a collective
+        self.eval_needs_all_ranks = self.stage == 3
+        if args.save_only_model:
+            raise NotSupportedError(
+                f"save_only_model=True is not supported with strategy {args.strategy}: DeepSpeed writes model "
+                "and optimizer partitions together; keep it False (export weights with Trainer.save_model)"
+            )
+        on_cuda = torch.cuda.is_available() and not args.use_cpu
+        self.config = build_deepspeed_config(args, self.stage, self.world_size, on_cuda)
+        self.engine = None
+        self._hf_zero3 = None
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if self.device.type == "cpu":
+            # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU hosts
+            # (40-80 s on first use); gloo's all-reduce gives the same results
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        import deepspeed
+
+        # torch.distributed is initialised by now, so DeepSpeed adopts that group
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+        if self.stage == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            # transformers keeps only a weak reference: holding it here makes
+            # from_pretrained/from_config partition (and correctly initialise)
+            # parameters at construction, and generate() keep ranks in step
+            self._hf_zero3 = HfDeepSpeedConfig(self.config)
+
+    def teardown(self) -> None:
+        self._hf_zero3 = None
+        super().teardown()
+
+    # ---------------------------------------------------------------- model
+    def setup(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory):
+        import deepspeed
+
+        optimizer = self._offload_friendly(optimizer_factory(model))
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config,
+                                               dist_init_required=False)
+        engine.set_gradient_accumulation_boundary(True)
+        self.engine = engine
+        # The trainer gets the torch optimizer, not the ZeRO wrapper: LR
+        # schedulers and HF callbacks need a torch Optimizer, and the wrapper
+        # steps through the very same param_groups (lr changes reach it).
+        return engine, optimizer
+
+    def _offload_friendly(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """With optimizer offload on a GPU host, step AdamW with DeepSpeed's
+        vectorised CPU Adam (same update rule and hyper-parameters)."""
+        if not (self.args.offload_optimizer and self.device.type == "cuda" and type(optimizer) is torch.optim.AdamW):
+            return optimizer
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        defaults = optimizer.defaults
+        return DeepSpeedCPUAdam(optimizer.param_groups, lr=defaults["lr"], betas=defaults["betas"],
+                                eps=defaults["eps"], weight_decay=defaults["weight_decay"], adamw_mode=True)
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return getattr(model, "module", model) if model is self.engine else model
+
+    def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.unwrap(model)  # ZeRO-3's gather hooks live on the module itself
+
+    @contextlib.contextmanager
+    def no_sync(self, model: torch.nn.Module) -> Iterator[None]:
+        self.engine.set_gradient_accumulation_boundary(False)
+        try:
+            yield
+        finally:
+            self.engine.set_gradient_accumulation_boundary(True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # micro-batch weights already normalise
+
+    def clip_grad_norm_(self, model: torch.nn.Module, max_norm: float):
+        return None  # the engine clips inside step() (gradient_clipping in its config)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.engine.step()
+
+    def reported_grad_norm(self, model: torch.nn.Module):
+        return self.engine.get_global_grad_norm()
+
+    # ---------------------------------------------------------------- state
+    def save_state(self, directory: Path, model: torch.nn.Module, optimizer) -> None:
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
+
+    def load_state(self, directory: Path, model: torch.nn.Module, optimizer) -> None:
+        loaded, _ = self.engine.load_checkpoint(
+            str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=optimizer is not None,
+            load_lr_scheduler_states=False, load_module_only=optimizer is None,
+        )
+        if loaded is None:
+            from ..checkpoint import CheckpointError
+
+            raise CheckpointError(f"{directory} holds no DeepSpeed checkpoint (tag {CHECKPOINT_TAG!r}); was it "
+                                  f"saved with a DeepSpeed strategy?")
+
+    def state_dict(self, model, optimizer):
+        raise NotSupportedError("DeepSpeed state is saved through the engine (save_state), not as a state dict")
+
+    def full_model_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        if self.stage == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict()  # keeps fp32 when training in fp32
+        return {k: v.detach().cpu() for k, v in self.unwrap(model).state_dict().items()}
+
+    def build_model(self, from_pretrained: Callable[[], torch.nn.Module],
+                    from_config: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        if self.stage == 3 and self._hf_zero3 is None:
+            raise RuntimeError("call setup_environment() before build_model() under zero3")
+        return from_pretrained()

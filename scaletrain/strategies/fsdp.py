@@ -1,0 +1,119 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`): parameters, gradients and
+optimizer state sharded over ranks, one all-gather per transformer block.
+
+FSDP1 (FullyShardedDataParallel) is not offered: on CPU/gloo it aborts at exit
+and its CPU offload fails, and FSDP2's DTensor state works with DCP directly.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor import DTensor
+
+from .base import OptimizerFactory, Strategy
+
+
+class FSDPStrategy(Strategy):
+    name = "fsdp"
+    needs_process_group = True
+    eval_needs_all_ranks = True
+
+    def __init__(self, args, env=None) -> None:
+        super().__init__(args, env)
+        # set by the precision middleware: torch.distributed.fsdp.MixedPrecisionPolicy
+        self.mixed_precision_policy = None
+
+    # ---------------------------------------------------------------- model
+    def build_model(self, from_pretrained: Callable[[], torch.nn.Module],
+                    from_config: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        if self.args.fsdp_low_memory_init and not self.is_main:
+            # no storage at all: setup() shards the model, then fills each
+            # rank's shard from rank 0's weights
+            with torch.device("meta"):
+                return from_config()
+        return from_pretrained()
+
+    def layer_classes(self, model: torch.nn.Module) -> tuple[type, ...]:
+        """The module classes that become one FSDP unit each."""
+        names = self.args.fsdp_layer_classes
+        source = "fsdp_layer_classes"
+        if not names:
+            names = list(getattr(model, "_no_split_modules", None) or [])
+            source = f"{type(model).__name__}._no_split_modules"
+        by_name = {type(m).__name__: type(m) for m in model.modules()}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise ValueError(
+                f"{source} names {missing}, which are not module classes of {type(model).__name__}; set "
+                f"fsdp_layer_classes to its transformer block class (e.g. one of {sorted(by_name)[:8]})"
+            )
+        if not names:
+            raise ValueError(
+                f"{type(model).__name__} declares no _no_split_modules, so its transformer blocks are unknown; "
+                "set fsdp_layer_classes (e.g. ['LlamaDecoderLayer']) so that each block is sharded on its own"
+            )
+        return tuple(by_name[n] for n in names)
+
+    def setup(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+        on_meta = any(p.is_meta for p in model.parameters())
+        any_meta = bool(self.all_reduce_max(torch.tensor([int(on_meta)], device=self.device)).item())
+        if on_meta and self.is_main:
+            raise ValueError("rank 0 built the model on the meta device; it must hold the real weights "
+                             "(build the model with Strategy.build_model)")
+        source_state = model.state_dict() if any_meta and self.is_main else None
+        if not on_meta:
+            model.to(self.device)
+
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        kwargs = {"mesh": mesh, "reshard_after_forward": self.args.fsdp_reshard_after_forward}
+        if self.args.fsdp_cpu_offload:
+            # pinned memory needs an accelerator; on a CPU-only host it fails
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
+        if self.mixed_precision_policy is not None:
+            kwargs["mp_policy"] = self.mixed_precision_policy
+        blocks = self.layer_classes(model)
+        for module in list(model.modules()):
+            if isinstance(module, blocks):
+                fully_shard(module, **kwargs)
+        fully_shard(model, **kwargs)  # the rest: embeddings, head, final norm
+
+        if any_meta:
+            self._materialise_from_rank0(model, on_meta, source_state)
+        return model, optimizer_factory(model)
+
+    def _materialise_from_rank0(self, model: torch.nn.Module, on_meta: bool, source_state) -> None:
+        if on_meta:
+            model.to_empty(device="cpu" if self.args.fsdp_cpu_offload else self.device)
+        set_model_state_dict(model, source_state if self.is_main else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        # non-persistent buffers (e.g. rotary inv_freq) are in no state dict
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+    def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model  # forwards need the sharded module's all-gathers
+
+    @contextlib.contextmanager
+    def no_sync(self, model: torch.nn.Module) -> Iterator[None]:
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+    def clip_grad_norm_(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+        """The norm over the full (unsharded) gradient: each rank's shard norm is
+        a partial result that DTensor reduces across ranks."""
+        params = [p for p in model.parameters() if p.grad is not None]
+        total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+        if isinstance(total, DTensor):
+            total = total.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
