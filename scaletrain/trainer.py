@@ -647,6 +647,7 @@ class Trainer:
         if self.strategy.is_main:
             out.mkdir(parents=True, exist_ok=True)
             unwrapped = self.strategy.unwrap(model)
+            state_dict = _without_tied_copies(unwrapped, state_dict)
             if hasattr(unwrapped, "save_pretrained"):
                 unwrapped.save_pretrained(str(out), state_dict=state_dict)
             else:
@@ -729,6 +730,8 @@ class Trainer:
         model.eval()
         losses, preds, labels = [], [], []
         num_samples = 0
+        # sharded forwards are collectives: agree on the longest shard before the first one
+        rounds = self._eval_rounds(dataloader) if self.strategy.eval_needs_all_ranks else None
         local_batches = 0
         for inputs in dataloader:
             local_batches += 1
@@ -748,8 +751,12 @@ class Trainer:
             if batch_labels is not None:
                 labels.append(nested_numpify(batch_labels))
             self.control = self.callback_handler.on_prediction_step(args, self.state, self.control)
-        if self.strategy.eval_needs_all_ranks:
-            self._join_remaining_forwards(model, dataloader, local_batches, prediction_loss_only, ignore_keys)
+        if rounds is not None and rounds > local_batches:
+            # this rank's shard ran out: keep joining the others' forwards (and
+            # their parameter all-gathers) with a filler batch, results discarded
+            filler = dataloader.collate_fn([dataloader.dataset[0]])
+            for _ in range(rounds - local_batches):
+                self.prediction_step(model, filler, prediction_loss_only, ignore_keys)
 
         local = (num_samples, _concat(losses), _concat(preds), _concat(labels))
         gathered = self.strategy.all_gather_object(local)
@@ -766,18 +773,23 @@ class Trainer:
         metrics = {(k if k.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{k}"): v for k, v in metrics.items()}
         return EvalLoopOutput(predictions=preds, label_ids=labels, metrics=metrics, num_samples=num_samples)
 
-    def _join_remaining_forwards(self, model: torch.nn.Module, dataloader: DataLoader, local_batches: int,
-                                 prediction_loss_only: bool, ignore_keys: Optional[list[str]]) -> None:
-        """Ranks whose shard ran out keep joining the forwards (and their
-        parameter all-gathers) of the others, with results discarded; otherwise
-        the ranks still evaluating would wait forever."""
-        most = int(self.strategy.all_reduce_max(
-            torch.tensor([local_batches], dtype=torch.int64, device=self.strategy.device)).item())
-        if most == local_batches:
-            return
-        filler = dataloader.collate_fn([dataloader.dataset[0]])
-        for _ in range(most - local_batches):
-            self.prediction_step(model, filler, prediction_loss_only, ignore_keys)
+    def _eval_rounds(self, dataloader: DataLoader) -> int:
+        """The most evaluation batches any rank has."""
+        return int(self.strategy.all_reduce_max(
+            torch.tensor([len(dataloader)], dtype=torch.int64, device=self.strategy.device)).item())
+
+
+def _without_tied_copies(model: torch.nn.Module, state_dict: dict) -> dict:
+    """Drop the second name of a tied parameter (e.g. lm_head.weight tied to the
+    input embedding). A gathered state dict holds separate tensors for both, so
+    save_pretrained cannot see the tie; the saved folder must match an unsharded save."""
+    seen: set[int] = set()
+    out = dict(state_dict)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            out.pop(name, None)
+        seen.add(id(param))
+    return out
 
 
 def _concat(parts: list[Any]) -> Any:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -139,6 +140,17 @@ class Strategy(abc.ABC):
         """Unsharded weights on CPU (rank 0 at least), for HF export."""
         return get_model_state_dict(self.unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
+    def held_state_numel(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+        """Elements this rank actually stores: model parameters, the tensors the
+        optimizer steps (for ZeRO-1/2 an fp32 partition beside the full
+        parameters), and the optimizer's state (e.g. Adam moments)."""
+        return {
+            "parameters": sum(_local_numel(p) for p in self.unwrap(model).parameters()),
+            "optimizer_params": sum(_local_numel(p) for g in optimizer.param_groups for p in g["params"]),
+            "optimizer_state": sum(_local_numel(t) for st in optimizer.state.values() for t in st.values()
+                                   if isinstance(t, torch.Tensor) and t.dim() > 0),
+        }
+
     # ---------------------------------------------------------- collectives
     @property
     def rank(self) -> int:
@@ -190,3 +202,11 @@ class Strategy(abc.ABC):
 
     def describe(self) -> str:
         return f"{self.name} (world size {self.world_size}, device {self.device})"
+
+
+def _local_numel(tensor: torch.Tensor) -> int:
+    if hasattr(tensor, "ds_tensor"):  # a ZeRO-3 parameter: this rank's partition
+        return tensor.ds_tensor.numel()
+    if isinstance(tensor, DTensor):  # FSDP2: this rank's shard
+        return tensor.to_local().numel()
+    return tensor.numel()
