@@ -20,29 +20,31 @@ from .config import ConfigError, load_config, resolve_config_path
 def _prepare(config_name: str, overrides: list[str]):
     """Everything that can be wrong with the input, checked before any process group."""
     from .distributed import read_env
-    from .strategies import resolve_strategy_class
+    from .strategies import build_strategy
 
     cfg = load_config(resolve_config_path(config_name), overrides)
     env = read_env()
-    resolve_strategy_class(cfg.training.strategy, env)
-
-    from transformers.trainer_utils import set_seed
+    strategy = build_strategy(cfg.training, env)  # validates; starts no process group
 
     from .tasks import build_task
 
-    set_seed(cfg.training.seed)  # the model's random init (if any) is part of the run
-    return cfg, env, build_task(cfg)
+    return cfg, env, strategy, build_task(cfg)
 
 
-def _train(cfg, env, task) -> int:
+def _train(cfg, env, strategy, task) -> int:
+    from transformers.trainer_utils import set_seed
+
     from .trainer import Trainer
 
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
                         format=f"[rank{env.rank}] %(levelname)s %(name)s: %(message)s")
     wall_start = time.perf_counter()
+    strategy.setup_environment()
+    set_seed(cfg.training.seed)  # the model's random init (if any) is part of the run
+    model = strategy.build_model(task.load_model, task.build_model_from_config)
     trainer = Trainer(
-        model=task.model, args=cfg.training, train_dataset=task.train_dataset, eval_dataset=task.eval_dataset,
-        processing_class=task.tokenizer, compute_metrics=task.compute_metrics,
+        model=model, args=cfg.training, train_dataset=task.train_dataset, eval_dataset=task.eval_dataset,
+        processing_class=task.tokenizer, compute_metrics=task.compute_metrics, strategy=strategy,
     )
     try:
         train_out = trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint or None)
@@ -95,16 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="train from a YAML config (a path or a built-in recipe name)")
     train.add_argument("config", help="YAML file, or a built-in recipe: trec-minilm, tiny-test")
     train.add_argument("overrides", nargs=argparse.REMAINDER, help="--field value pairs")
+    # the deepspeed launcher appends --local_rank=N; the environment says the same
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
     args = parser.parse_args(argv)
     try:
-        cfg, env, task = _prepare(args.config, args.overrides)
+        cfg, env, strategy, task = _prepare(args.config, args.overrides)
     except ConfigError as exc:
         print(f"scaletrain: config error: {exc}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as exc:  # NotSupportedError is a ValueError
         print(f"scaletrain: error: {exc}", file=sys.stderr)
         return 2
-    code = _train(cfg, env, task)
+    code = _train(cfg, env, strategy, task)
     return code
 
 

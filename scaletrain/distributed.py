@@ -6,7 +6,8 @@ export the same variables, so every launcher looks the same from here on.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -17,6 +18,9 @@ class DistEnv:
     world_size: int
     local_rank: int
     local_world_size: int
+    # what the launcher asked for (e.g. `accelerate launch --use_fsdp`), as
+    # TrainingArguments field -> value; applied by strategies.build_strategy
+    launcher_settings: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def is_distributed(self) -> bool:
@@ -44,7 +48,53 @@ def read_env() -> DistEnv:
     local_world_size = _int_env("LOCAL_WORLD_SIZE", world_size)
     if not 0 <= rank < world_size:
         raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world_size}; check the launcher")
-    return DistEnv(rank, world_size, local_rank, local_world_size)
+    return DistEnv(rank, world_size, local_rank, local_world_size, _accelerate_settings())
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def _accelerate_settings() -> dict[str, Any]:
+    """`accelerate launch --use_fsdp/--use_deepspeed` exports its plugin
+    options as environment variables; translate the ones with an FSDP2 or
+    ZeRO meaning. Unsupported requests are returned under "refuse" so that
+    the caller can fail before any process group starts."""
+    settings: dict[str, Any] = {}
+    refuse: list[str] = []
+    if _flag("ACCELERATE_USE_FSDP"):
+        settings["strategy"] = "fsdp"
+        sharding = os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper()
+        if sharding in ("SHARD_GRAD_OP", "2") or os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "").lower() == "false":
+            settings["fsdp_reshard_after_forward"] = False
+        elif sharding not in ("FULL_SHARD", "1"):
+            refuse.append(f"FSDP_SHARDING_STRATEGY={sharding} (scaletrain's FSDP2 does FULL_SHARD or SHARD_GRAD_OP)")
+        if _flag("FSDP_OFFLOAD_PARAMS"):
+            settings["fsdp_cpu_offload"] = True
+        if os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP"):
+            settings["fsdp_layer_classes"] = [c.strip() for c in os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"].split(",")]
+        if _flag("FSDP_CPU_RAM_EFFICIENT_LOADING"):
+            settings["fsdp_low_memory_init"] = True
+        if _flag("FSDP_ACTIVATION_CHECKPOINTING"):
+            refuse.append("FSDP_ACTIVATION_CHECKPOINTING=true (activation checkpointing is not available yet)")
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+        if stage not in ("1", "2", "3"):
+            refuse.append(f"ACCELERATE_DEEPSPEED_ZERO_STAGE={stage} (use --zero_stage 1, 2 or 3)")
+        settings["strategy"] = f"zero{stage}"
+        if os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") == "cpu":
+            settings["offload_optimizer"] = True
+        if os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") == "cpu":
+            settings["offload_params"] = True
+        if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+            settings["deepspeed"] = os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision != "no":
+        refuse.append(f"ACCELERATE_MIXED_PRECISION={precision} (mixed precision is not available yet; "
+                      "launch with --mixed_precision no)")
+    if refuse:
+        settings["refuse"] = refuse
+    return settings
 
 
 def available_cores() -> int:

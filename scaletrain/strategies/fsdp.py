@@ -44,6 +44,9 @@ class FSDPStrategy(Strategy):
         if not names:
             names = list(getattr(model, "_no_split_modules", None) or [])
             source = f"{type(model).__name__}._no_split_modules"
+        if not names:
+            names = _repeated_block_classes(model)
+            source = f"the repeated blocks of {type(model).__name__}"
         by_name = {type(m).__name__: type(m) for m in model.modules()}
         missing = [n for n in names if n not in by_name]
         if missing:
@@ -53,7 +56,7 @@ class FSDPStrategy(Strategy):
             )
         if not names:
             raise ValueError(
-                f"{type(model).__name__} declares no _no_split_modules, so its transformer blocks are unknown; "
+                f"{type(model).__name__} declares no _no_split_modules and has no list of repeated blocks; "
                 "set fsdp_layer_classes (e.g. ['LlamaDecoderLayer']) so that each block is sharded on its own"
             )
         return tuple(by_name[n] for n in names)
@@ -117,3 +120,17 @@ class FSDPStrategy(Strategy):
             total = total.full_tensor()
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return total
+
+
+def _repeated_block_classes(model: torch.nn.Module) -> list[str]:
+    """The class of the largest ModuleList of identical modules (a transformer's
+    layer stack), for models that declare no _no_split_modules (e.g. BERT
+    classifiers)."""
+    best, best_size = None, 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
+            classes = {type(child) for child in module}
+            size = sum(p.numel() for p in module.parameters())
+            if len(classes) == 1 and size > best_size:
+                best, best_size = next(iter(classes)).__name__, size
+    return [best] if best else []

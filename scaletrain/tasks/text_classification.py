@@ -21,7 +21,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub is reachable; never wait 
 
 @dataclass
 class Task:
-    model: Any
+    # the model is built later, by the strategy (Strategy.build_model), from
+    # these two: one reads the weights, the other only the architecture
+    load_model: Callable[[], Any]
+    build_model_from_config: Callable[[], Any]
     tokenizer: Any
     train_dataset: Any
     eval_dataset: Any
@@ -129,18 +132,22 @@ def build_task(cfg) -> Task:
         path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label_id, local_files_only=True
     )
     _apply_dropout(config, cfg.model.dropout)
-    if cfg.model.config_overrides:
-        for key, value in cfg.model.config_overrides.items():
-            if not hasattr(config, key):
-                raise ValueError(f"model.config_overrides: {type(config).__name__} has no field {key!r}")
-            setattr(config, key, value)
-        model = AutoModelForSequenceClassification.from_config(config)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, local_files_only=True)
+    for key, value in (cfg.model.config_overrides or {}).items():
+        if not hasattr(config, key):
+            raise ValueError(f"model.config_overrides: {type(config).__name__} has no field {key!r}")
+        setattr(config, key, value)
+
+    def from_config():
+        return AutoModelForSequenceClassification.from_config(config)
+
+    def from_pretrained():
+        if cfg.model.config_overrides:  # a different architecture: random init from the config
+            return from_config()
+        return AutoModelForSequenceClassification.from_pretrained(path, config=config, local_files_only=True)
 
     def to_dataset(rows):
         ds = Dataset.from_dict({"text": [t for t, _ in rows], "label": [label_id[lbl] for _, lbl in rows]})
         return ds.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=data.max_length),
                       batched=True, remove_columns=["text"])
 
-    return Task(model, tokenizer, to_dataset(train_rows), to_dataset(eval_rows), classification_metrics, labels)
+    return Task(from_pretrained, from_config, tokenizer, to_dataset(train_rows), to_dataset(eval_rows), classification_metrics, labels)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Launch `scaletrain train CONFIG` with torchrun.
+#
+#   launch/torchrun.sh CONFIG [--field value ...]
+#
+# One node: NPROC ranks (default: one per GPU, or 2 CPU ranks without GPUs).
+# Several nodes: run this on every node with NNODES and MASTER_ADDR (a node all
+# of them reach) set; ranks rendezvous there. Under SLURM use slurm.sbatch.
+set -euo pipefail
+
+config=${1:?usage: launch/torchrun.sh CONFIG [--field value ...]}
+shift
+python=${PYTHON:-python}
+nproc=${NPROC:-$("$python" -c 'import torch; print(torch.cuda.device_count() or 2)')}
+nnodes=${NNODES:-1}
+
+if [[ $nnodes == 1 ]]; then
+    rendezvous=(--standalone)
+else
+    rendezvous=(--rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR:?set MASTER_ADDR for multi-node runs}:${MASTER_PORT:-29500}"
+                --rdzv_id "${RUN_ID:-scaletrain}")
+fi
+exec "$python" -m torch.distributed.run --nnodes "$nnodes" --nproc_per_node "$nproc" "${rendezvous[@]}" \
+    -m scaletrain train "$config" "$@"

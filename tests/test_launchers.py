@@ -1,0 +1,106 @@
+"""Every launch script, run for real with 2 processes on the tiny recipe, each
+with a different strategy; the SLURM script also in dry-run for 4 nodes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch"
+SCRIPTS = sorted(LAUNCH.glob("*.sh")) + [LAUNCH / "slurm.sbatch"]
+
+
+def launch(script: str, args: list[str], cwd: Path, env: dict | None = None, timeout: int = 240):
+    full_env = {**os.environ, "PYTHON": sys.executable, "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1",
+                "NPROC": "2", "MASTER_PORT": str(free_port()), **(env or {})}
+    proc = subprocess.run(["bash", str(LAUNCH / script), *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def check_two_rank_run(out: Path, strategy: str) -> None:
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["strategy"].startswith(f"{strategy} (world size 2"), summary["strategy"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
+    assert sum("eval_loss" in r for r in records) == 3  # steps 3 and 6, then the final evaluate()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(summary["final_model"])
+    assert model.config.num_hidden_layers == 1
+
+
+def test_torchrun_script_with_fsdp(tmp_path):
+    launch("torchrun.sh", ["tiny-test", "--output_dir", str(tmp_path / "run"), "--strategy", "fsdp"], tmp_path)
+    check_two_rank_run(tmp_path / "run", "fsdp")
+
+
+@pytest.mark.parametrize("accelerate_config, strategy", [("ddp.yaml", "ddp"), ("fsdp.yaml", "fsdp")])
+def test_accelerate_script_picks_the_strategy_from_the_accelerate_config(tmp_path, accelerate_config, strategy):
+    # tiny-test says strategy: auto; the accelerate config decides
+    launch("accelerate.sh", ["tiny-test", "--output_dir", str(tmp_path / "run")], tmp_path,
+           env={"ACCELERATE_CONFIG": str(ROOT / "configs" / "accelerate" / accelerate_config)})
+    check_two_rank_run(tmp_path / "run", strategy)
+
+
+def test_deepspeed_launcher_script_with_zero2(tmp_path):
+    launch("deepspeed.sh", ["tiny-test", "--output_dir", str(tmp_path / "run"), "--strategy", "zero2"], tmp_path)
+    check_two_rank_run(tmp_path / "run", "zero2")
+
+
+def _fake_slurm_tools(folder: Path, hosts: list[str]) -> Path:
+    """srun that runs the per-node command here (one node), scontrol that expands the node list."""
+    folder.mkdir()
+    (folder / "srun").write_text('#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
+    (folder / "scontrol").write_text("#!/usr/bin/env bash\nprintf '%s\\n' " + " ".join(hosts) + "\n")
+    for tool in ("srun", "scontrol"):
+        (folder / tool).chmod(0o755)
+    return folder
+
+
+def test_slurm_script_runs_one_torchrun_per_node(tmp_path):
+    tools = _fake_slurm_tools(tmp_path / "bin", ["localhost"])
+    slurm = {"PATH": f"{tools}:{os.environ['PATH']}", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "localhost",
+             "SLURM_JOB_ID": "41", "GPUS_PER_NODE": "2", "SLURM_CPUS_PER_TASK": "2"}
+    launch("slurm.sbatch", ["tiny-test", "--output_dir", str(tmp_path / "run"), "--strategy", "zero3"], tmp_path,
+           env=slurm)
+    check_two_rank_run(tmp_path / "run", "zero3")
+
+
+def test_slurm_script_dry_run_for_four_nodes(tmp_path):
+    tools = _fake_slurm_tools(tmp_path / "bin", ["gpu01", "gpu02", "gpu03", "gpu04"])
+    proc = launch("slurm.sbatch", ["configs/fsdp.yaml", "--learning_rate", "3e-5"], tmp_path, env={
+        "PATH": f"{tools}:{os.environ['PATH']}", "SLURM_JOB_NUM_NODES": "4", "SLURM_JOB_NODELIST": "gpu[01-04]",
+        "SLURM_JOB_ID": "77", "SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "64", "SCALETRAIN_DRY_RUN": "1",
+        "MASTER_PORT": "29500",
+    })
+    per_node = proc.stdout.splitlines()[2]
+    assert "-m torch.distributed.run --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d" in per_node
+    assert "--rdzv_endpoint gpu01:29500 --rdzv_id 77 -m scaletrain train configs/fsdp.yaml --learning_rate 3e-5" in per_node
+    assert proc.stdout.splitlines()[4].startswith("srun --nodes=4 --ntasks-per-node=1")
+    assert "OMP_NUM_THREADS=8" in proc.stdout  # 64 cores / 8 ranks
+
+
+def test_slurm_script_refuses_to_run_outside_an_allocation(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch"), "tiny-test"], env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode != 0 and "not inside a SLURM allocation" in proc.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_launch_scripts_parse_and_are_shellcheck_clean(script):
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    result = subprocess.run([shellcheck, "--shell=bash", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
