@@ -15,11 +15,22 @@ BIN = Path(sys.executable).parent
 
 
 def run(cmd: list[str], tmp_path: Path, extra_env: dict | None = None, timeout: int = 180):
+    """Run cmd; extra_env values of None remove the variable."""
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1", **(extra_env or {})}
+    env = {k: v for k, v in env.items() if v is not None}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
+
+
+def test_cli_runs_a_zero_stage_in_one_process_without_a_launcher(tmp_path):
+    out = tmp_path / "run"
+    run([str(BIN / "scaletrain"), "train", "tiny-test", "--output_dir", str(out), "--strategy", "zero2"], tmp_path,
+        extra_env={k: None for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")})
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["strategy"] == "zero2 (world size 1, device cpu)"
+    assert (out / "checkpoint-6" / "COMMITTED").is_file()
 
 
 def test_cli_rejects_bad_config_before_starting(tmp_path):

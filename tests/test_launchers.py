@@ -19,7 +19,9 @@ SCRIPTS = sorted(LAUNCH.glob("*.sh")) + [LAUNCH / "slurm.sbatch"]
 
 
 def launch(script: str, args: list[str], cwd: Path, env: dict | None = None, timeout: int = 240):
-    full_env = {**os.environ, "PYTHON": sys.executable, "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1",
+    # a thread count inherited from the test process (libraries set one) is not the user's choice
+    inherited = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    full_env = {**inherited, "PYTHON": sys.executable, "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1",
                 "NPROC": "2", "MASTER_PORT": str(free_port()), **(env or {})}
     proc = subprocess.run(["bash", str(LAUNCH / script), *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)

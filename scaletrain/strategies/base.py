@@ -141,14 +141,24 @@ class Strategy(abc.ABC):
         return get_model_state_dict(self.unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def held_state_numel(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-        """Elements this rank actually stores: model parameters, the tensors the
-        optimizer steps (for ZeRO-1/2 an fp32 partition beside the full
-        parameters), and the optimizer's state (e.g. Adam moments)."""
+        """What this rank actually stores, counted from the tensors themselves:
+        parameter elements, elements of extra tensors the optimizer steps
+        (ZeRO-1/2 keep an fp32 partition beside the full parameters; other
+        backends step the parameters themselves: 0), optimizer-state elements
+        (e.g. Adam moments), and the bytes of all distinct storages behind them."""
+        params = [_local(p) for p in self.unwrap(model).parameters()]
+        stepped = [_local(p) for g in optimizer.param_groups for p in g["params"]]
+        states = [_local(t) for st in optimizer.state.values() for t in st.values()
+                  if isinstance(t, torch.Tensor) and t.dim() > 0]
+        param_storages = {_storage_key(t) for t in params}
+        storages: dict[int, int] = {}
+        for t in params + stepped + states:
+            storages.setdefault(_storage_key(t), t.untyped_storage().nbytes())
         return {
-            "parameters": sum(_local_numel(p) for p in self.unwrap(model).parameters()),
-            "optimizer_params": sum(_local_numel(p) for g in optimizer.param_groups for p in g["params"]),
-            "optimizer_state": sum(_local_numel(t) for st in optimizer.state.values() for t in st.values()
-                                   if isinstance(t, torch.Tensor) and t.dim() > 0),
+            "parameters": sum(t.numel() for t in params),
+            "optimizer_params": sum(t.numel() for t in stepped if _storage_key(t) not in param_storages),
+            "optimizer_state": sum(t.numel() for t in states),
+            "bytes": sum(storages.values()),
         }
 
     # ---------------------------------------------------------- collectives
@@ -204,9 +214,13 @@ class Strategy(abc.ABC):
         return f"{self.name} (world size {self.world_size}, device {self.device})"
 
 
-def _local_numel(tensor: torch.Tensor) -> int:
+def _local(tensor: torch.Tensor) -> torch.Tensor:
     if hasattr(tensor, "ds_tensor"):  # a ZeRO-3 parameter: this rank's partition
-        return tensor.ds_tensor.numel()
+        return tensor.ds_tensor
     if isinstance(tensor, DTensor):  # FSDP2: this rank's shard
-        return tensor.to_local().numel()
-    return tensor.numel()
+        return tensor.to_local()
+    return tensor
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()

@@ -18,6 +18,7 @@ import contextlib
 import copy
 import importlib
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -167,6 +168,8 @@ class DeepSpeedStrategy(Strategy):
 
     def setup_environment(self) -> None:
         super().setup_environment()
+        # DeepSpeed insists on LOCAL_RANK even for one process started without a launcher
+        os.environ.setdefault("LOCAL_RANK", str(self.env.local_rank))
         if self.device.type == "cpu":
             # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU hosts
             # (40-80 s on first use); gloo's all-reduce gives the same results
