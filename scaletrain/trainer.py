@@ -726,6 +726,10 @@ class Trainer:
         dataset order, every sample exactly once."""
         args = self.args
         prediction_loss_only = args.prediction_loss_only if prediction_loss_only is None else prediction_loss_only
+        if self.model_wrapped is None and self.strategy.eval_needs_all_ranks:
+            # evaluate/predict before (or without) train(): a sharding backend
+            # must still shard the model, or every rank would need all of it
+            self.model_wrapped, self.optimizer = self.strategy.setup(self.model, self.create_optimizer)
         model = self.strategy.eval_model(self.model_wrapped if self.model_wrapped is not None else self.model)
         model.eval()
         losses, preds, labels = [], [], []

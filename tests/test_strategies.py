@@ -16,6 +16,9 @@ from scaletrain import Trainer, TrainingArguments
 from scaletrain.strategies import build_strategy
 
 STEPS = 10
+# 150 rows = 19 micro-batches of 8 (the last of 6): step 10 is a short one,
+# a single ragged micro-batch, so backends must handle a partial accumulation
+TRAIN_N = 150
 EVAL_N, EVAL_BATCH = 9, 4  # ranks get 4 and 5 rows: 1 and 2 batches, so sharded forwards must be kept in step
 STRATEGIES = {
     "ddp": {"strategy": "ddp"},
@@ -59,7 +62,7 @@ def _contract_job(rank: int, out: str, pretrained: str, options: dict) -> None:
     partitioned_at_construction = any(hasattr(p, "ds_tensor") for p in model.parameters())
     total_numel = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
-    trainer = Trainer(model=model, args=args, train_dataset=RaggedLM(160), eval_dataset=RaggedLM(EVAL_N, seed=2),
+    trainer = Trainer(model=model, args=args, train_dataset=RaggedLM(TRAIN_N), eval_dataset=RaggedLM(EVAL_N, seed=2),
                       compute_metrics=_eval_targets, strategy=strategy)
     trainer.train()
     held = strategy.held_state_numel(trainer.model_wrapped, trainer.optimizer)
@@ -67,12 +70,14 @@ def _contract_job(rank: int, out: str, pretrained: str, options: dict) -> None:
     pred = trainer.predict(RaggedLM(EVAL_N, seed=2))
     trainer.save_model(f"{out}/export")
 
-    resumed = Trainer(model=_build(strategy, pretrained), args=args, train_dataset=RaggedLM(160), strategy=strategy)
+    resumed = Trainer(model=_build(strategy, pretrained), args=args, train_dataset=RaggedLM(TRAIN_N), strategy=strategy)
     resumed.train(resume_from_checkpoint=f"{out}/run/checkpoint-5")
     resumed.save_model(f"{out}/export-resumed")
 
+    init_std = _zero3_from_config_init_std(strategy, pretrained) if options["strategy"] == "zero3" else None
     if rank == 0:
         Path(out, "result.json").write_text(json.dumps({
+            "init_std": init_std,
             "losses": losses_of(trainer), "resumed_losses": losses_of(resumed), "metrics": metrics,
             "grad_norms": [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e],
             "held": held, "total_numel": total_numel, "built_on_meta": built_on_meta,
@@ -82,6 +87,21 @@ def _contract_job(rank: int, out: str, pretrained: str, options: dict) -> None:
     elif options.get("fsdp_low_memory_init"):
         Path(out, "rank1.json").write_text(json.dumps({"built_on_meta": built_on_meta}))
     strategy.teardown()
+
+
+def _zero3_from_config_init_std(strategy, pretrained: str) -> float:
+    """Std of one weight of a model built from its config (random init) under
+    ZeRO-3: partitioning at construction must not skip HF's initialisation."""
+    import deepspeed
+    from transformers import AutoConfig, GPT2LMHeadModel
+
+    def from_config():
+        return GPT2LMHeadModel._from_config(AutoConfig.from_pretrained(pretrained))
+
+    model = strategy.build_model(from_config, from_config)
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    with deepspeed.zero.GatheredParameters([weight]):
+        return float(weight.std())
 
 
 def _exported(folder: Path) -> dict[str, torch.Tensor]:
@@ -104,7 +124,7 @@ def reference(tmp_path_factory, pretrained):
 
     out = tmp_path_factory.mktemp("single")
     trainer = Trainer(model=GPT2LMHeadModel.from_pretrained(pretrained), args=_args(str(out), 8, strategy="single"),
-                      train_dataset=RaggedLM(160), eval_dataset=RaggedLM(EVAL_N, seed=2), compute_metrics=_eval_targets)
+                      train_dataset=RaggedLM(TRAIN_N), eval_dataset=RaggedLM(EVAL_N, seed=2), compute_metrics=_eval_targets)
     trainer.train()
     trainer.save_model(str(out / "export"))
     return {
@@ -175,6 +195,52 @@ def test_strategy_contract(name, tmp_path, pretrained, reference):
     # Low-memory construction paths were really taken.
     if name.startswith("zero3"):
         assert got["partitioned_at_construction"], "ZeRO-3 should partition while from_pretrained builds the model"
+    if got["init_std"] is not None:  # GPT-2 initialises N(0, 0.02); skipped init leaves ~0 or garbage
+        assert 0.018 < got["init_std"] < 0.022, got["init_std"]
     if STRATEGIES[name].get("fsdp_low_memory_init"):
         assert not got["built_on_meta"]  # rank 0 reads the weights
         assert json.loads((tmp_path / "rank1.json").read_text())["built_on_meta"]
+
+
+def _generate_job(rank: int, out: str, pretrained: str, strategy_name: str, rows: list) -> None:
+    from transformers import T5ForConditionalGeneration
+
+    from scaletrain import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    args = Seq2SeqTrainingArguments(output_dir=out, predict_with_generate=True, generation_max_length=9,
+                                    per_device_eval_batch_size=2, disable_tqdm=True, strategy=strategy_name,
+                                    ddp_timeout=120)
+    strategy = build_strategy(args)
+    strategy.setup_environment()
+    load = lambda: T5ForConditionalGeneration.from_pretrained(pretrained)  # noqa: E731
+    trainer = Seq2SeqTrainer(model=strategy.build_model(load, load), args=args, strategy=strategy)
+    result = trainer.predict(rows)  # no train(): predict shards the model itself
+    if rank == 0:
+        np.save(Path(out, "generated.npy"), result.predictions)
+    strategy.teardown()
+
+
+@pytest.mark.parametrize("strategy_name", ["fsdp", "zero3"])
+def test_generate_under_sharded_strategies_matches_one_process(strategy_name, tmp_path):
+    """5 rows on 2 ranks in batches of 2: rank 0 has 1 batch, rank 1 has 2, and
+    sequences stop at different lengths; sharded forwards must stay in step."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from scaletrain import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=2,
+                                                num_heads=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    model.save_pretrained(tmp_path / "t5")
+    g = torch.Generator().manual_seed(3)
+    rows = [{"input_ids": torch.randint(2, 32, (6,), generator=g), "labels": torch.randint(2, 32, (4,), generator=g)}
+            for _ in range(5)]
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path / "single"), predict_with_generate=True,
+                                    generation_max_length=9, per_device_eval_batch_size=2, disable_tqdm=True,
+                                    strategy="single")
+    expected = Seq2SeqTrainer(model=model, args=args).predict(rows).predictions
+
+    run_ranks(_generate_job, str(tmp_path), str(tmp_path / "t5"), strategy_name, rows, timeout=240)
+    generated = np.load(tmp_path / "generated.npy")
+    assert generated.shape == expected.shape
+    assert (generated == expected).all()

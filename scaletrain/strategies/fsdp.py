@@ -63,7 +63,7 @@ class FSDPStrategy(Strategy):
 
     def setup(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory):
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard, register_fsdp_forward_method
 
         on_meta = any(p.is_meta for p in model.parameters())
         any_meta = bool(self.all_reduce_max(torch.tensor([int(on_meta)], device=self.device)).item())
@@ -86,6 +86,10 @@ class FSDPStrategy(Strategy):
             if isinstance(module, blocks):
                 fully_shard(module, **kwargs)
         fully_shard(model, **kwargs)  # the rest: embeddings, head, final norm
+        if callable(getattr(model, "generate", None)):
+            # generate() calls submodules (e.g. the encoder) directly, not
+            # model.forward: the root's parameters must be gathered around it
+            register_fsdp_forward_method(model, "generate")
 
         if any_meta:
             self._materialise_from_rank0(model, on_meta, source_state)
