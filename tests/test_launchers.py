@@ -106,3 +106,30 @@ def test_launch_scripts_parse_and_are_shellcheck_clean(script):
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
     result = subprocess.run([shellcheck, "--shell=bash", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_configs_load_and_validate(config, monkeypatch):
+    from scaletrain.config import load_config
+    from scaletrain.distributed import DistEnv
+    from scaletrain.strategies import build_strategy
+
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_MIXED_PRECISION"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = load_config(config, [])
+    strategy = build_strategy(cfg.training, DistEnv(0, 2, 0, 2))
+    assert strategy.name == config.stem.split("-")[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_configs_train_with_two_processes(config, tmp_path):
+    out = tmp_path / "run"
+    launch("torchrun.sh", [str(config), "--output_dir", str(out), "--max_steps", "4", "--data.train_size", "128",
+                           "--data.eval_size", "64"], tmp_path, timeout=600)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["strategy"].startswith(f"{config.stem.split('-')[0]} (world size 2")
+    assert summary["eval_accuracy"] is not None
