@@ -1,4 +1,4 @@
-"""`scaletrain train CONFIG [--field value ...]`.
+"""`scaletrain train CONFIG [--field value ...]` and `scaletrain export CHECKPOINT OUT_DIR`.
 
 The same command runs alone or under torchrun / accelerate launch / SLURM: the
 launcher's environment decides the world size, the config decides the rest.
@@ -91,15 +91,35 @@ def _print_summary(s: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
+def _export(checkpoint: str, out_dir: str) -> int:
+    from .checkpoint import CheckpointError
+    from .checkpoint.export import export_checkpoint
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        out = export_checkpoint(checkpoint, out_dir)
+    except CheckpointError as exc:
+        print(f"scaletrain: export error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {checkpoint} -> {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scaletrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train from a YAML config (a path or a built-in recipe name)")
     train.add_argument("config", help="YAML file, or a built-in recipe: trec-minilm, tiny-test")
     train.add_argument("overrides", nargs=argparse.REMAINDER, help="--field value pairs")
+    export = sub.add_parser("export", help="write a plain HF folder (config, safetensors, tokenizer) from a "
+                                           "checkpoint of any strategy, in one CPU process")
+    export.add_argument("checkpoint", help="an output_dir/checkpoint-<step> folder")
+    export.add_argument("out_dir", help="where to write the HF folder")
     # the deepspeed launcher appends --local_rank=N; the environment says the same
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
     args = parser.parse_args(argv)
+    if args.command == "export":
+        return _export(args.checkpoint, args.out_dir)
     try:
         cfg, env, strategy, task = _prepare(args.config, args.overrides)
     except ConfigError as exc:

@@ -603,16 +603,32 @@ class Trainer:
             progress={"epoch": epoch, "micro_batches_in_epoch": micro_done, "global_step": step,
                       "per_device_train_batch_size": self.args.per_device_train_batch_size},
             manifest_extra={"model_config_hash": self._model_config_hash(),
-                            "model_class": type(self.strategy.unwrap(self.model)).__name__},
+                            "model_class": _model_class_name(self.strategy.unwrap(self.model))},
             save_only_model=self.args.save_only_model,
+            write_model_files=self._write_model_files,
         )
         best = Path(self.state.best_model_checkpoint) if self.state.best_model_checkpoint else None
         self.checkpoints.rotate(self.args.save_total_limit, keep={best} if best else set())
         self.strategy.barrier()
         return path
 
+    def _write_model_files(self, folder: Path) -> None:
+        """Config and tokenizer beside the state, so `scaletrain export` needs nothing else."""
+        config = getattr(self.strategy.unwrap(self.model), "config", None)
+        if config is not None and hasattr(config, "save_pretrained"):
+            config.save_pretrained(str(folder))
+        if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
+            self.processing_class.save_pretrained(str(folder))
+
     def _resume(self, path: Path, max_steps: int) -> tuple[int, int]:
         manifest = self.checkpoints.read_manifest(path)
+        saved_format = manifest.get("state_format", "dcp")
+        if saved_format != self.strategy.state_format:
+            raise CheckpointError(
+                f"{path} holds {saved_format!r} state (saved by strategy {manifest['strategy']}); strategy "
+                f"{self.strategy.name} reads {self.strategy.state_format!r}. Resume with a strategy of the same "
+                f"family, or export it (scaletrain export) and start from the weights"
+            )
         expected = self._model_config_hash()
         if manifest.get("model_config_hash") and expected and manifest["model_config_hash"] != expected:
             raise CheckpointError(
@@ -781,6 +797,14 @@ class Trainer:
         """The most evaluation batches any rank has."""
         return int(self.strategy.all_reduce_max(
             torch.tensor([len(dataloader)], dtype=torch.int64, device=self.strategy.device)).item())
+
+
+def _model_class_name(model: torch.nn.Module) -> str:
+    """The library class of a model whose class a backend may have wrapped (FSDP2 subclasses it)."""
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers."):
+            return cls.__name__
+    return type(model).__name__
 
 
 def _without_tied_copies(model: torch.nn.Module, state_dict: dict) -> dict:

@@ -58,3 +58,11 @@ def test_wandb_offline_history_matches_jsonl(tmp_path):
     for path in (tmp_path / "wb").rglob("*"):
         if path.is_file():
             assert b"x" * 40 not in path.read_bytes(), path
+
+
+def test_export_refuses_an_uncommitted_checkpoint(tmp_path):
+    (tmp_path / "checkpoint-3").mkdir()
+    proc = subprocess.run([str(BIN / "scaletrain"), "export", str(tmp_path / "checkpoint-3"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "has no COMMITTED marker" in proc.stderr and not (tmp_path / "out").exists()

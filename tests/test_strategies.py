@@ -166,6 +166,14 @@ def test_strategy_contract(name, tmp_path, pretrained, reference):
     # missing or doubly-scaled rank gradient moves weights by ~1e-2 per step.
     assert worst < 5e-4, f"{name}: exported weights differ from single-process by {worst}"
 
+    # `scaletrain export` of the last checkpoint, offline in this one process,
+    # consolidates the shards (DCP or ZeRO partitions) into the same weights
+    from scaletrain.checkpoint.export import export_checkpoint
+
+    offline = _exported(export_checkpoint(tmp_path / "run" / f"checkpoint-{STEPS}", tmp_path / "offline"))
+    assert offline.keys() == weights.keys()
+    assert max((offline[k] - weights[k]).abs().max().item() for k in weights) == 0.0
+
     # Distributed evaluate/predict: every row once, in order, same loss.
     assert got["metrics"]["eval_n_samples"] == EVAL_N
     assert got["metrics"]["eval_n_targets"] == reference["metrics"]["eval_n_targets"]

@@ -136,7 +136,10 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, model, optimizer, scheduler, trainer_state, progress: dict[str, Any],
-             manifest_extra: dict[str, Any], save_only_model: bool = False) -> Path:
+             manifest_extra: dict[str, Any], save_only_model: bool = False,
+             write_model_files=None) -> Path:
+        """Every rank calls this. `write_model_files(folder)` runs on the main
+        rank and adds what an offline export needs (model config, tokenizer)."""
         strategy = self.strategy
         final = self.output_dir / f"{PREFIX}-{step}"
         tmp = self.output_dir / f"{PREFIX}-{step}.tmp"
@@ -154,12 +157,15 @@ class CheckpointManager:
         if strategy.is_main:
             if scheduler is not None and not save_only_model:
                 torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            if write_model_files is not None:
+                write_model_files(tmp)
             trainer_state.save_to_json(str(tmp / "trainer_state.json"))
             _write_json(tmp / "progress.json", progress)
             _write_json(tmp / "manifest.json", {
                 "format_version": FORMAT_VERSION,
                 "step": step,
                 "strategy": strategy.name,
+                "state_format": strategy.state_format,
                 "world_size": strategy.world_size,
                 "includes_optimizer": not save_only_model,
                 "versions": _library_versions(),
@@ -215,7 +221,8 @@ class CheckpointManager:
         with _quiet_single_process_dcp():
             self.strategy.load_state(path / "state", model, optimizer)
 
-    def read_manifest(self, path: Path) -> dict[str, Any]:
+    @staticmethod
+    def read_manifest(path: Path) -> dict[str, Any]:
         if not path.is_dir():
             raise CheckpointError(f"checkpoint {path} does not exist")
         if not is_committed(path):

@@ -30,6 +30,9 @@ OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 
 class Strategy(abc.ABC):
     name: str = "base"
+    # how save_state writes: "dcp" (torch.distributed.checkpoint, reshardable)
+    # or a backend's own format; a checkpoint loads only into the same format
+    state_format: str = "dcp"
     # DDP/FSDP/DeepSpeed need a process group even in a world of one
     needs_process_group: bool = False
     # every forward is a collective (sharded parameters are gathered), so all

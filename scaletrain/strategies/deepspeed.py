@@ -144,6 +144,7 @@ def _merge(base: dict, extra: dict) -> dict:
 
 class DeepSpeedStrategy(Strategy):
     name = "zero"
+    state_format = "deepspeed"
     needs_process_group = True
 
     @classmethod
