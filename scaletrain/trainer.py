@@ -323,7 +323,7 @@ class Trainer:
                 f"the training dataloader is empty on rank {self.strategy.rank} (dataset too small for "
                 f"per_device_train_batch_size={args.per_device_train_batch_size} with drop_last)"
             )
-        updates_per_epoch = max(math.ceil(per_epoch / args.gradient_accumulation_steps), 1)
+        updates_per_epoch = max(math.ceil(per_epoch / self._accumulation), 1)
         if args.max_steps > 0:
             return args.max_steps, math.ceil(args.max_steps / updates_per_epoch), per_epoch
         max_steps = math.ceil(args.num_train_epochs * updates_per_epoch)
@@ -363,6 +363,8 @@ class Trainer:
             set_seed(args.seed)
             self.model = self._call_model_init(self.model_init, trial)
             self.optimizer, self.lr_scheduler = None, None
+        # accumulation may change on resume (another world size, same global batch)
+        self._accumulation = self._accumulation_for_resume(resume_path) if resume_path else args.gradient_accumulation_steps
         loader = self.get_train_dataloader()
         max_steps, num_epochs, per_epoch = self._plan(loader)
 
@@ -402,7 +404,7 @@ class Trainer:
         total_loss, total_steps, total_samples = torch.zeros((), dtype=torch.float64), 0, 0
         train_start = time.perf_counter()
         self.model_wrapped.train()
-        gas = args.gradient_accumulation_steps
+        gas = self._accumulation
         for epoch in range(start_epoch, num_epochs):
             micro_done = self._start_epoch(loader, epoch, skip_micro if epoch == start_epoch else 0)
             self.control = handler.on_epoch_begin(args, self.state, self.control)
@@ -601,7 +603,10 @@ class Trainer:
         path = self.checkpoints.save(
             step, self.model_wrapped, self.optimizer, self.lr_scheduler, self.state,
             progress={"epoch": epoch, "micro_batches_in_epoch": micro_done, "global_step": step,
-                      "per_device_train_batch_size": self.args.per_device_train_batch_size},
+                      "per_device_train_batch_size": self.args.per_device_train_batch_size,
+                      "gradient_accumulation_steps": self._accumulation,
+                      # what a run on another world size needs to find the same place
+                      "samples_in_epoch": micro_done * self.args.per_device_train_batch_size * self.strategy.world_size},
             manifest_extra={"model_config_hash": self._model_config_hash(),
                             "model_class": _model_class_name(self.strategy.unwrap(self.model))},
             save_only_model=self.args.save_only_model,
@@ -611,6 +616,46 @@ class Trainer:
         self.checkpoints.rotate(self.args.save_total_limit, keep={best} if best else set())
         self.strategy.barrier()
         return path
+
+    def _accumulation_for_resume(self, path: Path) -> int:
+        """Gradient accumulation that keeps the checkpoint's global batch on this
+        world size; every incompatibility is raised before any state is loaded."""
+        manifest = self.checkpoints.read_manifest(path)
+        progress = json.loads((path / "progress.json").read_text())
+        per_device, world = self.args.per_device_train_batch_size, self.strategy.world_size
+        if progress.get("per_device_train_batch_size") != per_device:
+            raise CheckpointError(
+                f"{path} was trained with per_device_train_batch_size={progress.get('per_device_train_batch_size')}, "
+                f"this run uses {per_device}; keep it the same to resume"
+            )
+        saved_accumulation = progress.get("gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        if manifest["world_size"] == world:
+            if saved_accumulation != self.args.gradient_accumulation_steps:
+                raise CheckpointError(
+                    f"{path} was trained with gradient_accumulation_steps={saved_accumulation}, this run uses "
+                    f"{self.args.gradient_accumulation_steps}; keep it the same to resume"
+                )
+            return saved_accumulation
+        if self.strategy.state_format != "dcp" or manifest.get("state_format", "dcp") != "dcp":
+            raise NotSupportedError(
+                f"{path} was saved on {manifest['world_size']} ranks and this run has {world}; DeepSpeed "
+                "checkpoints resume on the same world size only (export the weights to start over elsewhere)"
+            )
+        global_batch = per_device * saved_accumulation * manifest["world_size"]
+        if global_batch % (per_device * world):
+            raise CheckpointError(
+                f"{path} has a global batch of {global_batch} ({manifest['world_size']} ranks x {per_device} x "
+                f"{saved_accumulation} accumulation); {world} ranks x {per_device} cannot make it up. Use a world "
+                "size that divides it, or per_device_train_batch_size that does"
+            )
+        accumulation = global_batch // (per_device * world)
+        if "samples_in_epoch" not in progress:
+            raise CheckpointError(f"{path} does not record its data position in samples; it resumes on "
+                                  f"{manifest['world_size']} ranks only")
+        logger.warning("resuming a %d-rank checkpoint on %d ranks: gradient_accumulation_steps %d -> %d keeps the "
+                       "global batch at %d; RNG streams start fresh", manifest["world_size"], world,
+                       saved_accumulation, accumulation, global_batch)
+        return accumulation
 
     def _write_model_files(self, folder: Path) -> None:
         """Config and tokenizer beside the state, so `scaletrain export` needs nothing else."""
@@ -635,18 +680,11 @@ class Trainer:
                 f"{path} was saved for a different model configuration ({manifest.get('model_class')}, config "
                 f"hash {manifest['model_config_hash']} != {expected}); resume with the model it was trained with"
             )
-        if manifest["world_size"] != self.strategy.world_size:
-            raise NotSupportedError(
-                f"{path} was saved with world size {manifest['world_size']}, this run has "
-                f"{self.strategy.world_size}; resuming across world sizes is not supported yet"
-            )
-        saved_batch = json.loads((path / "progress.json").read_text()).get("per_device_train_batch_size")
-        if saved_batch != self.args.per_device_train_batch_size:  # checked before anything is loaded
-            raise CheckpointError(
-                f"{path} was trained with per_device_train_batch_size={saved_batch}, "
-                f"this run uses {self.args.per_device_train_batch_size}; keep it the same to resume"
-            )
         _, progress = self.checkpoints.load(path, self.model_wrapped, self.optimizer, self.lr_scheduler)
+        if manifest["world_size"] != self.strategy.world_size:
+            # the same global samples are consumed; this rank's share of them differs
+            progress["micro_batches_in_epoch"] = int(progress["samples_in_epoch"]) // (
+                self.args.per_device_train_batch_size * self.strategy.world_size)
         self.state = TrainerState.load_from_json(str(path / "trainer_state.json"))
         self.state.max_steps = max_steps
         self.state.is_local_process_zero = self.strategy.is_local_main
