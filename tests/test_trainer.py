@@ -10,7 +10,7 @@ import transformers
 
 from helpers import RaggedLM, losses_of, tiny_gpt2
 from scaletrain import EarlyStoppingCallback, Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
-from scaletrain.checkpoint import latest_checkpoint
+from scaletrain.checkpoint import CheckpointError, latest_checkpoint
 
 
 def make_args(out, **kw) -> TrainingArguments:
@@ -158,10 +158,23 @@ def test_resume_is_exact_and_skips_uncommitted(tmp_path):
     assert max_diff(weights(resumed.model), weights(full.model)) == 0.0
 
 
+def test_a_damaged_checkpoint_is_skipped_with_a_warning_and_refused_by_name(tmp_path):
+    args = make_args(tmp_path, max_steps=8, save_strategy="steps", save_steps=4, per_device_train_batch_size=8)
+    Trainer(model=tiny_gpt2(), args=args, train_dataset=RaggedLM(40)).train()
+    shard = next((tmp_path / "checkpoint-8" / "state").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-7])  # truncated after its commit (disk full, partial copy)
+    with pytest.warns(RuntimeWarning, match="checkpoint-8 is damaged"):
+        assert latest_checkpoint(tmp_path).name == "checkpoint-4"
+    with pytest.raises(CheckpointError, match=rf"state/{shard.name} has \d+ bytes, \d+ were written"):
+        Trainer(model=tiny_gpt2(), args=args, train_dataset=RaggedLM(40)).train(
+            resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
+    (tmp_path / "checkpoint-4" / "scheduler.pt").unlink()
+    with pytest.warns(RuntimeWarning):
+        assert latest_checkpoint(tmp_path) is None
+
+
 def test_resume_rejects_a_different_model(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    from scaletrain.checkpoint import CheckpointError
 
     Trainer(model=tiny_gpt2(), args=make_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
             train_dataset=RaggedLM(16)).train()

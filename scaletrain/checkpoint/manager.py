@@ -7,7 +7,7 @@ Layout of `output_dir/checkpoint-<step>/`:
     trainer_state.json     HF TrainerState (log history, best metric, ...)
     progress.json          data position: epoch and samples consumed in it
     rng_state_<rank>.pth   python/numpy/torch RNG of each rank
-    manifest.json          strategy, world size, versions, files
+    manifest.json          strategy, world size, versions, every file's size
     COMMITTED              written last; a folder without it is never resumed
 
 Everything is written under `checkpoint-<step>.tmp`, and the folder is renamed
@@ -53,8 +53,28 @@ def is_committed(path: Path) -> bool:
     return (path / COMMIT_MARKER).is_file() and (path / "manifest.json").is_file()
 
 
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in ("manifest.json", COMMIT_MARKER)}
+
+
+def damage(path: Path) -> Optional[str]:
+    """What is wrong with a committed checkpoint's files, or None if they are all
+    there with the sizes recorded at commit."""
+    recorded = json.loads((path / "manifest.json").read_text()).get("files")
+    if recorded is None:
+        return None  # committed before sizes were recorded
+    for name, size in recorded.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+    return None
+
+
 def committed_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Committed checkpoints, oldest first."""
+    """Committed, intact checkpoints, oldest first."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
@@ -64,6 +84,11 @@ def committed_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
         if step is None or not child.is_dir():
             continue
         if is_committed(child):
+            problem = damage(child)
+            if problem:
+                logger.warning("ignoring %s: it is damaged (%s); an earlier checkpoint will be used", child, problem)
+                warnings.warn(f"checkpoint {child} is damaged ({problem}) and is skipped", RuntimeWarning, stacklevel=2)
+                continue
             found.append((step, child))
         else:
             logger.warning("ignoring %s: it has no %s marker (an interrupted save)", child, COMMIT_MARKER)
@@ -161,6 +186,9 @@ class CheckpointManager:
                 write_model_files(tmp)
             trainer_state.save_to_json(str(tmp / "trainer_state.json"))
             _write_json(tmp / "progress.json", progress)
+        strategy.barrier()  # every rank's shard and RNG file is on disk
+
+        if strategy.is_main:
             _write_json(tmp / "manifest.json", {
                 "format_version": FORMAT_VERSION,
                 "step": step,
@@ -170,11 +198,10 @@ class CheckpointManager:
                 "includes_optimizer": not save_only_model,
                 "versions": _library_versions(),
                 "created_unix": time.time(),
+                # sizes of every file, so a later truncation or loss is detected
+                "files": _file_sizes(tmp),
                 **manifest_extra,
             })
-        strategy.barrier()  # every rank's shard and RNG file is on disk
-
-        if strategy.is_main:
             _write_json(tmp / COMMIT_MARKER, {"step": step})
             _fsync_dir(tmp)
             if final.exists():  # same step saved again (e.g. end of training after a resume)
@@ -230,6 +257,10 @@ class CheckpointManager:
                 f"checkpoint {path} has no {COMMIT_MARKER} marker: its save was interrupted. "
                 f"Resume from an earlier one (resume_from_checkpoint=True picks the newest committed)"
             )
+        problem = damage(path)
+        if problem:
+            raise CheckpointError(f"checkpoint {path} is damaged: {problem}. Resume from an earlier one "
+                                  "(resume_from_checkpoint=True picks the newest intact one)")
         manifest = json.loads((path / "manifest.json").read_text())
         if manifest.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{path} has checkpoint format {manifest.get('format_version')}, "
