@@ -71,15 +71,11 @@ def _contract_job(rank: int, out: str, pretrained: str, options: dict) -> None:
     pred = trainer.predict(RaggedLM(EVAL_N, seed=2))
     trainer.save_model(f"{out}/export")
 
-    resumed = Trainer(model=_build(strategy, pretrained), args=args, train_dataset=RaggedLM(TRAIN_N), strategy=strategy)
-    resumed.train(resume_from_checkpoint=f"{out}/run/checkpoint-5")
-    resumed.save_model(f"{out}/export-resumed")
-
     init_std = _zero3_from_config_init_std(strategy, pretrained) if options["strategy"] == "zero3" else None
     if rank == 0:
         Path(out, "result.json").write_text(json.dumps({
             "init_std": init_std,
-            "losses": losses_of(trainer), "resumed_losses": losses_of(resumed), "metrics": metrics,
+            "losses": losses_of(trainer), "metrics": metrics,
             "grad_norms": [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e],
             "held": held, "total_numel": total_numel, "built_on_meta": built_on_meta,
             "partitioned_at_construction": partitioned_at_construction,
@@ -87,6 +83,19 @@ def _contract_job(rank: int, out: str, pretrained: str, options: dict) -> None:
         np.save(Path(out, "preds.npy"), pred.predictions)
     elif options.get("fsdp_low_memory_init"):
         Path(out, "rank1.json").write_text(json.dumps({"built_on_meta": built_on_meta}))
+    strategy.teardown()
+
+
+def _contract_resume_job(rank: int, out: str, pretrained: str, options: dict) -> None:
+    """Fresh processes continue the run from its mid-epoch checkpoint."""
+    args = _args(f"{out}/run", per_device=4, **options)
+    strategy = build_strategy(args)
+    strategy.setup_environment()
+    resumed = Trainer(model=_build(strategy, pretrained), args=args, train_dataset=RaggedLM(TRAIN_N), strategy=strategy)
+    resumed.train(resume_from_checkpoint=f"{out}/run/checkpoint-5")
+    resumed.save_model(f"{out}/export-resumed")
+    if rank == 0:
+        Path(out, "resumed.json").write_text(json.dumps(losses_of(resumed)))
     strategy.teardown()
 
 
@@ -184,8 +193,10 @@ def test_strategy_contract(name, tmp_path, pretrained, reference):
     assert preds.shape == reference["preds"].shape
     np.testing.assert_allclose(preds, reference["preds"], atol=2e-4, rtol=0)
 
-    # Resume from step 5 on the same world size replays steps 6..10 exactly.
-    assert got["resumed_losses"] == got["losses"]
+    # Fresh processes resuming from step 5 (mid-epoch) on the same world size
+    # replay steps 6..10 exactly: data position, RNG, optimizer and scheduler.
+    run_ranks(_contract_resume_job, str(tmp_path), pretrained, STRATEGIES[name], timeout=300)
+    assert json.loads((tmp_path / "resumed.json").read_text()) == got["losses"]
     resumed = _exported(tmp_path / "export-resumed")
     assert max((resumed[k] - weights[k]).abs().max().item() for k in weights) == 0.0
 
