@@ -119,6 +119,10 @@ class _ScaletrainArguments:
     fsdp_low_memory_init: bool = False
     offload_optimizer: bool = False  # zero1/2/3: optimizer state and step on CPU
     offload_params: bool = False  # zero3: parameters on CPU between uses
+    # write checkpoints in the background (DCP strategies): training waits only
+    # while the state is copied to host memory; the commit follows when all
+    # ranks' bytes are on disk (at the next save or the end of training)
+    save_async: bool = False
 
     def __post_init__(self) -> None:
         self._reject_unsupported_hf_fields()

@@ -446,6 +446,7 @@ class Trainer:
             if self.control.should_training_stop or self.state.global_step >= max_steps:
                 break
 
+        self.checkpoints.finish_pending()  # a background save is committed before training returns
         runtime = time.perf_counter() - train_start
         if args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
             logger.info("loading best model from %s (%s=%s)", self.state.best_model_checkpoint,
@@ -611,6 +612,7 @@ class Trainer:
                             "model_class": _model_class_name(self.strategy.unwrap(self.model))},
             save_only_model=self.args.save_only_model,
             write_model_files=self._write_model_files,
+            asynchronous=self.args.save_async,
         )
         best = Path(self.state.best_model_checkpoint) if self.state.best_model_checkpoint else None
         self.checkpoints.rotate(self.args.save_total_limit, keep={best} if best else set())

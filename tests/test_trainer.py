@@ -158,6 +158,32 @@ def test_resume_is_exact_and_skips_uncommitted(tmp_path):
     assert max_diff(weights(resumed.model), weights(full.model)) == 0.0
 
 
+def test_async_save_commits_later_and_resumes_exactly(tmp_path):
+    """The background write holds the state as it was at the save, although
+    training changes the weights meanwhile; the commit waits for the write."""
+    args = lambda: make_args(tmp_path, max_steps=8, save_strategy="steps", save_steps=4,  # noqa: E731
+                             per_device_train_batch_size=8, save_async=True)
+    full = Trainer(model=tiny_gpt2(), args=args(), train_dataset=RaggedLM(40))
+    saved_at_4 = {}
+    full.add_callback(type("Snapshot", (transformers.TrainerCallback,), {
+        "on_save": lambda self, a, state, control, **kw: saved_at_4.update(
+            weights(full.model) if state.global_step == 4 else {})})())
+    full.train()
+    assert [p.name for p in sorted(tmp_path.glob("checkpoint-*"))] == ["checkpoint-4", "checkpoint-8"]
+    assert full.checkpoints.last_save_blocking_s > 0
+
+    from scaletrain.checkpoint.export import consolidated_state_dict
+
+    manifest = full.checkpoints.read_manifest(tmp_path / "checkpoint-4")
+    on_disk = consolidated_state_dict(tmp_path / "checkpoint-4", manifest, tiny_gpt2())
+    assert max((on_disk[k] - saved_at_4[k]).abs().max().item() for k in saved_at_4) == 0.0
+
+    resumed = Trainer(model=tiny_gpt2(seed=5), args=args(), train_dataset=RaggedLM(40))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert losses_of(resumed) == losses_of(full)
+    assert max_diff(weights(resumed.model), weights(full.model)) == 0.0
+
+
 def test_a_damaged_checkpoint_is_skipped_with_a_warning_and_refused_by_name(tmp_path):
     args = make_args(tmp_path, max_steps=8, save_strategy="steps", save_steps=4, per_device_train_batch_size=8)
     Trainer(model=tiny_gpt2(), args=args, train_dataset=RaggedLM(40)).train()

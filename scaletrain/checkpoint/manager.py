@@ -162,9 +162,15 @@ class CheckpointManager:
     # ------------------------------------------------------------------ save
     def save(self, step: int, model, optimizer, scheduler, trainer_state, progress: dict[str, Any],
              manifest_extra: dict[str, Any], save_only_model: bool = False,
-             write_model_files=None) -> Path:
+             write_model_files=None, asynchronous: bool = False) -> Path:
         """Every rank calls this. `write_model_files(folder)` runs on the main
-        rank and adds what an offline export needs (model config, tokenizer)."""
+        rank and adds what an offline export needs (model config, tokenizer).
+
+        With `asynchronous`, the (DCP) state is staged in host memory and written
+        in the background; the checkpoint is committed by `finish_pending()`,
+        which the next save and the end of training call. Until then the
+        previous committed checkpoint stays the resume target."""
+        self.finish_pending()
         strategy = self.strategy
         final = self.output_dir / f"{PREFIX}-{step}"
         tmp = self.output_dir / f"{PREFIX}-{step}.tmp"
@@ -175,8 +181,12 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         strategy.barrier()
 
+        state_optimizer = None if save_only_model else optimizer
         with _quiet_single_process_dcp():
-            strategy.save_state(tmp / "state", model, None if save_only_model else optimizer)
+            if asynchronous:
+                future = strategy.save_state_async(tmp / "state", model, state_optimizer)
+            else:
+                strategy.save_state(tmp / "state", model, state_optimizer)
         torch.save(capture_rng_state(), tmp / f"rng_state_{strategy.rank}.pth")
 
         if strategy.is_main:
@@ -186,23 +196,44 @@ class CheckpointManager:
                 write_model_files(tmp)
             trainer_state.save_to_json(str(tmp / "trainer_state.json"))
             _write_json(tmp / "progress.json", progress)
-        strategy.barrier()  # every rank's shard and RNG file is on disk
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "strategy": strategy.name,
+            "state_format": strategy.state_format,
+            "world_size": strategy.world_size,
+            "includes_optimizer": not save_only_model,
+            "versions": _library_versions(),
+            "created_unix": time.time(),
+            **manifest_extra,
+        }
+        self.last_save_blocking_s = time.perf_counter() - started
+        if asynchronous:
+            self._pending = (future, tmp, final, manifest, started)
+            return final
+        self._commit(tmp, final, manifest)
+        logger.info("saved %s in %.2fs", final, time.perf_counter() - started)
+        return final
 
+    def finish_pending(self) -> Optional[Path]:
+        """Wait for a background save on every rank, then commit it."""
+        pending = getattr(self, "_pending", None)
+        if pending is None:
+            return None
+        self._pending = None
+        future, tmp, final, manifest, started = pending
+        future.result()  # raises if this rank's write failed: then nothing is committed
+        self._commit(tmp, final, manifest)
+        logger.info("saved %s in the background (%.2fs after the save began)", final, time.perf_counter() - started)
+        return final
+
+    def _commit(self, tmp: Path, final: Path, manifest: dict[str, Any]) -> None:
+        strategy = self.strategy
+        strategy.barrier()  # every rank's shard and RNG file is on disk
         if strategy.is_main:
-            _write_json(tmp / "manifest.json", {
-                "format_version": FORMAT_VERSION,
-                "step": step,
-                "strategy": strategy.name,
-                "state_format": strategy.state_format,
-                "world_size": strategy.world_size,
-                "includes_optimizer": not save_only_model,
-                "versions": _library_versions(),
-                "created_unix": time.time(),
-                # sizes of every file, so a later truncation or loss is detected
-                "files": _file_sizes(tmp),
-                **manifest_extra,
-            })
-            _write_json(tmp / COMMIT_MARKER, {"step": step})
+            # sizes of every file, so a later truncation or loss is detected
+            _write_json(tmp / "manifest.json", {**manifest, "files": _file_sizes(tmp)})
+            _write_json(tmp / COMMIT_MARKER, {"step": manifest["step"]})
             _fsync_dir(tmp)
             if final.exists():  # same step saved again (e.g. end of training after a resume)
                 stale = final.with_name(final.name + ".old")
@@ -213,8 +244,6 @@ class CheckpointManager:
                 os.replace(tmp, final)
             _fsync_dir(self.output_dir)
         strategy.barrier()
-        logger.info("saved %s in %.2fs", final, time.perf_counter() - started)
-        return final
 
     # ------------------------------------------------------------------ load
     def load(self, path: str | os.PathLike, model, optimizer, scheduler) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -133,6 +133,17 @@ class Strategy(abc.ABC):
         """Write model (+optimizer) state under `directory`; every rank calls this."""
         dcp.save(self.state_dict(model, optimizer), checkpoint_id=str(directory))
 
+    supports_async_save: bool = True
+
+    def save_state_async(self, directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
+        """Stage a copy of the state in host memory and write it in a background
+        thread; returns a Future. Its collectives use a process group of their
+        own, so they cannot interleave with the training loop's."""
+        if self._collectives() and getattr(self, "_checkpoint_group", None) is None:
+            self._checkpoint_group = dist.new_group(backend="gloo")  # every rank reaches the first save
+        return dcp.async_save(self.state_dict(model, optimizer), checkpoint_id=str(directory),
+                              process_group=getattr(self, "_checkpoint_group", None))
+
     def load_state(self, directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         """DCP fills this rank's (possibly sharded) state in place, resharding if needed."""
         state = self.state_dict(model, optimizer)

@@ -145,6 +145,7 @@ def _merge(base: dict, extra: dict) -> dict:
 class DeepSpeedStrategy(Strategy):
     name = "zero"
     state_format = "deepspeed"
+    supports_async_save = False  # the engine writes its own files, synchronously
     needs_process_group = True
 
     @classmethod
@@ -161,6 +162,11 @@ class DeepSpeedStrategy(Strategy):
             raise NotSupportedError(
                 f"save_only_model=True is not supported with strategy {args.strategy}: DeepSpeed writes model "
                 "and optimizer partitions together; keep it False (export weights with Trainer.save_model)"
+            )
+        if args.save_async:
+            raise NotSupportedError(
+                f"save_async=True is not supported with strategy {args.strategy}: DeepSpeed writes checkpoints "
+                "through its engine, synchronously; leave it False (it works with single, ddp and fsdp)"
             )
         on_cuda = torch.cuda.is_available() and not args.use_cpu
         self.config = build_deepspeed_config(args, self.stage, self.world_size, on_cuda)
