@@ -207,11 +207,12 @@ class CheckpointManager:
             "created_unix": time.time(),
             **manifest_extra,
         }
-        self.last_save_blocking_s = time.perf_counter() - started
         if asynchronous:
             self._pending = (future, tmp, final, manifest, started)
+            self.last_save_blocking_s = time.perf_counter() - started  # how long training waited
             return final
         self._commit(tmp, final, manifest)
+        self.last_save_blocking_s = time.perf_counter() - started
         logger.info("saved %s in %.2fs", final, time.perf_counter() - started)
         return final
 
