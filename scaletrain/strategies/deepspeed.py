@@ -250,7 +250,9 @@ class DeepSpeedStrategy(Strategy):
 
     # ---------------------------------------------------------------- state
     def save_state(self, directory: Path, model: torch.nn.Module, optimizer) -> None:
-        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
+        # the `latest` file is needed: DeepSpeed's ZeRO-3 module-only load (the
+        # best model at the end) looks the tag up there
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=True)
 
     def load_state(self, directory: Path, model: torch.nn.Module, optimizer) -> None:
         loaded, _ = self.engine.load_checkpoint(

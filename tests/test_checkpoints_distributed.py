@@ -67,3 +67,46 @@ def test_kill_during_save_then_resume_in_fresh_processes(strategy_name, tmp_path
     assert resumed == expected
     a, b = torch.load(clean / "weights.pt"), torch.load(crashed / "weights.pt")
     assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+
+
+class ScoreByCall:
+    """compute_metrics whose best evaluation is the second of three (step 4)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, pred) -> dict:
+        self.calls += 1
+        return {"score": {1: 1.0, 2: 3.0, 3: 2.0}.get(self.calls, 0.0)}
+
+
+def _best_job(rank: int, out: str, strategy_name: str) -> None:
+    args = TrainingArguments(output_dir=out, strategy=strategy_name, per_device_train_batch_size=4, max_steps=6,
+                             learning_rate=1e-2, eval_strategy="steps", eval_steps=2, save_steps=2,
+                             save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="score",
+                             per_device_eval_batch_size=4, disable_tqdm=True, seed=0, ddp_timeout=60,
+                             optim="adamw_torch")
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=RaggedLM(48), eval_dataset=RaggedLM(8, seed=2),
+                      compute_metrics=ScoreByCall())
+    trainer.train()
+    trainer.save_model(f"{out}/final")  # the best model, loaded back at the end
+    trainer.strategy.teardown()
+
+
+@pytest.mark.parametrize("strategy_name", ["fsdp", "zero3"])
+def test_retention_keeps_best_and_latest_and_the_best_model_is_loaded(strategy_name, tmp_path):
+    run_ranks(_best_job, str(tmp_path), strategy_name)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    from safetensors.torch import load_file
+
+    from scaletrain.checkpoint.export import consolidated_state_dict
+
+    final = load_file(str(tmp_path / "final" / "model.safetensors"))
+
+    def saved(step: int) -> dict:
+        path = tmp_path / f"checkpoint-{step}"
+        return consolidated_state_dict(path, json.loads((path / "manifest.json").read_text()), tiny_gpt2())
+
+    best, latest = saved(4), saved(6)
+    assert max((final[k] - best[k]).abs().max().item() for k in final) == 0.0
+    assert max((final[k] - latest[k]).abs().max().item() for k in final) > 1e-3
