@@ -623,6 +623,13 @@ class Trainer:
         """Gradient accumulation that keeps the checkpoint's global batch on this
         world size; every incompatibility is raised before any state is loaded."""
         manifest = self.checkpoints.read_manifest(path)
+        saved_format = manifest.get("state_format", "dcp")
+        if saved_format != self.strategy.state_format:
+            raise CheckpointError(
+                f"{path} holds {saved_format!r} state (saved by strategy {manifest['strategy']}); strategy "
+                f"{self.strategy.name} reads {self.strategy.state_format!r}. Resume with a strategy of the same "
+                f"family, or export it (scaletrain export) and start from the weights"
+            )
         progress = json.loads((path / "progress.json").read_text())
         per_device, world = self.args.per_device_train_batch_size, self.strategy.world_size
         if progress.get("per_device_train_batch_size") != per_device:
@@ -637,12 +644,8 @@ class Trainer:
                     f"{path} was trained with gradient_accumulation_steps={saved_accumulation}, this run uses "
                     f"{self.args.gradient_accumulation_steps}; keep it the same to resume"
                 )
+            self.strategy.prepare_resume(world, saved_accumulation)
             return saved_accumulation
-        if self.strategy.state_format != "dcp" or manifest.get("state_format", "dcp") != "dcp":
-            raise NotSupportedError(
-                f"{path} was saved on {manifest['world_size']} ranks and this run has {world}; DeepSpeed "
-                "checkpoints resume on the same world size only (export the weights to start over elsewhere)"
-            )
         global_batch = per_device * saved_accumulation * manifest["world_size"]
         if global_batch % (per_device * world):
             raise CheckpointError(
@@ -657,6 +660,7 @@ class Trainer:
         logger.warning("resuming a %d-rank checkpoint on %d ranks: gradient_accumulation_steps %d -> %d keeps the "
                        "global batch at %d; RNG streams start fresh", manifest["world_size"], world,
                        saved_accumulation, accumulation, global_batch)
+        self.strategy.prepare_resume(manifest["world_size"], accumulation)
         return accumulation
 
     def _write_model_files(self, folder: Path) -> None:
@@ -669,13 +673,6 @@ class Trainer:
 
     def _resume(self, path: Path, max_steps: int) -> tuple[int, int]:
         manifest = self.checkpoints.read_manifest(path)
-        saved_format = manifest.get("state_format", "dcp")
-        if saved_format != self.strategy.state_format:
-            raise CheckpointError(
-                f"{path} holds {saved_format!r} state (saved by strategy {manifest['strategy']}); strategy "
-                f"{self.strategy.name} reads {self.strategy.state_format!r}. Resume with a strategy of the same "
-                f"family, or export it (scaletrain export) and start from the weights"
-            )
         expected = self._model_config_hash()
         if manifest.get("model_config_hash") and expected and manifest["model_config_hash"] != expected:
             raise CheckpointError(

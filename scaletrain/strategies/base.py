@@ -135,6 +135,11 @@ class Strategy(abc.ABC):
 
     supports_async_save: bool = True
 
+    def prepare_resume(self, saved_world_size: int, accumulation: int) -> None:
+        """Called before setup() when resuming: the checkpoint's world size and
+        the accumulation that keeps its global batch here. DCP reshards at load
+        by itself; backends with their own format adjust here."""
+
     def save_state_async(self, directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
         """Stage a copy of the state in host memory and write it in a background
         thread; returns a Future. Its collectives use a process group of their
