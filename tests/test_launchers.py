@@ -64,7 +64,10 @@ def _fake_slurm_tools(folder: Path, hosts: list[str]) -> Path:
     """srun that runs the per-node command here (one node), scontrol that expands the node list."""
     folder.mkdir()
     (folder / "srun").write_text('#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
-    (folder / "scontrol").write_text("#!/usr/bin/env bash\nprintf '%s\\n' " + " ".join(hosts) + "\n")
+    # the first host, then (after a pause, as a real scontrol may) the rest: a
+    # reader that stops after one line would SIGPIPE it
+    (folder / "scontrol").write_text(f"#!/usr/bin/env bash\necho {hosts[0]}\nsleep 0.3\n"
+                                     f"printf '%s\\n' {' '.join(hosts[1:])}\n")
     for tool in ("srun", "scontrol"):
         (folder / tool).chmod(0o755)
     return folder
