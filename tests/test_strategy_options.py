@@ -157,3 +157,24 @@ def test_cli_refuses_a_conflicting_deepspeed_key_before_starting(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "gradient_clipping=5.0 but scaletrain derives 1.0 from max_grad_norm" in proc.stderr
+
+
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # runs at unpickling time
+
+
+def test_deepspeed_file_loads_cannot_run_pickled_code(tmp_path):
+    from scaletrain.strategies.deepspeed import weights_only_loads
+
+    marker = tmp_path / "code-ran"
+    torch.save({"optimizer": _Payload(str(marker))}, tmp_path / "optim_states.pt")
+    with weights_only_loads(), pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(tmp_path / "optim_states.pt", weights_only=False)  # how DeepSpeed calls it
+    assert not marker.exists()
+    torch.save({"step": torch.tensor(3)}, tmp_path / "plain.pt")
+    with weights_only_loads():
+        assert torch.load(tmp_path / "plain.pt", weights_only=False)["step"] == 3

@@ -37,9 +37,10 @@ def consolidated_state_dict(checkpoint: Path, manifest: dict, model: torch.nn.Mo
     if manifest.get("state_format", "dcp") == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        from ..strategies.deepspeed import CHECKPOINT_TAG
+        from ..strategies.deepspeed import CHECKPOINT_TAG, weights_only_loads
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag=CHECKPOINT_TAG)
+        with weights_only_loads():
+            return get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag=CHECKPOINT_TAG)
     state = {"model": model.state_dict()}
     with _quiet_single_process_dcp():
         dcp.load(state, checkpoint_id=str(state_dir))  # no process group: one process reads every shard

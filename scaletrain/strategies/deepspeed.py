@@ -36,6 +36,30 @@ class DeepSpeedConfigError(ValueError):
     pass
 
 
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """DeepSpeed reads its checkpoint files with torch.load(weights_only=False),
+    which would run any code pickled into them. Inside this context every
+    torch.load is weights-only, with the few DeepSpeed classes its files hold
+    (ZeRO stage enum, loss scalers, fragment addresses) allowed as plain data."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    real_load = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return real_load(*args, **kwargs)
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
+        torch.load = load
+        try:
+            yield
+        finally:
+            torch.load = real_load
+
+
 def _require_deepspeed() -> None:
     if importlib.util.find_spec("deepspeed") is None:
         raise NotSupportedError(
@@ -294,10 +318,11 @@ class DeepSpeedStrategy(Strategy):
             from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
             shutil.rmtree(target, ignore_errors=True)
-            ds_to_universal(Namespace(input_folder=str(directory / CHECKPOINT_TAG),
-                                      output_folder=str(target / CHECKPOINT_TAG), num_extract_workers=1,
-                                      num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                      inject_missing_state=True))
+            with weights_only_loads():
+                ds_to_universal(Namespace(input_folder=str(directory / CHECKPOINT_TAG),
+                                          output_folder=str(target / CHECKPOINT_TAG), num_extract_workers=1,
+                                          num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                          inject_missing_state=True))
         self.barrier()
         try:
             yield target
@@ -307,10 +332,11 @@ class DeepSpeedStrategy(Strategy):
                 shutil.rmtree(target, ignore_errors=True)
 
     def _load(self, directory: Path, model: torch.nn.Module, optimizer) -> None:
-        loaded, _ = self.engine.load_checkpoint(
-            str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=optimizer is not None,
-            load_lr_scheduler_states=False, load_module_only=optimizer is None,
-        )
+        with weights_only_loads():
+            loaded, _ = self.engine.load_checkpoint(
+                str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=optimizer is not None,
+                load_lr_scheduler_states=False, load_module_only=optimizer is None,
+            )
         if loaded is None:
             from ..checkpoint import CheckpointError
 
