@@ -15,14 +15,13 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from strategies import PER_RANK_BATCH, RESULTS, TokenData, build_model  # noqa: E402
+from strategies import PER_RANK_BATCH, RESULTS, TokenData, build_model, run_worker  # noqa: E402
 
 STEPS, SAVE_EVERY = 8, 2
 RUNS = [("single", 1), ("ddp", 2), ("fsdp", 2)]
@@ -82,25 +81,17 @@ def worker(strategy_name: str, asynchronous: bool, out: str, tmp: str) -> None:
 
 
 def run(strategy_name: str, world: int, asynchronous: bool) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
-        out = fh.name
-    folder = tempfile.mkdtemp(prefix="ckpt-bench-")
-    script = [str(Path(__file__).resolve()), "--worker", strategy_name, str(int(asynchronous)), out, folder]
-    cmd = [sys.executable, *script] if world == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world), *script]
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // world))}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
-    shutil.rmtree(folder, ignore_errors=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{strategy_name} x{world} failed:\n{proc.stderr[-4000:]}")
-    result = json.loads(Path(out).read_text())
-    os.unlink(out)
-    return result
+    folder = tempfile.mkdtemp(prefix="ckpt-bench-")  # shared by the ranks
+    try:
+        return run_worker([str(Path(__file__).resolve()), "--worker", strategy_name, str(int(asynchronous)), folder],
+                          world)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], sys.argv[3] == "1", sys.argv[4], sys.argv[5])
+        worker(sys.argv[2], sys.argv[3] == "1", out=sys.argv[5], tmp=sys.argv[4])
         return
     rows = []
     for name, world in RUNS:

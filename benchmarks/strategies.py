@@ -111,21 +111,24 @@ def worker(name: str, steps: int, out: str) -> None:
     os._exit(0)  # see CPU notes: gloo threads may abort a normal interpreter exit
 
 
-def run_config(name: str, world: int, steps: int) -> dict:
+def run_worker(argv: list[str], world: int) -> dict:
+    """Run `python argv... OUT` alone (world 1) or under torchrun with 1 thread
+    per core share, and return the JSON the worker wrote to OUT."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         out = fh.name
-    script = [str(Path(__file__).resolve()), "--worker", name, "--steps", str(steps), "--out", out]
-    if world == 1:
-        cmd = [sys.executable, *script]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world), *script]
+    launcher = [sys.executable] if world == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // world))}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run([*launcher, *argv, out], env=env, capture_output=True, text=True, timeout=1200)
     if proc.returncode != 0:
-        raise RuntimeError(f"{name} on {world} rank(s) failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{' '.join(argv[:3])} on {world} rank(s) failed:\n{proc.stderr[-4000:]}")
     result = json.loads(Path(out).read_text())
     os.unlink(out)
     return result
+
+
+def run_config(name: str, world: int, steps: int) -> dict:
+    return run_worker([str(Path(__file__).resolve()), "--worker", name, "--steps", str(steps), "--out"], world)
 
 
 def main() -> None:

@@ -86,26 +86,17 @@ def _contract_job(rank: int, out: str, pretrained: str, options: dict) -> None:
     strategy.teardown()
 
 
-def _contract_resume_job(rank: int, out: str, pretrained: str, options: dict) -> None:
-    """Fresh processes continue the run from its mid-epoch checkpoint."""
-    args = _args(f"{out}/run", per_device=4, **options)
+def _resume_job(rank: int, out: str, pretrained: str, options: dict, name: str) -> None:
+    """Fresh processes (of this launch's world size) continue the contract run
+    from its mid-epoch checkpoint; losses go to <name>.json, weights to export-<name>."""
+    args = _args(f"{out}/{name}", per_device=4, **options)
     strategy = build_strategy(args)
     strategy.setup_environment()
     resumed = Trainer(model=_build(strategy, pretrained), args=args, train_dataset=RaggedLM(TRAIN_N), strategy=strategy)
     resumed.train(resume_from_checkpoint=f"{out}/run/checkpoint-5")
-    resumed.save_model(f"{out}/export-resumed")
+    resumed.save_model(f"{out}/export-{name}")
     if rank == 0:
-        Path(out, "resumed.json").write_text(json.dumps(losses_of(resumed)))
-    strategy.teardown()
-
-
-def _resume_on_one_rank_job(rank: int, out: str, pretrained: str, options: dict) -> None:
-    args = _args(f"{out}/one-rank", per_device=4, **options)
-    strategy = build_strategy(args)
-    strategy.setup_environment()
-    trainer = Trainer(model=_build(strategy, pretrained), args=args, train_dataset=RaggedLM(TRAIN_N), strategy=strategy)
-    trainer.train(resume_from_checkpoint=f"{out}/run/checkpoint-5")
-    Path(out, "one-rank.json").write_text(json.dumps(losses_of(trainer)))
+        Path(out, f"{name}.json").write_text(json.dumps(losses_of(resumed)))
     strategy.teardown()
 
 
@@ -205,7 +196,7 @@ def test_strategy_contract(name, tmp_path, pretrained, reference):
 
     # Fresh processes resuming from step 5 (mid-epoch) on the same world size
     # replay steps 6..10 exactly: data position, RNG, optimizer and scheduler.
-    run_ranks(_contract_resume_job, str(tmp_path), pretrained, STRATEGIES[name], timeout=300)
+    run_ranks(_resume_job, str(tmp_path), pretrained, STRATEGIES[name], "resumed", timeout=300)
     assert json.loads((tmp_path / "resumed.json").read_text()) == got["losses"]
     resumed = _exported(tmp_path / "export-resumed")
     assert max((resumed[k] - weights[k]).abs().max().item() for k in weights) == 0.0
@@ -215,12 +206,12 @@ def test_strategy_contract(name, tmp_path, pretrained, reference):
     # DeepSpeed's universal format); accumulation doubles to keep the global
     # batch at 16. Another rank count = another reduction order: same 1e-5.
     if STRATEGIES[name]["strategy"] != "zero3":
-        run_ranks(_resume_on_one_rank_job, str(tmp_path), pretrained, STRATEGIES[name], world_size=1, timeout=300)
+        run_ranks(_resume_job, str(tmp_path), pretrained, STRATEGIES[name], "one-rank", world_size=1, timeout=300)
         np.testing.assert_allclose(json.loads((tmp_path / "one-rank.json").read_text()), got["losses"],
                                    rtol=1e-5, atol=0)
     else:  # refused before any state is loaded (see DeepSpeedStrategy.prepare_resume)
         with pytest.raises(Exception, match="is not supported: DeepSpeed's universal ZeRO-3 load"):
-            run_ranks(_resume_on_one_rank_job, str(tmp_path), pretrained, STRATEGIES[name], world_size=1,
+            run_ranks(_resume_job, str(tmp_path), pretrained, STRATEGIES[name], "one-rank", world_size=1,
                       timeout=300)
 
     # Sharding is real: what this rank stores, against the full model.
