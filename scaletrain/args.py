@@ -204,7 +204,6 @@ class _ScaletrainArguments:
         elif self.strategy != name:
             raise ValueError(f"{source} asks for {name} but strategy={self.strategy!r}; keep one of them")
 
-
     def _reject_unsupported_hf_fields(self) -> None:
         for name, default in _UNSUPPORTED_DEFAULTS.items():
             value = getattr(self, name)
@@ -265,8 +264,6 @@ class _ScaletrainArguments:
                 f"offload_params=True needs strategy: zero3 (strategy is {self.strategy!r}); only ZeRO-3 "
                 "partitions parameters, so only it can keep them on CPU"
             )
-        if self.deepspeed and not self.strategy.startswith("zero"):
-            raise ValueError(f"a deepspeed config section needs strategy zero1|zero2|zero3, not {self.strategy!r}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads={self.torch_threads} must be >= 1 or None (automatic)")
         if self.dataloader_prefetch_factor is not None and self.dataloader_num_workers == 0:

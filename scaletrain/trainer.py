@@ -848,13 +848,14 @@ def _without_tied_copies(model: torch.nn.Module, state_dict: dict) -> dict:
     """Drop the second name of a tied parameter (e.g. lm_head.weight tied to the
     input embedding). A gathered state dict holds separate tensors for both, so
     save_pretrained cannot see the tie; the saved folder must match an unsharded save."""
-    seen: set[int] = set()
-    out = dict(state_dict)
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            out.pop(name, None)
-        seen.add(id(param))
-    return out
+    tied = tied_copy_names(model)
+    return {name: tensor for name, tensor in state_dict.items() if name not in tied}
+
+
+def tied_copy_names(model: torch.nn.Module) -> set[str]:
+    """Every name of a shared parameter after its first (named_parameters order)."""
+    return {name for name, _ in model.named_parameters(remove_duplicate=False)} - {
+        name for name, _ in model.named_parameters()}
 
 
 def _concat(parts: list[Any]) -> Any:

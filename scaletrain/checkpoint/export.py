@@ -59,8 +59,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     model = _model_class(manifest, checkpoint)._from_config(config)
     state_dict = consolidated_state_dict(checkpoint, manifest, model)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - {
-        name for name, _ in model.named_parameters()}
+    from ..trainer import tied_copy_names
+
+    tied = tied_copy_names(model)
     if set(missing) - tied or unexpected:
         raise CheckpointError(f"{checkpoint}: the saved weights do not fit {type(model).__name__}: missing "
                               f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")

@@ -158,6 +158,8 @@ class CheckpointManager:
     def __init__(self, output_dir: str | os.PathLike, strategy) -> None:
         self.output_dir = Path(output_dir)
         self.strategy = strategy
+        self._pending = None  # a background save waiting for its commit
+        self.last_save_blocking_s = 0.0
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, model, optimizer, scheduler, trainer_state, progress: dict[str, Any],
@@ -218,7 +220,7 @@ class CheckpointManager:
 
     def finish_pending(self) -> Optional[Path]:
         """Wait for a background save on every rank, then commit it."""
-        pending = getattr(self, "_pending", None)
+        pending = self._pending
         if pending is None:
             return None
         self._pending = None

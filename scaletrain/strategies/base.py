@@ -43,6 +43,7 @@ class Strategy(abc.ABC):
         self.args = args
         self.env = env or read_env()
         self.device = torch.device("cpu")
+        self._checkpoint_group = None  # background saves' own process group, made at the first one
 
     # ------------------------------------------------------------ lifecycle
     @classmethod
@@ -144,10 +145,10 @@ class Strategy(abc.ABC):
         """Stage a copy of the state in host memory and write it in a background
         thread; returns a Future. Its collectives use a process group of their
         own, so they cannot interleave with the training loop's."""
-        if self._collectives() and getattr(self, "_checkpoint_group", None) is None:
+        if self._collectives() and self._checkpoint_group is None:
             self._checkpoint_group = dist.new_group(backend="gloo")  # every rank reaches the first save
         return dcp.async_save(self.state_dict(model, optimizer), checkpoint_id=str(directory),
-                              process_group=getattr(self, "_checkpoint_group", None))
+                              process_group=self._checkpoint_group)
 
     def load_state(self, directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         """DCP fills this rank's (possibly sharded) state in place, resharding if needed."""

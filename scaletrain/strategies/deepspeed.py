@@ -196,6 +196,7 @@ class DeepSpeedStrategy(Strategy):
         self.config = build_deepspeed_config(args, self.stage, self.world_size, on_cuda)
         self.engine = None
         self._hf_zero3 = None
+        self._reshard_from = None  # set by prepare_resume when the rank count changed
 
     def setup_environment(self) -> None:
         super().setup_environment()
@@ -297,7 +298,7 @@ class DeepSpeedStrategy(Strategy):
             self.config.setdefault("checkpoint", {})["load_universal"] = True
 
     def load_state(self, directory: Path, model: torch.nn.Module, optimizer) -> None:
-        if getattr(self, "_reshard_from", None) and optimizer is not None:
+        if self._reshard_from and optimizer is not None:
             self._reshard_from = None
             with self._universal_copy(directory) as universal:
                 self._load(universal, model, optimizer)
