@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
+from ..modeling import block_classes
 from .base import OptimizerFactory, Strategy
 
 
@@ -39,27 +40,7 @@ class FSDPStrategy(Strategy):
 
     def layer_classes(self, model: torch.nn.Module) -> tuple[type, ...]:
         """The module classes that become one FSDP unit each."""
-        names = self.args.fsdp_layer_classes
-        source = "fsdp_layer_classes"
-        if not names:
-            names = list(getattr(model, "_no_split_modules", None) or [])
-            source = f"{type(model).__name__}._no_split_modules"
-        if not names:
-            names = _repeated_block_classes(model)
-            source = f"the repeated blocks of {type(model).__name__}"
-        by_name = {type(m).__name__: type(m) for m in model.modules()}
-        missing = [n for n in names if n not in by_name]
-        if missing:
-            raise ValueError(
-                f"{source} names {missing}, which are not module classes of {type(model).__name__}; set "
-                f"fsdp_layer_classes to its transformer block class (e.g. one of {sorted(by_name)[:8]})"
-            )
-        if not names:
-            raise ValueError(
-                f"{type(model).__name__} declares no _no_split_modules and has no list of repeated blocks; "
-                "set fsdp_layer_classes (e.g. ['LlamaDecoderLayer']) so that each block is sharded on its own"
-            )
-        return tuple(by_name[n] for n in names)
+        return block_classes(model, self.args.fsdp_layer_classes)
 
     def setup(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory):
         from torch.distributed.device_mesh import init_device_mesh
@@ -104,6 +85,15 @@ class FSDPStrategy(Strategy):
         for buffer in model.buffers():
             dist.broadcast(buffer.data, src=0)
 
+    def enable_mixed_precision(self, dtype: torch.dtype) -> bool:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        # shards and optimizer stay fp32; gathered parameters (hence compute)
+        # are `dtype`; gradients are reduced in fp32 so the sum over ranks does
+        # not round at low precision
+        self.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        return True
+
     def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model  # forwards need the sharded module's all-gathers
 
@@ -125,16 +115,3 @@ class FSDPStrategy(Strategy):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return total
 
-
-def _repeated_block_classes(model: torch.nn.Module) -> list[str]:
-    """The class of the largest ModuleList of identical modules (a transformer's
-    layer stack), for models that declare no _no_split_modules (e.g. BERT
-    classifiers)."""
-    best, best_size = None, 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
-            classes = {type(child) for child in module}
-            size = sum(p.numel() for p in module.parameters())
-            if len(classes) == 1 and size > best_size:
-                best, best_size = next(iter(classes)).__name__, size
-    return [best] if best else []
