@@ -124,6 +124,24 @@ class _ScaletrainArguments:
     # ranks' bytes are on disk (at the next save or the end of training)
     save_async: bool = False
 
+    # Memory middleware (HF names first). Mixed precision: bf16 via autocast
+    # (single/ddp), FSDP2's MixedPrecisionPolicy or DeepSpeed's bf16 block; fp16
+    # adds dynamic loss scaling.
+    bf16: bool = False
+    fp16: bool = False
+    # activation checkpointing of every transformer block (non-reentrant);
+    # activation_checkpointing_kwargs={"every_n_layers": k} checkpoints every k-th
+    activation_checkpointing: Optional[bool] = None
+    activation_checkpointing_kwargs: Union[None, str, dict] = None
+    gradient_checkpointing: Optional[bool] = None  # deprecated HF alias of activation_checkpointing
+    gradient_checkpointing_kwargs: Union[None, str, dict] = None  # deprecated HF alias
+    # pre-flight search for the largest per-device micro-batch that fits the
+    # memory budget, keeping the global batch by raising accumulation
+    auto_find_batch_size: bool = False
+    # per-device budget, e.g. "6GiB" or "800MiB"; default on GPU: 90% of the
+    # device's memory; required on CPU (see scaletrain/memory.py)
+    batch_finder_memory_budget: Optional[str] = None
+
     def __post_init__(self) -> None:
         self._reject_unsupported_hf_fields()
         if self.output_dir is None:
@@ -151,6 +169,7 @@ class _ScaletrainArguments:
         elif self.report_to is None:
             self.report_to = []
         self._apply_hf_sharding_fields()
+        self._apply_checkpointing_aliases()
         self._validate()
 
     # ------------------------------------------------------------------ checks
@@ -197,6 +216,31 @@ class _ScaletrainArguments:
                 self.strategy = f"zero{stage}"
             elif not self.strategy.startswith("zero"):
                 raise ValueError(f"a deepspeed config was given but strategy={self.strategy!r}; use zero1|zero2|zero3")
+
+    def _apply_checkpointing_aliases(self) -> None:
+        """HF v5 renamed gradient_checkpointing* to activation_checkpointing*; both are accepted."""
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            if getattr(self, new) is None:  # as in HF, the new name wins when both are set
+                setattr(self, new, getattr(self, old))
+        self.activation_checkpointing = bool(self.activation_checkpointing)
+        self.gradient_checkpointing = self.activation_checkpointing
+        if self.activation_checkpointing_kwargs is not None:
+            kwargs = _read_json_option("activation_checkpointing_kwargs", self.activation_checkpointing_kwargs)
+            unknown = set(kwargs) - {"every_n_layers", "use_reentrant", "offload", "preserve_rng_state",
+                                     "determinism_check"}
+            if unknown:
+                raise ValueError(f"activation_checkpointing_kwargs has unknown keys {sorted(unknown)}; known: "
+                                 "every_n_layers, use_reentrant, offload, preserve_rng_state, determinism_check")
+            if kwargs.get("use_reentrant"):
+                raise NotSupportedError(
+                    "activation_checkpointing_kwargs use_reentrant=True is not supported: reentrant checkpointing "
+                    "breaks DDP ('marked ready twice') and frozen-base LoRA; remove it (non-reentrant is used)")
+            every = kwargs.get("every_n_layers", 1)
+            if not isinstance(every, int) or every < 1:
+                raise ValueError(f"activation_checkpointing_kwargs every_n_layers={every!r} must be an integer >= 1")
+            self.activation_checkpointing_kwargs = kwargs
+            self.gradient_checkpointing_kwargs = kwargs
 
     def _claim_strategy(self, name: str, source: str) -> None:
         if self.strategy == "auto":
@@ -264,6 +308,23 @@ class _ScaletrainArguments:
                 f"offload_params=True needs strategy: zero3 (strategy is {self.strategy!r}); only ZeRO-3 "
                 "partitions parameters, so only it can keep them on CPU"
             )
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16=True and fp16=True are both set; choose one (bf16 where the hardware has it: it "
+                             "needs no loss scaling)")
+        if self.batch_finder_memory_budget is not None:
+            if not self.auto_find_batch_size:
+                raise ValueError(f"batch_finder_memory_budget={self.batch_finder_memory_budget!r} is set but "
+                                 "auto_find_batch_size is False; set auto_find_batch_size: true or drop the budget")
+            from .memory import parse_bytes
+
+            parse_bytes(self.batch_finder_memory_budget, "batch_finder_memory_budget")
+        if self.auto_find_batch_size and self.batch_finder_memory_budget is None and not self._cuda_available():
+            raise ValueError("auto_find_batch_size on CPU needs batch_finder_memory_budget (e.g. '4GiB'): there is "
+                             "no device memory to size against, and a CPU out-of-memory kills the process instead "
+                             "of raising")
+        if self.activation_checkpointing_kwargs and not self.activation_checkpointing:
+            raise ValueError("activation_checkpointing_kwargs is set but activation_checkpointing is off; set "
+                             "activation_checkpointing: true")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads={self.torch_threads} must be >= 1 or None (automatic)")
         if self.dataloader_prefetch_factor is not None and self.dataloader_num_workers == 0:
@@ -303,6 +364,11 @@ class _ScaletrainArguments:
             self.greater_is_better = not self.metric_for_best_model.endswith("loss")
 
     # --------------------------------------------------------------- helpers
+    def _cuda_available(self) -> bool:
+        import torch
+
+        return torch.cuda.is_available() and not self.use_cpu
+
     @property
     def train_batch_size(self) -> int:
         return self.per_device_train_batch_size
@@ -351,10 +417,8 @@ class _ScaletrainArguments:
 
 
 _UNSUPPORTED_HINTS = {
-    "bf16": "bf16 mixed precision lands with the memory-middleware work; train in fp32 for now",
-    "fp16": "fp16 mixed precision lands with the memory-middleware work; train in fp32 for now",
-    "gradient_checkpointing": "activation checkpointing lands with the memory-middleware work",
-    "auto_find_batch_size": "the batch-size finder lands with the memory-middleware work",
+    "bf16_full_eval": "evaluation runs in the training precision (bf16/fp16 autocast or the backend's policy)",
+    "fp16_full_eval": "evaluation runs in the training precision (bf16/fp16 autocast or the backend's policy)",
     "eval_accumulation_steps": "scaletrain already moves predictions to host memory after every eval batch",
     "average_tokens_across_devices": "scaletrain always normalises the loss by the global token count",
     "push_to_hub": "export the saved folder and push it with huggingface_hub",
@@ -375,6 +439,11 @@ _HF_FSDP_CONFIG_KEYS = {
 def _read_json_option(name: str, value: Union[str, dict]) -> dict:
     if isinstance(value, dict):
         return dict(value)
+    if value.lstrip().startswith("{"):  # inline JSON, as HF's command line accepts
+        try:
+            return dict(json.loads(value))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{name}={value!r} is not valid JSON: {exc}") from exc
     try:
         with open(value) as fh:
             loaded = json.load(fh)

@@ -76,7 +76,7 @@ def _accelerate_settings() -> dict[str, Any]:
         if _flag("FSDP_CPU_RAM_EFFICIENT_LOADING"):
             settings["fsdp_low_memory_init"] = True
         if _flag("FSDP_ACTIVATION_CHECKPOINTING"):
-            refuse.append("FSDP_ACTIVATION_CHECKPOINTING=true (activation checkpointing is not available yet)")
+            settings["activation_checkpointing"] = True
     if _flag("ACCELERATE_USE_DEEPSPEED"):
         stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
         if stage not in ("1", "2", "3"):
@@ -89,9 +89,11 @@ def _accelerate_settings() -> dict[str, Any]:
         if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
             settings["deepspeed"] = os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if precision != "no":
-        refuse.append(f"ACCELERATE_MIXED_PRECISION={precision} (mixed precision is not available yet; "
-                      "launch with --mixed_precision no)")
+    if precision in ("bf16", "fp16"):
+        settings[precision] = True
+    elif precision != "no":
+        refuse.append(f"ACCELERATE_MIXED_PRECISION={precision} (scaletrain does bf16 or fp16; fp8 is not "
+                      "supported: launch with --mixed_precision bf16)")
     if refuse:
         settings["refuse"] = refuse
     return settings

@@ -6,6 +6,7 @@ DDP and the sharded backends is a method of the Strategy object.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -35,9 +36,14 @@ from .args import NotSupportedError, TrainingArguments
 from .callbacks import JsonlMetricsCallback, ProgressCallback, WandbCallback
 from .checkpoint import CheckpointError, CheckpointManager, latest_checkpoint
 from .checkpoint.manager import PREFIX as CHECKPOINT_PREFIX
+from .checkpoint.manager import capture_rng_state, restore_rng_state
 from .data.loaders import build_eval_dataloader, build_train_dataloader, prepare_dataset, signature_columns
 from .data.samplers import ResumableShardedSampler, ShardedIterable
 from .distributed import configure_threads
+from .memory import PeakMemory, device_memory_capacity, optimizer_state_bytes_to_come, parse_bytes
+from .middleware import build_middleware
+from .middleware.batch_finder import BatchSizeChoice
+from .middleware.batch_finder import choose as choose_batch_size
 from .strategies import Strategy, build_strategy
 
 logger = logging.getLogger(__name__)
@@ -92,9 +98,11 @@ class Trainer:
             )
         if optimizer_cls_and_kwargs is not None and optimizers[0] is not None:
             raise ValueError("pass either optimizers or optimizer_cls_and_kwargs, not both")
-        self.args = args
         self.strategy = strategy if strategy is not None else build_strategy(args)
+        # the launcher may have added settings (accelerate's --mixed_precision, --use_fsdp, ...)
+        self.args = args = self.strategy.args if strategy is None else args
         self.strategy.setup_environment()
+        self.middleware = build_middleware(args, self.strategy)
         self.num_threads = configure_threads(self.strategy.env, args.torch_threads)
         set_seed(args.seed)
 
@@ -136,6 +144,9 @@ class Trainer:
         )
         self.control = TrainerControl()
         self._label_shift: Optional[int] = None
+        self._skipped_steps = 0
+        self._longest_example = None  # (row, collator), for the batch finder's probes
+        self.batch_size_choice: Optional[BatchSizeChoice] = None
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
 
     # ---------------------------------------------------------------- public
@@ -281,6 +292,10 @@ class Trainer:
         world = self.strategy.world_size
         return [c * world / global_items for c in counts], global_items
 
+    def compute_loss_context_manager(self):
+        """Around every forward: autocast when the precision middleware asks for it."""
+        return self.middleware.forward_context()
+
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         device = self.strategy.device
         if device.type == "cpu":
@@ -291,10 +306,11 @@ class Trainer:
                       loss_weight: float = 1.0) -> torch.Tensor:
         """Forward + backward of one micro-batch; returns the weighted loss, detached."""
         inputs = self._prepare_inputs(inputs)
-        loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         if loss_weight != 1.0:
             loss = loss * loss_weight
-        self.strategy.backward(loss)
+        self.strategy.backward(self.middleware.scale_loss(loss))
         return loss.detach()
 
     # ------------------------------------------------------------------ train
@@ -306,6 +322,68 @@ class Trainer:
         if model is None:
             raise ValueError("model_init returned None")
         return model
+
+    def _setup_model(self) -> None:
+        """Middleware first (precision policy, activation checkpointing), then
+        the strategy wraps/shards the model and builds its optimizer."""
+        self.middleware.configure_strategy(self.strategy)
+        model = self.middleware.transform_model(self.model, self.strategy)
+        user_optimizer = self.optimizer
+        self.model_wrapped, self.optimizer = self.strategy.setup(
+            model, lambda module: user_optimizer if user_optimizer is not None else self.create_optimizer(module))
+
+    # ----------------------------------------------------------- batch finder
+    def _find_batch_size(self) -> BatchSizeChoice:
+        """Pre-flight (see middleware/batch_finder.py): measure real training
+        micro-steps at the longest sequence, pick the micro-batch, keep the
+        global batch. Leaves no trace: gradients dropped, RNG restored."""
+        args = self.args
+        budget = self._memory_budget()
+        rng = capture_rng_state()
+        try:
+            choice = choose_batch_size(self.measure_step_memory, budget, args.per_device_train_batch_size,
+                                       args.gradient_accumulation_steps)
+        finally:
+            restore_rng_state(rng)
+        logger.info(choice.summary(args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                                      self.strategy.world_size))
+        self.args = dataclasses.replace(args, per_device_train_batch_size=choice.per_device,
+                                        gradient_accumulation_steps=choice.accumulation)
+        return choice
+
+    def measure_step_memory(self, micro_batch: int) -> int:
+        """Peak bytes per rank (the most over ranks; every rank must call this)
+        of one training micro-step of `micro_batch` copies of the longest
+        training example: the state held before it, plus what forward and
+        backward allocate, plus optimizer state that is not allocated yet. The
+        gradients are discarded; the model must be set up (train() does it)."""
+        if self._longest_example is None:
+            dataset, collator = prepare_dataset(self.train_dataset, self.data_collator, self._columns(), "training")
+            self._longest_example = (_longest_row(dataset), collator)
+        row, collator = self._longest_example
+        self.model_wrapped.train()
+        batch = self._prepare_inputs(collator([row] * micro_batch))
+        with PeakMemory(self.strategy.device) as peak:
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(self.model_wrapped, batch)
+            self.strategy.backward(self.middleware.scale_loss(loss))
+            del loss
+        self.strategy.discard_gradients(self.model_wrapped, self.optimizer)
+        held = peak.baseline if peak.baseline is not None else \
+            self.strategy.held_state_numel(self.model_wrapped, self.optimizer)["bytes"]
+        total = held + peak.peak + optimizer_state_bytes_to_come(self.optimizer)
+        # every rank follows the worst rank's measurement, so all take the same path
+        worst = torch.tensor([float(total)], dtype=torch.float64, device=self.strategy.device)
+        return int(self.strategy.all_reduce_max(worst).item())
+
+    def _memory_budget(self) -> int:
+        if self.args.batch_finder_memory_budget is not None:
+            return parse_bytes(self.args.batch_finder_memory_budget, "batch_finder_memory_budget")
+        capacity = device_memory_capacity(self.strategy.device)
+        if capacity is None:
+            raise ValueError("auto_find_batch_size on CPU needs batch_finder_memory_budget (e.g. '4GiB'): a CPU "
+                             "has no device memory to fill")
+        return int(capacity * 0.9)  # headroom for the allocator's fragmentation and communication buffers
 
     def _plan(self, loader: DataLoader) -> tuple[int, int, Optional[int]]:
         """(max_steps, epochs, micro-batches per epoch or None for iterables)."""
@@ -365,13 +443,17 @@ class Trainer:
             self.optimizer, self.lr_scheduler = None, None
         # accumulation may change on resume (another world size, same global batch)
         self._accumulation = self._accumulation_for_resume(resume_path) if resume_path else args.gradient_accumulation_steps
+        args = self.args  # a resume may adopt the batch finder's earlier choice
         loader = self.get_train_dataloader()
         max_steps, num_epochs, per_epoch = self._plan(loader)
 
-        user_optimizer = self.optimizer
-        self.model_wrapped, self.optimizer = self.strategy.setup(
-            self.model, lambda module: user_optimizer if user_optimizer is not None else self.create_optimizer(module)
-        )
+        self._setup_model()
+        if args.auto_find_batch_size and resume_path is None:
+            self.batch_size_choice = self._find_batch_size()
+            args = self.args  # with the chosen per-device batch and accumulation
+            self._accumulation = args.gradient_accumulation_steps
+            loader = self.get_train_dataloader()
+            max_steps, num_epochs, per_epoch = self._plan(loader)
         self.create_scheduler(max_steps, self.optimizer)
 
         self.state = TrainerState(
@@ -386,6 +468,7 @@ class Trainer:
         )
         self.state.eval_steps = self._interval(args.eval_steps, max_steps, self.state.logging_steps)
         start_epoch, skip_micro = 0, 0
+        self._skipped_steps = 0  # optimizer steps skipped on fp16 overflow, over the whole run
         if resume_path is not None:
             start_epoch, skip_micro = self._resume(resume_path, max_steps)
         if self.strategy.is_main:
@@ -492,14 +575,19 @@ class Trainer:
                 step_loss += self.training_step(self.model_wrapped, batch, global_items, loss_weight=weight)
             if i != last:
                 self.control = handler.on_substep_end(args, self.state, self.control)
+        self.middleware.before_optimizer_step(self.optimizer)  # e.g. unscale fp16 gradients
         self.control = handler.on_pre_optimizer_step(args, self.state, self.control)
         if args.max_grad_norm is not None and args.max_grad_norm > 0:
             self._last_grad_norm = self.strategy.clip_grad_norm_(self.model_wrapped, args.max_grad_norm)
-        self.strategy.optimizer_step(self.optimizer)
+        stepped = self.middleware.optimizer_step(self.optimizer, lambda: self.strategy.optimizer_step(self.optimizer))
         if args.max_grad_norm is not None and args.max_grad_norm > 0 and self._last_grad_norm is None:
             self._last_grad_norm = self.strategy.reported_grad_norm(self.model_wrapped)
         self.control = handler.on_optimizer_step(args, self.state, self.control)
-        self.lr_scheduler.step()
+        if stepped:
+            self.lr_scheduler.step()
+        else:  # an fp16 overflow: the weights did not move, so neither does the schedule
+            self._skipped_steps += 1
+            logger.info("step %d skipped: inf/NaN gradients (fp16 overflow)", self.state.global_step + 1)
         self.optimizer.zero_grad(set_to_none=True)
 
         step_loss = step_loss / self.strategy.world_size
@@ -541,6 +629,9 @@ class Trainer:
         }
         if self._last_grad_norm is not None:
             logs["grad_norm"] = float(self._last_grad_norm)
+        logs.update(self.middleware.log_values())
+        if self.middleware.items:
+            logs["skipped_steps"] = self._skipped_steps
         self._reset_log_window()
         return logs
 
@@ -606,6 +697,8 @@ class Trainer:
             progress={"epoch": epoch, "micro_batches_in_epoch": micro_done, "global_step": step,
                       "per_device_train_batch_size": self.args.per_device_train_batch_size,
                       "gradient_accumulation_steps": self._accumulation,
+                      "skipped_steps": self._skipped_steps,
+                      "middleware": self.middleware.state_dict(),
                       # what a run on another world size needs to find the same place
                       "samples_in_epoch": micro_done * self.args.per_device_train_batch_size * self.strategy.world_size},
             manifest_extra={"model_config_hash": self._model_config_hash(),
@@ -631,6 +724,7 @@ class Trainer:
                 f"family, or export it (scaletrain export) and start from the weights"
             )
         progress = json.loads((path / "progress.json").read_text())
+        self._adopt_found_batch_size(path, progress, manifest["world_size"])
         per_device, world = self.args.per_device_train_batch_size, self.strategy.world_size
         if progress.get("per_device_train_batch_size") != per_device:
             raise CheckpointError(
@@ -663,6 +757,23 @@ class Trainer:
         self.strategy.prepare_resume(manifest["world_size"], accumulation)
         return accumulation
 
+    def _adopt_found_batch_size(self, path: Path, progress: dict, saved_world: int) -> None:
+        """With auto_find_batch_size, a resume continues with the micro-batch the
+        finder chose for the checkpointed run (no new search), if its global
+        batch is the configured one."""
+        args = self.args
+        saved = (progress.get("per_device_train_batch_size"), progress.get("gradient_accumulation_steps"))
+        if not args.auto_find_batch_size or None in saved or saved[0] == args.per_device_train_batch_size:
+            return
+        configured = args.per_device_train_batch_size * args.gradient_accumulation_steps * self.strategy.world_size
+        if saved[0] * saved[1] * saved_world != configured:
+            raise CheckpointError(f"{path} has a global batch of {saved[0] * saved[1] * saved_world}; this run "
+                                  f"is configured for {configured}. Keep the batch settings to resume")
+        if saved_world == self.strategy.world_size:
+            logger.info("resuming with the batch finder's earlier choice: micro-batch %d x %d accumulation", *saved)
+            self.args = dataclasses.replace(args, per_device_train_batch_size=saved[0],
+                                            gradient_accumulation_steps=saved[1])
+
     def _write_model_files(self, folder: Path) -> None:
         """Config and tokenizer beside the state, so `scaletrain export` needs nothing else."""
         config = getattr(self.strategy.unwrap(self.model), "config", None)
@@ -680,6 +791,8 @@ class Trainer:
                 f"hash {manifest['model_config_hash']} != {expected}); resume with the model it was trained with"
             )
         _, progress = self.checkpoints.load(path, self.model_wrapped, self.optimizer, self.lr_scheduler)
+        self.middleware.load_state_dict(progress.get("middleware", {}))  # e.g. the fp16 loss scale
+        self._skipped_steps = int(progress.get("skipped_steps", 0))
         if manifest["world_size"] != self.strategy.world_size:
             # the same global samples are consumed; this rank's share of them differs
             progress["micro_batches_in_epoch"] = int(progress["samples_in_epoch"]) // (
@@ -756,7 +869,7 @@ class Trainer:
         if has_labels:
             labels = nested_detach(tuple(inputs[k] for k in self.label_names))
             labels = labels[0] if len(labels) == 1 else labels
-        with torch.no_grad():
+        with torch.no_grad(), self.compute_loss_context_manager():
             if has_labels:
                 loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
                 loss = loss.detach().mean()
@@ -782,7 +895,7 @@ class Trainer:
         if self.model_wrapped is None and self.strategy.eval_needs_all_ranks:
             # evaluate/predict before (or without) train(): a sharding backend
             # must still shard the model, or every rank would need all of it
-            self.model_wrapped, self.optimizer = self.strategy.setup(self.model, self.create_optimizer)
+            self._setup_model()
         model = self.strategy.eval_model(self.model_wrapped if self.model_wrapped is not None else self.model)
         model.eval()
         losses, preds, labels = [], [], []
@@ -856,6 +969,29 @@ def tied_copy_names(model: torch.nn.Module) -> set[str]:
     """Every name of a shared parameter after its first (named_parameters order)."""
     return {name for name, _ in model.named_parameters(remove_duplicate=False)} - {
         name for name, _ in model.named_parameters()}
+
+
+def _longest_row(dataset) -> Any:
+    """The training example with the longest sequence (the batch finder's
+    worst case); iterable datasets are scanned over their first 10,000 rows."""
+    def length(row) -> int:
+        values = row.values() if hasattr(row, "values") else [row]
+        return max((len(v) for v in values if hasattr(v, "__len__") and not isinstance(v, str)), default=0)
+
+    if isinstance(dataset, (IterableDataset, ShardedIterable)):
+        import itertools
+
+        rows = itertools.islice(iter(dataset), 10_000)
+    else:
+        rows = (dataset[i] for i in range(len(dataset)))
+    best, best_len = None, -1
+    for row in rows:
+        n = length(row)
+        if n > best_len:
+            best, best_len = row, n
+    if best is None:
+        raise ValueError("auto_find_batch_size needs a non-empty training dataset")
+    return best
 
 
 def _concat(parts: list[Any]) -> Any:

@@ -134,8 +134,11 @@ def test_accelerate_launch_settings_pick_and_configure_the_strategy(monkeypatch)
     with pytest.raises(ValueError, match="the launcher asks for strategy 'fsdp' but the config sets strategy='ddp'"):
         build_strategy(args(strategy="ddp"), env)
     monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
-    with pytest.raises(NotSupportedError, match="FSDP_ACTIVATION_CHECKPOINTING"):
-        build_strategy(args(), read_env())
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    configured = build_strategy(args(), read_env()).args
+    assert configured.activation_checkpointing and configured.bf16 and not configured.fp16
+    with pytest.raises(ValueError, match="--mixed_precision and the config's bf16/fp16 disagree"):
+        build_strategy(args(fp16=True), read_env())
 
 
 def test_accelerate_deepspeed_settings(monkeypatch):
@@ -146,7 +149,10 @@ def test_accelerate_deepspeed_settings(monkeypatch):
     assert strategy.name == "zero3" and strategy.args.offload_params
     assert strategy.config["zero_optimization"]["offload_param"]["device"] == "cpu"
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
-    with pytest.raises(NotSupportedError, match="ACCELERATE_MIXED_PRECISION=bf16"):
+    strategy = build_strategy(args(), read_env())
+    assert strategy.config["bf16"]["enabled"] is True and strategy.config["fp16"]["enabled"] is False
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(NotSupportedError, match="ACCELERATE_MIXED_PRECISION=fp8"):
         build_strategy(args(), read_env())
 
 

@@ -44,7 +44,7 @@ def apply_launcher_settings(args, env: DistEnv):
         raise NotSupportedError("the launcher asked for " + "; ".join(refused))
     if not settings:
         return args
-    wanted = settings.pop("strategy")
+    wanted = settings.pop("strategy", args.strategy)
     if args.strategy not in ("auto", wanted):
         raise ValueError(
             f"the launcher asks for strategy {wanted!r} but the config sets strategy={args.strategy!r}; "
@@ -55,7 +55,11 @@ def apply_launcher_settings(args, env: DistEnv):
                          "keep one of them")
     defaults = {f.name: f.default for f in dataclasses.fields(args)}
     # the config's explicit choices win over the launcher's defaults
-    changes = {k: v for k, v in settings.items() if getattr(args, k) == defaults[k]}
+    # (a flag the launcher turns on also overrides the config's False: the two are indistinguishable)
+    changes = {k: v for k, v in settings.items()
+               if getattr(args, k) == defaults[k] or (v is True and not getattr(args, k))}
+    if (changes.get("bf16") and args.fp16) or (changes.get("fp16") and args.bf16):
+        raise ValueError("the launcher's --mixed_precision and the config's bf16/fp16 disagree; keep one of them")
     return dataclasses.replace(args, strategy=wanted, **changes)
 
 

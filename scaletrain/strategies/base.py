@@ -108,8 +108,30 @@ class Strategy(abc.ABC):
     def clip_grad_norm_(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(self.unwrap(model).parameters(), max_norm)
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Step; False if the backend skipped it (e.g. its own fp16 overflow check)."""
         optimizer.step()
+        return True
+
+    # ------------------------------------------------------------ precision
+    def enable_mixed_precision(self, dtype: torch.dtype) -> bool:
+        """Called before setup(). True if this backend then computes in `dtype`
+        itself (a precision policy); False asks for torch.autocast around forwards."""
+        return False
+
+    def make_grad_scaler(self):
+        """The fp16 loss scaler to use, or None if the backend scales the loss itself."""
+        return torch.amp.GradScaler(self.device.type)
+
+    def loss_scale(self):
+        """The backend's own fp16 loss scale, for the logs (None: no such scaler)."""
+        return None
+
+    def discard_gradients(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Drop gradients without stepping (after a memory probe), leaving the
+        next step exactly as if the probe had not run."""
+        optimizer.zero_grad(set_to_none=True)
+        self.unwrap(model).zero_grad(set_to_none=True)
 
     def reported_grad_norm(self, model: torch.nn.Module):
         """The gradient norm of the last step when the backend computes it

@@ -81,8 +81,8 @@ def _owned_values(args, stage: int, world_size: int) -> dict[str, tuple[Any, str
         "zero_optimization.stage": (stage, "strategy (zero1|zero2|zero3)"),
         "zero_optimization.offload_optimizer.device": (offload_device[args.offload_optimizer], "offload_optimizer"),
         "zero_optimization.offload_param.device": (offload_device[args.offload_params], "offload_params"),
-        "fp16.enabled": (False, "fp16 (precision arguments)"),
-        "bf16.enabled": (False, "bf16 (precision arguments)"),
+        "fp16.enabled": (bool(args.fp16), "fp16"),
+        "bf16.enabled": (bool(args.bf16), "bf16"),
         "optimizer": (None, "optim / learning_rate / adam_* / weight_decay (scaletrain builds the optimizer)"),
         "scheduler": (None, "lr_scheduler_type / warmup_* (scaletrain steps the scheduler)"),
     }
@@ -193,6 +193,11 @@ class DeepSpeedStrategy(Strategy):
                 "through its engine, synchronously; leave it False (it works with single, ddp and fsdp)"
             )
         on_cuda = torch.cuda.is_available() and not args.use_cpu
+        if args.fp16 and not on_cuda:
+            raise NotSupportedError(
+                f"fp16=True with strategy {args.strategy} needs a GPU: DeepSpeed refuses fp16 on CPU. Use bf16=True "
+                "(DeepSpeed supports it on CPU), or fp16 with strategy ddp or fsdp (torch autocast + GradScaler)"
+            )
         self.config = build_deepspeed_config(args, self.stage, self.world_size, on_cuda)
         self.engine = None
         self._hf_zero3 = None
@@ -226,6 +231,7 @@ class DeepSpeedStrategy(Strategy):
     def setup(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory):
         import deepspeed
 
+        self._size_buckets(model)
         optimizer = self._offload_friendly(optimizer_factory(model))
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config,
                                                dist_init_required=False)
@@ -235,6 +241,19 @@ class DeepSpeedStrategy(Strategy):
         # schedulers and HF callbacks need a torch Optimizer, and the wrapper
         # steps through the very same param_groups (lr changes reach it).
         return engine, optimizer
+
+    def _size_buckets(self, model: torch.nn.Module) -> None:
+        """Communication buckets sized to the model, as the HF integration's
+        "auto" does (hidden_size squared). DeepSpeed's default of 5e8 elements
+        allocates a 2 GB fp32 reduction buffer per rank even for a small model.
+        Sizes set in the deepspeed section are kept."""
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        if not hidden:
+            return
+        zero = self.config.setdefault("zero_optimization", {})
+        zero.setdefault("reduce_bucket_size", hidden * hidden)
+        if self.stage == 3:
+            zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden))
 
     def _offload_friendly(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """With optimizer offload on a GPU host, step AdamW with DeepSpeed's
@@ -267,8 +286,48 @@ class DeepSpeedStrategy(Strategy):
     def clip_grad_norm_(self, model: torch.nn.Module, max_norm: float):
         return None  # the engine clips inside step() (gradient_clipping in its config)
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
         self.engine.step()
+        return self.engine.was_step_applied()  # False after an fp16 overflow
+
+    def enable_mixed_precision(self, dtype: torch.dtype) -> bool:
+        # the bf16/fp16 block was generated from the same arguments
+        return True
+
+    def make_grad_scaler(self):
+        return None  # the engine's dynamic loss scaler (fp16 block)
+
+    def discard_gradients(self, model: torch.nn.Module, optimizer) -> None:
+        """Gradients of a probe backward live in stage-specific buffers, and
+        the ZeRO optimizers count micro-steps; a plain zero_grad leaves stage 2
+        adding the probe into the next step and stage 3 copying/adding wrongly.
+        Verified: training after probes + this is identical (==) to training
+        without probes, stages 1-3, fp32 and bf16, 1 and 2 ranks."""
+        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+        zero = self.engine.optimizer
+        if isinstance(zero, BF16_Optimizer):
+            zero.zero_grad(set_to_none=True)
+        elif self.stage in (1, 2):
+            from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+            zero.zero_grad(set_to_none=True)
+            zero._release_preflattened_grad_buffers()
+            for key in list(zero.averaged_gradients):
+                zero.averaged_gradients[key] = None
+            for key in list(zero.all_grad_tensors):
+                zero.all_grad_tensors[key] = None
+            zero.micro_step_id = INITIAL_MICRO_STEP_ID
+        else:
+            zero.zero_grad(set_to_none=True)  # resets the micro-step count: the next backward copies
+            zero.grad_partitions_flat_buffer.zero_()  # parameters unused next step must not keep probe gradients
+        self.engine.zero_grad()
+        self.engine.set_gradient_accumulation_boundary(True)
+
+    def loss_scale(self):
+        optimizer = getattr(self.engine, "optimizer", None)
+        scale = getattr(optimizer, "cur_scale", None) if self.args.fp16 else None
+        return float(scale) if scale is not None else None
 
     def reported_grad_norm(self, model: torch.nn.Module):
         return self.engine.get_global_grad_norm()

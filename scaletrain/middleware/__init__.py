@@ -1,0 +1,92 @@
+"""Memory features as middleware: objects the trainer calls at fixed points.
+
+Order matters and is explicit (`build_middleware`): model transforms run before
+the strategy wraps or shards the model (activation checkpointing must sit
+inside FSDP2's units), strategy configuration runs before setup (FSDP2's
+MixedPrecisionPolicy, DeepSpeed's bf16/fp16 block), and the step-time hooks
+wrap the forward (autocast) and the optimizer step (loss scaling).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from .base import Middleware
+from .activation_ckpt import ActivationCheckpointing
+from .precision import MixedPrecision
+
+
+class MiddlewareStack:
+    """The configured middleware, called in order (reverse order for the
+    hooks that unwind, like nested context managers)."""
+
+    def __init__(self, items: list[Middleware]) -> None:
+        self.items = items
+
+    def configure_strategy(self, strategy) -> None:
+        for item in self.items:
+            item.configure_strategy(strategy)
+
+    def transform_model(self, model: torch.nn.Module, strategy) -> torch.nn.Module:
+        for item in self.items:
+            model = item.transform_model(model, strategy)
+        return model
+
+    @contextlib.contextmanager
+    def forward_context(self):
+        with contextlib.ExitStack() as stack:
+            for item in self.items:
+                stack.enter_context(item.forward_context())
+            yield
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        for item in self.items:
+            loss = item.scale_loss(loss)
+        return loss
+
+    def before_optimizer_step(self, optimizer) -> None:
+        for item in self.items:
+            item.before_optimizer_step(optimizer)
+
+    def optimizer_step(self, optimizer, step) -> bool:
+        """Run `step` unless a middleware skips it (an fp16 overflow); True if it ran."""
+        for item in self.items:
+            ran = item.optimizer_step(optimizer, step)
+            if ran is not None:
+                return ran
+        return step() is not False  # a backend may skip on its own (DeepSpeed's fp16 overflow check)
+
+    def after_optimizer_step(self, stepped: bool) -> None:
+        for item in reversed(self.items):
+            item.after_optimizer_step(stepped)
+
+    def log_values(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for item in self.items:
+            out.update(item.log_values())
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {item.name: state for item in self.items if (state := item.state_dict())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for item in self.items:
+            if item.name in state:
+                item.load_state_dict(state[item.name])
+
+    def describe(self) -> str:
+        return ", ".join(item.describe() for item in self.items) or "none"
+
+
+def build_middleware(args, strategy) -> MiddlewareStack:
+    items: list[Middleware] = []
+    if args.bf16 or args.fp16:
+        items.append(MixedPrecision(torch.bfloat16 if args.bf16 else torch.float16, strategy))
+    if args.activation_checkpointing:
+        items.append(ActivationCheckpointing(args.activation_checkpointing_kwargs or {}))
+    return MiddlewareStack(items)
+
+
+__all__ = ["Middleware", "MiddlewareStack", "MixedPrecision", "ActivationCheckpointing", "build_middleware"]

@@ -1,0 +1,80 @@
+"""Activation checkpointing: keep only each block's input in the forward and
+recompute the block in backward.
+
+Always non-reentrant: reentrant checkpointing runs backward twice through the
+same parameters, which DDP reports as "marked ready twice" and which loses
+gradients when the block's inputs do not require grad (a frozen base under
+LoRA). Applied before the strategy wraps the model, so under FSDP2 the
+recompute sits inside each sharded unit, whose pre-backward hook has gathered
+the parameters by then.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..modeling import block_classes
+from .base import Middleware
+
+logger = logging.getLogger(__name__)
+
+
+class ActivationCheckpointing(Middleware):
+    name = "activation_checkpointing"
+
+    def __init__(self, kwargs: dict[str, Any]) -> None:
+        kwargs = dict(kwargs)
+        self.every_n_layers = int(kwargs.pop("every_n_layers", 1))
+        self.offload = bool(kwargs.pop("offload", False))
+        self.checkpoint_kwargs = {**kwargs, "use_reentrant": False}
+        self.checkpointed = 0
+
+    def transform_model(self, model: torch.nn.Module, strategy) -> torch.nn.Module:
+        if self.offload and strategy.device.type != "cuda":
+            raise ValueError("activation_checkpointing_kwargs offload=True moves saved activations to pinned host "
+                             "memory and needs a GPU; on CPU they already are in host memory: drop offload")
+        if callable(getattr(model, "activation_checkpointing_enable", None)) and \
+                getattr(model, "supports_gradient_checkpointing", False):
+            # transformers' own layer hook: handles use_cache and input grads
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=self.checkpoint_kwargs,
+                                                  every_n_layers=self.every_n_layers, offload=self.offload)
+            self.checkpointed = sum(1 for m in model.modules() if getattr(m, "gradient_checkpointing", False)
+                                    and type(m).__name__ != type(model).__name__)
+        else:
+            if self.offload:
+                raise ValueError(f"activation checkpointing offload needs a transformers model; "
+                                 f"{type(model).__name__} is not one")
+            self.checkpointed = self._wrap_blocks(model)
+        if not self.checkpointed:
+            raise ValueError(f"activation checkpointing found no transformer blocks to checkpoint in "
+                             f"{type(model).__name__}; set fsdp_layer_classes to its block class")
+        logger.info("activation checkpointing: %d blocks (every %d)", self.checkpointed, self.every_n_layers)
+        return model
+
+    def _wrap_blocks(self, model: torch.nn.Module) -> int:
+        """For models without transformers' hook: checkpoint the forward of every
+        k-th repeated block. The instance's `forward` is replaced, so parameter
+        names (and therefore checkpoints) do not change."""
+        classes = block_classes(model)
+        blocks = [m for m in model.modules() if isinstance(m, classes)]
+        chosen = blocks[:: self.every_n_layers]
+        for block in chosen:
+            block.forward = _checkpointed(block, block.forward, self.checkpoint_kwargs)
+        return len(chosen)
+
+    def describe(self) -> str:
+        return f"activation checkpointing (every {self.every_n_layers})"
+
+
+def _checkpointed(module: torch.nn.Module, forward, kwargs: dict[str, Any]):
+    @functools.wraps(forward)
+    def run(*args, **kw):
+        if module.training and torch.is_grad_enabled():
+            return checkpoint(forward, *args, **kwargs, **kw)
+        return forward(*args, **kw)
+
+    return run
