@@ -1,4 +1,5 @@
-"""`scaletrain train CONFIG [--field value ...]` and `scaletrain export CHECKPOINT OUT_DIR`.
+"""`scaletrain train CONFIG [--field value ...]`, `scaletrain export CHECKPOINT OUT_DIR` and
+`scaletrain estimate CONFIG [--world-size N]`.
 
 The same command runs alone or under torchrun / accelerate launch / SLURM: the
 launcher's environment decides the world size, the config decides the rest.
@@ -105,6 +106,26 @@ def _export(checkpoint: str, out_dir: str) -> int:
     return 0
 
 
+def _estimate(config_name: str, world_size: int | None, overrides: list[str]) -> int:
+    from .estimate import estimate_table, model_shape_from_config, world_sizes_for
+
+    try:
+        cfg = load_config(resolve_config_path(config_name), overrides)
+        shape, model_name = model_shape_from_config(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"scaletrain: error: {exc}", file=sys.stderr)
+        return 2
+    args = cfg.training
+    precision = "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32")
+    print(f"{model_name}: {shape.parameters:,} trainable parameters, micro-batch {args.per_device_train_batch_size} x "
+          f"{cfg.data.max_length} tokens, {precision}, activation checkpointing "
+          f"{'on' if args.activation_checkpointing else 'off'} (Adam(W); per rank)\n")
+    print(estimate_table(shape, world_sizes_for(world_size), precision, args.per_device_train_batch_size,
+                         cfg.data.max_length, args.activation_checkpointing, args.offload_optimizer,
+                         args.offload_params, args.gradient_accumulation_steps))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scaletrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,11 +136,18 @@ def main(argv: list[str] | None = None) -> int:
                                            "checkpoint of any strategy, in one CPU process")
     export.add_argument("checkpoint", help="an output_dir/checkpoint-<step> folder")
     export.add_argument("out_dir", help="where to write the HF folder")
+    est = sub.add_parser("estimate", help="predicted per-rank memory of a config under every strategy, for any "
+                                          "world size (no GPU needed)")
+    est.add_argument("config", help="YAML file or built-in recipe")
+    est.add_argument("--world-size", type=int, default=None, help="ranks to predict for (default: 1, 2, 8, 64)")
+    est.add_argument("overrides", nargs=argparse.REMAINDER, help="--field value pairs")
     # the deepspeed launcher appends --local_rank=N; the environment says the same
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
     args = parser.parse_args(argv)
     if args.command == "export":
         return _export(args.checkpoint, args.out_dir)
+    if args.command == "estimate":
+        return _estimate(args.config, args.world_size, args.overrides)
     try:
         cfg, env, strategy, task = _prepare(args.config, args.overrides)
     except ConfigError as exc:

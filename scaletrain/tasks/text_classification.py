@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub is reachable; never wait for one
 
@@ -110,10 +111,31 @@ def _apply_dropout(config: Any, value: Optional[float]) -> None:
             setattr(config, key, value)
 
 
+def _model_config(cfg, path: str, **labels):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True, **labels)
+    _apply_dropout(config, cfg.model.dropout)
+    for key, value in (cfg.model.config_overrides or {}).items():
+        if not hasattr(config, key):
+            raise ValueError(f"model.config_overrides: {type(config).__name__} has no field {key!r}")
+        setattr(config, key, value)
+    return config
+
+
+def build_model_on_meta(cfg) -> torch.nn.Module:
+    """The configured architecture without weights or memory (for estimates)."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = _model_config(cfg, resolve_model_path(cfg.model.name_or_path))
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config)
+
+
 def build_task(cfg) -> Task:
     """Model, tokenizer and tokenized datasets for a RunConfig."""
     from datasets import Dataset
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     data = cfg.data
     if data.dataset not in DATASETS:
@@ -128,14 +150,7 @@ def build_task(cfg) -> Task:
 
     path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    config = AutoConfig.from_pretrained(
-        path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label_id, local_files_only=True
-    )
-    _apply_dropout(config, cfg.model.dropout)
-    for key, value in (cfg.model.config_overrides or {}).items():
-        if not hasattr(config, key):
-            raise ValueError(f"model.config_overrides: {type(config).__name__} has no field {key!r}")
-        setattr(config, key, value)
+    config = _model_config(cfg, path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label_id)
 
     def from_config():
         return AutoModelForSequenceClassification.from_config(config)

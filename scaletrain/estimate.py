@@ -1,0 +1,184 @@
+"""Per-rank memory prediction for every strategy and precision, for any world size.
+
+Model states (Ψ = trainable parameters, N = ranks, Adam(W)):
+
+    strategy   parameters           gradients            optimizer state
+    single     4Ψ                   4Ψ                   8Ψ  (two fp32 moments)
+    ddp        4Ψ                   4Ψ                   8Ψ  (+ 4Ψ gradient buckets, under buffers)
+    fsdp       4Ψ/N                 4Ψ/N                 8Ψ/N
+    zero1      dΨ                   dΨ/N (+ dΨ if k>1)   8Ψ/N + 4Ψ/N fp32 master partition
+    zero2      dΨ                   dΨ/N                 8Ψ/N + 4Ψ/N
+    zero3      dΨ/N                 dΨ/N                 8Ψ/N + 4Ψ/N
+
+d is the parameter width DeepSpeed trains in (4 fp32, 2 bf16/fp16); single,
+DDP and FSDP keep fp32 parameters under mixed precision (autocast / FSDP2's
+MixedPrecisionPolicy cast on the fly). DeepSpeed keeps an fp32 master
+partition beside its parameters even in fp32 (measured), reduces gradients
+bucket by bucket into the rank's partition at the step's last micro-batch,
+and (stage 1 only) accumulates full gradients over the k-1 micro-batches
+before it when k > 1. These are the ZeRO
+paper's formulas (Rajbhandari et al., 2020) with DeepSpeed's actual layout;
+ZeRO's 16Ψ total for mixed precision is 2Ψ + 2Ψ + 12Ψ here.
+
+Buffers: DDP's gradient buckets (4Ψ), DeepSpeed's reduction bucket
+(reduce_bucket_size elements) and FSDP's unsharded block (the largest block,
+gathered in the compute dtype, twice with prefetch).
+
+Activations per micro-batch of b sequences of length s, hidden size h, a
+heads, L layers, vocabulary V (Korthikanti et al., 2022, without dropout
+masks when dropout is off): each layer keeps about s·b·h·(34 + 5·a·s/h)
+bytes at 16 bits (twice at fp32); with activation checkpointing a layer
+keeps only its input (s·b·h values) and one layer's activations are live
+during its recompute. The logits add s·b·V fp32 values three times (logits,
+their log-softmax, its gradient).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .memory import format_bytes
+
+STRATEGY_NAMES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3")
+DEEPSPEED_DEFAULT_REDUCE_BUCKET = 500_000_000
+
+
+@dataclass
+class ModelShape:
+    parameters: int  # trainable elements
+    largest_block: int  # elements of the largest transformer block (FSDP's unit)
+    hidden: int
+    heads: int
+    layers: int
+    vocab: int
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "ModelShape":
+        from .modeling import block_classes
+
+        config = getattr(model, "config", None)
+        blocks = [m for m in model.modules() if isinstance(m, block_classes(model))]
+        get = (lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None)), 0))
+        return cls(
+            parameters=sum(_numel(p) for p in model.parameters() if p.requires_grad),
+            largest_block=max((sum(_numel(p) for p in b.parameters()) for b in blocks), default=0),
+            hidden=get("hidden_size", "n_embd", "d_model"),
+            heads=get("num_attention_heads", "n_head"),
+            layers=get("num_hidden_layers", "n_layer") or len(blocks),
+            # only a language-model head produces per-token vocabulary logits
+            vocab=get("vocab_size") if _has_lm_head(model) else 0,
+        )
+
+
+def _numel(param: torch.Tensor) -> int:
+    return getattr(param, "ds_numel", param.numel())  # a ZeRO-3 parameter is empty outside its gather
+
+
+def _has_lm_head(model: torch.nn.Module) -> bool:
+    get_head = getattr(model, "get_output_embeddings", None)
+    return callable(get_head) and get_head() is not None
+
+
+@dataclass
+class Estimate:
+    strategy: str
+    world_size: int
+    precision: str
+    parameters: float
+    gradients: float
+    optimizer: float
+    buffers: float
+    activations: float
+    offloaded: float  # bytes kept in host memory instead (DeepSpeed offload)
+
+    @property
+    def model_states(self) -> float:
+        return self.parameters + self.gradients + self.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.model_states + self.buffers + self.activations
+
+
+def estimate(shape: ModelShape, strategy: str, world_size: int, precision: str = "fp32", micro_batch: int = 1,
+             seq_len: int = 512, checkpointing: bool = False, offload_optimizer: bool = False,
+             offload_params: bool = False, reduce_bucket_size: Optional[int] = None,
+             accumulation: int = 1) -> Estimate:
+    if strategy not in STRATEGY_NAMES:
+        raise ValueError(f"strategy={strategy!r}: choose one of {STRATEGY_NAMES}")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision={precision!r}: choose fp32, bf16 or fp16")
+    psi, n = float(shape.parameters), (1 if strategy == "single" else world_size)
+    compute = 4 if precision == "fp32" else 2
+    buffers, offloaded = 0.0, 0.0
+    if strategy in ("single", "ddp"):
+        params, grads, optim = 4 * psi, 4 * psi, 8 * psi
+        if strategy == "ddp" and n > 1:
+            buffers = 4 * psi
+    elif strategy == "fsdp":
+        params, grads, optim = 4 * psi / n, 4 * psi / n, 8 * psi / n
+        buffers = 2 * compute * shape.largest_block + 4 * shape.largest_block
+    else:
+        width = compute  # DeepSpeed trains the module itself in the low precision
+        master, moments = 4 * psi / n, 8 * psi / n
+        params = width * psi / n if strategy == "zero3" else width * psi
+        grads = width * psi / n + (width * psi if strategy == "zero1" and accumulation > 1 else 0.0)
+        optim = master + moments
+        bucket = reduce_bucket_size if reduce_bucket_size is not None else min(DEEPSPEED_DEFAULT_REDUCE_BUCKET,
+                                                                               shape.hidden ** 2 or psi)
+        buffers = 4 * min(bucket, psi)
+        if offload_optimizer:
+            offloaded += optim
+            optim = 0.0
+        if offload_params and strategy == "zero3":
+            offloaded += params
+            params = 0.0
+    return Estimate(strategy, n, precision, params, grads, optim, buffers,
+                    activation_bytes(shape, micro_batch, seq_len, precision, checkpointing), offloaded)
+
+
+def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, precision: str, checkpointing: bool) -> float:
+    s, b, h, a = seq_len, micro_batch, shape.hidden, max(shape.heads, 1)
+    scale = 2.0 if precision == "fp32" else 1.0  # the formula counts 16-bit values
+    per_layer = s * b * h * (34 + 5 * a * s / max(h, 1)) * scale
+    if checkpointing:
+        layers = shape.layers * s * b * h * 2 * scale + per_layer
+    else:
+        layers = shape.layers * per_layer
+    logits = 3 * 4 * s * b * shape.vocab
+    return layers + logits
+
+
+def estimate_table(shape: ModelShape, world_sizes: list[int], precision: str, micro_batch: int, seq_len: int,
+                   checkpointing: bool, offload_optimizer: bool = False, offload_params: bool = False,
+                   accumulation: int = 1) -> str:
+    header = ("| strategy | ranks | precision | parameters | gradients | optimizer state | buffers | activations "
+              "| total per rank | offloaded to host |")
+    lines = [header, "|" + "---|" * 10]
+    for world in world_sizes:
+        for name in STRATEGY_NAMES:
+            if name == "single" and world > 1:
+                continue
+            e = estimate(shape, name, world, precision, micro_batch, seq_len, checkpointing,
+                         offload_optimizer and name.startswith("zero"), offload_params and name == "zero3",
+                         accumulation=accumulation)
+            lines.append(f"| {name} | {e.world_size} | {precision} | {format_bytes(e.parameters)} | "
+                         f"{format_bytes(e.gradients)} | {format_bytes(e.optimizer)} | {format_bytes(e.buffers)} | "
+                         f"{format_bytes(e.activations)} | {format_bytes(e.total)} | {format_bytes(e.offloaded)} |")
+    return "\n".join(lines)
+
+
+def model_shape_from_config(cfg) -> tuple[ModelShape, str]:
+    """The configured model, built on the meta device (no weights read, no memory)."""
+    from .tasks import build_model_on_meta
+
+    model = build_model_on_meta(cfg)
+    return ModelShape.of(model), type(model).__name__
+
+
+def world_sizes_for(requested: Optional[int]) -> list[int]:
+    if requested is not None:
+        return [requested]
+    return [1, 2, 8, 64]
