@@ -1,0 +1,247 @@
+"""Memory middleware in one process: mixed precision against fp32, fp16 overflow
+handling, activation checkpointing's gradients, the batch-size search, the
+memory estimator's formulas, and the misconfigurations refused up front.
+The same features on 2 ranks under every strategy: test_memory_distributed.py."""
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from helpers import RaggedLM, losses_of, tiny_gpt2
+from scaletrain import NotSupportedError, Trainer, TrainingArguments
+from scaletrain.estimate import ModelShape, estimate
+from scaletrain.memory import TensorPeakTracker, parse_bytes
+from scaletrain.middleware.batch_finder import BatchSizeError, choose, search_capacity
+
+STEPS = 6
+# bf16 keeps 8 significant bits (relative rounding 2^-9 ~ 0.2%); the loss is a
+# mean over ~600 targets, so rounding errors largely average out. Measured on
+# this model: bf16 within 1.5e-4 and fp16 within 6e-5 (relative) of fp32 over
+# 6 steps. 1e-2 (about five bf16 ulps) leaves room for other CPUs while a real
+# fault (unscaled fp16 gradients: updates 65536x too large; the wrong weights
+# in the optimizer) moves the loss by far more.
+PRECISION_RTOL = 1e-2
+
+
+def _args(out, **kw) -> TrainingArguments:
+    base = dict(output_dir=str(out), per_device_train_batch_size=8, max_steps=STEPS, logging_steps=1,
+                learning_rate=1e-2, disable_tqdm=True, save_strategy="no", optim="adamw_torch", seed=0)
+    return TrainingArguments(**{**base, **kw})
+
+
+def _train(out, model=None, callbacks=None, **kw) -> Trainer:
+    trainer = Trainer(model=model if model is not None else tiny_gpt2(), args=_args(out, **kw),
+                      train_dataset=RaggedLM(64), callbacks=callbacks)
+    trainer.train()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def fp32_losses(tmp_path_factory):
+    return losses_of(_train(tmp_path_factory.mktemp("fp32")))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_tracks_the_fp32_loss_curve(precision, tmp_path, fp32_losses):
+    trainer = _train(tmp_path, **{precision: True})
+    losses = losses_of(trainer)
+    np.testing.assert_allclose(losses, fp32_losses, rtol=PRECISION_RTOL)
+    # and it really ran in low precision: a repeated fp32 run is bit-identical
+    assert max(abs(a - b) for a, b in zip(losses, fp32_losses)) > 1e-6
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert all(e["skipped_steps"] == 0 for e in logs)
+    assert ("loss_scale" in logs[0]) == (precision == "fp16")
+
+
+class InjectInf(TrainerCallback):
+    """Puts an inf into one gradient element during the backward of step
+    `at_step` (1-based) on rank `on_rank`: the loss scaler must skip that step."""
+
+    def __init__(self, at_step: int, on_rank: int = 0) -> None:
+        self.at_step, self.on_rank = at_step, on_rank
+        self.weights: dict[int, dict[str, torch.Tensor]] = {}
+        self.lrs: dict[int, float] = {}
+        self.trainer = None
+
+    def attach(self, trainer) -> None:
+        self.trainer = trainer
+        module = trainer.model.transformer.h[0].mlp.c_fc
+
+        def pre_forward(mod, inputs):
+            due = trainer.state.global_step + 1 == self.at_step and trainer.strategy.rank == self.on_rank
+            if due and mod.training and torch.is_grad_enabled():
+                handle = None
+
+                def poison_once(grad: torch.Tensor) -> torch.Tensor:
+                    handle.remove()  # a parameter's hooks outlive the backward
+                    grad = grad.clone()
+                    grad.view(-1)[0] = float("inf")
+                    return grad
+
+                handle = mod.weight.register_hook(poison_once)
+
+        module.register_forward_pre_hook(pre_forward)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from scaletrain.strategies.base import _local
+
+        model = self.trainer.strategy.unwrap(self.trainer.model_wrapped)
+        self.weights[state.global_step] = {n: _local(p).detach().clone() for n, p in model.named_parameters()}
+        self.lrs[state.global_step] = self.trainer.lr_scheduler.get_last_lr()[0]
+
+
+def check_overflow_step_was_skipped(trainer, injector: InjectInf) -> None:
+    """Shared with the 2-rank test: the poisoned step left every weight and the
+    LR schedule where they were, halved the scale, and was counted."""
+    k = injector.at_step
+    before, after = injector.weights[k - 1], injector.weights[k]
+    assert all(torch.equal(before[n], after[n]) for n in before), "weights moved on the overflow step"
+    assert not all(torch.equal(after[n], injector.weights[k + 1][n]) for n in after), "training stopped"
+    assert injector.lrs[k] == injector.lrs[k - 1]
+    logs = {e["step"]: e for e in trainer.state.log_history if "loss" in e}
+    assert logs[k]["skipped_steps"] == logs[k - 1]["skipped_steps"] + 1
+    assert logs[k]["loss_scale"] == logs[k - 1]["loss_scale"] / 2
+    assert logs[STEPS]["skipped_steps"] == logs[k]["skipped_steps"]
+
+
+def test_fp16_overflow_skips_the_step_and_halves_the_scale(tmp_path):
+    injector = InjectInf(at_step=3)
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, fp16=True), train_dataset=RaggedLM(64),
+                      callbacks=[injector])
+    injector.attach(trainer)
+    trainer.train()
+    check_overflow_step_was_skipped(trainer, injector)
+
+
+def test_fp16_loss_scale_is_checkpointed_and_restored(tmp_path):
+    injector = InjectInf(at_step=2)
+    first = Trainer(model=tiny_gpt2(), args=_args(tmp_path, fp16=True, save_strategy="steps", save_steps=3),
+                    train_dataset=RaggedLM(64), callbacks=[injector])
+    injector.attach(first)
+    first.train()
+    resumed = Trainer(model=tiny_gpt2(seed=5), args=_args(tmp_path, fp16=True), train_dataset=RaggedLM(64))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    scale_at_3 = next(e["loss_scale"] for e in first.state.log_history if e.get("step") == 3 and "loss" in e)
+    assert scale_at_3 == 65536.0 / 2  # the overflow at step 2 halved it
+    assert losses_of(resumed)[3:] == losses_of(first)[3:]
+    resumed_logs = [e for e in resumed.state.log_history if "loss" in e and e["step"] > 3]
+    assert resumed_logs[0]["loss_scale"] == scale_at_3 and resumed_logs[0]["skipped_steps"] == 1
+
+
+@pytest.mark.parametrize("every_n_layers", [1, 2])
+def test_activation_checkpointing_gives_the_same_gradients(every_n_layers):
+    torch.manual_seed(0)
+    batch = {k: torch.stack([RaggedLM(8)[i][k] for i in range(8)]) for k in ("input_ids", "attention_mask", "labels")}
+
+    def gradients_and_peak(checkpointing: bool):
+        model = tiny_gpt2()
+        model.config.resid_pdrop = model.config.attn_pdrop = 0.1  # dropout must be replayed identically
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.1
+        if checkpointing:
+            from scaletrain.middleware import ActivationCheckpointing
+
+            ActivationCheckpointing({"every_n_layers": every_n_layers}).transform_model(model, _CPU)
+        model.train()
+        torch.manual_seed(1)
+        with TensorPeakTracker() as tracker:
+            model(**batch).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters()}, tracker.peak
+
+    plain, plain_peak = gradients_and_peak(False)
+    checkpointed, checkpointed_peak = gradients_and_peak(True)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=0, atol=0)  # the same ops, replayed
+    assert checkpointed_peak < plain_peak  # activations were really dropped
+
+
+class _CPU:
+    device = torch.device("cpu")
+
+
+# ------------------------------------------------------------------ batch finder
+def test_search_finds_the_boundary_within_the_probe_bound():
+    rnd = random.Random(0)
+    for _ in range(400):
+        upper = rnd.choice([4, 8, 16, 64, 100, 512, 4096])
+        fixed, per_row = rnd.uniform(1e6, 1e9), rnd.uniform(1e3, 1e7)
+        budget = fixed + per_row * rnd.uniform(1.5, upper * 1.3)
+
+        def measure(b):
+            return int(fixed + per_row * b)
+
+        true_max = max(b for b in range(1, upper + 1) if measure(b) <= budget)
+        capacity, probes = search_capacity(measure, budget, upper)
+        assert measure(capacity) <= budget
+        assert capacity >= 0.9 * true_max, (upper, true_max, capacity)
+        assert len(probes) <= math.ceil(math.log2(upper)) + 2, (upper, probes)
+
+
+def test_choice_keeps_the_global_batch_and_refuses_an_impossible_budget():
+    choice = choose(lambda b: 1000 + 100 * b, budget=1000 + 100 * 23, per_device=32, accumulation=2)
+    assert choice.capacity == 23 and choice.per_device == 16 and choice.accumulation == 4
+    with pytest.raises(BatchSizeError, match="a micro-batch of 1 already needs"):
+        choose(lambda b: 10**9, budget=10**6, per_device=8, accumulation=1)
+
+
+def test_single_process_finder_picks_a_fitting_batch_and_trains_like_the_chosen_config(tmp_path):
+    found = _train(tmp_path / "found", per_device_train_batch_size=32, auto_find_batch_size=True,
+                   batch_finder_memory_budget="1.5MiB")
+    choice = found.batch_size_choice
+    assert choice.per_device * choice.accumulation == 32 and choice.per_device < 32
+    assert max(m for b, m in choice.probes if b <= choice.capacity) <= parse_bytes("1.5MiB")
+    direct = _train(tmp_path / "direct", per_device_train_batch_size=choice.per_device,
+                    gradient_accumulation_steps=choice.accumulation)
+    # the probes left no trace: same weights, RNG and schedule as a run configured directly
+    assert losses_of(found) == losses_of(direct)
+
+
+# --------------------------------------------------------------------- estimator
+def test_estimator_formulas():
+    shape = ModelShape(parameters=1_000_000, largest_block=100_000, hidden=256, heads=4, layers=4, vocab=1000)
+    psi = 1_000_000
+    single = estimate(shape, "single", 1)
+    assert (single.parameters, single.gradients, single.optimizer) == (4 * psi, 4 * psi, 8 * psi)
+    fsdp = estimate(shape, "fsdp", 8)
+    assert fsdp.model_states == pytest.approx(16 * psi / 8)
+    z3 = estimate(shape, "zero3", 64, "bf16")  # ZeRO paper: 16Ψ/N in mixed precision
+    assert z3.model_states == pytest.approx(16 * psi / 64)
+    z2 = estimate(shape, "zero2", 64, "bf16")
+    assert z2.model_states == pytest.approx(2 * psi + 14 * psi / 64)
+    offloaded = estimate(shape, "zero3", 8, "bf16", offload_optimizer=True, offload_params=True)
+    assert offloaded.optimizer == 0 and offloaded.parameters == 0 and offloaded.offloaded == pytest.approx(14 * psi / 8)
+    plain = estimate(shape, "single", 1, micro_batch=8, seq_len=512)
+    checkpointed = estimate(shape, "single", 1, micro_batch=8, seq_len=512, checkpointing=True)
+    assert checkpointed.activations < plain.activations / 2
+
+
+# ---------------------------------------------------------------- misconfiguration
+@pytest.mark.parametrize("kw, error, message", [
+    ({"bf16": True, "fp16": True}, ValueError, "choose one"),
+    ({"strategy": "zero2", "fp16": True}, NotSupportedError, "DeepSpeed refuses fp16 on CPU. Use bf16=True"),
+    ({"auto_find_batch_size": True}, ValueError, "needs batch_finder_memory_budget"),
+    ({"auto_find_batch_size": True, "batch_finder_memory_budget": "lots"}, ValueError, "write e.g. '6GiB'"),
+    ({"batch_finder_memory_budget": "1GiB"}, ValueError, "auto_find_batch_size is False"),
+    ({"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": True}},
+     NotSupportedError, "use_reentrant=True is not supported"),
+    ({"activation_checkpointing": True, "activation_checkpointing_kwargs": {"every_n_layers": 0}},
+     ValueError, "every_n_layers=0"),
+    ({"activation_checkpointing_kwargs": {"every_n_layers": 2}}, ValueError, "activation_checkpointing is off"),
+])
+def test_memory_options_that_cannot_work_are_refused(kw, error, message):
+    from scaletrain.strategies import build_strategy
+
+    with pytest.raises(error, match=message):
+        build_strategy(TrainingArguments(output_dir="unused", **kw))
+
+
+def test_hf_gradient_checkpointing_names_still_work():
+    args = TrainingArguments(output_dir="unused", gradient_checkpointing=True,
+                             gradient_checkpointing_kwargs='{"every_n_layers": 2}')
+    assert args.activation_checkpointing and args.activation_checkpointing_kwargs == {"every_n_layers": 2}
