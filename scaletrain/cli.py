@@ -120,10 +120,25 @@ def _estimate(config_name: str, world_size: int | None, overrides: list[str]) ->
     print(f"{model_name}: {shape.parameters:,} trainable parameters, micro-batch {args.per_device_train_batch_size} x "
           f"{cfg.data.max_length} tokens, {precision}, activation checkpointing "
           f"{'on' if args.activation_checkpointing else 'off'} (Adam(W); per rank)\n")
+    every = (args.activation_checkpointing_kwargs or {}).get("every_n_layers", 1)
     print(estimate_table(shape, world_sizes_for(world_size), precision, args.per_device_train_batch_size,
-                         cfg.data.max_length, args.activation_checkpointing, args.offload_optimizer,
+                         cfg.data.max_length, every if args.activation_checkpointing else 0, args.offload_optimizer,
                          args.offload_params, args.gradient_accumulation_steps))
     return 0
+
+
+def _pop_world_size(overrides: list[str], world_size: int | None) -> tuple[list[str], int | None]:
+    """--world-size may also come after the config (argparse hands it to the overrides)."""
+    rest = []
+    items = iter(overrides)
+    for item in items:
+        if item == "--world-size":
+            world_size = int(next(items))
+        elif item.startswith("--world-size="):
+            world_size = int(item.split("=", 1)[1])
+        else:
+            rest.append(item)
+    return rest, world_size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export":
         return _export(args.checkpoint, args.out_dir)
     if args.command == "estimate":
-        return _estimate(args.config, args.world_size, args.overrides)
+        overrides, world_size = _pop_world_size(args.overrides, args.world_size)
+        return _estimate(args.config, world_size, overrides)
     try:
         cfg, env, strategy, task = _prepare(args.config, args.overrides)
     except ConfigError as exc:

@@ -27,13 +27,13 @@ gathered in the compute dtype, twice with prefetch).
 Activations per micro-batch of b sequences of length s, hidden size h, a
 heads, L layers, vocabulary V (Korthikanti et al., 2022, without dropout
 masks when dropout is off): each layer keeps about s·b·h·(34 + 5·a·s/h)
-bytes at 16 bits (twice at fp32); with activation checkpointing a layer
-keeps only its input (s·b·h values) and one layer's activations are live
-during its recompute. The logits add s·b·V fp32 values three times (logits,
+bytes at 16 bits (twice at fp32); a checkpointed layer keeps only its input
+(s·b·h values), and one layer's activations are live during its recompute. The logits add s·b·V fp32 values three times (logits,
 their log-softmax, its gradient).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -103,7 +103,7 @@ class Estimate:
 
 
 def estimate(shape: ModelShape, strategy: str, world_size: int, precision: str = "fp32", micro_batch: int = 1,
-             seq_len: int = 512, checkpointing: bool = False, offload_optimizer: bool = False,
+             seq_len: int = 512, checkpointing: int = 0, offload_optimizer: bool = False,
              offload_params: bool = False, reduce_bucket_size: Optional[int] = None,
              accumulation: int = 1) -> Estimate:
     if strategy not in STRATEGY_NAMES:
@@ -139,20 +139,21 @@ def estimate(shape: ModelShape, strategy: str, world_size: int, precision: str =
                     activation_bytes(shape, micro_batch, seq_len, precision, checkpointing), offloaded)
 
 
-def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, precision: str, checkpointing: bool) -> float:
+def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, precision: str, checkpointing: int) -> float:
+    """`checkpointing`: 0 = off, k = every k-th block checkpointed (1 = all)."""
     s, b, h, a = seq_len, micro_batch, shape.hidden, max(shape.heads, 1)
     scale = 2.0 if precision == "fp32" else 1.0  # the formula counts 16-bit values
     per_layer = s * b * h * (34 + 5 * a * s / max(h, 1)) * scale
-    if checkpointing:
-        layers = shape.layers * s * b * h * 2 * scale + per_layer
-    else:
-        layers = shape.layers * per_layer
+    checkpointed = math.ceil(shape.layers / checkpointing) if checkpointing else 0
+    layers = (shape.layers - checkpointed) * per_layer + checkpointed * s * b * h * 2 * scale
+    if checkpointed:
+        layers += per_layer  # one block's activations, live while it is recomputed
     logits = 3 * 4 * s * b * shape.vocab
     return layers + logits
 
 
 def estimate_table(shape: ModelShape, world_sizes: list[int], precision: str, micro_batch: int, seq_len: int,
-                   checkpointing: bool, offload_optimizer: bool = False, offload_params: bool = False,
+                   checkpointing: int, offload_optimizer: bool = False, offload_params: bool = False,
                    accumulation: int = 1) -> str:
     header = ("| strategy | ranks | precision | parameters | gradients | optimizer state | buffers | activations "
               "| total per rank | offloaded to host |")

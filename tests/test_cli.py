@@ -66,3 +66,19 @@ def test_export_refuses_an_uncommitted_checkpoint(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "has no COMMITTED marker" in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_estimate_prints_every_strategy_for_a_world_size_this_machine_cannot_run(tmp_path):
+    from scaletrain.config import load_config, resolve_config_path
+    from scaletrain.estimate import estimate, model_shape_from_config
+    from scaletrain.memory import format_bytes
+
+    proc = run([str(BIN / "scaletrain"), "estimate", "tiny-test", "--world-size", "64", "--bf16", "true",
+                "--activation_checkpointing", "true"], tmp_path)
+    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    assert {"ddp", "fsdp", "zero1", "zero2", "zero3"} <= set(rows)
+    cfg = load_config(resolve_config_path("tiny-test"), [])
+    shape, _ = model_shape_from_config(cfg)
+    zero3 = estimate(shape, "zero3", 64, "bf16", cfg.training.per_device_train_batch_size, cfg.data.max_length, 1)
+    assert f"| zero3 | 64 | bf16 | {format_bytes(zero3.parameters)} |" in rows["zero3"]
+    assert shape.parameters > 0 and "activation checkpointing on" in proc.stdout

@@ -217,7 +217,9 @@ def test_estimator_formulas():
     offloaded = estimate(shape, "zero3", 8, "bf16", offload_optimizer=True, offload_params=True)
     assert offloaded.optimizer == 0 and offloaded.parameters == 0 and offloaded.offloaded == pytest.approx(14 * psi / 8)
     plain = estimate(shape, "single", 1, micro_batch=8, seq_len=512)
-    checkpointed = estimate(shape, "single", 1, micro_batch=8, seq_len=512, checkpointing=True)
+    checkpointed = estimate(shape, "single", 1, micro_batch=8, seq_len=512, checkpointing=1)
+    every_other = estimate(shape, "single", 1, micro_batch=8, seq_len=512, checkpointing=2)
+    assert checkpointed.activations < every_other.activations < plain.activations
     assert checkpointed.activations < plain.activations / 2
 
 
