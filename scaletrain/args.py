@@ -141,6 +141,9 @@ class _ScaletrainArguments:
     # per-device budget, e.g. "6GiB" or "800MiB"; default on GPU: 90% of the
     # device's memory; required on CPU (see scaletrain/memory.py)
     batch_finder_memory_budget: Optional[str] = None
+    # LoRA through peft, applied before the strategy wraps the model: keys r,
+    # alpha, dropout, target_modules (a list or "all-linear"), modules_to_save, bias
+    lora: Union[None, str, dict] = None
 
     def __post_init__(self) -> None:
         self._reject_unsupported_hf_fields()
@@ -318,6 +321,10 @@ class _ScaletrainArguments:
             from .memory import parse_bytes
 
             parse_bytes(self.batch_finder_memory_budget, "batch_finder_memory_budget")
+        if self.lora is not None:
+            from .middleware.lora import lora_settings
+
+            self.lora = lora_settings(_read_json_option("lora", self.lora))
         if self.auto_find_batch_size and self.batch_finder_memory_budget is None and not self._cuda_available():
             raise ValueError("auto_find_batch_size on CPU needs batch_finder_memory_budget (e.g. '4GiB'): there is "
                              "no device memory to size against, and a CPU out-of-memory kills the process instead "

@@ -172,7 +172,7 @@ class Trainer:
     def _columns(self) -> Optional[list[str]]:
         if not self.args.remove_unused_columns:
             return None
-        return signature_columns(self.strategy.unwrap(self.model), self.label_names)
+        return signature_columns(_library_model(self.strategy.unwrap(self.model)), self.label_names)
 
     def get_train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
@@ -267,7 +267,7 @@ class Trainer:
         if labels.is_floating_point():
             return labels.numel()
         if self._label_shift is None:
-            model = self.strategy.unwrap(self.model)
+            model = _library_model(self.strategy.unwrap(self.model))
             # sharding backends may swap the class for a subclass (FSDP2): look along the MRO
             is_causal = any(cls.__name__ in _causal_lm_class_names() for cls in type(model).__mro__)
             self._label_shift = 1 if is_causal and not getattr(model.config, "is_encoder_decoder", False) else 0
@@ -327,7 +327,7 @@ class Trainer:
         """Middleware first (precision policy, activation checkpointing), then
         the strategy wraps/shards the model and builds its optimizer."""
         self.middleware.configure_strategy(self.strategy)
-        model = self.middleware.transform_model(self.model, self.strategy)
+        self.model = model = self.middleware.transform_model(self.model, self.strategy)
         user_optimizer = self.optimizer
         self.model_wrapped, self.optimizer = self.strategy.setup(
             model, lambda module: user_optimizer if user_optimizer is not None else self.create_optimizer(module))
@@ -949,9 +949,15 @@ class Trainer:
             torch.tensor([len(dataloader)], dtype=torch.int64, device=self.strategy.device)).item())
 
 
+def _library_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft adapter wrapper (itself otherwise)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def _model_class_name(model: torch.nn.Module) -> str:
     """The library class of a model whose class a backend may have wrapped (FSDP2 subclasses it)."""
-    for cls in type(model).__mro__:
+    for cls in type(_library_model(model)).__mro__:
         if cls.__module__.startswith("transformers."):
             return cls.__name__
     return type(model).__name__

@@ -15,6 +15,7 @@ import torch
 
 from .base import Middleware
 from .activation_ckpt import ActivationCheckpointing
+from .lora import LoRA
 from .precision import MixedPrecision
 
 
@@ -82,6 +83,8 @@ class MiddlewareStack:
 
 def build_middleware(args, strategy) -> MiddlewareStack:
     items: list[Middleware] = []
+    if args.lora is not None:  # first: checkpointing must see the adapted model (input grads for a frozen base)
+        items.append(LoRA(args.lora))
     if args.bf16 or args.fp16:
         items.append(MixedPrecision(torch.bfloat16 if args.bf16 else torch.float16, strategy))
     if args.activation_checkpointing:
@@ -89,4 +92,4 @@ def build_middleware(args, strategy) -> MiddlewareStack:
     return MiddlewareStack(items)
 
 
-__all__ = ["Middleware", "MiddlewareStack", "MixedPrecision", "ActivationCheckpointing", "build_middleware"]
+__all__ = ["Middleware", "MiddlewareStack", "MixedPrecision", "ActivationCheckpointing", "LoRA", "build_middleware"]

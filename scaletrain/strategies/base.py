@@ -140,17 +140,25 @@ class Strategy(abc.ABC):
 
     # ---------------------------------------------------------------- state
     def state_dict(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-        """Model (+optimizer) state keyed by parameter FQNs, ready for DCP."""
+        """Model (+optimizer) state keyed by parameter FQNs, ready for DCP.
+        Frozen parameters (a LoRA base) are left out: they never change, and
+        the run rebuilds them from the model source."""
+        options = StateDictOptions(ignore_frozen_params=True)
+        module = self.unwrap(model)
         if optimizer is None:
-            return {"model": get_model_state_dict(self.unwrap(model))}
-        model_sd, optim_sd = get_state_dict(self.unwrap(model), optimizer)
-        return {"model": model_sd, "optimizer": optim_sd}
+            return {"model": _without_frozen(module, get_model_state_dict(module, options=options))}
+        model_sd, optim_sd = get_state_dict(module, optimizer, options=options)
+        return {"model": _without_frozen(module, model_sd), "optimizer": optim_sd}
 
     def load_state_dict(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:
+        # keys come from state_dict() of this same model and dcp.load has
+        # filled every one of them, so only frozen parameters are absent
+        options = StateDictOptions(strict=False, ignore_frozen_params=True)
         if optimizer is None or "optimizer" not in state:
-            set_model_state_dict(self.unwrap(model), state["model"], options=StateDictOptions(strict=True))
+            set_model_state_dict(self.unwrap(model), state["model"], options=options)
         else:
-            set_state_dict(self.unwrap(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+            set_state_dict(self.unwrap(model), optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"], options=options)
 
     def save_state(self, directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         """Write model (+optimizer) state under `directory`; every rank calls this."""
@@ -254,6 +262,14 @@ class Strategy(abc.ABC):
 
     def describe(self) -> str:
         return f"{self.name} (world size {self.world_size}, device {self.device})"
+
+
+def _without_frozen(module: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """DCP's ignore_frozen_params still returns the second name of a tied frozen
+    parameter (a LoRA base's lm_head tied to its embedding): drop every name of
+    a frozen parameter."""
+    frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in state.items() if k not in frozen} if frozen else state
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

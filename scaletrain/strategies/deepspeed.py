@@ -336,7 +336,9 @@ class DeepSpeedStrategy(Strategy):
     def save_state(self, directory: Path, model: torch.nn.Module, optimizer) -> None:
         # the `latest` file is needed: DeepSpeed's ZeRO-3 module-only load (the
         # best model at the end) looks the tag up there
-        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=True)
+        # frozen parameters (a LoRA base) are rebuilt from the model source
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=True,
+                                    exclude_frozen_parameters=True)
 
     def prepare_resume(self, saved_world_size: int, accumulation: int) -> None:
         self.config["gradient_accumulation_steps"] = accumulation
@@ -396,6 +398,7 @@ class DeepSpeedStrategy(Strategy):
             loaded, _ = self.engine.load_checkpoint(
                 str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=optimizer is not None,
                 load_lr_scheduler_states=False, load_module_only=optimizer is None,
+                load_module_strict=all(p.requires_grad for p in self.unwrap(model).parameters()),
             )
         if loaded is None:
             from ..checkpoint import CheckpointError

@@ -94,6 +94,11 @@ class FSDPStrategy(Strategy):
         self.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         return True
 
+    # make_grad_scaler: the base GradScaler suffices. Its unscale_ runs on the
+    # DTensor gradient shards, and DTensor reduces found_inf (max) over the mesh,
+    # so an inf in any rank's shard skips the step on every rank (tested with an
+    # inf in one rank's shard only).
+
     def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model  # forwards need the sharded module's all-gathers
 
