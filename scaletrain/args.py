@@ -144,6 +144,9 @@ class _ScaletrainArguments:
     # LoRA through peft, applied before the strategy wraps the model: keys r,
     # alpha, dropout, target_modules (a list or "all-linear"), modules_to_save, bias
     lora: Union[None, str, dict] = None
+    # QLoRA: quantize the base's linear layers (bitsandbytes) before adding LoRA:
+    # keys bits (4|8), quant_type (nf4|fp4), double_quant, compute_dtype, skip_modules
+    quantization: Union[None, str, dict] = None
 
     def __post_init__(self) -> None:
         self._reject_unsupported_hf_fields()
@@ -325,6 +328,19 @@ class _ScaletrainArguments:
             from .middleware.lora import lora_settings
 
             self.lora = lora_settings(_read_json_option("lora", self.lora))
+        if self.quantization is not None:
+            from .middleware.quantization import quantization_settings
+
+            self.quantization = quantization_settings(_read_json_option("quantization", self.quantization))
+            if self.lora is None:
+                raise ValueError("quantization is set without lora: a quantized base cannot be trained itself; "
+                                 "add a lora section (QLoRA)")
+            if self.strategy not in ("auto", "single", "ddp"):
+                raise NotSupportedError(
+                    f"quantization (QLoRA) with strategy {self.strategy!r} is not supported: bitsandbytes' packed "
+                    "4/8-bit weights carry their scales outside the tensor, which FSDP2 and DeepSpeed cannot shard "
+                    "or flatten. Use strategy ddp (every rank holds the quantized base, ~1/8 of fp32), or lora "
+                    f"without quantization under {self.strategy}")
         if self.auto_find_batch_size and self.batch_finder_memory_budget is None and not self._cuda_available():
             raise ValueError("auto_find_batch_size on CPU needs batch_finder_memory_budget (e.g. '4GiB'): there is "
                              "no device memory to size against, and a CPU out-of-memory kills the process instead "

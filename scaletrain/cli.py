@@ -92,13 +92,13 @@ def _print_summary(s: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
-def _export(checkpoint: str, out_dir: str) -> int:
+def _export(checkpoint: str, out_dir: str, merge: bool = False, base: str | None = None) -> int:
     from .checkpoint import CheckpointError
     from .checkpoint.export import export_checkpoint
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        out = export_checkpoint(checkpoint, out_dir)
+        out = export_checkpoint(checkpoint, out_dir, merge=merge, base=base)
     except CheckpointError as exc:
         print(f"scaletrain: export error: {exc}", file=sys.stderr)
         return 2
@@ -151,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
                                            "checkpoint of any strategy, in one CPU process")
     export.add_argument("checkpoint", help="an output_dir/checkpoint-<step> folder")
     export.add_argument("out_dir", help="where to write the HF folder")
+    export.add_argument("--merge", action="store_true", help="LoRA checkpoints: fold the adapter into the base "
+                                                              "model and write a full HF model (default: the adapter)")
+    export.add_argument("--base", default=None, help="LoRA --merge: the base model folder (default: the one the "
+                                                     "adapter config names)")
     est = sub.add_parser("estimate", help="predicted per-rank memory of a config under every strategy, for any "
                                           "world size (no GPU needed)")
     est.add_argument("config", help="YAML file or built-in recipe")
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
     args = parser.parse_args(argv)
     if args.command == "export":
-        return _export(args.checkpoint, args.out_dir)
+        return _export(args.checkpoint, args.out_dir, args.merge, args.base)
     if args.command == "estimate":
         overrides, world_size = _pop_world_size(args.overrides, args.world_size)
         return _estimate(args.config, world_size, overrides)

@@ -701,7 +701,7 @@ class Trainer:
                       "middleware": self.middleware.state_dict(),
                       # what a run on another world size needs to find the same place
                       "samples_in_epoch": micro_done * self.args.per_device_train_batch_size * self.strategy.world_size},
-            manifest_extra={"model_config_hash": self._model_config_hash(),
+            manifest_extra={"model_config_hash": self._model_config_hash(), "base_model": self._adapter_base(),
                             "model_class": _model_class_name(self.strategy.unwrap(self.model))},
             save_only_model=self.args.save_only_model,
             write_model_files=self._write_model_files,
@@ -774,8 +774,18 @@ class Trainer:
             self.args = dataclasses.replace(args, per_device_train_batch_size=saved[0],
                                             gradient_accumulation_steps=saved[1])
 
+    def _adapter_base(self) -> Optional[str]:
+        """For an adapted (LoRA) model: where its frozen base weights come from."""
+        peft_config = getattr(self.strategy.unwrap(self.model), "peft_config", None)
+        return peft_config["default"].base_model_name_or_path if peft_config else None
+
     def _write_model_files(self, folder: Path) -> None:
-        """Config and tokenizer beside the state, so `scaletrain export` needs nothing else."""
+        """Config and tokenizer beside the state, so `scaletrain export` needs nothing else.
+        An adapted (LoRA) model adds its adapter config, which names the base
+        model the frozen weights come from."""
+        peft_config = getattr(self.strategy.unwrap(self.model), "peft_config", None)
+        if peft_config:
+            peft_config["default"].save_pretrained(str(folder))
         config = getattr(self.strategy.unwrap(self.model), "config", None)
         if config is not None and hasattr(config, "save_pretrained"):
             config.save_pretrained(str(folder))

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from helpers import RaggedLM, losses_of, run_ranks, tiny_llama
-from scaletrain import Trainer, TrainingArguments
+from scaletrain import NotSupportedError, Trainer, TrainingArguments
 from scaletrain.middleware import LoRA
 from scaletrain.middleware.lora import lora_settings
 
 LORA = {"r": 4, "alpha": 8, "target_modules": "all-linear"}
+QLORA = {"quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}}
 STEPS = 6
 
 
@@ -102,8 +103,8 @@ def test_trainer_trains_only_the_adapters_and_resumes_exactly_from_adapter_check
 
 def _job(rank: int, out: str, strategy: str) -> None:
     results = {}
-    for name, extra in (("plain", {}), ("checkpointed", {"activation_checkpointing": True})):
-        if name == "checkpointed" and strategy != "ddp":
+    for name, extra in (("plain", {}), ("checkpointed", {"activation_checkpointing": True}), ("qlora", QLORA)):
+        if name != "plain" and strategy != "ddp":
             continue
         trainer = Trainer(model=tiny_llama(), args=_args(f"{out}/{name}", per_device_train_batch_size=4,
                                                          strategy=strategy, **extra),
@@ -116,16 +117,156 @@ def _job(rank: int, out: str, strategy: str) -> None:
 
 @pytest.fixture(scope="module")
 def single_losses(tmp_path_factory):
-    trainer = Trainer(model=tiny_llama(), args=_args(tmp_path_factory.mktemp("lora-single")),
-                      train_dataset=RaggedLM(64))
-    trainer.train()
-    return losses_of(trainer)
+    losses = {}
+    for name, extra in (("plain", {}), ("qlora", QLORA)):
+        trainer = Trainer(model=tiny_llama(), args=_args(tmp_path_factory.mktemp(f"single-{name}"), **extra),
+                          train_dataset=RaggedLM(64))
+        trainer.train()
+        losses[name] = losses_of(trainer)
+    losses["checkpointed"] = losses["plain"]
+    return losses
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
 def test_two_rank_lora_reproduces_the_single_process_loss_curve(strategy, tmp_path, single_losses):
     run_ranks(_job, str(tmp_path), strategy, timeout=300)
     got = json.loads((tmp_path / "losses.json").read_text())
+    assert set(got) == ({"plain", "checkpointed", "qlora"} if strategy == "ddp" else {"plain"})
     for name, losses in got.items():
-        # fp32, same global batch; the contract suite's tolerance
-        np.testing.assert_allclose(losses, single_losses, rtol=1e-5, err_msg=name)
+        # fp32 compute (4-bit storage is deterministic), same global batch: the contract suite's tolerance
+        np.testing.assert_allclose(losses, single_losses[name], rtol=1e-5, err_msg=name)
+
+
+def test_adapter_and_merged_exports_reproduce_the_adapted_model(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from scaletrain.checkpoint.export import export_checkpoint
+
+    base_dir = tmp_path / "base"
+    tiny_llama().save_pretrained(base_dir)
+    trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(base_dir),
+                      args=_args(tmp_path / "run", save_strategy="steps", save_steps=STEPS),
+                      train_dataset=RaggedLM(64))
+    trainer.train()
+    manifest = json.loads((tmp_path / "run" / f"checkpoint-{STEPS}" / "manifest.json").read_text())
+    assert manifest["base_model"] == str(base_dir)
+    batch = _batch()
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(**batch).logits
+
+    checkpoint = tmp_path / "run" / f"checkpoint-{STEPS}"
+    merged = export_checkpoint(checkpoint, tmp_path / "merged", merge=True)
+    adapter = export_checkpoint(checkpoint, tmp_path / "adapter")
+    assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "model.safetensors").exists()
+    with torch.no_grad():
+        merged_logits = AutoModelForCausalLM.from_pretrained(merged).eval()(**batch).logits
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter).eval()
+        adapter_logits = adapted(**batch).logits
+    # merging adds s·B·A into W once; the adapter model adds s·B·(A·x) per token
+    torch.testing.assert_close(merged_logits, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(adapter_logits, expected, rtol=0, atol=1e-6)
+    assert (merged_logits - AutoModelForCausalLM.from_pretrained(base_dir).eval()(**batch).logits).abs().max() > 1e-3
+
+
+def _qlora_model(compute_dtype: str = "float32"):
+    from scaletrain.middleware import Quantization
+    from scaletrain.middleware.quantization import quantization_settings
+
+    model = tiny_llama()
+    settings = quantization_settings({**QLORA["quantization"], "compute_dtype": compute_dtype})
+    model = Quantization(settings).transform_model(model, _CPU)
+    adapted = LoRA(lora_settings(LORA)).transform_model(model, _CPU)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return adapted
+
+
+def _dequantized_reference_grads(adapted, batch) -> tuple[torch.Tensor, dict[str, tuple]]:
+    """Loss and expected (dL/dA, dL/dB) per adapted layer, from a plain fp32
+    model whose weights are the dequantized 4-bit weights plus s·B·A."""
+    import bitsandbytes as bnb
+
+    reference = tiny_llama()
+    modules = dict(reference.named_modules())
+    with torch.no_grad():
+        for name, param in adapted.base_model.model.named_parameters():
+            if "lora_" in name or "base_layer" in name:
+                continue
+            dict(reference.named_parameters())[name].copy_(param)
+        for name, module in adapted.base_model.model.named_modules():
+            if hasattr(module, "lora_A") and "default" in module.lora_A:
+                weight = module.base_layer.weight
+                dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+                a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+                modules[name].weight.copy_(dense + module.scaling["default"] * b @ a)
+    loss = reference(**batch).loss
+    loss.backward()
+    expected = {}
+    for name, module in adapted.base_model.model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            a, b = module.lora_A["default"].weight.detach(), module.lora_B["default"].weight.detach()
+            grad_w, scale = modules[name].weight.grad, module.scaling["default"]
+            expected[name] = (scale * b.T @ grad_w, scale * grad_w @ a.T)
+    return loss.detach(), expected
+
+
+def _check_qlora_grads(adapted, batch) -> None:
+    adapted.zero_grad(set_to_none=True)
+    loss = adapted(**batch).loss
+    loss.backward()
+    reference_loss, expected = _dequantized_reference_grads(adapted, batch)
+    # fp32 compute: the 4-bit layer dequantizes and multiplies in fp32, so only
+    # summation order differs. Measured ~1e-7 relative.
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=0)
+    for name, module in adapted.base_model.model.named_modules():
+        if name in expected:
+            grad_a, grad_b = expected[name]
+            assert module.lora_A["default"].weight.grad is not None, f"{name}: no LoRA gradient"
+            torch.testing.assert_close(module.lora_A["default"].weight.grad, grad_a, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(module.lora_B["default"].weight.grad, grad_b, rtol=1e-4, atol=1e-6)
+    assert len(expected) == 14
+
+
+def test_qlora_gradients_match_the_dequantized_model_also_after_an_eval_pass():
+    import bitsandbytes as bnb
+
+    adapted = _qlora_model()
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in adapted.modules()) == 14
+    batch = _batch()
+    adapted.train()
+    _check_qlora_grads(adapted, batch)
+    adapted.eval()  # the CPU trap: an eval-mode no-grad forward repacks 4-bit weights on AVX512-BF16 CPUs
+    with torch.no_grad():
+        adapted(**batch)
+    adapted.train()
+    _check_qlora_grads(adapted, batch)
+
+
+def test_qlora_8bit_trains_only_the_adapters(tmp_path):
+    base = tiny_llama()
+    trainer = Trainer(model=base, args=_args(tmp_path, quantization={"bits": 8}, max_steps=8),
+                      train_dataset=RaggedLM(64))
+    trainer.train()
+    losses = losses_of(trainer)
+    assert losses[-1] < losses[0]
+    int8 = [n for n, p in trainer.model.named_parameters() if p.dtype == torch.int8]
+    assert len(int8) == 14  # every linear layer of the base, stored as int8
+    assert all(not p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" not in n)
+
+
+@pytest.mark.parametrize("kw, error, message", [
+    ({"quantization": {"bits": 4}}, ValueError, "quantization is set without lora"),
+    ({"quantization": {"bits": 4}, "lora": {}, "strategy": "fsdp"}, NotSupportedError, "Use strategy ddp"),
+    ({"quantization": {"bits": 4}, "lora": {}, "strategy": "zero3"}, NotSupportedError, "Use strategy ddp"),
+    ({"quantization": {"bits": 3}, "lora": {}}, ValueError, "bits=3 must be 4 or 8"),
+    ({"lora": {"rank": 8}}, ValueError, "unknown keys \\['rank'\\]"),
+    ({"lora": {"r": 0}}, ValueError, "r=0 must be an integer >= 1"),
+])
+def test_lora_options_that_cannot_work_are_refused(kw, error, message):
+    with pytest.raises(error, match=message):
+        TrainingArguments(output_dir="unused", **kw)

@@ -1,5 +1,7 @@
-"""`scaletrain export CHECKPOINT OUT_DIR`: a plain Hugging Face folder from any
-strategy's checkpoint, in one CPU process, offline.
+"""`scaletrain export CHECKPOINT OUT_DIR [--merge]`: a plain Hugging Face folder
+from any strategy's checkpoint, in one CPU process, offline. A LoRA checkpoint
+exports its adapter in peft's format, or with --merge the base model with the
+adapter folded in.
 
 DCP checkpoints (single, ddp, fsdp) are resharded to one process by DCP itself;
 DeepSpeed checkpoints are consolidated from their fp32 partitions
@@ -47,9 +49,66 @@ def consolidated_state_dict(checkpoint: Path, manifest: dict, model: torch.nn.Mo
     return state["model"]
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+def _adapter_state(checkpoint: Path, manifest: dict, adapted: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained tensors of a LoRA checkpoint (its only model state), keyed as in `adapted`."""
+    trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
+    if manifest.get("state_format", "dcp") == "deepspeed":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        from ..strategies.deepspeed import CHECKPOINT_TAG, weights_only_loads
+
+        with weights_only_loads():
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint / "state"), tag=CHECKPOINT_TAG,
+                                                             exclude_frozen_parameters=True)
+        return {k: v for k, v in state.items() if k in trainable}
+    state = {"model": {k: v for k, v in adapted.state_dict().items() if k in trainable}}
+    with _quiet_single_process_dcp():
+        dcp.load(state, checkpoint_id=str(checkpoint / "state"))
+    return state["model"]
+
+
+def export_adapter(checkpoint: Path, out: Path, manifest: dict, merge: bool, base: str | None) -> Path:
+    """A LoRA checkpoint: the adapter in peft's format, or (merge) the base
+    model with the adapter folded in, as a plain HF folder."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig
+
+    lora_config = LoraConfig.from_pretrained(str(checkpoint))
+    base = base or lora_config.base_model_name_or_path
+    cls = _model_class(manifest, checkpoint)
+    if merge:
+        if not base or not Path(base).exists():
+            raise CheckpointError(f"{checkpoint} trains a LoRA adapter on base model {base!r}, which is not a "
+                                  "local folder here; pass --base PATH_TO_BASE_MODEL to merge into it")
+        model = cls.from_pretrained(base, dtype=torch.float32)
+    else:  # the adapter alone: the base weights are not needed, only its shapes
+        model = cls._from_config(AutoConfig.from_pretrained(str(checkpoint)))
+    adapted = get_peft_model(model, lora_config)
+    missing, unexpected = adapted.load_state_dict(_adapter_state(checkpoint, manifest, adapted), strict=False)
+    trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
+    if trainable & set(missing) or unexpected:
+        raise CheckpointError(f"{checkpoint}: the adapter state does not fit: missing "
+                              f"{sorted(trainable & set(missing))[:5]}, unexpected {sorted(unexpected)[:5]}")
+    out.mkdir(parents=True, exist_ok=True)
+    if merge:
+        adapted.merge_and_unload().save_pretrained(str(out))
+    else:
+        adapted.save_pretrained(str(out))  # adapter_config.json + adapter_model.safetensors
+    return out
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, merge: bool = False,
+                      base: str | None = None) -> Path:
     checkpoint, out = Path(checkpoint), Path(out_dir)
     manifest = CheckpointManager.read_manifest(checkpoint)
+    if (checkpoint / "adapter_config.json").is_file():
+        export_adapter(checkpoint, out, manifest, merge, base)
+        _copy_tokenizer(checkpoint, out)
+        logger.info("exported the %s of %s to %s", "merged model" if merge else "LoRA adapter", checkpoint, out)
+        return out
+    if merge:
+        raise CheckpointError(f"{checkpoint} holds a full model, not a LoRA adapter: there is nothing to merge; "
+                              "export it without --merge")
     if not (checkpoint / "config.json").is_file():
         raise CheckpointError(f"{checkpoint} has no config.json (saved by an older scaletrain, or from a model "
                               "without an HF config); export needs the model's configuration")
@@ -67,11 +126,15 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
                               f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
+    _copy_tokenizer(checkpoint, out)
+    logger.info("exported %s (step %s, %s) to %s", checkpoint, manifest["step"], manifest["strategy"], out)
+    return out
+
+
+def _copy_tokenizer(checkpoint: Path, out: Path) -> None:
     try:
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(str(checkpoint)).save_pretrained(str(out))
     except (OSError, ValueError):
         logger.info("%s holds no tokenizer; exported the model only", checkpoint)
-    logger.info("exported %s (step %s, %s) to %s", checkpoint, manifest["step"], manifest["strategy"], out)
-    return out

@@ -16,6 +16,7 @@ import torch
 from .base import Middleware
 from .activation_ckpt import ActivationCheckpointing
 from .lora import LoRA
+from .quantization import Quantization
 from .precision import MixedPrecision
 
 
@@ -83,7 +84,9 @@ class MiddlewareStack:
 
 def build_middleware(args, strategy) -> MiddlewareStack:
     items: list[Middleware] = []
-    if args.lora is not None:  # first: checkpointing must see the adapted model (input grads for a frozen base)
+    if args.quantization is not None:  # QLoRA: the base is quantized before the adapters go on it
+        items.append(Quantization(args.quantization, tuple(args.lora.get("modules_to_save") or ())))
+    if args.lora is not None:  # before checkpointing, which must see the adapted model
         items.append(LoRA(args.lora))
     if args.bf16 or args.fp16:
         items.append(MixedPrecision(torch.bfloat16 if args.bf16 else torch.float16, strategy))
@@ -92,4 +95,5 @@ def build_middleware(args, strategy) -> MiddlewareStack:
     return MiddlewareStack(items)
 
 
-__all__ = ["Middleware", "MiddlewareStack", "MixedPrecision", "ActivationCheckpointing", "LoRA", "build_middleware"]
+__all__ = ["Middleware", "MiddlewareStack", "MixedPrecision", "ActivationCheckpointing", "LoRA", "Quantization",
+           "build_middleware"]

@@ -62,7 +62,10 @@ class LoRA(Middleware):
     def transform_model(self, model: torch.nn.Module, strategy) -> torch.nn.Module:
         from peft import LoraConfig, PeftModel, get_peft_model
 
+        from .quantization import disable_cpu_repacking
+
         if isinstance(model, PeftModel):  # already adapted (by the user, or an earlier train())
+            disable_cpu_repacking(model)
             self.trainable, self.total = model.get_nb_trainable_parameters()
             return model
         s = self.settings
@@ -70,6 +73,7 @@ class LoRA(Middleware):
                             target_modules=s["target_modules"], modules_to_save=s["modules_to_save"], bias=s["bias"],
                             task_type=_task_type(model))
         adapted = get_peft_model(model, config)
+        disable_cpu_repacking(adapted)  # a base quantized by from_pretrained(BitsAndBytesConfig) too
         self.trainable, self.total = adapted.get_nb_trainable_parameters()
         logger.info("LoRA r=%d alpha=%s on %s: %d of %d parameters train (%.2f%%)", s["r"], s["alpha"],
                     s["target_modules"], self.trainable, self.total, 100 * self.trainable / max(self.total, 1))
