@@ -46,6 +46,7 @@ def _train(cfg, env, strategy, task) -> int:
     trainer = Trainer(
         model=model, args=cfg.training, train_dataset=task.train_dataset, eval_dataset=task.eval_dataset,
         processing_class=task.tokenizer, compute_metrics=task.compute_metrics, strategy=strategy,
+        data_collator=task.data_collator,
     )
     try:
         train_out = trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint or None)
@@ -60,6 +61,11 @@ def _train(cfg, env, strategy, task) -> int:
                 "eval_accuracy": eval_metrics.get("eval_accuracy"),
                 "eval_macro_f1": eval_metrics.get("eval_macro_f1"),
                 "eval_loss": eval_metrics.get("eval_loss"),
+                # with eval_on_start: the held-out loss before any training step
+                "eval_loss_before": next((e["eval_loss"] for e in trainer.state.log_history
+                                          if "eval_loss" in e and e.get("step") == 0), None),
+                "train_tokens_per_second": train_out.metrics.get("train_tokens_per_second"),
+                "model": trainer.middleware.describe(),
                 "train_loss": train_out.training_loss,
                 "train_samples_per_second": train_out.metrics["train_samples_per_second"],
                 "train_runtime_s": train_out.metrics["train_runtime"],
@@ -83,8 +89,11 @@ def _print_summary(s: dict) -> None:
         f"strategy          {s['strategy']}",
         f"data              {s['train_samples']} train / {s['eval_samples']} held-out samples",
         f"eval accuracy     {acc:.4f}" if acc is not None else "eval accuracy     n/a",
-        f"eval loss         {s['eval_loss']:.4f}",
-        f"train throughput  {s['train_samples_per_second']:.1f} samples/s",
+        (f"eval loss         {s['eval_loss_before']:.4f} before -> {s['eval_loss']:.4f} after training"
+         if s.get("eval_loss_before") is not None else f"eval loss         {s['eval_loss']:.4f}"),
+        f"train throughput  {s['train_samples_per_second']:.1f} samples/s, "
+        f"{s['train_tokens_per_second'] or 0:.0f} tokens/s (non-padding input tokens)",
+        f"middleware        {s['model']}",
         f"train time        {s['train_runtime_s']:.1f} s (wall {s['wall_time_s']:.1f} s incl. eval and save)",
         f"final model       {s['final_model']}  (HF folder, safetensors)",
         f"metrics           {s['metrics_file']}",

@@ -484,7 +484,7 @@ class Trainer:
 
         self._reset_log_window()
         self._position = (start_epoch, skip_micro)
-        total_loss, total_steps, total_samples = torch.zeros((), dtype=torch.float64), 0, 0
+        total_loss, total_steps, total_samples, total_tokens = torch.zeros((), dtype=torch.float64), 0, 0, 0
         train_start = time.perf_counter()
         self.model_wrapped.train()
         gas = self._accumulation
@@ -507,11 +507,12 @@ class Trainer:
                 if not micro_batches:
                     break
                 self.control = handler.on_step_begin(args, self.state, self.control)
-                step_loss, samples = self._optimizer_step(micro_batches)
+                step_loss, samples, tokens = self._optimizer_step(micro_batches)
                 micro_done += len(micro_batches)
                 total_loss += step_loss.double().cpu()
                 total_steps += 1
                 total_samples += samples
+                total_tokens += tokens
 
                 self.state.global_step += 1
                 self.state.epoch = epoch + (micro_done / per_epoch if per_epoch else 0.0)
@@ -535,12 +536,13 @@ class Trainer:
             logger.info("loading best model from %s (%s=%s)", self.state.best_model_checkpoint,
                         args.metric_for_best_model, self.state.best_metric)
             self.checkpoints.load_model(self.state.best_model_checkpoint, self.model_wrapped)
-        global_samples = self.strategy.all_reduce_sum(
-            torch.tensor([float(total_samples)], dtype=torch.float64, device=self.strategy.device)).item()
+        global_samples, global_tokens = self.strategy.all_reduce_sum(torch.tensor(
+            [float(total_samples), float(total_tokens)], dtype=torch.float64, device=self.strategy.device)).tolist()
         train_loss = self.strategy.all_reduce_sum(total_loss.to(self.strategy.device)).item() / max(total_steps, 1)
         metrics = {
             "train_runtime": round(runtime, 4),
             "train_samples_per_second": round(global_samples / runtime, 3) if runtime > 0 else 0.0,
+            "train_tokens_per_second": round(global_tokens / runtime, 3) if runtime > 0 else 0.0,
             "train_steps_per_second": round(total_steps / runtime, 3) if runtime > 0 else 0.0,
             "train_loss": train_loss,
             "epoch": self.state.epoch,
@@ -559,17 +561,17 @@ class Trainer:
             loader.dataset.set_epoch(epoch)
         return skip_micro
 
-    def _optimizer_step(self, micro_batches: list[dict[str, Any]]) -> tuple[torch.Tensor, int]:
+    def _optimizer_step(self, micro_batches: list[dict[str, Any]]) -> tuple[torch.Tensor, int, int]:
         """One optimizer step over this rank's micro-batches. Returns this rank's
-        share of the step's global mean loss, and its sample count."""
+        share of the step's global mean loss, its sample and token counts."""
         handler, args = self.callback_handler, self.args
         weights, global_items = self._loss_weights(micro_batches)
         step_loss = torch.zeros((), device=self.strategy.device)
-        samples = 0
+        samples, tokens = 0, 0
         last = len(micro_batches) - 1
         for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
             samples += _batch_size(batch)
-            self._tokens_in_window += _token_count(batch)
+            tokens += _token_count(batch)
             sync = contextlib.nullcontext() if i == last else self.strategy.no_sync(self.model_wrapped)
             with sync:
                 step_loss += self.training_step(self.model_wrapped, batch, global_items, loss_weight=weight)
@@ -599,7 +601,8 @@ class Trainer:
             self._loss_in_window += step_loss
             self._finite_steps_in_window += 1.0
         self._samples_in_window += samples
-        return step_loss.detach(), samples
+        self._tokens_in_window += tokens
+        return step_loss.detach(), samples, tokens
 
     # ----------------------------------------------------------------- logging
     def _reset_log_window(self) -> None:

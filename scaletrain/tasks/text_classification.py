@@ -29,8 +29,9 @@ class Task:
     tokenizer: Any
     train_dataset: Any
     eval_dataset: Any
-    compute_metrics: Callable
+    compute_metrics: Optional[Callable]
     labels: list[str]
+    data_collator: Any = None  # None: pad with the tokenizer
 
 
 def _package_dir(package: str, extra: str) -> Path:
@@ -125,11 +126,16 @@ def _model_config(cfg, path: str, **labels):
 
 def build_model_on_meta(cfg) -> torch.nn.Module:
     """The configured architecture without weights or memory (for estimates)."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    config = _model_config(cfg, resolve_model_path(cfg.model.name_or_path))
+    from .causal_lm import CAUSAL_DATASETS, resolve_causal_model_path
+
+    if cfg.data.dataset in CAUSAL_DATASETS:
+        config, cls = _model_config(cfg, resolve_causal_model_path(cfg.model.name_or_path)), AutoModelForCausalLM
+    else:
+        config, cls = _model_config(cfg, resolve_model_path(cfg.model.name_or_path)), AutoModelForSequenceClassification
     with torch.device("meta"):
-        return AutoModelForSequenceClassification.from_config(config)
+        return cls.from_config(config)
 
 
 def build_task(cfg) -> Task:
@@ -137,9 +143,14 @@ def build_task(cfg) -> Task:
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from .causal_lm import CAUSAL_DATASETS, build_causal_task
+
     data = cfg.data
+    if data.dataset in CAUSAL_DATASETS:
+        return build_causal_task(cfg)
     if data.dataset not in DATASETS:
-        raise ValueError(f"data.dataset={data.dataset!r} is unknown; choose one of {sorted(DATASETS)}")
+        raise ValueError(f"data.dataset={data.dataset!r} is unknown; choose one of "
+                         f"{sorted(DATASETS) + sorted(CAUSAL_DATASETS)}")
     train_rows, eval_rows = _dedupe_and_split(DATASETS[data.dataset](data), data.eval_size, data.split_seed)
     if data.train_size is not None:
         if not 0 < data.train_size <= len(train_rows):
