@@ -15,9 +15,10 @@ from helpers import RaggedLM, losses_of, run_ranks, tiny_gpt2
 from scaletrain import Trainer, TrainingArguments
 from scaletrain.strategies import build_strategy
 
-STEPS = 10
+STEPS = 20
 # 150 rows = 19 micro-batches of 8 (the last of 6): step 10 is a short one,
-# a single ragged micro-batch, so backends must handle a partial accumulation
+# a single ragged micro-batch, so backends must handle a partial accumulation;
+# steps 11-20 are the second epoch, so a resume from step 5 crosses the boundary
 TRAIN_N = 150
 EVAL_N, EVAL_BATCH = 9, 4  # ranks get 4 and 5 rows: 1 and 2 batches, so sharded forwards must be kept in step
 STRATEGIES = {
@@ -165,8 +166,10 @@ def test_strategy_contract(name, tmp_path, pretrained, reference):
     # the comparison only means something if training moves the weights a lot
     # more than the tolerance: Adam at lr 1e-2 moves each one by ~1e-2 a step
     assert reference["moved"] > 1e-2
-    # max_grad_norm=0.5 clips the early steps: the norm must be the full model's
-    np.testing.assert_allclose(got["grad_norms"], reference["grad_norms"], rtol=1e-5)
+    # max_grad_norm=0.5 clips the early steps: the norm must be the full model's.
+    # A shard's norm, a missing rank or a double-scaled loss is off by >1e-1;
+    # reduction-order noise grows under Adam to 1.4e-5 by step 20 (measured).
+    np.testing.assert_allclose(got["grad_norms"], reference["grad_norms"], rtol=1e-4)
     assert max(reference["grad_norms"]) > 0.5
 
     # Exported weights (HF folder, gathered from shards) match the reference.
@@ -174,7 +177,7 @@ def test_strategy_contract(name, tmp_path, pretrained, reference):
     assert weights.keys() == reference["weights"].keys()
     worst = max((weights[k] - reference["weights"][k]).abs().max().item() for k in weights)
     # Adam divides by sqrt(v): reduction-order noise (~1e-7) in near-zero
-    # gradients grows to a few 1e-5 over 10 steps (measured 4e-5 for DDP); a
+    # gradients grows with the steps (measured 4e-5 for DDP at 10 steps); a
     # missing or doubly-scaled rank gradient moves weights by ~1e-2 per step.
     assert worst < 5e-4, f"{name}: exported weights differ from single-process by {worst}"
 
@@ -195,7 +198,7 @@ def test_strategy_contract(name, tmp_path, pretrained, reference):
     np.testing.assert_allclose(preds, reference["preds"], atol=2e-4, rtol=0)
 
     # Fresh processes resuming from step 5 (mid-epoch) on the same world size
-    # replay steps 6..10 exactly: data position, RNG, optimizer and scheduler.
+    # replay steps 6..20 exactly: data position, RNG, optimizer and scheduler.
     run_ranks(_resume_job, str(tmp_path), pretrained, STRATEGIES[name], "resumed", timeout=300)
     assert json.loads((tmp_path / "resumed.json").read_text()) == got["losses"]
     resumed = _exported(tmp_path / "export-resumed")
