@@ -112,6 +112,10 @@ def test_launch_scripts_parse_and_are_shellcheck_clean(script):
 
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# the strategy each shipped config must select (named by its file, except the LoRA recipes)
+EXPECTED_STRATEGY = {"lora-smollm2": "ddp", "qlora-smollm2": "ddp"}
+# the SmolLM2 recipes run in full in test_recipes_smollm2.py
+CLASSIFICATION_CONFIGS = [c for c in CONFIGS if c.stem not in EXPECTED_STRATEGY]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
@@ -124,11 +128,13 @@ def test_shipped_configs_load_and_validate(config, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     cfg = load_config(config, [])
     strategy = build_strategy(cfg.training, DistEnv(0, 2, 0, 2))
-    assert strategy.name == config.stem.split("-")[0]
+    assert strategy.name == EXPECTED_STRATEGY.get(config.stem, config.stem.split("-")[0])
+    if "lora" in config.stem:
+        assert cfg.training.lora["r"] == 16 and (cfg.training.quantization is not None) == config.stem.startswith("q")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("config", CLASSIFICATION_CONFIGS, ids=lambda p: p.stem)
 def test_shipped_configs_train_with_two_processes(config, tmp_path):
     out = tmp_path / "run"
     launch("torchrun.sh", [str(config), "--output_dir", str(out), "--max_steps", "4", "--data.train_size", "128",
