@@ -37,7 +37,10 @@ from .callbacks import JsonlMetricsCallback, ProgressCallback, WandbCallback
 from .checkpoint import CheckpointError, CheckpointManager, latest_checkpoint
 from .checkpoint.manager import PREFIX as CHECKPOINT_PREFIX
 from .checkpoint.manager import capture_rng_state, restore_rng_state
-from .data.loaders import build_eval_dataloader, build_train_dataloader, prepare_dataset, signature_columns
+from .data.loaders import (
+    build_eval_dataloader, build_train_dataloader, prepare_dataset, signature_columns, stream_replay_reason,
+    training_stream,
+)
 from .data.samplers import ResumableShardedSampler, ShardedIterable
 from .distributed import configure_threads
 from .memory import PeakMemory, device_memory_capacity, optimizer_state_bytes_to_come, parse_bytes
@@ -469,6 +472,7 @@ class Trainer:
         self.state.eval_steps = self._interval(args.eval_steps, max_steps, self.state.logging_steps)
         start_epoch, skip_micro = 0, 0
         self._skipped_steps = 0  # optimizer steps skipped on fp16 overflow, over the whole run
+        self._train_loader, self._resumed_stream_state = loader, None
         if resume_path is not None:
             start_epoch, skip_micro = self._resume(resume_path, max_steps)
         if self.strategy.is_main:
@@ -489,12 +493,12 @@ class Trainer:
         self.model_wrapped.train()
         gas = self._accumulation
         for epoch in range(start_epoch, num_epochs):
-            micro_done = self._start_epoch(loader, epoch, skip_micro if epoch == start_epoch else 0)
+            micro_done = skip_micro if epoch == start_epoch else 0
+            replay = self._start_epoch(loader, epoch, micro_done)
             self.control = handler.on_epoch_begin(args, self.state, self.control)
             batches = iter(loader)
-            if isinstance(loader.dataset, (IterableDataset, ShardedIterable)) and micro_done:
-                for _ in range(micro_done):  # iterables cannot seek: replay
-                    next(batches)
+            for _ in range(replay):
+                next(batches)
             exhausted = False
             while not exhausted:
                 micro_batches = []
@@ -552,13 +556,25 @@ class Trainer:
         return TrainOutput(self.state.global_step, train_loss, metrics)
 
     def _start_epoch(self, loader: DataLoader, epoch: int, skip_micro: int) -> int:
+        """Position the loader `skip_micro` micro-batches into `epoch`; returns how
+        many micro-batches must still be drawn and dropped (0 unless a stream
+        cannot restore its saved position)."""
         sampler = loader.sampler
         if isinstance(sampler, ResumableShardedSampler):
             sampler.set_epoch(epoch)
             if skip_micro:
                 sampler.set_start(min(skip_micro * loader.batch_size, sampler.per_rank))
-        elif hasattr(loader.dataset, "set_epoch"):
+            return 0
+        if hasattr(loader.dataset, "set_epoch"):
             loader.dataset.set_epoch(epoch)
+        if not skip_micro:
+            return 0
+        reason = stream_replay_reason(loader)
+        if reason is None and self._resumed_stream_state is not None:
+            training_stream(loader).load_state_dict(self._resumed_stream_state)
+            return 0
+        reason = reason or "the checkpoint holds no stream position"
+        logger.warning("resuming mid-stream by replaying %d micro-batches: %s", skip_micro, reason)
         return skip_micro
 
     def _optimizer_step(self, micro_batches: list[dict[str, Any]]) -> tuple[torch.Tensor, int, int]:
@@ -703,7 +719,8 @@ class Trainer:
                       "skipped_steps": self._skipped_steps,
                       "middleware": self.middleware.state_dict(),
                       # what a run on another world size needs to find the same place
-                      "samples_in_epoch": micro_done * self.args.per_device_train_batch_size * self.strategy.world_size},
+                      "samples_in_epoch": micro_done * self.args.per_device_train_batch_size * self.strategy.world_size,
+                      "stream_state": self._stream_state(micro_done)},
             manifest_extra={"model_config_hash": self._model_config_hash(), "base_model": self._adapter_base(),
                             "model_class": _model_class_name(self.strategy.unwrap(self.model))},
             save_only_model=self.args.save_only_model,
@@ -714,6 +731,20 @@ class Trainer:
         self.checkpoints.rotate(self.args.save_total_limit, keep={best} if best else set())
         self.strategy.barrier()
         return path
+
+    def _stream_state(self, micro_done: int) -> Optional[dict]:
+        """A training stream's position (its state_dict()) when a resume can restore
+        it; the same on every rank, as every rank reads the whole stream."""
+        loader = getattr(self, "_train_loader", None)
+        if loader is None or not micro_done or stream_replay_reason(loader) is not None:
+            return None
+        state = training_stream(loader).state_dict()
+        try:
+            json.dumps(state)
+        except (TypeError, ValueError):
+            logger.warning("the training stream's state_dict() is not JSON data; a resume will replay batches")
+            return None
+        return state
 
     def _accumulation_for_resume(self, path: Path) -> int:
         """Gradient accumulation that keeps the checkpoint's global batch on this
@@ -806,6 +837,7 @@ class Trainer:
         _, progress = self.checkpoints.load(path, self.model_wrapped, self.optimizer, self.lr_scheduler)
         self.middleware.load_state_dict(progress.get("middleware", {}))  # e.g. the fp16 loss scale
         self._skipped_steps = int(progress.get("skipped_steps", 0))
+        self._resumed_stream_state = progress.get("stream_state")
         if manifest["world_size"] != self.strategy.world_size:
             # the same global samples are consumed; this rank's share of them differs
             progress["micro_batches_in_epoch"] = int(progress["samples_in_epoch"]) // (

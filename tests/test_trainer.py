@@ -2,6 +2,7 @@
 (eval/save strategies, callbacks, early stopping), retention and resume."""
 from __future__ import annotations
 
+import json
 
 import numpy as np
 import pytest
@@ -221,6 +222,84 @@ def test_iterable_dataset_needs_max_steps_and_trains(tmp_path):
         Trainer(model=tiny_gpt2(), args=make_args(tmp_path), train_dataset=Stream()).train()
     trainer = Trainer(model=tiny_gpt2(), args=make_args(tmp_path, max_steps=12), train_dataset=Stream())
     assert trainer.train().global_step == 12  # 8 batches per pass: crosses into a second pass
+
+
+class CountingStream(torch.utils.data.IterableDataset):
+    """A plain torch stream (no state_dict): it can only be replayed."""
+
+    def __init__(self, read: list) -> None:
+        self.read = read
+
+    def __iter__(self):
+        for row in RaggedLM(32).rows:
+            self.read.append(1)
+            yield row
+
+
+def _stream(kind: str, read: list):
+    if kind == "torch":
+        return CountingStream(read)
+    import datasets
+
+    rows = RaggedLM(32).rows
+    ds = datasets.Dataset.from_dict({k: [r[k].tolist() for r in rows] for k in rows[0]}).to_iterable_dataset(
+        num_shards=2)
+    if kind == "hf-shuffle-buffer":
+        ds = ds.shuffle(seed=0, buffer_size=4)
+
+    def count(row):
+        read.append(1)
+        return row
+
+    return ds.map(count).with_format("torch")
+
+
+@pytest.mark.parametrize("kind", ["hf", "hf-shuffle-buffer", "torch"])
+def test_mid_stream_resume_is_exact_and_seeks_when_the_stream_can(kind, tmp_path):
+    """12 steps of 4 rows over a 32-row stream (two passes); fresh trainer
+    resumes from step 5. An HF stream restores its saved position and reads only
+    the 28 rows still to come; a stream whose position cannot be restored
+    (a shuffle buffer's contents are not in its state, a plain torch stream has
+    no state) is replayed from its start. Either way the losses are the same."""
+    run = Trainer(model=tiny_gpt2(), args=make_args(tmp_path / "run", max_steps=12, save_strategy="steps",
+                                                     save_steps=5), train_dataset=_stream(kind, []))
+    run.train()
+    progress = json.loads((tmp_path / "run" / "checkpoint-5" / "progress.json").read_text())
+    assert (progress["stream_state"] is not None) == (kind == "hf")
+
+    read: list = []
+    resumed = Trainer(model=tiny_gpt2(), args=make_args(tmp_path / "resumed", max_steps=12),
+                      train_dataset=_stream(kind, read))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-5"))
+    assert losses_of(resumed) == losses_of(run)
+    if kind == "hf":
+        assert len(read) == (12 - 5) * 4
+    else:  # all 12 steps' rows (and what a shuffle buffer holds beyond them)
+        assert len(read) >= 12 * 4
+
+
+def test_a_stream_position_is_the_same_on_every_rank_and_restores_beneath_the_sharding():
+    """Under the per-rank sharding each rank reads the whole stream and keeps its
+    share, so the saved position is global: rank 1 of 2 restores it and goes on
+    with exactly the rows it would have had (a world-size change keeps it too)."""
+    from scaletrain.data.loaders import build_train_dataloader, stream_replay_reason, training_stream
+
+    args = make_args("unused", max_steps=4)
+
+    def loader():
+        return build_train_dataloader(_stream("hf", []), None, args, rank=1, world_size=2, device=torch.device("cpu"))
+
+    whole = [b["input_ids"] for b in loader()]
+    first = loader()
+    batches = iter(first)
+    head = [next(batches)["input_ids"] for _ in range(2)]
+    assert stream_replay_reason(first) is None
+    state = training_stream(first).state_dict()
+    second = loader()
+    training_stream(second).load_state_dict(state)
+    rest = [b["input_ids"] for b in second]
+    assert len(whole) == 4 and len(head + rest) == 4
+    assert all(torch.equal(a, b) for a, b in zip(whole, head + rest))
 
 
 def test_hf_dataset_unused_columns_are_dropped_and_save_model_round_trips(tmp_path):

@@ -5,8 +5,9 @@ Layout of `output_dir/checkpoint-<step>/`:
                            (sharded per rank, resharded at load) or DeepSpeed's own
     scheduler.pt           LR scheduler state (plain tensors/numbers)
     trainer_state.json     HF TrainerState (log history, best metric, ...)
-    progress.json          data position (epoch, samples consumed in it), batch
-                           sizes, skipped steps and middleware state (fp16 loss scale)
+    progress.json          data position (epoch, samples consumed in it, a stream's
+                           state_dict), batch sizes, skipped steps and middleware
+                           state (fp16 loss scale)
     rng_state_<rank>.pth   python/numpy/torch RNG of each rank
     manifest.json          strategy, world size, versions, every file's size
     COMMITTED              written last; a folder without it is never resumed

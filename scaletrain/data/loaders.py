@@ -91,6 +91,50 @@ def build_train_dataloader(dataset: Dataset, collator: Callable, args, rank: int
                       collate_fn=collator, drop_last=args.dataloader_drop_last, **_loader_kwargs(args, device))
 
 
+def training_stream(loader: DataLoader) -> Optional[IterableDataset]:
+    """The iterable dataset a training loader reads (beneath the per-rank
+    sharding, so the same stream and position on every rank), or None for
+    map-style data, which seeks through its sampler instead."""
+    dataset = loader.dataset
+    if isinstance(dataset, ShardedIterable):
+        dataset = dataset.dataset
+    return dataset if isinstance(dataset, IterableDataset) else None
+
+
+def _has_shuffle_buffer(stream: Any) -> bool:
+    # HF streams leave the shuffle buffer's contents out of state_dict() (see
+    # datasets.IterableDataset.load_state_dict): a resume from that state skips
+    # what the buffer held. The buffer lives in the private example-iterable
+    # chain; a layout this walk does not know reads as "no buffer".
+    pending = [getattr(stream, "_ex_iterable", None)]
+    while pending:
+        node = pending.pop()
+        if node is None:
+            continue
+        if type(node).__name__ == "BufferShuffledExamplesIterable":
+            return True
+        pending.append(getattr(node, "ex_iterable", None))
+        pending.extend(getattr(node, "ex_iterables", None) or [])
+    return False
+
+
+def stream_replay_reason(loader: DataLoader) -> Optional[str]:
+    """Why a resume into the middle of this loader's stream has to replay the
+    consumed batches instead of restoring the stream's saved position (the
+    state_dict()/load_state_dict() protocol of HF and torchdata streams);
+    None when the saved position can be restored exactly."""
+    stream = training_stream(loader)
+    if stream is None:
+        return None
+    if not (callable(getattr(stream, "state_dict", None)) and callable(getattr(stream, "load_state_dict", None))):
+        return f"{type(stream).__name__} has no state_dict()/load_state_dict()"
+    if loader.num_workers > 0:
+        return "dataloader_num_workers > 0 (each worker iterates its own copy of the stream)"
+    if _has_shuffle_buffer(stream):
+        return "the stream has a shuffle buffer, whose contents its state_dict() leaves out"
+    return None
+
+
 def build_eval_dataloader(dataset: Dataset, collator: Callable, args, rank: int, world_size: int,
                           device: torch.device) -> DataLoader:
     if isinstance(dataset, IterableDataset):
