@@ -736,9 +736,10 @@ class Trainer:
         """A training stream's position (its state_dict()) when a resume can restore
         it; the same on every rank, as every rank reads the whole stream."""
         loader = getattr(self, "_train_loader", None)
-        if loader is None or not micro_done or stream_replay_reason(loader) is not None:
+        stream = training_stream(loader) if loader is not None else None
+        if stream is None or not micro_done or stream_replay_reason(loader) is not None:
             return None
-        state = training_stream(loader).state_dict()
+        state = stream.state_dict()
         try:
             json.dumps(state)
         except (TypeError, ValueError):
