@@ -1,7 +1,8 @@
 """LoRA (peft) as a model transform: gradients against an independent
 reference, frozen base, trainable count, adapter-only checkpoints with exact
 resume, and the single-process loss curve reproduced on 2 ranks under ddp
-(also with activation checkpointing), fsdp and zero2."""
+(also with activation checkpointing), fsdp, zero2 and zero3, QLoRA under ddp,
+zero2 and zero3 (its quantized base partitioned)."""
 from __future__ import annotations
 
 import copy
@@ -34,15 +35,18 @@ def _batch(n: int = 8) -> dict[str, torch.Tensor]:
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-class _CPU:
-    device = torch.device("cpu")
+def _single():
+    """The single-device strategy the middleware transforms a model for."""
+    from scaletrain.strategies import build_strategy
+
+    return build_strategy(TrainingArguments(output_dir="unused", strategy="single"))
 
 
 def test_lora_gradients_equal_the_chain_rule_through_the_merged_model():
     """The reference never runs peft's LoRA layers: it differentiates the plain
     model with merged weights W' = W + s·B·A and applies the chain rule,
     dL/dB = s·dL/dW'·Aᵀ and dL/dA = s·Bᵀ·dL/dW'."""
-    adapted = LoRA(lora_settings(LORA)).transform_model(tiny_llama(), _CPU)
+    adapted = LoRA(lora_settings(LORA)).transform_model(tiny_llama(), _single())
     torch.manual_seed(3)
     with torch.no_grad():  # B starts at zero, which would make dL/dA vanish
         for name, param in adapted.named_parameters():
@@ -101,17 +105,48 @@ def test_trainer_trains_only_the_adapters_and_resumes_exactly_from_adapter_check
     assert losses_of(resumed)[3:] == losses_of(first)[3:]
 
 
+# ZeRO-3 keeps parameters under this many elements whole on every rank; at 0
+# the tiny model's quantized weights are really partitioned, gathered for each
+# forward and released again
+PARTITION_ALL = {"deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}}
+
+
+def _quantized_share(model: torch.nn.Module) -> float:
+    """Share of the packed 4-bit base weights this rank stores."""
+    import bitsandbytes as bnb
+
+    weights = [m.weight for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    held = sum(w.ds_tensor.numel() if hasattr(w, "ds_tensor") else w.numel() for w in weights)
+    return held / sum(getattr(w, "ds_numel", w.numel()) for w in weights)
+
+
 def _job(rank: int, out: str, strategy: str) -> None:
+    from transformers import LlamaForCausalLM
+
+    from scaletrain.strategies import build_strategy
+
+    base = Path(out, f"base-{rank}")  # the same weights on each rank, no barrier needed
+    tiny_llama().save_pretrained(base)
     results = {}
     for name, extra in (("plain", {}), ("checkpointed", {"activation_checkpointing": True}), ("qlora", QLORA)):
-        if name != "plain" and strategy != "ddp":
+        if name not in COMPOSED[strategy]:
             continue
-        trainer = Trainer(model=tiny_llama(), args=_args(f"{out}/{name}", per_device_train_batch_size=4,
-                                                         strategy=strategy, save_strategy="steps", save_steps=STEPS,
-                                                         **extra),
-                          train_dataset=RaggedLM(64))
+        if strategy == "zero3":
+            extra = {**extra, **PARTITION_ALL}
+        args = _args(f"{out}/{name}", per_device_train_batch_size=4, strategy=strategy, save_strategy="steps",
+                     save_steps=STEPS, **extra)
+        built = build_strategy(args)
+        built.setup_environment()
+        # through the strategy, as from_pretrained: ZeRO-3 partitions the base
+        # while it is built, so quantization has to gather each layer first
+        model = built.build_model(lambda: LlamaForCausalLM.from_pretrained(base),
+                                  lambda: LlamaForCausalLM.from_pretrained(base))
+        results.setdefault("partitioned_at_construction", any(hasattr(p, "ds_tensor") for p in model.parameters()))
+        trainer = Trainer(model=model, args=args, train_dataset=RaggedLM(64), strategy=built)
         trainer.train()
         results[name] = losses_of(trainer)
+        if name == "qlora":
+            results["quantized_share"] = _quantized_share(trainer.strategy.unwrap(trainer.model_wrapped))
     if rank == 0:
         Path(out, "losses.json").write_text(json.dumps(results))
 
@@ -127,8 +162,7 @@ def single_losses(tmp_path_factory):
                           train_dataset=RaggedLM(64))
         trainer.train()
         losses[name] = losses_of(trainer)
-        if name == "plain":
-            losses["adapter"] = _adapter_weights(export_checkpoint(out / f"checkpoint-{STEPS}", out / "adapter"))
+        losses[f"{name}-adapter"] = _adapter_weights(export_checkpoint(out / f"checkpoint-{STEPS}", out / "adapter"))
     losses["checkpointed"] = losses["plain"]
     return losses
 
@@ -139,11 +173,21 @@ def _adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
+# what each 2-rank job runs besides plain LoRA (QLoRA under fsdp is refused)
+COMPOSED = {"ddp": {"plain", "checkpointed", "qlora"}, "fsdp": {"plain"}, "zero2": {"plain", "qlora"},
+            "zero3": {"plain", "qlora"}}
+
+
+@pytest.mark.parametrize("strategy", list(COMPOSED))
 def test_two_rank_lora_reproduces_the_single_process_loss_curve(strategy, tmp_path, single_losses):
     run_ranks(_job, str(tmp_path), strategy, timeout=300)
     got = json.loads((tmp_path / "losses.json").read_text())
-    assert set(got) == ({"plain", "checkpointed", "qlora"} if strategy == "ddp" else {"plain"})
+    if "qlora" in COMPOSED[strategy]:
+        # ZeRO-3 partitions the packed 4-bit weights like any parameter (their
+        # quantization state stays whole on every rank); the others replicate them
+        assert got.pop("quantized_share") == (0.5 if strategy == "zero3" else 1.0)
+    assert got.pop("partitioned_at_construction") == (strategy == "zero3")
+    assert set(got) == COMPOSED[strategy]
     for name, losses in got.items():
         # fp32 compute (4-bit storage is deterministic), same global batch: the contract suite's tolerance
         np.testing.assert_allclose(losses, single_losses[name], rtol=1e-5, err_msg=name)
@@ -152,10 +196,11 @@ def test_two_rank_lora_reproduces_the_single_process_loss_curve(strategy, tmp_pa
     # same adapter as the single-process run's; the contract suite's 5e-4
     from scaletrain.checkpoint.export import export_checkpoint
 
-    exported = _adapter_weights(export_checkpoint(tmp_path / "plain" / f"checkpoint-{STEPS}", tmp_path / "adapter"))
-    reference = single_losses["adapter"]
-    assert exported.keys() == reference.keys() and len(exported) == 28
-    assert max((exported[k] - reference[k]).abs().max().item() for k in exported) < 5e-4
+    for name in COMPOSED[strategy] - {"checkpointed"}:
+        exported = _adapter_weights(export_checkpoint(tmp_path / name / f"checkpoint-{STEPS}", tmp_path / name / "out"))
+        reference = single_losses[f"{name}-adapter"]
+        assert exported.keys() == reference.keys() and len(exported) == 28, name
+        assert max((exported[k] - reference[k]).abs().max().item() for k in exported) < 5e-4, name
 
 
 def test_adapter_and_merged_exports_reproduce_the_adapted_model(tmp_path):
@@ -197,8 +242,8 @@ def _qlora_model(compute_dtype: str = "float32"):
 
     model = tiny_llama()
     settings = quantization_settings({**QLORA["quantization"], "compute_dtype": compute_dtype})
-    model = Quantization(settings).transform_model(model, _CPU)
-    adapted = LoRA(lora_settings(LORA)).transform_model(model, _CPU)
+    model = Quantization(settings).transform_model(model, _single())
+    adapted = LoRA(lora_settings(LORA)).transform_model(model, _single())
     torch.manual_seed(3)
     with torch.no_grad():
         for name, param in adapted.named_parameters():
@@ -282,8 +327,7 @@ def test_qlora_8bit_trains_only_the_adapters(tmp_path):
 
 @pytest.mark.parametrize("kw, error, message", [
     ({"quantization": {"bits": 4}}, ValueError, "quantization is set without lora"),
-    ({"quantization": {"bits": 4}, "lora": {}, "strategy": "fsdp"}, NotSupportedError, "Use strategy ddp"),
-    ({"quantization": {"bits": 4}, "lora": {}, "strategy": "zero3"}, NotSupportedError, "Use strategy ddp"),
+    ({"quantization": {"bits": 4}, "lora": {}, "strategy": "fsdp"}, NotSupportedError, "Use strategy zero3"),
     ({"quantization": {"bits": 3}, "lora": {}}, ValueError, "bits=3 must be 4 or 8"),
     ({"lora": {"rank": 8}}, ValueError, "unknown keys \\['rank'\\]"),
     ({"lora": {"r": 0}}, ValueError, "r=0 must be an integer >= 1"),

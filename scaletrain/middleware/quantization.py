@@ -13,8 +13,9 @@ from_pretrained; it costs only eval speed on such CPUs.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -55,8 +56,11 @@ def disable_cpu_repacking(model: torch.nn.Module) -> int:
 
 
 def quantize_linear_layers(model: torch.nn.Module, settings: dict[str, Any], device: torch.device,
-                           keep: tuple[str, ...] = ()) -> int:
-    """Replace the base's nn.Linear layers by frozen bitsandbytes layers, in place."""
+                           keep: tuple[str, ...] = (), whole: Callable[[torch.nn.Module], Any] = None) -> int:
+    """Replace the base's nn.Linear layers by frozen bitsandbytes layers, in place.
+    `whole(layer)` makes a layer's weights readable in full (a strategy that
+    partitioned them at construction gathers them)."""
+    whole = whole or (lambda layer: contextlib.nullcontext())
     import bitsandbytes as bnb
 
     skip = set(_HEADS) | set(keep) | set(settings["skip_modules"] or [])
@@ -68,7 +72,9 @@ def quantize_linear_layers(model: torch.nn.Module, settings: dict[str, Any], dev
                 continue
             if any(part in skip for part in f"{parent_name}.{name}".split(".")):
                 continue
-            setattr(parent, name, _quantized(child, settings, device, bnb))
+            with whole(child):
+                quantized = _quantized(child, settings, device, bnb)
+            setattr(parent, name, quantized)
             replaced += 1
     return replaced
 
@@ -104,7 +110,8 @@ class Quantization(Middleware):
 
         if isinstance(model, PeftModel):  # quantized and adapted in an earlier train()
             return model
-        self.quantized = quantize_linear_layers(model, self.settings, strategy.device, self.modules_to_save)
+        self.quantized = quantize_linear_layers(model, self.settings, strategy.device, self.modules_to_save,
+                                                whole=strategy.whole_parameters)
         if not self.quantized:
             raise ValueError(f"quantization found no nn.Linear layers to quantize in {type(model).__name__}")
         # freezes the base, casts the unquantized rest (norms, embeddings) to

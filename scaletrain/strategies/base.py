@@ -102,6 +102,12 @@ class Strategy(abc.ABC):
         """Skip gradient reduction on micro-steps that are not the last of a step."""
         return contextlib.nullcontext()
 
+    def whole_parameters(self, module: torch.nn.Module) -> contextlib.AbstractContextManager:
+        """`module`'s own parameters at full size inside the context, for reading
+        them before setup() (a model transform); they are whole unless the
+        backend partitioned them while the model was built."""
+        return contextlib.nullcontext()
+
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 

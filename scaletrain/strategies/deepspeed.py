@@ -272,6 +272,14 @@ class DeepSpeedStrategy(Strategy):
     def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return self.unwrap(model)  # ZeRO-3's gather hooks live on the module itself
 
+    def whole_parameters(self, module: torch.nn.Module) -> contextlib.AbstractContextManager:
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        # read-only gather of what zero.Init partitioned at construction
+        return deepspeed.zero.GatheredParameters(list(module.parameters(recurse=False)), modifier_rank=None)
+
     @contextlib.contextmanager
     def no_sync(self, model: torch.nn.Module) -> Iterator[None]:
         self.engine.set_gradient_accumulation_boundary(False)
