@@ -335,12 +335,11 @@ class _ScaletrainArguments:
             if self.lora is None:
                 raise ValueError("quantization is set without lora: a quantized base cannot be trained itself; "
                                  "add a lora section (QLoRA)")
-            if self.strategy == "fsdp":
+            if self.fsdp_low_memory_init:
                 raise NotSupportedError(
-                    "quantization (QLoRA) with strategy 'fsdp' is not supported: FSDP2 turns every parameter into "
-                    "a DTensor shard, and bitsandbytes' packed 4/8-bit weights keep their scales outside the "
-                    "tensor, so a shard cannot be dequantized. Use strategy zero3 (partitions the quantized "
-                    "base), ddp (every rank holds it, ~1/8 of fp32), or lora without quantization under fsdp")
+                    "quantization (QLoRA) with fsdp_low_memory_init is not supported: the base is quantized on "
+                    "every rank before sharding, which needs its real weights there, not meta tensors. Set "
+                    "fsdp_low_memory_init: false (the quantized base is ~1/8 of fp32), or use strategy zero3")
         if self.auto_find_batch_size and self.batch_finder_memory_budget is None and not self._cuda_available():
             raise ValueError("auto_find_batch_size on CPU needs batch_finder_memory_budget (e.g. '4GiB'): there is "
                              "no device memory to size against, and a CPU out-of-memory kills the process instead "

@@ -18,6 +18,14 @@ from ..modeling import block_classes
 from .base import OptimizerFactory, Strategy
 
 
+def _packed_quantized(param: torch.nn.Parameter) -> bool:
+    """A QLoRA base weight (bitsandbytes Params4bit / Int8Params): integer-packed
+    values whose scales live outside the tensor, so a DTensor shard of it could
+    not be dequantized. FSDP2 leaves these whole on every rank (they are frozen,
+    so no gradient is reduced); the adapters, norms and embeddings are sharded."""
+    return getattr(param, "quant_state", None) is not None or not param.is_floating_point()
+
+
 class FSDPStrategy(Strategy):
     name = "fsdp"
     needs_process_group = True
@@ -63,10 +71,11 @@ class FSDPStrategy(Strategy):
         if self.mixed_precision_policy is not None:
             kwargs["mp_policy"] = self.mixed_precision_policy
         blocks = self.layer_classes(model)
+        whole = {p for p in model.parameters() if _packed_quantized(p)}
         for module in list(model.modules()):
             if isinstance(module, blocks):
-                fully_shard(module, **kwargs)
-        fully_shard(model, **kwargs)  # the rest: embeddings, head, final norm
+                fully_shard(module, **kwargs, ignored_params={p for p in module.parameters() if p in whole})
+        fully_shard(model, **kwargs, ignored_params=whole)  # the rest: embeddings, head, final norm
         if callable(getattr(model, "generate", None)):
             # generate() calls submodules (e.g. the encoder) directly, not
             # model.forward: the root's parameters must be gathered around it
