@@ -19,6 +19,7 @@ import copy
 import importlib
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -213,6 +214,12 @@ class DeepSpeedStrategy(Strategy):
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         import deepspeed
 
+        # DeepSpeed 0.19 calls all_gather_into_tensor / reduce_scatter_tensor,
+        # deprecated in torch 2.13, on every ZeRO-3 gather: the FutureWarning
+        # is repeated per call (1,750 lines in a 30-step QLoRA run) and nothing
+        # a user can act on
+        warnings.filterwarnings("ignore", category=FutureWarning,
+                                message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
         # torch.distributed is initialised by now, so DeepSpeed adopts that group
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
         if self.stage == 3:
