@@ -78,7 +78,17 @@ def _train(cfg, env, strategy, task) -> int:
             _print_summary(summary)
     finally:
         trainer.strategy.teardown()
+        _KEEP_UNTIL_EXIT.append(trainer)
     return 0
+
+
+# The trainer (with DDP's reducer, which holds the gloo process group) stays
+# alive until entrypoint() leaves through os._exit. Freeing it destroys the
+# process group, whose destructor joins gloo's worker threads while holding the
+# GIL; a worker still freeing a finished collective's tensors needs the GIL,
+# and the rank deadlocks after its work is done (seen in CI: a ddp rank of
+# `accelerate launch` hung after the summary; gdb showed exactly this).
+_KEEP_UNTIL_EXIT: list = []
 
 
 def _print_summary(s: dict) -> None:
