@@ -87,7 +87,8 @@ def _train(cfg, env, strategy, task) -> int:
 # process group, whose destructor joins gloo's worker threads while holding the
 # GIL; a worker still freeing a finished collective's tensors needs the GIL,
 # and the rank deadlocks after its work is done (seen in CI: a ddp rank of
-# `accelerate launch` hung after the summary; gdb showed exactly this).
+# `accelerate launch` hung after the summary; gdb showed exactly this). The
+# pause in Strategy.teardown covers library use; this removes the destructor.
 _KEEP_UNTIL_EXIT: list = []
 
 

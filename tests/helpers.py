@@ -69,6 +69,9 @@ def _entry(local_rank: int, fn: Callable, world_size: int, port: int, args: tupl
         raise
     finally:
         if torch.distributed.is_initialized():
+            import time
+
+            time.sleep(0.2)  # let gloo's worker free the last work first (see Strategy.teardown)
             torch.distributed.destroy_process_group()
     # A normal interpreter exit lets gloo's worker thread free a tensor during
     # shutdown and abort the process now and then (SIGABRT, seen in CI for an

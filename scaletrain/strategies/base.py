@@ -8,6 +8,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import datetime
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -76,6 +77,13 @@ class Strategy(abc.ABC):
         if dist.is_initialized():
             # no rank may tear down while a peer is still inside a collective
             dist.barrier()
+            if dist.get_backend() == "gloo":
+                # gloo's worker thread frees the barrier's work, and the earlier
+                # works it waited on, just after the barrier returns; tensors
+                # Python still owns need the GIL to be freed. The process group's
+                # destructor joins that thread while holding the GIL, which
+                # deadlocked ranks in CI. Releasing the GIL briefly lets it finish.
+                time.sleep(0.2)
             dist.destroy_process_group()
 
     # ---------------------------------------------------------------- model
