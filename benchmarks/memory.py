@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from strategies import run_worker  # noqa: E402  (one worker launcher for all benchmarks)
+from strategies import TokenData, run_worker  # noqa: E402  (one worker launcher and dataset for all benchmarks)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RESULTS = Path(__file__).parent / "results"
@@ -53,17 +53,6 @@ def build_model():
                                       n_positions=SEQ, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
 
 
-class TokenData(torch.utils.data.Dataset):
-    def __init__(self, n: int) -> None:
-        self.ids = torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
-
-
 def _trainer(tmp: str, strategy_name: str, callbacks=None, **kw):
     from scaletrain import Trainer, TrainingArguments
     from scaletrain.strategies import build_strategy
@@ -74,7 +63,7 @@ def _trainer(tmp: str, strategy_name: str, callbacks=None, **kw):
     strategy = build_strategy(args)
     strategy.setup_environment()
     model = strategy.build_model(build_model, build_model)
-    trainer = Trainer(model=model, args=args, train_dataset=TokenData(256), callbacks=callbacks, strategy=strategy)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenData(256, SEQ, VOCAB), callbacks=callbacks, strategy=strategy)
     return trainer, strategy
 
 

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from strategies import TokenData  # noqa: E402  (one benchmark dataset)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RESULTS = Path(__file__).parent / "results"
 
@@ -31,18 +34,6 @@ def model_factory(seed: int = 0):
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=2048, n_positions=128,
                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-
-
-class TokenData(torch.utils.data.Dataset):
-    def __init__(self, n: int, seq: int, vocab: int = 2048) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, vocab, (n, seq), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
 
 
 def plain_loop(data, batch: int, steps: int, lr: float) -> float:
@@ -108,7 +99,7 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    data = TokenData(opts.batch * opts.steps, opts.seq)
+    data = TokenData(opts.batch * opts.steps, opts.seq, vocab=2048)
     scratch = "/tmp/scaletrain-bench"
     runners = {
         "plain PyTorch loop": lambda: plain_loop(data, opts.batch, opts.steps, 1e-4),

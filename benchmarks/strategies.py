@@ -59,8 +59,10 @@ def build_model():
 
 
 class TokenData(torch.utils.data.Dataset):
-    def __init__(self, n: int) -> None:
-        self.ids = torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(0))
+    """n fixed random token rows (seeded): causal-LM batches of a known shape for every benchmark."""
+
+    def __init__(self, n: int, seq: int = SEQ, vocab: int = VOCAB) -> None:
+        self.ids = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(0))
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import RaggedLM, losses_of, run_ranks, tiny_gpt2
+from helpers import RaggedLM, losses_of, run_ranks
 from scaletrain import Trainer, TrainingArguments
 from scaletrain.strategies import build_strategy
 from test_memory_middleware import PRECISION_RTOL, STEPS, InjectInf, check_overflow_step_was_skipped
@@ -150,13 +150,6 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def _max_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("pretrained")
-    tiny_gpt2(seed=0).save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import RaggedLM, losses_of, run_ranks, tiny_gpt2
+from helpers import RaggedLM, losses_of, run_ranks
 from scaletrain import Trainer, TrainingArguments
 from scaletrain.strategies import build_strategy
 
@@ -121,13 +121,6 @@ def _exported(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(folder / "model.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("pretrained")
-    tiny_gpt2(seed=0).save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
