@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from strategies import PER_RANK_BATCH, RESULTS, TokenData, build_model, run_worker  # noqa: E402
+from strategies import PER_RANK_BATCH, TokenData, build_model, publish, run_worker  # noqa: E402
 
 STEPS, SAVE_EVERY = 8, 2
 RUNS = [("single", 1), ("ddp", 2), ("fsdp", 2)]
@@ -117,11 +117,7 @@ def main() -> None:
         lines.append(f"| {r['strategy']} | {r['ranks']} | {r['mode']} | {r['save_blocking_s']:.3f} | "
                      f"{r['save_blocking_s'] / sync['save_blocking_s']:.2f}x | {r['train_wall_s']:.1f} | "
                      f"{r['load_s']:.2f} | {r['checkpoint_mib']:.0f} |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "checkpoint-cpu.md").write_text(table + "\n")
-    (RESULTS / "checkpoint-cpu.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2))
+    publish("checkpoint-cpu", lines, {"device": device, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -34,10 +34,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from strategies import TokenData, run_worker  # noqa: E402  (one worker launcher and dataset for all benchmarks)
+from strategies import TokenData, publish, run_worker  # noqa: E402  (one worker launcher and dataset for all benchmarks)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-RESULTS = Path(__file__).parent / "results"
 SEQ, VOCAB, LAYERS, HIDDEN, HEADS = 256, 8192, 4, 256, 4
 MICRO = 4
 FINDER_RANGE = 16
@@ -187,13 +186,8 @@ def main() -> None:
     for (name, world), r in zip(FINDER_ROWS, finder.values()):
         lines.append(f"| {name} | {world} | {mib(r['budget'])} | {r['true_max']} | {r['capacity']} | {r['probes']} | "
                      f"{math.ceil(math.log2(FINDER_RANGE)) + 2} | {r['per_device']} x {r['accumulation']} |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "memory-cpu.md").write_text(table + "\n")
-    (RESULTS / "memory-cpu.json").write_text(json.dumps({
-        "device": device, "torch": torch.__version__, "activations": activations, "strategies": strategies,
-        "finder": finder}, indent=2))
+    publish("memory-cpu", lines, {"device": device, "torch": torch.__version__, "activations": activations,
+                                  "strategies": strategies, "finder": finder})
 
 
 if __name__ == "__main__":

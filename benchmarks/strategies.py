@@ -58,6 +58,15 @@ def build_model():
                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
 
 
+def publish(name: str, lines: list[str], data: dict) -> None:
+    """Print a benchmark's table and write it to results/<name>.md, its raw numbers to results/<name>.json."""
+    table = "\n".join(lines)
+    print("\n" + table)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.md").write_text(table + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2))
+
+
 class TokenData(torch.utils.data.Dataset):
     """n fixed random token rows (seeded): causal-LM batches of a known shape for every benchmark."""
 
@@ -170,12 +179,7 @@ def main() -> None:
         ratio = f"{r['samples_per_s'] / baseline:.2f}x" if baseline else "-"
         lines.append(f"| {r['strategy']} | {r['world_size']} | {r['samples_per_s']:.2f} | {ratio} | "
                      f"{r['state_mib_per_rank']:.1f} | {r['peak_rss_mib']:.0f} |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "strategies-cpu.md").write_text(table + "\n")
-    (RESULTS / "strategies-cpu.json").write_text(json.dumps({
-        "device": device, "torch": torch.__version__, "steps": opts.steps, "rows": rows}, indent=2))
+    publish("strategies-cpu", lines, {"device": device, "torch": torch.__version__, "steps": opts.steps, "rows": rows})
 
 
 if __name__ == "__main__":
