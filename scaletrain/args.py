@@ -79,6 +79,10 @@ class _ScaletrainArguments:
     log_level_replica: str = "warning"
     log_on_each_node: bool = True
 
+    # Set on model.config at Trainer construction, as the HF Trainer does: training
+    # and evaluation forwards build no KV cache unless asked (generate keeps its own)
+    use_cache: bool = False
+
     # Reproducibility and data.
     seed: int = 42
     data_seed: Optional[int] = None

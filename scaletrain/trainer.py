@@ -117,6 +117,7 @@ class Trainer:
             raise ValueError("pass either model or model_init, not both")
         self.model_init = model_init
         self.model = model
+        _apply_use_cache(model, args.use_cache)
         self.model_wrapped: Optional[torch.nn.Module] = None
         self.processing_class = processing_class
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
@@ -910,7 +911,7 @@ class Trainer:
         has_labels = bool(self.label_names) and all(inputs.get(k) is not None for k in self.label_names)
         inputs = self._prepare_inputs(inputs)
         if ignore_keys is None:
-            ignore_keys = list(getattr(getattr(model, "config", None), "keys_to_ignore_at_inference", []) or [])
+            ignore_keys = _default_ignore_keys(self.strategy.unwrap(self.model))
         labels = None
         if has_labels:
             labels = nested_detach(tuple(inputs[k] for k in self.label_names))
@@ -924,9 +925,9 @@ class Trainer:
         if prediction_loss_only:
             return loss, None, None
         if isinstance(outputs, dict):
-            logits = tuple(v for k, v in outputs.items() if k not in ignore_keys + ["loss"])
+            logits = tuple(v for k, v in outputs.items() if k not in ignore_keys + ["loss"] and _is_tensor_tree(v))
         else:
-            logits = outputs[1:] if has_labels else outputs
+            logits = tuple(v for v in (outputs[1:] if has_labels else outputs) if _is_tensor_tree(v))
         logits = nested_detach(logits)
         if isinstance(logits, (tuple, list)) and len(logits) == 1:
             logits = logits[0]
@@ -993,6 +994,30 @@ class Trainer:
         """The most evaluation batches any rank has."""
         return int(self.strategy.all_reduce_max(
             torch.tensor([len(dataloader)], dtype=torch.int64, device=self.strategy.device)).item())
+
+
+def _apply_use_cache(model: torch.nn.Module, use_cache: bool) -> None:
+    """As the HF Trainer does: no KV cache in training and evaluation forwards
+    unless TrainingArguments.use_cache asks for one (generate keeps its own setting)."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.use_cache = use_cache
+
+
+def _default_ignore_keys(model: torch.nn.Module) -> list[str]:
+    """The HF Trainer's default: the config's keys_to_ignore_at_inference, else ["cache"]."""
+    config = getattr(_library_model(model), "config", None)
+    if config is None:
+        return []
+    return list(getattr(config, "keys_to_ignore_at_inference", ["cache"]) or [])
+
+
+def _is_tensor_tree(value: Any) -> bool:
+    """A tensor, or tuples/lists of them: what can be gathered as predictions
+    (a KV cache object, or None, cannot)."""
+    if isinstance(value, torch.Tensor):
+        return True
+    return isinstance(value, (tuple, list)) and len(value) > 0 and all(_is_tensor_tree(v) for v in value)
 
 
 def _library_model(model: torch.nn.Module) -> torch.nn.Module:
