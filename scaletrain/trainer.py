@@ -497,7 +497,7 @@ class Trainer:
             micro_done = skip_micro if epoch == start_epoch else 0
             replay = self._start_epoch(loader, epoch, micro_done)
             self.control = handler.on_epoch_begin(args, self.state, self.control)
-            batches = iter(loader)
+            batches = _iter_keeping_rng(loader)
             for _ in range(replay):
                 next(batches)
             exhausted = False
@@ -1069,6 +1069,18 @@ def _longest_row(dataset) -> Any:
     if best is None:
         raise ValueError("auto_find_batch_size needs a non-empty training dataset")
     return best
+
+
+def _iter_keeping_rng(loader: DataLoader):
+    """The loader's iterator, created without drawing from the global RNG.
+    torch's DataLoader draws a base seed from it whenever an iterator is made;
+    a resumed run makes its epoch's iterator after the checkpoint's RNG state
+    is restored, so that draw would shift every later dropout mask against the
+    uninterrupted run."""
+    state = capture_rng_state()
+    batches = iter(loader)
+    restore_rng_state(state)
+    return batches
 
 
 def _concat(parts: list[Any]) -> Any:
