@@ -23,9 +23,14 @@ def _prepare(config_name: str, overrides: list[str]):
     from .distributed import read_env
     from .strategies import build_strategy
 
+    from .checkpoint import resolve_resume_target
+
     cfg = load_config(resolve_config_path(config_name), overrides)
     env = read_env()
     strategy = build_strategy(cfg.training, env)  # validates; starts no process group
+    # 'latest'/'true' is pinned to one folder here, so every rank resumes the same checkpoint
+    target = resolve_resume_target(cfg.training.resume_from_checkpoint, cfg.training.output_dir)
+    cfg.training.resume_from_checkpoint = str(target) if target is not None else None
 
     from .tasks import build_task
 
@@ -49,7 +54,7 @@ def _train(cfg, env, strategy, task) -> int:
         data_collator=task.data_collator,
     )
     try:
-        train_out = trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint or None)
+        train_out = trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint)
         eval_metrics = trainer.evaluate()
         final_dir = trainer.save_model(str(Path(cfg.training.output_dir) / "final"))
         wall = time.perf_counter() - wall_start
@@ -188,16 +193,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "estimate":
         overrides, world_size = _pop_world_size(args.overrides, args.world_size)
         return _estimate(args.config, world_size, overrides)
+    from .checkpoint import CheckpointError
+
     try:
         cfg, env, strategy, task = _prepare(args.config, args.overrides)
     except ConfigError as exc:
-        print(f"scaletrain: config error: {exc}", file=sys.stderr)
+        _refuse(f"config error: {exc}")
         return 2
-    except (ValueError, FileNotFoundError) as exc:  # NotSupportedError is a ValueError
-        print(f"scaletrain: error: {exc}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:  # NotSupportedError is a ValueError
+        _refuse(f"error: {exc}")
         return 2
     code = _train(cfg, env, strategy, task)
     return code
+
+
+def _refuse(message: str) -> None:
+    """Bad input is the same on every rank of a launch: one rank says so."""
+    from .distributed import launched_rank
+
+    if launched_rank() == 0:
+        print(f"scaletrain: {message}", file=sys.stderr)
 
 
 def entrypoint() -> None:

@@ -51,6 +51,14 @@ def read_env() -> DistEnv:
     return DistEnv(rank, world_size, local_rank, local_world_size, _accelerate_settings())
 
 
+def launched_rank() -> int:
+    """This process's global rank as the launcher set it, 0 when RANK is unset or unreadable."""
+    try:
+        return _int_env("RANK", 0)
+    except ValueError:
+        return 0
+
+
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -34,7 +33,8 @@ from transformers.utils import find_labels
 
 from .args import NotSupportedError, TrainingArguments
 from .callbacks import JsonlMetricsCallback, ProgressCallback, WandbCallback
-from .checkpoint import CheckpointError, CheckpointManager, latest_checkpoint
+from .checkpoint import CheckpointError, CheckpointManager, resolve_resume_target
+from .checkpoint.compatibility import check_same_model, model_fingerprint
 from .checkpoint.manager import PREFIX as CHECKPOINT_PREFIX
 from .checkpoint.manager import capture_rng_state, restore_rng_state
 from .data.loaders import (
@@ -416,34 +416,20 @@ class Trainer:
             return fallback
         return max(1, math.ceil(max_steps * value)) if value < 1 else int(value)
 
-    def _resolve_resume(self, resume_from_checkpoint) -> Optional[Path]:
-        if resume_from_checkpoint in (None, False):
-            return None
-        if resume_from_checkpoint is True:
-            found = latest_checkpoint(self.args.output_dir)
-            if found is None:
-                raise CheckpointError(
-                    f"resume_from_checkpoint=True but {self.args.output_dir} holds no committed checkpoint"
-                )
-            return found
-        return Path(resume_from_checkpoint)
-
-    def _model_config_hash(self) -> Optional[str]:
-        config = getattr(self.strategy.unwrap(self.model), "config", None)
-        if config is None or not hasattr(config, "to_dict"):
-            return None
-        keep = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
-        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    def _model_fingerprint(self) -> dict[str, Any]:
+        model = self.strategy.unwrap(self.model)
+        return model_fingerprint(model, _model_class_name(model))
 
     def train(self, resume_from_checkpoint: Union[str, bool, None] = None, trial=None,
               ignore_keys_for_eval: Optional[list[str]] = None, **kwargs) -> TrainOutput:
         if kwargs:
             raise TypeError(f"train() got unexpected keyword arguments {sorted(kwargs)}")
         args = self.args
-        resume_path = self._resolve_resume(resume_from_checkpoint)
+        resume_path = resolve_resume_target(resume_from_checkpoint, args.output_dir)
         if self.model_init is not None:
             set_seed(args.seed)
             self.model = self._call_model_init(self.model_init, trial)
+            _apply_use_cache(self.model, args.use_cache)
             self.optimizer, self.lr_scheduler = None, None
         # accumulation may change on resume (another world size, same global batch)
         self._accumulation = self._accumulation_for_resume(resume_path) if resume_path else args.gradient_accumulation_steps
@@ -722,7 +708,7 @@ class Trainer:
                       # what a run on another world size needs to find the same place
                       "samples_in_epoch": micro_done * self.args.per_device_train_batch_size * self.strategy.world_size,
                       "stream_state": self._stream_state(micro_done)},
-            manifest_extra={"model_config_hash": self._model_config_hash(), "base_model": self._adapter_base(),
+            manifest_extra={"model_fingerprint": self._model_fingerprint(), "base_model": self._adapter_base(),
                             "model_class": _model_class_name(self.strategy.unwrap(self.model))},
             save_only_model=self.args.save_only_model,
             write_model_files=self._write_model_files,
@@ -830,12 +816,7 @@ class Trainer:
 
     def _resume(self, path: Path, max_steps: int) -> tuple[int, int]:
         manifest = self.checkpoints.read_manifest(path)
-        expected = self._model_config_hash()
-        if manifest.get("model_config_hash") and expected and manifest["model_config_hash"] != expected:
-            raise CheckpointError(
-                f"{path} was saved for a different model configuration ({manifest.get('model_class')}, config "
-                f"hash {manifest['model_config_hash']} != {expected}); resume with the model it was trained with"
-            )
+        check_same_model(path, manifest, self._model_fingerprint())
         _, progress = self.checkpoints.load(path, self.model_wrapped, self.optimizer, self.lr_scheduler)
         self.middleware.load_state_dict(progress.get("middleware", {}))  # e.g. the fp16 loss scale
         self._skipped_steps = int(progress.get("skipped_steps", 0))

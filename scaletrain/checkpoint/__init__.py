@@ -4,6 +4,8 @@ from .manager import (
     CheckpointManager,
     committed_checkpoints,
     latest_checkpoint,
+    resolve_resume_target,
 )
 
-__all__ = ["COMMIT_MARKER", "CheckpointError", "CheckpointManager", "committed_checkpoints", "latest_checkpoint"]
+__all__ = ["COMMIT_MARKER", "CheckpointError", "CheckpointManager", "committed_checkpoints", "latest_checkpoint",
+           "resolve_resume_target"]

@@ -102,6 +102,35 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Optional[Path]:
     return found[-1] if found else None
 
 
+_LATEST = ("latest", "true")
+_NO_RESUME = ("", "false", "none", "no")
+
+
+def resolve_resume_target(value: Any, output_dir: str | os.PathLike) -> Optional[Path]:
+    """The checkpoint a run resumes from: None for no resume; True, 'latest' or
+    'true' for the newest committed checkpoint in output_dir; otherwise a path,
+    which must hold a committed, intact checkpoint. Raises CheckpointError naming
+    the value, so the CLI can refuse it before any process group starts."""
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in _NO_RESUME):
+        return None
+    if value is True or (isinstance(value, str) and value.strip().lower() in _LATEST):
+        found = latest_checkpoint(output_dir)
+        if found is None:
+            raise CheckpointError(
+                f"resume_from_checkpoint={value!r} asks for the newest checkpoint, but output_dir {output_dir} holds "
+                "no committed checkpoint; drop resume_from_checkpoint to start fresh, or pass a checkpoint path"
+            )
+        return found
+    path = Path(value)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"resume_from_checkpoint={str(value)!r}: no such checkpoint folder; pass an output_dir/checkpoint-<step> "
+            "folder, or 'latest' for the newest committed one in output_dir"
+        )
+    CheckpointManager.read_manifest(path)  # refuses an interrupted or damaged save
+    return path
+
+
 # ------------------------------------------------------------------ RNG state
 def capture_rng_state() -> dict[str, Any]:
     """RNG state as tensors and numbers only, so it loads with weights_only=True."""
