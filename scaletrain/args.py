@@ -296,7 +296,8 @@ class _ScaletrainArguments:
             raise ValueError(f"learning_rate={self.learning_rate} must be >= 0")
         for name in ("logging_steps", "save_steps"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be > 0 (a count, or a fraction of max steps if < 1)")
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0 (a count, or a fraction of max steps "
+                                 "if < 1)")
         if self.eval_steps is not None and self.eval_steps <= 0:
             raise ValueError(f"eval_steps={self.eval_steps} must be > 0")
         if self.save_total_limit is not None and self.save_total_limit < 1:

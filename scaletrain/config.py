@@ -74,7 +74,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return value
     if origin in (Union, types.UnionType):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in typing.get_args(annotation)):
+        says_none = isinstance(value, str) and value.lower() in ("none", "null")
+        if value is None or (says_none and type(None) in typing.get_args(annotation)):
             return None
         for option in options:
             try:
@@ -107,7 +108,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         try:
             number = float(value) if annotation is float else int(str(value), 10) if isinstance(value, str) else value
         except (TypeError, ValueError):
-            raise ConfigError(f"{key}={value!r} must be {'a number' if annotation is float else 'an integer'}") from None
+            kind = "a number" if annotation is float else "an integer"
+            raise ConfigError(f"{key}={value!r} must be {kind}") from None
         if annotation is int and not isinstance(number, int):
             if isinstance(number, float) and number.is_integer():
                 return int(number)

@@ -28,8 +28,9 @@ Activations per micro-batch of b sequences of length s, hidden size h, a
 heads, L layers, vocabulary V (Korthikanti et al., 2022, without dropout
 masks when dropout is off): each layer keeps about s·b·h·(34 + 5·a·s/h)
 bytes at 16 bits (twice at fp32); a checkpointed layer keeps only its input
-(s·b·h values), and one layer's activations are live during its recompute. The logits add s·b·V fp32 values three times (logits,
-their log-softmax, its gradient).
+(s·b·h values), and one layer's activations are live during its recompute.
+The logits add s·b·V fp32 values three times (logits, their log-softmax, its
+gradient).
 """
 from __future__ import annotations
 
@@ -60,7 +61,10 @@ class ModelShape:
 
         config = getattr(model, "config", None)
         blocks = [m for m in model.modules() if isinstance(m, block_classes(model))]
-        get = (lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None)), 0))
+
+        def get(*names: str) -> int:
+            return next((getattr(config, n) for n in names if getattr(config, n, None)), 0)
+
         return cls(
             parameters=sum(_numel(p) for p in model.parameters() if p.requires_grad),
             largest_block=max((sum(_numel(p) for p in b.parameters()) for b in blocks), default=0),

@@ -20,7 +20,8 @@ class Seq2SeqTrainer(Trainer):
 
     def _generation_kwargs(self, overrides: dict[str, Any]) -> dict[str, Any]:
         kwargs = dict(overrides)
-        if "max_length" not in kwargs and "max_new_tokens" not in kwargs and self.args.generation_max_length is not None:
+        length_given = "max_length" in kwargs or "max_new_tokens" in kwargs
+        if not length_given and self.args.generation_max_length is not None:
             kwargs["max_length"] = self.args.generation_max_length
         if "num_beams" not in kwargs and self.args.generation_num_beams is not None:
             kwargs["num_beams"] = self.args.generation_num_beams

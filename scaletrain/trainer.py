@@ -432,7 +432,8 @@ class Trainer:
             _apply_use_cache(self.model, args.use_cache)
             self.optimizer, self.lr_scheduler = None, None
         # accumulation may change on resume (another world size, same global batch)
-        self._accumulation = self._accumulation_for_resume(resume_path) if resume_path else args.gradient_accumulation_steps
+        self._accumulation = (self._accumulation_for_resume(resume_path) if resume_path
+                              else args.gradient_accumulation_steps)
         args = self.args  # a resume may adopt the batch finder's earlier choice
         loader = self.get_train_dataloader()
         max_steps, num_epochs, per_epoch = self._plan(loader)
@@ -468,7 +469,8 @@ class Trainer:
         handler = self.callback_handler
         handler.model, handler.optimizer, handler.lr_scheduler = self.model, self.optimizer, self.lr_scheduler
         handler.train_dataloader = loader
-        logger.info("training with %s, %d threads/rank, %d steps", self.strategy.describe(), self.num_threads, max_steps)
+        logger.info("training with %s, %d threads/rank, %d steps", self.strategy.describe(), self.num_threads,
+                    max_steps)
         self.control = handler.on_train_begin(args, self.state, self.control)
         if args.eval_on_start and self.eval_dataset is not None:
             self._evaluate_and_track(ignore_keys_for_eval)
@@ -855,8 +857,8 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------- evaluation
-    def evaluate(self, eval_dataset: Optional[Union[Dataset, dict, str]] = None, ignore_keys: Optional[list[str]] = None,
-                 metric_key_prefix: str = "eval") -> dict[str, float]:
+    def evaluate(self, eval_dataset: Optional[Union[Dataset, dict, str]] = None,
+                 ignore_keys: Optional[list[str]] = None, metric_key_prefix: str = "eval") -> dict[str, float]:
         if isinstance(eval_dataset, dict):
             metrics = {}
             for name, dataset in eval_dataset.items():
@@ -864,8 +866,9 @@ class Trainer:
             return metrics
         loader = self.get_eval_dataloader(eval_dataset)
         start = time.perf_counter()
-        output = self.evaluation_loop(loader, "Evaluation", prediction_loss_only=True if self.compute_metrics is None else None,
-                                      ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        loss_only = True if self.compute_metrics is None else None
+        output = self.evaluation_loop(loader, "Evaluation", prediction_loss_only=loss_only, ignore_keys=ignore_keys,
+                                      metric_key_prefix=metric_key_prefix)
         runtime = time.perf_counter() - start
         output.metrics.update({
             f"{metric_key_prefix}_runtime": round(runtime, 4),
@@ -880,7 +883,8 @@ class Trainer:
                 metric_key_prefix: str = "test") -> PredictionOutput:
         loader = self.get_test_dataloader(test_dataset)
         start = time.perf_counter()
-        output = self.evaluation_loop(loader, "Prediction", ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        output = self.evaluation_loop(loader, "Prediction", ignore_keys=ignore_keys,
+                                      metric_key_prefix=metric_key_prefix)
         runtime = time.perf_counter() - start
         output.metrics[f"{metric_key_prefix}_runtime"] = round(runtime, 4)
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, output.metrics)
@@ -963,12 +967,15 @@ class Trainer:
 
         metrics: dict[str, Any] = {}
         if self.compute_metrics is not None and preds is not None and labels is not None:
-            computed = self.compute_metrics(EvalPrediction(predictions=preds, label_ids=labels)) if self.strategy.is_main else None
+            computed = None
+            if self.strategy.is_main:
+                computed = self.compute_metrics(EvalPrediction(predictions=preds, label_ids=labels))
             metrics = dict(self.strategy.broadcast_object(computed))  # one call, identical on every rank
         metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
         if losses is not None:
             metrics["loss"] = float(losses[:, 0].sum() / max(losses[:, 1].sum(), 1.0))
-        metrics = {(k if k.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{k}"): v for k, v in metrics.items()}
+        prefix = f"{metric_key_prefix}_"
+        metrics = {(k if k.startswith(prefix) else prefix + k): v for k, v in metrics.items()}
         return EvalLoopOutput(predictions=preds, label_ids=labels, metrics=metrics, num_samples=num_samples)
 
     def _eval_rounds(self, dataloader: DataLoader) -> int:

@@ -88,7 +88,8 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 # the demo's pretrained MiniLM under ddp, shortened: 8 steps of 2 x 8 questions
 MINILM_DDP = [str(ROOT / "configs" / "ddp.yaml"), "--max_steps", "8", "--save_strategy", "steps", "--save_steps",
               "4", "--eval_strategy", "no", "--logging_steps", "2", "--per_device_train_batch_size", "8",
-              "--save_total_limit", "none", "--data.train_size", "400", "--data.eval_size", "32", "--disable_tqdm", "true"]
+              "--save_total_limit", "none", "--data.train_size", "400", "--data.eval_size", "32", "--disable_tqdm",
+              "true"]
 
 
 def test_pretrained_minilm_resumes_bitwise_under_ddp_through_the_cli(tmp_path):

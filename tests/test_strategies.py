@@ -38,7 +38,8 @@ SHARDED_OPTIMIZER = SHARDED_PARAMETERS | {"zero1", "zero2"}
 def _args(out: str, per_device: int, **kw) -> TrainingArguments:
     return TrainingArguments(
         output_dir=out, per_device_train_batch_size=per_device, gradient_accumulation_steps=2, max_steps=STEPS,
-        learning_rate=1e-2, weight_decay=0.1, max_grad_norm=0.5, logging_steps=1, save_steps=5, per_device_eval_batch_size=EVAL_BATCH,
+        learning_rate=1e-2, weight_decay=0.1, max_grad_norm=0.5, logging_steps=1, save_steps=5,
+        per_device_eval_batch_size=EVAL_BATCH,
         disable_tqdm=True, seed=0, ddp_timeout=120, optim="adamw_torch", **kw,
     )
 
@@ -130,7 +131,8 @@ def reference(tmp_path_factory, pretrained):
 
     out = tmp_path_factory.mktemp("single")
     trainer = Trainer(model=GPT2LMHeadModel.from_pretrained(pretrained), args=_args(str(out), 8, strategy="single"),
-                      train_dataset=RaggedLM(TRAIN_N), eval_dataset=RaggedLM(EVAL_N, seed=2), compute_metrics=_eval_targets)
+                      train_dataset=RaggedLM(TRAIN_N), eval_dataset=RaggedLM(EVAL_N, seed=2),
+                      compute_metrics=_eval_targets)
     trainer.train()
     trainer.save_model(str(out / "export"))
     return {

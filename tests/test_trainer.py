@@ -36,10 +36,9 @@ def test_k_micro_batches_equal_one_batch_on_ragged_sequences(tmp_path):
         # SGD: the update is linear in the gradient, so 1e-6 on the weights
         # bounds the gradient error (Adam's normalisation would amplify
         # ~1e-7 noise on elements whose gradient is ~0)
-        trainer = Trainer(model=tiny_gpt2(), args=make_args(tmp_path / f"{per_device}", per_device_train_batch_size=per_device,
-                                                          gradient_accumulation_steps=gas, max_steps=6, optim="sgd",
-                                                          learning_rate=0.5),
-                          train_dataset=RaggedLM(48))
+        args = make_args(tmp_path / f"{per_device}", per_device_train_batch_size=per_device,
+                         gradient_accumulation_steps=gas, max_steps=6, optim="sgd", learning_rate=0.5)
+        trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=RaggedLM(48))
         trainer.train()
         runs[(per_device, gas)] = (losses_of(trainer), weights(trainer.model))
     ref_losses, ref_weights = runs[(8, 1)]
@@ -114,9 +113,9 @@ class WorseningMetric:
 
 def test_early_stopping_stops(tmp_path):
     metric = WorseningMetric()
-    trainer = Trainer(model=tiny_gpt2(), args=make_args(tmp_path, max_steps=40, eval_strategy="steps", eval_steps=2,
-                                                        save_strategy="steps", save_steps=2, load_best_model_at_end=True,
-                                                        metric_for_best_model="badness", greater_is_better=False),
+    args = make_args(tmp_path, max_steps=40, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                     load_best_model_at_end=True, metric_for_best_model="badness", greater_is_better=False)
+    trainer = Trainer(model=tiny_gpt2(), args=args,
                       train_dataset=RaggedLM(64), eval_dataset=RaggedLM(8, seed=3), compute_metrics=metric,
                       callbacks=[EarlyStoppingCallback(early_stopping_patience=2)])
     trainer.train()

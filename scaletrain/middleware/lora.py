@@ -35,7 +35,8 @@ def lora_settings(raw: dict[str, Any]) -> dict[str, Any]:
     if settings["bias"] not in ("none", "all", "lora_only"):
         raise ValueError(f"lora bias={settings['bias']!r} must be 'none', 'all' or 'lora_only'")
     target = settings["target_modules"]
-    if not (target == "all-linear" or (isinstance(target, list) and target and all(isinstance(t, str) for t in target))):
+    names_listed = isinstance(target, list) and target and all(isinstance(t, str) for t in target)
+    if not (target == "all-linear" or names_listed):
         raise ValueError(f"lora target_modules={target!r} must be 'all-linear' or a list of module names")
     return settings
 

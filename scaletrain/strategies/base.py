@@ -96,7 +96,8 @@ class Strategy(abc.ABC):
         return from_pretrained()
 
     @abc.abstractmethod
-    def setup(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    def setup(self, model: torch.nn.Module,
+              optimizer_factory: OptimizerFactory) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """Place/wrap/shard the model and build its optimizer together."""
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -164,7 +165,8 @@ class Strategy(abc.ABC):
         model_sd, optim_sd = get_state_dict(module, optimizer, options=options)
         return {"model": _without_frozen(module, model_sd), "optimizer": optim_sd}
 
-    def load_state_dict(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:
+    def load_state_dict(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                        state: dict[str, Any]) -> None:
         # keys come from state_dict() of this same model and dcp.load has
         # filled every one of them, so only frozen parameters are absent
         options = StateDictOptions(strict=False, ignore_frozen_params=True)
@@ -202,7 +204,8 @@ class Strategy(abc.ABC):
 
     def full_model_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Unsharded weights on CPU (rank 0 at least), for HF export."""
-        return get_model_state_dict(self.unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.unwrap(model), options=options)
 
     def held_state_numel(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
         """What this rank actually stores, counted from the tensors themselves:

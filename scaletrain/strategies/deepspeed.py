@@ -131,7 +131,8 @@ def build_deepspeed_config(args, stage: int, world_size: int, on_cuda: bool = Fa
             raise DeepSpeedConfigError(
                 f"the deepspeed section sets {path!r}; scaletrain owns it, set {argument} instead and remove the key"
             )
-        if theirs != ours and not (isinstance(ours, float) and isinstance(theirs, (int, float)) and float(theirs) == ours):
+        same_number = isinstance(ours, float) and isinstance(theirs, (int, float)) and float(theirs) == ours
+        if theirs != ours and not same_number:
             raise DeepSpeedConfigError(
                 f"the deepspeed section sets {path}={theirs!r} but scaletrain derives {ours!r} from {argument}; "
                 f"set {argument} instead and remove the key (or write \"auto\")"
@@ -219,7 +220,8 @@ class DeepSpeedStrategy(Strategy):
         # is repeated per call (1,750 lines in a 30-step QLoRA run) and nothing
         # a user can act on
         warnings.filterwarnings("ignore", category=FutureWarning,
-                                message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
+                                message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                                        r"is deprecated")
         # torch.distributed is initialised by now, so DeepSpeed adopts that group
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
         if self.stage == 3:

@@ -106,7 +106,8 @@ def classification_metrics(eval_pred) -> dict[str, float]:
         precision = tp / max(np.sum(preds == cls), 1)
         recall = tp / max(np.sum(labels == cls), 1)
         f1s.append(0.0 if tp == 0 else 2 * precision * recall / (precision + recall))
-    return {"accuracy": float(np.mean(preds == labels)), "macro_f1": float(np.mean(f1s)), "num_samples": int(len(labels))}
+    return {"accuracy": float(np.mean(preds == labels)), "macro_f1": float(np.mean(f1s)),
+            "num_samples": int(len(labels))}
 
 
 def _apply_dropout(config: Any, value: Optional[float]) -> None:
@@ -179,4 +180,5 @@ def build_task(cfg) -> Task:
         return ds.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=data.max_length),
                       batched=True, remove_columns=["text"])
 
-    return Task(from_pretrained, from_config, tokenizer, to_dataset(train_rows), to_dataset(eval_rows), classification_metrics, labels)
+    return Task(from_pretrained, from_config, tokenizer, to_dataset(train_rows), to_dataset(eval_rows),
+                classification_metrics, labels)
