@@ -51,6 +51,8 @@ from .strategies import Strategy, build_strategy
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
+# transformers.Trainer.get_decay_parameter_names' patterns, searched in lower-cased parameter names
+_NO_DECAY_NAME_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
 _NORM_LAYERS = (torch.nn.LayerNorm, torch.nn.GroupNorm) + ((torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ())
 
 
@@ -203,8 +205,9 @@ class Trainer:
 
     # ------------------------------------------------------ optimizer / sched
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
-        """Weight decay applies to weights, not to biases or normalisation layers."""
-        return [n for n in get_parameter_names(model, list(_NORM_LAYERS)) if "bias" not in n]
+        """Weight decay applies to weights, not to biases or normalisation layers: HF's rule (norm layers by
+        type, and by name, which catches model-specific norms such as LlamaRMSNorm)."""
+        return get_parameter_names(model, list(_NORM_LAYERS), _NO_DECAY_NAME_PATTERNS)
 
     def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
         if self.optimizer is not None:

@@ -1,0 +1,127 @@
+"""scaletrain's single-process Trainer against references it does not share code with.
+
+1. A plain PyTorch loop written here: SGD (GPT-2) and AdamW (Llama) with HF's
+   decay groups (no decay on biases and normalisation weights), gradient
+   clipping, warmup + linear decay, and gradient accumulation over ragged rows
+   with the loss normalised by the step's target count. A bug shared by every
+   strategy (loss weighting, decay groups, schedule, clipping) would show here
+   and nowhere else. GPT-2 runs SGD because its attention key bias has an
+   analytically zero gradient (softmax ignores a shift shared by all keys):
+   Adam normalises the float noise there into full-size steps.
+2. transformers.Trainer itself on the same script. HF shuffles with its own
+   RNG, so each optimizer step takes the whole dataset (4 micro-batches of 8
+   rows): every step's gradient is then the same whatever the order. SGD keeps
+   float-order noise from being amplified as Adam's normalisation would.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from helpers import RaggedLM, losses_of, tiny_gpt2, tiny_llama
+from scaletrain import Trainer, TrainingArguments
+
+SEED, WARMUP, DECAY, CLIP = 3, 2, 0.1, 0.5
+ROWS, MICRO, ACCUMULATION, EPOCHS = 40, 4, 3, 2
+RUNS = {"gpt2-sgd": (tiny_gpt2, "sgd", 0.5), "llama-adamw": (tiny_llama, "adamw_torch", 3e-3)}
+
+
+def is_norm(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+
+
+def decay_groups(model: torch.nn.Module) -> list[dict]:
+    norm_params = {id(p) for m in model.modules() if is_norm(m) for p in m.parameters()}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if name.endswith("bias") or id(p) in norm_params else decay).append(p)
+    return [{"params": decay, "weight_decay": DECAY}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def summed_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+    return loss, int((targets != -100).sum())
+
+
+def plain_loop(make_model, optim: str, lr: float) -> tuple[list[float], dict[str, torch.Tensor]]:
+    model = make_model()
+    data = RaggedLM(ROWS)
+    micro_per_epoch = ROWS // MICRO
+    steps_per_epoch = -(-micro_per_epoch // ACCUMULATION)
+    total_steps = steps_per_epoch * EPOCHS
+    optimizer = (torch.optim.SGD(decay_groups(model), lr=lr) if optim == "sgd" else
+                 torch.optim.AdamW(decay_groups(model), lr=lr, betas=(0.9, 0.999), eps=1e-8))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: s / WARMUP if s < WARMUP else max(0.0, (total_steps - s) / (total_steps - WARMUP)))
+    losses = []
+    for epoch in range(EPOCHS):
+        # the data order scaletrain documents: a permutation seeded by seed + epoch
+        order = torch.randperm(ROWS, generator=torch.Generator().manual_seed(SEED + epoch)).tolist()
+        micro = [order[i:i + MICRO] for i in range(0, ROWS, MICRO)]
+        for step in range(steps_per_epoch):
+            group = micro[step * ACCUMULATION:(step + 1) * ACCUMULATION]
+            batches = [{k: torch.stack([data[i][k] for i in rows]) for k in data[0]} for rows in group]
+            targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+            step_loss = 0.0
+            for batch in batches:
+                loss, _ = summed_token_loss(model, batch)
+                (loss / targets).backward()
+                step_loss += loss.item() / targets
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("run", sorted(RUNS))
+def test_single_process_trainer_matches_a_plain_pytorch_loop(run, tmp_path):
+    make_model, optim, lr = RUNS[run]
+    reference_losses, reference_weights = plain_loop(make_model, optim, lr)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=MICRO,
+                             gradient_accumulation_steps=ACCUMULATION, num_train_epochs=EPOCHS, learning_rate=lr,
+                             weight_decay=DECAY, max_grad_norm=CLIP, warmup_steps=WARMUP, lr_scheduler_type="linear",
+                             optim=optim, logging_steps=1, save_strategy="no", seed=SEED, strategy="single",
+                             disable_tqdm=True)
+    trainer = Trainer(model=make_model(), args=args, train_dataset=RaggedLM(ROWS))
+    trainer.train()
+    assert len(losses_of(trainer)) == len(reference_losses) == 8  # 4 steps per epoch, the last of one micro-batch
+    np.testing.assert_allclose(losses_of(trainer), reference_losses, rtol=1e-6)
+    weights = trainer.model.state_dict()
+    moved = max((reference_weights[k] - make_model().state_dict()[k]).abs().max().item() for k in weights)
+    assert moved > 1e-3  # training moved the weights far beyond the tolerance below
+    for name, value in weights.items():
+        torch.testing.assert_close(value, reference_weights[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_single_process_trainer_matches_the_hf_trainer(tmp_path):
+    common = dict(per_device_train_batch_size=8, gradient_accumulation_steps=4, num_train_epochs=4, learning_rate=0.5,
+                  weight_decay=0.01, max_grad_norm=1.0, warmup_steps=1, lr_scheduler_type="linear", optim="sgd",
+                  logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True, per_device_eval_batch_size=32,
+                  report_to="none")
+    # tiny Llama: HF counts its shifted targets right (GPT-2's loss_type is None in transformers 5.24)
+    hf = transformers.Trainer(model=tiny_llama(), args=transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf"), use_cpu=True, **common), train_dataset=RaggedLM(32),
+        eval_dataset=RaggedLM(16, seed=4))
+    hf.train()
+    ours = Trainer(model=tiny_llama(), args=TrainingArguments(output_dir=str(tmp_path / "ours"), strategy="single",
+                                                              **common),
+                   train_dataset=RaggedLM(32), eval_dataset=RaggedLM(16, seed=4))
+    ours.train()
+    hf_losses = [e["loss"] for e in hf.state.log_history if "loss" in e]
+    assert len(losses_of(ours)) == len(hf_losses) == 4
+    np.testing.assert_allclose(losses_of(ours), hf_losses, rtol=0, atol=5.1e-5)  # HF rounds logged losses to 4 digits
+    start = tiny_llama().state_dict()
+    hf_weights, our_weights = hf.model.state_dict(), ours.model.state_dict()
+    assert max((hf_weights[k] - start[k]).abs().max().item() for k in start) > 1e-2
+    for name in start:
+        torch.testing.assert_close(our_weights[name], hf_weights[name], rtol=0, atol=1e-6, msg=name)
+    # one eval batch: HF's mean of batch means is then the mean over all targets, as ours is
+    np.testing.assert_allclose(ours.evaluate()["eval_loss"], hf.evaluate()["eval_loss"], rtol=1e-6)
