@@ -266,13 +266,14 @@ class Trainer:
             loss = outputs[0]
         return (loss, outputs) if return_outputs else loss
 
-    def _count_loss_items(self, inputs: dict[str, Any]) -> Optional[int]:
-        """How many targets the model's mean loss averages over in this micro-batch."""
+    def _count_loss_items(self, inputs: dict[str, Any]) -> Optional[torch.Tensor]:
+        """How many targets the model's mean loss averages over in this micro-batch,
+        as a tensor where the labels are: counting must not wait for the device."""
         labels = inputs.get(self.label_names[0]) if len(self.label_names) == 1 else None
         if not isinstance(labels, torch.Tensor):
             return None
         if labels.is_floating_point():
-            return labels.numel()
+            return torch.tensor(labels.numel(), device=labels.device)
         if self._label_shift is None:
             model = _library_model(self.strategy.unwrap(self.model))
             # sharding backends may swap the class for a subclass (FSDP2): look along the MRO
@@ -280,24 +281,24 @@ class Trainer:
             self._label_shift = 1 if is_causal and not getattr(model.config, "is_encoder_decoder", False) else 0
         if self._label_shift and labels.dim() >= 2:
             labels = labels[..., self._label_shift:]
-        return int((labels != IGNORE_INDEX).sum())
+        return (labels != IGNORE_INDEX).sum()
 
-    def _loss_weights(self, micro_batches: list[dict[str, Any]]) -> tuple[list[float], Optional[int]]:
+    def _loss_weights(self, micro_batches: list[dict[str, Any]]
+                      ) -> tuple[list[Union[float, torch.Tensor]], Optional[torch.Tensor]]:
         """Per-micro-batch weights making the step's gradient the mean over all
         valid targets of the global batch (all micro-batches, all ranks).
 
         Gradients are averaged over ranks by the strategy, hence the world-size
-        factor. Without countable labels, micro-batch means are averaged.
+        factor. Without countable labels, micro-batch means are averaged. The
+        weights stay on the device (no host sync); with no target anywhere they are 0.
         """
         counts = [self._count_loss_items(b) for b in micro_batches]
         if any(c is None for c in counts):
             return [1.0 / len(micro_batches)] * len(micro_batches), None
-        total = torch.tensor([float(sum(counts))], dtype=torch.float64, device=self.strategy.device)
-        global_items = int(self.strategy.all_reduce_sum(total).item())
-        if global_items == 0:
-            return [0.0] * len(counts), 0
+        counts = [c.to(self.strategy.device, torch.float64) for c in counts]
+        global_items = self.strategy.all_reduce_sum(torch.stack(counts).sum().reshape(1))[0]
         world = self.strategy.world_size
-        return [c * world / global_items for c in counts], global_items
+        return [c * world / global_items.clamp_min(1.0) for c in counts], global_items
 
     def compute_loss_context_manager(self):
         """Around every forward: autocast when the precision middleware asks for it."""
@@ -310,12 +311,14 @@ class Trainer:
         return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Optional[int] = None,
-                      loss_weight: float = 1.0) -> torch.Tensor:
+                      loss_weight: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
         """Forward + backward of one micro-batch; returns the weighted loss, detached."""
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-        if loss_weight != 1.0:
+        if isinstance(loss_weight, torch.Tensor):
+            loss = loss * loss_weight.to(loss.dtype)
+        elif loss_weight != 1.0:
             loss = loss * loss_weight
         self.strategy.backward(self.middleware.scale_loss(loss))
         return loss.detach()
@@ -480,7 +483,9 @@ class Trainer:
 
         self._reset_log_window()
         self._position = (start_epoch, skip_micro)
-        total_loss, total_steps, total_samples, total_tokens = torch.zeros((), dtype=torch.float64), 0, 0, 0
+        device = self.strategy.device
+        total_loss, total_tokens = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), device=device)
+        total_steps, total_samples = 0, 0
         train_start = time.perf_counter()
         self.model_wrapped.train()
         gas = self._accumulation
@@ -505,7 +510,7 @@ class Trainer:
                 self.control = handler.on_step_begin(args, self.state, self.control)
                 step_loss, samples, tokens = self._optimizer_step(micro_batches)
                 micro_done += len(micro_batches)
-                total_loss += step_loss.double().cpu()
+                total_loss += step_loss.double()
                 total_steps += 1
                 total_samples += samples
                 total_tokens += tokens
@@ -532,9 +537,10 @@ class Trainer:
             logger.info("loading best model from %s (%s=%s)", self.state.best_model_checkpoint,
                         args.metric_for_best_model, self.state.best_metric)
             self.checkpoints.load_model(self.state.best_model_checkpoint, self.model_wrapped)
-        global_samples, global_tokens = self.strategy.all_reduce_sum(torch.tensor(
-            [float(total_samples), float(total_tokens)], dtype=torch.float64, device=self.strategy.device)).tolist()
-        train_loss = self.strategy.all_reduce_sum(total_loss.to(self.strategy.device)).item() / max(total_steps, 1)
+        totals = torch.stack([torch.tensor(float(total_samples), dtype=torch.float64, device=device),
+                              total_tokens.double(), total_loss])
+        global_samples, global_tokens, loss_sum = self.strategy.all_reduce_sum(totals).tolist()
+        train_loss = loss_sum / max(total_steps, 1)
         metrics = {
             "train_runtime": round(runtime, 4),
             "train_samples_per_second": round(global_samples / runtime, 3) if runtime > 0 else 0.0,
@@ -575,7 +581,7 @@ class Trainer:
         handler, args = self.callback_handler, self.args
         weights, global_items = self._loss_weights(micro_batches)
         step_loss = torch.zeros((), device=self.strategy.device)
-        samples, tokens = 0, 0
+        samples, tokens = 0, torch.zeros((), device=self.strategy.device)
         last = len(micro_batches) - 1
         for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
             samples += _batch_size(batch)
@@ -618,7 +624,7 @@ class Trainer:
         self._loss_in_window = torch.zeros((), device=device)
         self._finite_steps_in_window = torch.zeros((), device=device)
         self._samples_in_window = 0
-        self._tokens_in_window = 0
+        self._tokens_in_window = torch.zeros((), device=device)
         self._window_start = time.perf_counter()
         self._last_grad_norm: Optional[torch.Tensor] = None
 
@@ -627,9 +633,14 @@ class Trainer:
         packed = torch.stack([
             self._loss_in_window.double(), self._finite_steps_in_window.double(),
             torch.tensor(float(self._samples_in_window), dtype=torch.float64, device=self.strategy.device),
-            torch.tensor(float(self._tokens_in_window), dtype=torch.float64, device=self.strategy.device),
+            self._tokens_in_window.double(),
         ])
-        loss_sum, finite_steps, samples, tokens = self.strategy.all_reduce_sum(packed).tolist()
+        reduced = self.strategy.all_reduce_sum(packed)
+        norm = self._last_grad_norm
+        if isinstance(norm, torch.Tensor):  # the same global norm on every rank: read in the same transfer
+            reduced = torch.cat([reduced, norm.detach().reshape(1).to(reduced)])
+        values = reduced.tolist()  # the window's one host sync
+        loss_sum, finite_steps, samples, tokens = values[:4]
         world = self.strategy.world_size
         logs = {
             # every rank counted each finite step once
@@ -638,8 +649,8 @@ class Trainer:
             "train_samples_per_second": samples / elapsed,
             "train_tokens_per_second": tokens / elapsed,
         }
-        if self._last_grad_norm is not None:
-            logs["grad_norm"] = float(self._last_grad_norm)
+        if norm is not None:
+            logs["grad_norm"] = values[4] if isinstance(norm, torch.Tensor) else float(norm)
         logs.update(self.middleware.log_values())
         if self.middleware.items:
             logs["skipped_steps"] = self._skipped_steps
@@ -942,12 +953,12 @@ class Trainer:
             local_batches += 1
             bs = _batch_size(inputs)
             num_samples += bs
-            items = self._count_loss_items(inputs)
+            items = self._count_loss_items(inputs)  # one sync per batch: evaluation reads its loss anyway
             loss, logits, batch_labels = self.prediction_step(model, inputs, prediction_loss_only, ignore_keys)
             if loss is not None:
                 # (loss x targets, targets): the mean over all targets does not
                 # depend on how rows fell into batches or ranks
-                weight = items if items is not None else bs
+                weight = int(items) if items is not None else bs
                 losses.append(np.array([[loss.item() * weight, weight]], dtype=np.float64))
             if logits is not None:
                 if self.preprocess_logits_for_metrics is not None:
@@ -1091,10 +1102,10 @@ def _batch_size(batch: Any) -> int:
     return 0
 
 
-def _token_count(batch: Any) -> int:
-    """Non-padding input tokens (attention mask if present)."""
+def _token_count(batch: Any) -> Union[int, torch.Tensor]:
+    """Non-padding input tokens (attention mask if present), without waiting for the device."""
     mask = batch.get("attention_mask") if hasattr(batch, "get") else None
     if isinstance(mask, torch.Tensor):
-        return int(mask.sum())
+        return mask.sum()
     ids = batch.get("input_ids") if hasattr(batch, "get") else None
     return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
