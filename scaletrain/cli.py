@@ -208,11 +208,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _refuse(message: str) -> None:
-    """Bad input is the same on every rank of a launch: one rank says so."""
+    """Bad input is the same on every rank of a launch, so rank 0 says it. A launcher
+    stops all ranks when the first one exits; the others wait, so rank 0's report
+    is not cut off, and speak only if they are still running after that."""
     from .distributed import launched_rank
 
-    if launched_rank() == 0:
-        print(f"scaletrain: {message}", file=sys.stderr)
+    if launched_rank() != 0:
+        time.sleep(_OTHER_RANKS_WAIT_S)
+    print(f"scaletrain: {message}", file=sys.stderr, flush=True)
+
+
+_OTHER_RANKS_WAIT_S = 5.0
 
 
 def entrypoint() -> None:

@@ -295,7 +295,8 @@ class Trainer:
         counts = [self._count_loss_items(b) for b in micro_batches]
         if any(c is None for c in counts):
             return [1.0 / len(micro_batches)] * len(micro_batches), None
-        counts = [c.to(self.strategy.device, torch.float64) for c in counts]
+        # host-side counts reach the device without waiting for it (an async copy)
+        counts = [c.to(self.strategy.device, torch.float64, non_blocking=True) for c in counts]
         global_items = self.strategy.all_reduce_sum(torch.stack(counts).sum().reshape(1))[0]
         world = self.strategy.world_size
         return [c * world / global_items.clamp_min(1.0) for c in counts], global_items
@@ -484,7 +485,8 @@ class Trainer:
         self._reset_log_window()
         self._position = (start_epoch, skip_micro)
         device = self.strategy.device
-        total_loss, total_tokens = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), device=device)
+        total_loss = torch.zeros((), dtype=torch.float64, device=device)
+        total_tokens = torch.zeros((), dtype=torch.int64, device=device)
         total_steps, total_samples = 0, 0
         train_start = time.perf_counter()
         self.model_wrapped.train()
@@ -581,7 +583,7 @@ class Trainer:
         handler, args = self.callback_handler, self.args
         weights, global_items = self._loss_weights(micro_batches)
         step_loss = torch.zeros((), device=self.strategy.device)
-        samples, tokens = 0, torch.zeros((), device=self.strategy.device)
+        samples, tokens = 0, torch.zeros((), dtype=torch.int64, device=self.strategy.device)
         last = len(micro_batches) - 1
         for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
             samples += _batch_size(batch)
@@ -624,7 +626,7 @@ class Trainer:
         self._loss_in_window = torch.zeros((), device=device)
         self._finite_steps_in_window = torch.zeros((), device=device)
         self._samples_in_window = 0
-        self._tokens_in_window = torch.zeros((), device=device)
+        self._tokens_in_window = torch.zeros((), dtype=torch.int64, device=device)
         self._window_start = time.perf_counter()
         self._last_grad_norm: Optional[torch.Tensor] = None
 
