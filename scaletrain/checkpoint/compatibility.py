@@ -40,15 +40,15 @@ ARCHITECTURE_FIELDS = frozenset({
 })
 
 
-def _architecture(config: dict[str, Any]) -> dict[str, Any]:
-    """The architecture fields of a config dict; nested model configs (an
-    encoder-decoder's encoder/decoder, a multimodal text_config) recursively."""
+def _architecture(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The architecture fields of a config dict, flat; nested model configs (an
+    encoder-decoder's encoder/decoder, a multimodal text_config) under dotted keys."""
     out: dict[str, Any] = {}
     for key, value in config.items():
         if isinstance(value, dict) and "model_type" in value:
-            out[key] = _architecture(value)
+            out.update(_architecture(value, f"{prefix}{key}."))
         elif key in ARCHITECTURE_FIELDS:
-            out[key] = value
+            out[f"{prefix}{key}"] = value
     return out
 
 
@@ -69,16 +69,6 @@ def model_fingerprint(model: torch.nn.Module, class_name: str) -> dict[str, Any]
     }
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and "model_type" in value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _listed(names: list[str], most: int = 3) -> str:
     shown = ", ".join(names[:most])
     return shown + (f" (+{len(names) - most} more)" if len(names) > most else "")
@@ -89,7 +79,7 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
     problems = []
     if saved["model_class"] != current["model_class"]:
         problems.append(f"model class {saved['model_class']} there, {current['model_class']} here")
-    saved_arch, current_arch = _flatten(saved["architecture"]), _flatten(current["architecture"])
+    saved_arch, current_arch = saved["architecture"], current["architecture"]
     for key in sorted(set(saved_arch) | set(current_arch)):
         if saved_arch.get(key) != current_arch.get(key):
             problems.append(f"config {key}={saved_arch.get(key)!r} there, {current_arch.get(key)!r} here")
