@@ -41,6 +41,8 @@ from typing import Optional
 import torch
 
 from .memory import format_bytes
+from .modeling import block_classes
+from .tasks import build_model_on_meta
 
 STRATEGY_NAMES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3")
 DEEPSPEED_DEFAULT_REDUCE_BUCKET = 500_000_000
@@ -57,8 +59,6 @@ class ModelShape:
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "ModelShape":
-        from .modeling import block_classes
-
         config = getattr(model, "config", None)
         blocks = [m for m in model.modules() if isinstance(m, block_classes(model))]
 
@@ -177,8 +177,6 @@ def estimate_table(shape: ModelShape, world_sizes: list[int], precision: str, mi
 
 def model_shape_from_config(cfg) -> tuple[ModelShape, str]:
     """The configured model, built on the meta device (no weights read, no memory)."""
-    from .tasks import build_model_on_meta
-
     model = build_model_on_meta(cfg)
     return ModelShape.of(model), type(model).__name__
 

@@ -12,11 +12,14 @@ is counted separately by `Strategy.held_state_numel`.
 """
 from __future__ import annotations
 
+import gc
 import re
+import warnings
 import weakref
 from typing import Optional
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -123,13 +126,20 @@ def device_memory_capacity(device: torch.device) -> Optional[int]:
     return None
 
 
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of a (possibly sharded) tensor this rank stores."""
+    if hasattr(tensor, "ds_tensor"):  # a ZeRO-3 parameter: this rank's partition
+        return tensor.ds_tensor
+    if isinstance(tensor, DTensor):  # FSDP2: this rank's shard
+        return tensor.to_local()
+    return tensor
+
+
 def optimizer_state_bytes_to_come(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of optimizer state not allocated yet: torch optimizers create it
     at their first step, so a probe before training must add it. Adam(W) keeps
     two moments per element, SGD one with momentum; unknown optimizers are
     assumed to keep two."""
-    from .strategies.base import _local
-
     if isinstance(optimizer, torch.optim.SGD):
         slots = 1 if any(g.get("momentum", 0) for g in optimizer.param_groups) else 0
     else:
@@ -138,7 +148,7 @@ def optimizer_state_bytes_to_come(optimizer: torch.optim.Optimizer) -> int:
     for group in optimizer.param_groups:
         for param in group["params"]:
             if not optimizer.state.get(param):
-                local = _local(param)
+                local = local_shard(param)
                 missing += slots * local.numel() * local.element_size()
     return missing
 
@@ -148,11 +158,6 @@ def live_tensor_bytes(device: torch.device, model: Optional[torch.nn.Module] = N
     plus the model's gradients (which may have no Python object yet). Between
     steps this is the rank's model state: parameters, gradients, optimizer
     state and a backend's flat buffers."""
-    import gc
-    import warnings
-
-    from .strategies.base import _local
-
     gc.collect()  # tensors only a dead reference cycle holds are not held
     with warnings.catch_warnings():  # isinstance on some module proxies warns about deprecated names
         warnings.simplefilter("ignore")
@@ -161,7 +166,7 @@ def live_tensor_bytes(device: torch.device, model: Optional[torch.nn.Module] = N
         tensors += [p.grad for p in model.parameters() if p.grad is not None]
     storages: dict[int, int] = {}
     for tensor in tensors:
-        tensor = _local(tensor)
+        tensor = local_shard(tensor)
         if tensor.device.type != device.type or tensor.device.type == "meta":
             continue
         try:

@@ -45,3 +45,71 @@ def _repeated_block_classes(model: torch.nn.Module) -> list[str]:
             if len(classes) == 1 and size > best_size:
                 best, best_size = next(iter(classes)).__name__, size
     return [best] if best else []
+
+
+def library_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft adapter wrapper (itself otherwise)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def model_class_name(model: torch.nn.Module) -> str:
+    """The library class of a model whose class a backend may have wrapped (FSDP2 subclasses it)."""
+    for cls in type(library_model(model)).__mro__:
+        if cls.__module__.startswith("transformers."):
+            return cls.__name__
+    return type(model).__name__
+
+
+def _causal_lm_class_names() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names: set[str] = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update(value if isinstance(value, (list, tuple)) else [value])
+    return names
+
+
+def label_shift(model: torch.nn.Module) -> int:
+    """1 for a decoder-only causal LM, whose loss predicts token t+1 from token t (its
+    first label is never a target); 0 otherwise. Looks along the MRO: sharding
+    backends may swap the class for a subclass (FSDP2)."""
+    model = library_model(model)
+    is_causal = any(cls.__name__ in _causal_lm_class_names() for cls in type(model).__mro__)
+    return 1 if is_causal and not getattr(getattr(model, "config", None), "is_encoder_decoder", False) else 0
+
+
+def apply_use_cache(model: torch.nn.Module, use_cache: bool) -> None:
+    """As the HF Trainer does: no KV cache in training and evaluation forwards
+    unless TrainingArguments.use_cache asks for one (generate keeps its own setting)."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.use_cache = use_cache
+
+
+def default_ignore_keys(model: torch.nn.Module) -> list[str]:
+    """The HF Trainer's default: the config's keys_to_ignore_at_inference, else ["cache"]."""
+    config = getattr(library_model(model), "config", None)
+    if config is None:
+        return []
+    return list(getattr(config, "keys_to_ignore_at_inference", ["cache"]) or [])
+
+
+def tied_copy_names(model: torch.nn.Module) -> set[str]:
+    """Every name of a shared parameter after its first (named_parameters order)."""
+    return {name for name, _ in model.named_parameters(remove_duplicate=False)} - {
+        name for name, _ in model.named_parameters()}
+
+
+def without_tied_copies(model: torch.nn.Module, state_dict: dict) -> dict:
+    """Drop the second name of a tied parameter (e.g. lm_head.weight tied to the
+    input embedding). A gathered state dict holds separate tensors for both, so
+    save_pretrained cannot see the tie; the saved folder must match an unsharded save."""
+    tied = tied_copy_names(model)
+    return {name: tensor for name, tensor in state_dict.items() if name not in tied}
+
+
+def adapter_config(model: torch.nn.Module):
+    """An adapted (LoRA) model's peft config, or None."""
+    peft_config = getattr(model, "peft_config", None)
+    return peft_config["default"] if peft_config else None

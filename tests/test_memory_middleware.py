@@ -88,10 +88,10 @@ class InjectInf(TrainerCallback):
         module.register_forward_pre_hook(pre_forward)
 
     def on_step_end(self, args, state, control, **kwargs):
-        from scaletrain.strategies.base import _local
+        from scaletrain.memory import local_shard
 
         model = self.trainer.strategy.unwrap(self.trainer.model_wrapped)
-        self.weights[state.global_step] = {n: _local(p).detach().clone() for n, p in model.named_parameters()}
+        self.weights[state.global_step] = {n: local_shard(p).detach().clone() for n, p in model.named_parameters()}
         self.lrs[state.global_step] = self.trainer.lr_scheduler.get_last_lr()[0]
 
 

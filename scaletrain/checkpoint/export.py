@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
+from ..modeling import tied_copy_names
 from .manager import CheckpointError, CheckpointManager, _quiet_single_process_dcp
 
 logger = logging.getLogger(__name__)
@@ -118,8 +119,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, merge: bool =
     model = _model_class(manifest, checkpoint)._from_config(config)
     state_dict = consolidated_state_dict(checkpoint, manifest, model)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    from ..trainer import tied_copy_names
-
     tied = tied_copy_names(model)
     if set(missing) - tied or unexpected:
         raise CheckpointError(f"{checkpoint}: the saved weights do not fit {type(model).__name__}: missing "

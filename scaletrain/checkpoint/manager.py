@@ -29,7 +29,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
@@ -167,6 +167,23 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _write_state(path: Path, state: Any) -> None:
+    if path.suffix == ".json":
+        _write_json(path, state)
+    else:
+        torch.save(state, path)
+
+
+def read_state(path: Path, name: str) -> Any:
+    """One saved Stateful's state_dict (see CheckpointManager.save); plain data only."""
+    file = path / name
+    if not file.is_file():
+        raise CheckpointError(f"{path} has no {name}: it was not saved by this scaletrain's trainer")
+    if file.suffix == ".json":
+        return json.loads(file.read_text())
+    return torch.load(file, weights_only=True)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -184,6 +201,14 @@ def _quiet_single_process_dcp():
         yield
 
 
+class Stateful(Protocol):
+    """What the manager saves besides model and optimizer (torch.distributed.checkpoint's Stateful)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 class CheckpointManager:
     """When/where checkpoints go; the Strategy says what the state is."""
 
@@ -194,11 +219,13 @@ class CheckpointManager:
         self.last_save_blocking_s = 0.0
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, model, optimizer, scheduler, trainer_state, progress: dict[str, Any],
-             manifest_extra: dict[str, Any], save_only_model: bool = False,
-             write_model_files=None, asynchronous: bool = False) -> Path:
-        """Every rank calls this. `write_model_files(folder)` runs on the main
-        rank and adds what an offline export needs (model config, tokenizer).
+    def save(self, step: int, model, optimizer, states: dict[str, Stateful], manifest_extra: dict[str, Any],
+             save_only_model: bool = False, write_model_files=None, asynchronous: bool = False) -> Path:
+        """Every rank calls this. `states` maps a file name to a Stateful object
+        (state_dict/load_state_dict) the main rank writes beside the model and
+        optimizer state: `.json` files as JSON, `.pt` files with torch.save.
+        `write_model_files(folder)` runs on the main rank and adds what an
+        offline export needs (model config, tokenizer).
 
         With `asynchronous`, the (DCP) state is staged in host memory and written
         in the background; the checkpoint is committed by `finish_pending()`,
@@ -224,12 +251,10 @@ class CheckpointManager:
         torch.save(capture_rng_state(), tmp / f"rng_state_{strategy.rank}.pth")
 
         if strategy.is_main:
-            if scheduler is not None and not save_only_model:
-                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            for name, stateful in states.items():
+                _write_state(tmp / name, stateful.state_dict())
             if write_model_files is not None:
                 write_model_files(tmp)
-            trainer_state.save_to_json(str(tmp / "trainer_state.json"))
-            _write_json(tmp / "progress.json", progress)
         manifest = {
             "format_version": FORMAT_VERSION,
             "step": step,
@@ -281,10 +306,12 @@ class CheckpointManager:
         strategy.barrier()
 
     # ------------------------------------------------------------------ load
-    def load(self, path: str | os.PathLike, model, optimizer, scheduler) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Restore model/optimizer/scheduler/RNG in place; returns (manifest, progress)."""
+    def load(self, path: str | os.PathLike, model, optimizer, states: dict[str, Stateful],
+             manifest: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """Restore model, optimizer, each of `states` and this rank's RNG in place;
+        returns the manifest (pass the one already read to skip reading it again)."""
         path = Path(path)
-        manifest = self.read_manifest(path)
+        manifest = manifest if manifest is not None else self.read_manifest(path)
         with_optimizer = optimizer is not None and manifest.get("includes_optimizer", True)
         if optimizer is not None and not with_optimizer:
             raise CheckpointError(
@@ -292,16 +319,15 @@ class CheckpointManager:
                 "resume from it; start a new run from its weights instead (scaletrain export, then from_pretrained)"
             )
         self._load_state(path, model, optimizer if with_optimizer else None)
-        if scheduler is not None and (path / "scheduler.pt").is_file():
-            scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        for name, stateful in states.items():
+            stateful.load_state_dict(read_state(path, name))
         rng_file = path / f"rng_state_{self.strategy.rank}.pth"
         if manifest["world_size"] == self.strategy.world_size and rng_file.is_file():
             restore_rng_state(torch.load(rng_file, weights_only=True))
         else:
             logger.warning("world size changed (%s -> %s): RNG streams are not restored",
                            manifest["world_size"], self.strategy.world_size)
-        progress = json.loads((path / "progress.json").read_text())
-        return manifest, progress
+        return manifest
 
     def load_model(self, path: str | os.PathLike, model) -> None:
         path = Path(path)

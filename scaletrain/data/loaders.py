@@ -79,15 +79,17 @@ def _loader_kwargs(args, device: torch.device) -> dict[str, Any]:
 
 
 def build_train_dataloader(dataset: Dataset, collator: Callable, args, rank: int, world_size: int,
-                           device: torch.device) -> DataLoader:
+                           device: torch.device, batch_size: Optional[int] = None) -> DataLoader:
+    """`batch_size`: the run plan's micro-batch (default: per_device_train_batch_size)."""
+    batch_size = batch_size if batch_size is not None else args.per_device_train_batch_size
     if isinstance(dataset, IterableDataset):
         if world_size > 1:
-            dataset = ShardedIterable(dataset, rank, world_size, args.per_device_train_batch_size)
-        return DataLoader(dataset, batch_size=args.per_device_train_batch_size, collate_fn=collator,
+            dataset = ShardedIterable(dataset, rank, world_size, batch_size)
+        return DataLoader(dataset, batch_size=batch_size, collate_fn=collator,
                           drop_last=args.dataloader_drop_last, **_loader_kwargs(args, device))
     seed = args.data_seed if args.data_seed is not None else args.seed
     sampler = ResumableShardedSampler(len(dataset), rank, world_size, seed=seed, shuffle=True)
-    return DataLoader(dataset, batch_size=args.per_device_train_batch_size, sampler=sampler,
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                       collate_fn=collator, drop_last=args.dataloader_drop_last, **_loader_kwargs(args, device))
 
 

@@ -2,9 +2,10 @@
 
 Order matters and is explicit (`build_middleware`): model transforms run before
 the strategy wraps or shards the model (activation checkpointing must sit
-inside FSDP2's units), strategy configuration runs before setup (FSDP2's
-MixedPrecisionPolicy, DeepSpeed's bf16/fp16 block), and the step-time hooks
-wrap the forward (autocast) and the optimizer step (loss scaling).
+inside FSDP2's units), strategy configuration runs before setup, and
+forward contexts wrap every forward. Precision is not middleware: the
+strategy owns it (strategies/precision.py), as the backend decides who casts
+and who scales the loss.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from .base import Middleware
 from .activation_ckpt import ActivationCheckpointing
 from .lora import LoRA
 from .quantization import Quantization
-from .precision import MixedPrecision
 
 
 class MiddlewareStack:
@@ -43,27 +43,6 @@ class MiddlewareStack:
                 stack.enter_context(item.forward_context())
             yield
 
-    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        for item in self.items:
-            loss = item.scale_loss(loss)
-        return loss
-
-    def before_optimizer_step(self, optimizer) -> None:
-        for item in self.items:
-            item.before_optimizer_step(optimizer)
-
-    def optimizer_step(self, optimizer, step) -> bool:
-        """Run `step` unless a middleware skips it (an fp16 overflow); True if it ran."""
-        for item in self.items:
-            ran = item.optimizer_step(optimizer, step)
-            if ran is not None:
-                return ran
-        return step() is not False  # a backend may skip on its own (DeepSpeed's fp16 overflow check)
-
-    def after_optimizer_step(self, stepped: bool) -> None:
-        for item in reversed(self.items):
-            item.after_optimizer_step(stepped)
-
     def log_values(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for item in self.items:
@@ -88,12 +67,10 @@ def build_middleware(args, strategy) -> MiddlewareStack:
         items.append(Quantization(args.quantization, tuple(args.lora.get("modules_to_save") or ())))
     if args.lora is not None:  # before checkpointing, which must see the adapted model
         items.append(LoRA(args.lora))
-    if args.bf16 or args.fp16:
-        items.append(MixedPrecision(torch.bfloat16 if args.bf16 else torch.float16, strategy))
     if args.activation_checkpointing:
         items.append(ActivationCheckpointing(args.activation_checkpointing_kwargs or {}))
     return MiddlewareStack(items)
 
 
-__all__ = ["Middleware", "MiddlewareStack", "MixedPrecision", "ActivationCheckpointing", "LoRA", "Quantization",
+__all__ = ["Middleware", "MiddlewareStack", "ActivationCheckpointing", "LoRA", "Quantization",
            "build_middleware"]

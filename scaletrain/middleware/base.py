@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -20,21 +20,6 @@ class Middleware:
     def forward_context(self) -> contextlib.AbstractContextManager:
         """Around every forward and loss computation, training and evaluation."""
         return contextlib.nullcontext()
-
-    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """The loss handed to backward."""
-        return loss
-
-    def before_optimizer_step(self, optimizer) -> None:
-        """After the last backward of a step, before gradient clipping."""
-
-    def optimizer_step(self, optimizer, step: Callable[[], None]) -> Optional[bool]:
-        """Take over the optimizer step: return True if `step` ran, False if it
-        was skipped; None leaves it to the next middleware (or the trainer)."""
-        return None
-
-    def after_optimizer_step(self, stepped: bool) -> None:
-        """After the step (or its skip)."""
 
     def log_values(self) -> dict[str, float]:
         return {}

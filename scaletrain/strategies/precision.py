@@ -1,6 +1,6 @@
-"""Mixed precision: bf16, or fp16 with dynamic loss scaling.
+"""Precision, owned by the strategy (Lightning's Precision plugin): fp32, bf16, or fp16 with loss scaling.
 
-Who casts depends on the backend, so the strategy is asked first
+Who casts depends on the backend, so the strategy decides
 (`Strategy.enable_mixed_precision`): FSDP2 applies a MixedPrecisionPolicy
 (bf16/fp16 compute on gathered parameters, fp32 shards and fp32 gradient
 reduction) and DeepSpeed its own bf16/fp16 block with fp32 master weights;
@@ -16,55 +16,48 @@ The trainer counts skipped steps and does not advance the LR schedule on them.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
-from .base import Middleware
 
+class Precision:
+    """How forwards compute and how the loss and the optimizer step are scaled."""
 
-class MixedPrecision(Middleware):
-    name = "mixed_precision"
-
-    def __init__(self, dtype: torch.dtype, strategy) -> None:
-        if dtype not in (torch.bfloat16, torch.float16):
+    def __init__(self, dtype: Optional[torch.dtype] = None, device_type: str = "cpu", backend_casts: bool = False,
+                 scaler: Optional[torch.amp.GradScaler] = None) -> None:
+        if dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"mixed precision dtype {dtype} must be torch.bfloat16 or torch.float16")
-        self.dtype = dtype
-        self.device_type = strategy.device.type
-        self.backend_casts = False
-        self.scaler = None
-        self.strategy = strategy
+        self.dtype, self.device_type, self.backend_casts, self.scaler = dtype, device_type, backend_casts, scaler
 
-    def configure_strategy(self, strategy) -> None:
-        self.device_type = strategy.device.type
-        self.backend_casts = strategy.enable_mixed_precision(self.dtype)
-        if self.dtype == torch.float16 and self.scaler is None:
-            self.scaler = strategy.make_grad_scaler()  # None when the backend scales the loss itself
+    @property
+    def is_mixed(self) -> bool:
+        return self.dtype is not None
 
-    def forward_context(self):
-        if self.backend_casts:
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None or self.backend_casts:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
-    def before_optimizer_step(self, optimizer) -> None:
+    def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)  # clipping must see the true gradients
 
-    def optimizer_step(self, optimizer, step: Callable[[], Optional[bool]]) -> Optional[bool]:
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Step; False when inf/NaN gradients (on any rank) made the scaler skip it."""
         if self.scaler is None:
-            return None
+            optimizer.step()
+            return True
         before = self.scaler.get_scale()
-        # GradScaler.step calls optimizer.step() only if no rank found inf/NaN
-        self.scaler.step(optimizer)
+        self.scaler.step(optimizer)  # calls optimizer.step() only if no rank found inf/NaN
         self.scaler.update()
         return not self.scaler.get_scale() < before  # the scale backs off exactly when the step was skipped
 
-    def log_values(self) -> dict[str, float]:
-        scale = self.scaler.get_scale() if self.scaler is not None else self.strategy.loss_scale()
-        return {"loss_scale": float(scale)} if scale is not None else {}
+    def loss_scale(self) -> Optional[float]:
+        return float(self.scaler.get_scale()) if self.scaler is not None else None
 
     def state_dict(self) -> dict[str, Any]:
         if self.scaler is None:
@@ -76,6 +69,8 @@ class MixedPrecision(Middleware):
             self.scaler.load_state_dict(state)
 
     def describe(self) -> str:
+        if self.dtype is None:
+            return "fp32"
         how = "backend policy" if self.backend_casts else "autocast"
         scaling = ", dynamic loss scaling" if self.scaler is not None else ""
         return f"{str(self.dtype).removeprefix('torch.')} ({how}{scaling})"

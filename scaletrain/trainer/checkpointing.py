@@ -1,0 +1,85 @@
+"""What a training checkpoint holds besides model and optimizer state, and how it is restored."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional
+
+from transformers.trainer_callback import TrainerState
+
+from ..checkpoint.compatibility import model_fingerprint
+from ..modeling import adapter_config, model_class_name
+from .progress import TrainProgress
+from .resume import PROGRESS_FILE
+
+TRAINER_STATE_FILE = "trainer_state.json"
+SCHEDULER_FILE = "scheduler.pt"
+
+
+class TrainerStateFile:
+    """HF's TrainerState (log history, best metric, ...) as a Stateful object,
+    written in the same JSON as TrainerState.save_to_json; loading updates it in place."""
+
+    def __init__(self, state: TrainerState) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.state)
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        for name, value in dataclasses.asdict(TrainerState(**saved)).items():
+            setattr(self.state, name, value)
+
+
+class ProgressFile:
+    """TrainProgress plus what belongs to other owners but must be restored with the position:
+    the middleware's state and the strategy's precision (the fp16 loss scale)."""
+
+    def __init__(self, progress: TrainProgress, middleware, precision) -> None:
+        self.progress, self.middleware, self.precision = progress, middleware, precision
+
+    def state_dict(self) -> dict[str, Any]:
+        self.progress.middleware = self.middleware.state_dict()
+        return {**self.progress.state_dict(), "precision": self.precision.state_dict()}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.progress.load_state_dict(saved)
+        self.middleware.load_state_dict(self.progress.middleware)
+        # checkpoints written while precision was middleware keep the scaler under its name
+        self.precision.load_state_dict(saved.get("precision") or self.progress.middleware.get("mixed_precision", {}))
+
+
+def training_states(trainer_state: TrainerState, progress: Optional[ProgressFile], scheduler, with_scheduler: bool
+                    ) -> dict[str, Any]:
+    """The Stateful objects of a training checkpoint, by file name (progress: None when a
+    resume has read it already)."""
+    states: dict[str, Any] = {TRAINER_STATE_FILE: TrainerStateFile(trainer_state)}
+    if progress is not None:
+        states[PROGRESS_FILE] = progress
+    if with_scheduler and scheduler is not None:
+        states[SCHEDULER_FILE] = scheduler
+    return states
+
+
+def manifest_extra(model) -> dict[str, Any]:
+    """What a resume or an export checks the model against. `model` is unwrapped."""
+    adapter = adapter_config(model)
+    return {"model_fingerprint": model_fingerprint(model, model_class_name(model)),
+            "base_model": adapter.base_model_name_or_path if adapter is not None else None,
+            "model_class": model_class_name(model)}
+
+
+def model_files_writer(model, processing_class: Optional[Any]):
+    """Config and tokenizer beside the state, so `scaletrain export` needs nothing else.
+    An adapted (LoRA) model adds its adapter config, which names the base
+    model the frozen weights come from."""
+    def write(folder: Path) -> None:
+        adapter = adapter_config(model)
+        if adapter is not None:
+            adapter.save_pretrained(str(folder))
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "save_pretrained"):
+            config.save_pretrained(str(folder))
+        if processing_class is not None and hasattr(processing_class, "save_pretrained"):
+            processing_class.save_pretrained(str(folder))
+    return write

@@ -1,0 +1,130 @@
+"""The train loop: epochs of optimizer steps, with the HF callback events between them."""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Iterator, Optional
+
+from transformers.trainer_utils import TrainOutput
+
+from ..data.position import iter_keeping_rng, position_epoch
+from .metrics import LogWindow, RunTotals
+from .plan import RunPlan
+from .progress import TrainProgress
+from .step import StepResult, StepRunner
+
+logger = logging.getLogger(__name__)
+
+
+class _StepGroups:
+    """Micro-batches grouped per optimizer step; `exhausted` once the epoch's data ran out."""
+
+    def __init__(self, batches: Iterator, size: int) -> None:
+        self.batches, self.size, self.exhausted = batches, size, False
+
+    def __iter__(self):
+        while True:
+            group = list(itertools.islice(self.batches, self.size))
+            self.exhausted = len(group) < self.size
+            if not group:
+                return
+            yield group
+
+
+class TrainLoop:
+    def __init__(self, trainer, plan: RunPlan, progress: TrainProgress, runner: StepRunner,
+                 ignore_keys_for_eval: Optional[list[str]]) -> None:
+        self.trainer, self.plan, self.progress, self.runner = trainer, plan, progress, runner
+        self.ignore_keys = ignore_keys_for_eval
+        self.window = LogWindow(trainer.strategy, trainer.args.logging_nan_inf_filter)
+
+    def run(self) -> TrainOutput:
+        trainer, plan, progress = self.trainer, self.plan, self.progress
+        trainer.fire("on_train_begin")
+        if trainer.args.eval_on_start and trainer.eval_dataset is not None:
+            trainer.evaluate_and_track(self.ignore_keys)
+        self.window.reset()
+        totals = RunTotals(trainer.strategy)
+        trainer.model_wrapped.train()
+        start_epoch, skip = progress.epoch, progress.micro_batches_in_epoch
+        for epoch in range(start_epoch, plan.num_epochs):
+            micro_done = skip if epoch == start_epoch else 0
+            groups = self._epoch(epoch, micro_done)
+            trainer.fire("on_epoch_begin")
+            for micro_batches in groups:
+                trainer.fire("on_step_begin")
+                result = self.runner.run(trainer.model_wrapped, trainer.optimizer, trainer.lr_scheduler,
+                                         micro_batches)
+                micro_done += len(micro_batches)
+                totals.add(result)
+                self._after_step(epoch, micro_done, result)
+                if trainer.control.should_epoch_stop or trainer.control.should_training_stop:
+                    break
+            if groups.exhausted or plan.epoch_is_over(micro_done):
+                trainer.state.epoch = float(epoch + 1)
+                progress.end_epoch(epoch)
+            # like the HF Trainer: epoch-end events also fire when max_steps ends the epoch early
+            trainer.fire("on_epoch_end")
+            self._log_save_evaluate()
+            if trainer.control.should_training_stop or trainer.state.global_step >= plan.max_steps:
+                break
+        return self._finish(totals)
+
+    def _epoch(self, epoch: int, micro_done: int) -> _StepGroups:
+        loader = self.trainer.train_loader
+        replay = position_epoch(loader, epoch, micro_done, self.progress.stream_state)
+        batches = iter_keeping_rng(loader)
+        for _ in range(replay):
+            next(batches)
+        return _StepGroups(batches, self.plan.accumulation)
+
+    def _after_step(self, epoch: int, micro_done: int, result: StepResult) -> None:
+        trainer, progress = self.trainer, self.progress
+        if not result.stepped:
+            progress.skipped_steps += 1
+            logger.info("step %d skipped: inf/NaN gradients (fp16 overflow)", trainer.state.global_step + 1)
+        self.window.add(result)
+        progress.advance(epoch, micro_done)
+        trainer.state.global_step += 1
+        trainer.state.epoch = epoch + self.plan.epoch_fraction(micro_done)
+        trainer.fire("on_step_end")
+        self._log_save_evaluate()
+
+    def _log_save_evaluate(self) -> None:
+        trainer = self.trainer
+        if trainer.control.should_log:
+            trainer.log(self._window_logs())
+        paused = time.perf_counter()
+        if trainer.control.should_evaluate:
+            trainer.evaluate_and_track(self.ignore_keys)
+        if trainer.control.should_save:
+            trainer.save_checkpoint()
+            trainer.fire("on_save")
+        # training throughput should not count time spent evaluating or saving
+        self.window.pause(time.perf_counter() - paused)
+
+    def _window_logs(self) -> dict[str, float]:
+        trainer = self.trainer
+        logs = self.window.flush(float(trainer.lr_scheduler.get_last_lr()[0]))
+        logs.update(trainer.middleware.log_values())
+        scale = trainer.strategy.loss_scale()
+        if scale is not None:
+            logs["loss_scale"] = float(scale)
+        if trainer.strategy.precision.is_mixed:
+            logs["skipped_steps"] = self.progress.skipped_steps
+        return logs
+
+    def _finish(self, totals: RunTotals) -> TrainOutput:
+        trainer = self.trainer
+        trainer.checkpoints.finish_pending()  # a background save is committed before training returns
+        train_loss, metrics = totals.summary()
+        metrics["epoch"] = trainer.state.epoch
+        best = trainer.state.best_model_checkpoint
+        if trainer.args.load_best_model_at_end and best is not None:
+            logger.info("loading best model from %s (%s=%s)", best, trainer.args.metric_for_best_model,
+                        trainer.state.best_metric)
+            trainer.checkpoints.load_model(best, trainer.model_wrapped)
+        trainer.log(metrics)
+        trainer.fire("on_train_end")
+        return TrainOutput(trainer.state.global_step, train_loss, metrics)

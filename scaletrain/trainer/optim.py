@@ -1,0 +1,51 @@
+"""Default optimizer and LR schedule, built the way the HF Trainer builds them."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers import get_scheduler
+from transformers.trainer_pt_utils import get_parameter_names
+
+# transformers.Trainer.get_decay_parameter_names' patterns, searched in lower-cased parameter names
+NO_DECAY_NAME_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+NORM_LAYERS = (torch.nn.LayerNorm, torch.nn.GroupNorm) + ((torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ())
+
+
+def decay_parameter_names(model: torch.nn.Module) -> list[str]:
+    """Weight decay applies to weights, not to biases or normalisation layers: HF's rule (norm layers by
+    type, and by name, which catches model-specific norms such as LlamaRMSNorm)."""
+    return get_parameter_names(model, list(NORM_LAYERS), NO_DECAY_NAME_PATTERNS)
+
+
+def parameter_groups(model: torch.nn.Module, decay_names: list[str], weight_decay: float) -> list[dict]:
+    decay = set(decay_names)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(groups: list[dict], args, optimizer_cls_and_kwargs: Optional[tuple] = None
+                    ) -> torch.optim.Optimizer:
+    if optimizer_cls_and_kwargs is not None:
+        cls, kwargs = optimizer_cls_and_kwargs
+        return cls(groups, **kwargs)
+    if args.optim == "sgd":
+        return torch.optim.SGD(groups, lr=args.learning_rate)
+    return torch.optim.AdamW(
+        groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+        fused=args.optim == "adamw_torch_fused" or None,
+    )
+
+
+def build_scheduler(args, optimizer: torch.optim.Optimizer, num_training_steps: int):
+    return get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=args.get_warmup_steps(num_training_steps),
+        num_training_steps=num_training_steps,
+        scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
+    )

@@ -1,0 +1,100 @@
+"""Every check of a checkpoint against the run about to resume from it, on one read of its files.
+
+Two phases, as the run needs them: the batch geometry before the model is set up
+(the strategy may need the accumulation at setup), the model after it (its
+fingerprint is taken from the set-up model, adapters included).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import CheckpointError
+from ..checkpoint.compatibility import check_same_model
+from ..checkpoint.manager import read_state
+from .plan import BatchGeometry
+
+logger = logging.getLogger(__name__)
+PROGRESS_FILE = "progress.json"
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    path: Path
+    manifest: dict[str, Any]
+    progress: dict[str, Any]  # progress.json as saved, plus the saving world size
+    geometry: BatchGeometry  # this run's batch geometry, which keeps the checkpoint's global batch
+
+    def check_model(self, fingerprint: dict[str, Any]) -> None:
+        check_same_model(self.path, self.manifest, fingerprint)
+
+
+def read_resume_point(path: Path, checkpoints, strategy, configured: BatchGeometry, auto_find_batch_size: bool
+                      ) -> ResumePoint:
+    """Raises CheckpointError for any incompatibility, before any state is loaded."""
+    manifest = checkpoints.read_manifest(path)
+    saved_format = manifest.get("state_format", "dcp")
+    if saved_format != strategy.state_format:
+        raise CheckpointError(
+            f"{path} holds {saved_format!r} state (saved by strategy {manifest['strategy']}); strategy "
+            f"{strategy.name} reads {strategy.state_format!r}. Resume with a strategy of the same "
+            f"family, or export it (scaletrain export) and start from the weights"
+        )
+    progress = {"world_size": manifest["world_size"], **read_state(path, PROGRESS_FILE)}
+    saved = BatchGeometry(progress.get("per_device_train_batch_size"),
+                          progress.get("gradient_accumulation_steps", configured.accumulation),
+                          manifest["world_size"])
+    if auto_find_batch_size:
+        configured = _found_batch_size(path, saved, configured)
+    geometry = _geometry_for(path, saved, configured, "samples_in_epoch" in progress)
+    strategy.prepare_resume(saved.world_size, geometry.accumulation)
+    return ResumePoint(path, manifest, progress, geometry)
+
+
+def _found_batch_size(path: Path, saved: BatchGeometry, configured: BatchGeometry) -> BatchGeometry:
+    """With auto_find_batch_size, a resume continues with the micro-batch the
+    finder chose for the checkpointed run (no new search), if its global
+    batch is the configured one."""
+    if saved.per_device is None or saved.per_device == configured.per_device:
+        return configured
+    if saved.global_batch != configured.global_batch:
+        raise CheckpointError(f"{path} has a global batch of {saved.global_batch}; this run "
+                              f"is configured for {configured.global_batch}. Keep the batch settings to resume")
+    if saved.world_size != configured.world_size:
+        return configured
+    logger.info("resuming with the batch finder's earlier choice: micro-batch %d x %d accumulation",
+                saved.per_device, saved.accumulation)
+    return configured.with_micro_batch(saved.per_device, saved.accumulation)
+
+
+def _geometry_for(path: Path, saved: BatchGeometry, run: BatchGeometry, has_sample_position: bool
+                  ) -> BatchGeometry:
+    """The same micro-batch, and the accumulation that keeps the saved global batch on this world size."""
+    if saved.per_device != run.per_device:
+        raise CheckpointError(
+            f"{path} was trained with per_device_train_batch_size={saved.per_device}, "
+            f"this run uses {run.per_device}; keep it the same to resume"
+        )
+    if saved.world_size == run.world_size:
+        if saved.accumulation != run.accumulation:
+            raise CheckpointError(
+                f"{path} was trained with gradient_accumulation_steps={saved.accumulation}, this run uses "
+                f"{run.accumulation}; keep it the same to resume"
+            )
+        return run
+    if saved.global_batch % (run.per_device * run.world_size):
+        raise CheckpointError(
+            f"{path} has a global batch of {saved.global_batch} ({saved.world_size} ranks x {saved.per_device} x "
+            f"{saved.accumulation} accumulation); {run.world_size} ranks x {run.per_device} cannot make it up. "
+            "Use a world size that divides it, or per_device_train_batch_size that does"
+        )
+    if not has_sample_position:
+        raise CheckpointError(f"{path} does not record its data position in samples; it resumes on "
+                              f"{saved.world_size} ranks only")
+    accumulation = saved.global_batch // (run.per_device * run.world_size)
+    logger.warning("resuming a %d-rank checkpoint on %d ranks: gradient_accumulation_steps %d -> %d keeps the "
+                   "global batch at %d; RNG streams start fresh", saved.world_size, run.world_size,
+                   saved.accumulation, accumulation, saved.global_batch)
+    return run.with_micro_batch(run.per_device, accumulation)

@@ -1,0 +1,124 @@
+"""One optimizer step over a rank's micro-batches, without waiting for the device.
+
+Loss weights, token counts and the step loss stay device tensors: reading any
+of them on the host would stall the GPU pipeline once per micro-step. The log
+window (metrics.py) reads them once per logging interval.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from ..modeling import label_shift
+
+logger = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # this rank's share of the step's global mean loss (sums to it over ranks)
+    samples: int
+    tokens: torch.Tensor  # non-padding input tokens, int64 on the device
+    grad_norm: Optional[Union[torch.Tensor, float]]  # None unless clipping is on
+    stepped: bool  # False: skipped on inf/NaN gradients (fp16 overflow)
+
+
+class LossWeighting:
+    """Per-micro-batch weights that make a step's gradient the mean over every valid
+    target of the global batch (all micro-batches, all ranks): k micro-batches of b
+    rows give the gradient of one batch of k*b, ragged sequences included."""
+
+    def __init__(self, strategy, label_names: list[str], model_source: Callable[[], torch.nn.Module]) -> None:
+        self.strategy, self.label_names, self._model_source = strategy, label_names, model_source
+        self._label_shift: Optional[int] = None
+
+    def count_items(self, inputs: dict[str, Any]) -> Optional[torch.Tensor]:
+        """How many targets the model's mean loss averages over in this micro-batch,
+        as a tensor where the labels are: counting must not wait for the device."""
+        labels = inputs.get(self.label_names[0]) if len(self.label_names) == 1 else None
+        if not isinstance(labels, torch.Tensor):
+            return None
+        if labels.is_floating_point():
+            return torch.tensor(labels.numel(), device=labels.device)
+        if self._label_shift is None:
+            self._label_shift = label_shift(self.strategy.unwrap(self._model_source()))
+        if self._label_shift and labels.dim() >= 2:
+            labels = labels[..., self._label_shift:]
+        return (labels != IGNORE_INDEX).sum()
+
+    def weights(self, micro_batches: list[dict[str, Any]]
+                ) -> tuple[list[Union[float, torch.Tensor]], Optional[torch.Tensor]]:
+        """(weights, global target count). Gradients are averaged over ranks by the
+        strategy, hence the world-size factor. Without countable labels,
+        micro-batch means are averaged. With no target anywhere the weights are 0."""
+        counts = [self.count_items(b) for b in micro_batches]
+        if any(c is None for c in counts):
+            return [1.0 / len(micro_batches)] * len(micro_batches), None
+        # host-side counts reach the device without waiting for it (an async copy)
+        counts = [c.to(self.strategy.device, torch.float64, non_blocking=True) for c in counts]
+        global_items = self.strategy.all_reduce_sum(torch.stack(counts).sum().reshape(1))[0]
+        world = self.strategy.world_size
+        return [c * world / global_items.clamp_min(1.0) for c in counts], global_items
+
+
+class StepRunner:
+    """Forward/backward of each micro-batch (gradient sync on the last only), then
+    clipping, the strategy's (precision-aware) step and the LR schedule.
+    `fire(event)` runs a TrainerCallback event; `training_step` is the Trainer's hook."""
+
+    def __init__(self, strategy, weighting: LossWeighting, training_step: Callable, fire: Callable[[str], None],
+                 max_grad_norm: Optional[float]) -> None:
+        self.strategy, self.weighting, self.training_step, self.fire = strategy, weighting, training_step, fire
+        self.clip = max_grad_norm if max_grad_norm is not None and max_grad_norm > 0 else None
+
+    def run(self, model, optimizer, scheduler, micro_batches: list[dict[str, Any]]) -> StepResult:
+        loss, samples, tokens = self._accumulate(model, micro_batches)
+        self.strategy.unscale_gradients(optimizer)
+        self.fire("on_pre_optimizer_step")
+        grad_norm = self.strategy.clip_grad_norm_(model, self.clip) if self.clip is not None else None
+        stepped = self.strategy.optimizer_step(optimizer)
+        if self.clip is not None and grad_norm is None:
+            grad_norm = self.strategy.reported_grad_norm(model)
+        self.fire("on_optimizer_step")
+        if stepped:
+            scheduler.step()
+        # else an fp16 overflow: the weights did not move, so neither does the schedule
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss / self.strategy.world_size, samples, tokens, grad_norm, stepped)
+
+    def _accumulate(self, model, micro_batches: list[dict[str, Any]]) -> tuple[torch.Tensor, int, torch.Tensor]:
+        weights, global_items = self.weighting.weights(micro_batches)
+        device = self.strategy.device
+        loss, samples, tokens = torch.zeros((), device=device), 0, torch.zeros((), dtype=torch.int64, device=device)
+        last = len(micro_batches) - 1
+        for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
+            samples += batch_size(batch)
+            tokens += token_count(batch)
+            sync = contextlib.nullcontext() if i == last else self.strategy.no_sync(model)
+            with sync:
+                loss += self.training_step(model, batch, global_items, loss_weight=weight)
+            if i != last:
+                self.fire("on_substep_end")
+        return loss.detach(), samples, tokens
+
+
+def batch_size(batch: Any) -> int:
+    if isinstance(batch, dict) or hasattr(batch, "keys"):
+        for value in batch.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                return int(value.shape[0])
+    return 0
+
+
+def token_count(batch: Any) -> Union[int, torch.Tensor]:
+    """Non-padding input tokens (attention mask if present), without waiting for the device."""
+    mask = batch.get("attention_mask") if hasattr(batch, "get") else None
+    if isinstance(mask, torch.Tensor):
+        return mask.sum()
+    ids = batch.get("input_ids") if hasattr(batch, "get") else None
+    return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0

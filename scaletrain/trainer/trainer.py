@@ -1,0 +1,539 @@
+"""The Trainer facade: the Hugging Face Trainer's constructor, methods and overridable hooks.
+
+It composes the parts and never names a backend: everything that differs
+between single-device, DDP and the sharded backends is a Strategy method.
+The run plan (plan.py) owns batch geometry, the loop (loop.py) the order of
+events, the step runner (step.py) one optimizer step, resume.py every check
+of a checkpoint, evaluation.py sharded evaluation.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from safetensors.torch import save_model as save_safetensors
+from torch.utils.data import DataLoader, Dataset
+from transformers import DataCollatorWithPadding, default_data_collator
+from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerControl, TrainerState
+from transformers.trainer_pt_utils import nested_detach
+from transformers.trainer_utils import (
+    EvalLoopOutput, EvalPrediction, PredictionOutput, SaveStrategy, TrainOutput, set_seed,
+)
+from transformers.utils import find_labels
+
+from ..args import NotSupportedError, TrainingArguments
+from ..callbacks import JsonlMetricsCallback, ProgressCallback, WandbCallback
+from ..checkpoint import CheckpointManager, resolve_resume_target
+from ..checkpoint.manager import PREFIX as CHECKPOINT_PREFIX
+from ..data.loaders import build_eval_dataloader, build_train_dataloader, prepare_dataset, signature_columns
+from ..data.position import stream_state
+from ..distributed import configure_threads
+from ..memory import PeakMemory, optimizer_state_bytes_to_come
+from ..middleware import build_middleware
+from ..middleware.batch_finder import BatchSizeChoice
+from ..modeling import apply_use_cache, default_ignore_keys, library_model, without_tied_copies
+from ..strategies import Strategy, build_strategy
+from . import optim
+from .batch_size import find_batch_size, longest_row
+from .checkpointing import ProgressFile, manifest_extra, model_files_writer, training_states
+from .evaluation import BestMetric, EvalResults, agreed_rounds, evaluation_metrics, is_tensor_tree
+from .evaluation import join_remaining_rounds
+from .loop import TrainLoop
+from .plan import BatchGeometry, RunPlan, build_run_plan
+from .progress import TrainProgress
+from .resume import ResumePoint, read_resume_point
+from .step import LossWeighting, StepRunner, batch_size
+
+logger = logging.getLogger(__name__)
+
+
+class Trainer:
+    """Drop-in for `transformers.Trainer` (same constructor and methods)."""
+
+    def __init__(
+        self,
+        model: Optional[torch.nn.Module] = None,
+        args: Optional[TrainingArguments] = None,
+        data_collator: Optional[Callable] = None,
+        train_dataset: Optional[Dataset] = None,
+        eval_dataset: Optional[Union[Dataset, dict[str, Dataset]]] = None,
+        processing_class: Any = None,
+        model_init: Optional[Callable[..., torch.nn.Module]] = None,
+        compute_loss_func: Optional[Callable] = None,
+        compute_metrics: Optional[Callable[[EvalPrediction], dict]] = None,
+        callbacks: Optional[list] = None,
+        optimizers: tuple = (None, None),
+        optimizer_cls_and_kwargs: Optional[tuple] = None,
+        preprocess_logits_for_metrics: Optional[Callable] = None,
+        tokenizer: Any = None,
+        strategy: Optional[Strategy] = None,
+    ) -> None:
+        args = _checked_args(args, compute_loss_func, optimizers, optimizer_cls_and_kwargs)
+        if tokenizer is not None:
+            warnings.warn("`tokenizer` is deprecated; pass `processing_class`", FutureWarning, stacklevel=2)
+            processing_class = processing_class if processing_class is not None else tokenizer
+        self.strategy = strategy if strategy is not None else build_strategy(args)
+        # the launcher may have added settings (accelerate's --mixed_precision, --use_fsdp, ...)
+        self.args = args = self.strategy.args if strategy is None else args
+        self.strategy.setup_environment()
+        self.middleware = build_middleware(args, self.strategy)
+        self.num_threads = configure_threads(self.strategy.env, args.torch_threads)
+        set_seed(args.seed)
+
+        self.model_init = model_init
+        self.model = self._initial_model(model, model_init)
+        self.model_wrapped: Optional[torch.nn.Module] = None
+        self.processing_class = processing_class
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.compute_metrics = compute_metrics
+        self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
+        self.data_collator = data_collator if data_collator is not None else _default_collator(processing_class)
+        self.optimizer, self.lr_scheduler = optimizers
+        self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
+        self.label_names = args.label_names if args.label_names is not None else find_labels(type(self.model))
+        self.checkpoints = CheckpointManager(args.output_dir, self.strategy)
+        self.best_metric = BestMetric(args.metric_for_best_model, args.greater_is_better)
+        self.loss_weighting = LossWeighting(self.strategy, self.label_names, lambda: self.model)
+
+        self.callback_handler = CallbackHandler(
+            self._default_callbacks() + list(callbacks or []), self.model, processing_class, self.optimizer,
+            self.lr_scheduler,
+        )
+        self.state = self._new_state()
+        self.control = TrainerControl()
+        self.plan: Optional[RunPlan] = None  # set by train()
+        self.progress: Optional[TrainProgress] = None
+        self.train_loader: Optional[DataLoader] = None
+        self.batch_size_choice: Optional[BatchSizeChoice] = None
+        self._train_batch_size = args.per_device_train_batch_size  # HF's name; the plan may change it
+        self._longest_example = None  # (row, collator), for the batch finder's probes
+        self.fire("on_init_end")
+
+    def _initial_model(self, model, model_init, trial=None) -> torch.nn.Module:
+        if model is not None and model_init is not None:
+            raise ValueError("pass either model or model_init, not both")
+        if model is None:
+            if model_init is None:
+                raise ValueError("Trainer needs a model or a model_init")
+            model = self.call_model_init(trial)
+        apply_use_cache(model, self.args.use_cache)
+        return model
+
+    def _default_callbacks(self) -> list:
+        callbacks: list = [DefaultFlowCallback, JsonlMetricsCallback()]
+        if not self.args.disable_tqdm:
+            callbacks.append(ProgressCallback())
+        if "wandb" in self.args.report_to:
+            callbacks.append(WandbCallback())
+        return callbacks
+
+    def _new_state(self, plan: Optional[RunPlan] = None) -> TrainerState:
+        state = TrainerState(is_local_process_zero=self.strategy.is_local_main,
+                             is_world_process_zero=self.strategy.is_main)
+        if plan is not None:
+            state.max_steps, state.num_train_epochs = plan.max_steps, plan.num_epochs
+            state.train_batch_size = plan.per_device
+            state.logging_steps, state.save_steps, state.eval_steps = (plan.logging_steps, plan.save_steps,
+                                                                        plan.eval_steps)
+        return state
+
+    def fire(self, event: str, **kwargs) -> None:
+        """Run a TrainerCallback event on every callback; they steer through `control`."""
+        self.control = getattr(self.callback_handler, event)(self.args, self.state, self.control, **kwargs)
+
+    # ---------------------------------------------------------------- public
+    def is_world_process_zero(self) -> bool:
+        return self.strategy.is_main
+
+    def is_local_process_zero(self) -> bool:
+        return self.strategy.is_local_main
+
+    def add_callback(self, callback) -> None:
+        self.callback_handler.add_callback(callback)
+
+    def pop_callback(self, callback):
+        return self.callback_handler.pop_callback(callback)
+
+    def remove_callback(self, callback) -> None:
+        self.callback_handler.remove_callback(callback)
+
+    def hyperparameter_search(self, *args, **kwargs):
+        raise NotSupportedError("hyperparameter_search is not supported yet by scaletrain")
+
+    # ------------------------------------------------------------- dataloaders
+    def _columns(self) -> Optional[list[str]]:
+        if not self.args.remove_unused_columns:
+            return None
+        return signature_columns(library_model(self.strategy.unwrap(self.model)), self.label_names)
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            raise ValueError("Trainer.train needs a train_dataset")
+        dataset, collator = prepare_dataset(self.train_dataset, self.data_collator, self._columns(), "training")
+        return build_train_dataloader(dataset, collator, self.args, self.strategy.rank, self.strategy.world_size,
+                                      self.strategy.device, batch_size=self._train_batch_size)
+
+    def get_eval_dataloader(self, eval_dataset: Optional[Union[str, Dataset]] = None) -> DataLoader:
+        if isinstance(eval_dataset, str):
+            eval_dataset = self.eval_dataset[eval_dataset]
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluation needs an eval_dataset")
+        return self._sharded_eval_loader(dataset, "evaluation")
+
+    def get_test_dataloader(self, test_dataset: Dataset) -> DataLoader:
+        return self._sharded_eval_loader(test_dataset, "test")
+
+    def _sharded_eval_loader(self, dataset: Dataset, description: str) -> DataLoader:
+        dataset, collator = prepare_dataset(dataset, self.data_collator, self._columns(), description)
+        return build_eval_dataloader(dataset, collator, self.args, self.strategy.rank, self.strategy.world_size,
+                                     self.strategy.device)
+
+    # ------------------------------------------------------ optimizer / sched
+    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
+        return optim.decay_parameter_names(model)
+
+    def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            model = model if model is not None else self.strategy.unwrap(self.model)
+            groups = optim.parameter_groups(model, self.get_decay_parameter_names(model), self.args.weight_decay)
+            self.optimizer = optim.build_optimizer(groups, self.args, self.optimizer_cls_and_kwargs)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Optional[torch.optim.Optimizer] = None):
+        if self.lr_scheduler is None:
+            optimizer = optimizer if optimizer is not None else self.optimizer
+            self.lr_scheduler = optim.build_scheduler(self.args, optimizer, num_training_steps)
+        return self.lr_scheduler
+
+    def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
+        self.create_optimizer()
+        self.create_scheduler(num_training_steps, self.optimizer)
+
+    # ------------------------------------------------------------------- loss
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Optional[int] = None):
+        """The micro-batch's mean loss, as the model computes it. The trainer
+        re-weights micro-batches itself (step.LossWeighting), so an override
+        should return a mean too."""
+        outputs = model(**inputs)
+        if isinstance(outputs, dict):
+            if "loss" not in outputs or outputs["loss"] is None:
+                raise ValueError(
+                    f"the model returned no loss (keys: {sorted(outputs.keys())}); the batch needs labels "
+                    f"({self.label_names}) or override Trainer.compute_loss"
+                )
+            loss = outputs["loss"]
+        else:
+            loss = outputs[0]
+        return (loss, outputs) if return_outputs else loss
+
+    @contextlib.contextmanager
+    def compute_loss_context_manager(self):
+        """Around every forward: the strategy's precision (autocast where the backend does not cast)
+        inside the middleware's contexts."""
+        with self.middleware.forward_context(), self.strategy.forward_context():
+            yield
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        device = self.strategy.device
+        if device.type == "cpu":
+            return inputs
+        return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Optional[int] = None,
+                      loss_weight: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
+        """Forward + backward of one micro-batch; returns the weighted loss, detached."""
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        if isinstance(loss_weight, torch.Tensor):
+            loss = loss * loss_weight.to(loss.dtype)
+        elif loss_weight != 1.0:
+            loss = loss * loss_weight
+        self.strategy.backward(loss)
+        return loss.detach()
+
+    # ------------------------------------------------------------------ train
+    def call_model_init(self, trial=None) -> torch.nn.Module:
+        n_args = len(inspect.signature(self.model_init).parameters)
+        model = self.model_init(trial) if n_args == 1 else self.model_init()
+        if model is None:
+            raise ValueError("model_init returned None")
+        return model
+
+    def _setup_model(self) -> None:
+        """Middleware first (activation checkpointing, adapters), then the strategy
+        wraps/shards the model and builds its optimizer."""
+        self.middleware.configure_strategy(self.strategy)
+        self.model = model = self.middleware.transform_model(self.model, self.strategy)
+        user_optimizer = self.optimizer
+        self.model_wrapped, self.optimizer = self.strategy.setup(
+            model, lambda module: user_optimizer if user_optimizer is not None else self.create_optimizer(module))
+
+    def train(self, resume_from_checkpoint: Union[str, bool, None] = None, trial=None,
+              ignore_keys_for_eval: Optional[list[str]] = None, **kwargs) -> TrainOutput:
+        if kwargs:
+            raise TypeError(f"train() got unexpected keyword arguments {sorted(kwargs)}")
+        resume_path = resolve_resume_target(resume_from_checkpoint, self.args.output_dir)
+        if self.model_init is not None:
+            set_seed(self.args.seed)
+            self.model = self._initial_model(None, self.model_init, trial)
+            self.optimizer, self.lr_scheduler = None, None
+        geometry = BatchGeometry.configured(self.args, self.strategy.world_size)
+        point = None
+        if resume_path is not None:
+            point = read_resume_point(resume_path, self.checkpoints, self.strategy, geometry,
+                                      self.args.auto_find_batch_size)
+            geometry = point.geometry
+        plan = self._plan(geometry)
+        self._setup_model()
+        if self.args.auto_find_batch_size and point is None:
+            self.batch_size_choice, geometry = find_batch_size(self.measure_step_memory, self.args, geometry,
+                                                               self.strategy.device)
+            plan = self._plan(geometry)
+        self.create_scheduler(plan.max_steps, self.optimizer)
+        self.state, self.progress = self._new_state(plan), TrainProgress(plan.geometry)
+        if point is not None:
+            self._restore(point, plan)
+        if self.strategy.is_main:
+            Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+        handler = self.callback_handler
+        handler.model, handler.optimizer, handler.lr_scheduler = self.model, self.optimizer, self.lr_scheduler
+        handler.train_dataloader = self.train_loader
+        logger.info("training with %s, %d threads/rank, %d steps (%s)", self.strategy.describe(), self.num_threads,
+                    plan.max_steps, plan.geometry.describe())
+        runner = StepRunner(self.strategy, self.loss_weighting, self.training_step, self.fire,
+                            self.args.max_grad_norm)
+        return TrainLoop(self, plan, self.progress, runner, ignore_keys_for_eval).run()
+
+    def _plan(self, geometry: BatchGeometry) -> RunPlan:
+        """The run plan for `geometry`, with the training loader built for it."""
+        self._train_batch_size = geometry.per_device
+        self.train_loader = loader = self.get_train_dataloader()
+        try:
+            per_epoch: Optional[int] = len(loader)
+        except TypeError:
+            per_epoch = None
+        self.plan = build_run_plan(self.args, geometry, per_epoch, self.strategy.rank)
+        return self.plan
+
+    def _restore(self, point: ResumePoint, plan: RunPlan) -> None:
+        point.check_model(manifest_extra(self.strategy.unwrap(self.model))["model_fingerprint"])
+        progress = ProgressFile(self.progress, self.middleware, self.strategy.precision)
+        states = training_states(self.state, None, self.lr_scheduler, with_scheduler=True)
+        self.checkpoints.load(point.path, self.model_wrapped, self.optimizer, states, manifest=point.manifest)
+        progress.load_state_dict(point.progress)  # read once, with the geometry checks
+        self.state.max_steps = plan.max_steps
+        self.state.is_local_process_zero = self.strategy.is_local_main
+        self.state.is_world_process_zero = self.strategy.is_main
+        logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", point.path, self.state.global_step,
+                    self.progress.epoch, self.progress.micro_batches_in_epoch)
+
+    # ----------------------------------------------------------- batch finder
+    def measure_step_memory(self, micro_batch: int) -> int:
+        """Peak bytes per rank (the most over ranks; every rank must call this)
+        of one training micro-step of `micro_batch` copies of the longest
+        training example: the state held before it, plus what forward and
+        backward allocate, plus optimizer state that is not allocated yet. The
+        gradients are discarded; the model must be set up (train() does it)."""
+        if self._longest_example is None:
+            dataset, collator = prepare_dataset(self.train_dataset, self.data_collator, self._columns(), "training")
+            self._longest_example = (longest_row(dataset), collator)
+        row, collator = self._longest_example
+        self.model_wrapped.train()
+        batch = self._prepare_inputs(collator([row] * micro_batch))
+        with PeakMemory(self.strategy.device) as peak:
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(self.model_wrapped, batch)
+            self.strategy.backward(loss)
+            del loss
+        self.strategy.discard_gradients(self.model_wrapped, self.optimizer)
+        held = peak.baseline if peak.baseline is not None else \
+            self.strategy.held_state_numel(self.model_wrapped, self.optimizer)["bytes"]
+        total = held + peak.peak + optimizer_state_bytes_to_come(self.optimizer)
+        # every rank follows the worst rank's measurement, so all take the same path
+        worst = torch.tensor([float(total)], dtype=torch.float64, device=self.strategy.device)
+        return int(self.strategy.all_reduce_max(worst).item())
+
+    # ----------------------------------------------------- logging and saving
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        if self.state.epoch is not None:
+            logs = {**logs, "epoch": logs.get("epoch", self.state.epoch)}
+        if start_time is not None:
+            logs["total_runtime"] = round(time.perf_counter() - start_time, 4)
+        self.state.log_history.append({**logs, "step": self.state.global_step})
+        self.fire("on_log", logs=logs)
+
+    def evaluate_and_track(self, ignore_keys: Optional[list[str]]) -> dict[str, float]:
+        """Evaluate every eval set during training; a new best metric may ask for a save."""
+        if isinstance(self.eval_dataset, dict):
+            metrics: dict[str, float] = {}
+            for name, dataset in self.eval_dataset.items():
+                metrics.update(self.evaluate(dataset, ignore_keys, metric_key_prefix=f"eval_{name}"))
+        else:
+            metrics = self.evaluate(ignore_keys=ignore_keys)
+        if self.best_metric.update(self.state, metrics) and self.args.save_strategy == SaveStrategy.BEST:
+            self.control.should_save = True
+        if self.model_wrapped is not None:
+            self.model_wrapped.train()
+        return metrics
+
+    def save_checkpoint(self) -> Path:
+        step = self.state.global_step
+        final = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}-{step}"
+        if self.state.best_global_step == step:
+            self.state.best_model_checkpoint = str(final)
+        self.progress.stream_state = stream_state(self.train_loader, self.progress.micro_batches_in_epoch)
+        progress = ProgressFile(self.progress, self.middleware, self.strategy.precision)
+        unwrapped = self.strategy.unwrap(self.model)
+        path = self.checkpoints.save(
+            step, self.model_wrapped, self.optimizer,
+            training_states(self.state, progress, self.lr_scheduler, with_scheduler=not self.args.save_only_model),
+            manifest_extra(unwrapped), save_only_model=self.args.save_only_model,
+            write_model_files=model_files_writer(unwrapped, self.processing_class), asynchronous=self.args.save_async,
+        )
+        best = Path(self.state.best_model_checkpoint) if self.state.best_model_checkpoint else None
+        self.checkpoints.rotate(self.args.save_total_limit, keep={best} if best else set())
+        self.strategy.barrier()
+        return path
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> Path:
+        """Write a plain HF folder (config + safetensors + tokenizer) on the main rank."""
+        out = Path(output_dir or self.args.output_dir)
+        model = self.model_wrapped if self.model_wrapped is not None else self.model
+        state_dict = self.strategy.full_model_state_dict(model)
+        if self.strategy.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            unwrapped = self.strategy.unwrap(model)
+            state_dict = without_tied_copies(unwrapped, state_dict)
+            if hasattr(unwrapped, "save_pretrained"):
+                unwrapped.save_pretrained(str(out), state_dict=state_dict)
+            else:
+                save_safetensors(unwrapped, str(out / "model.safetensors"))
+            if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
+                self.processing_class.save_pretrained(str(out))
+            (out / "training_args.json").write_text(self.args.to_json_string())
+        self.strategy.barrier()
+        return out
+
+    # ------------------------------------------------------------- evaluation
+    def evaluate(self, eval_dataset: Optional[Union[Dataset, dict, str]] = None,
+                 ignore_keys: Optional[list[str]] = None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        if isinstance(eval_dataset, dict):
+            metrics = {}
+            for name, dataset in eval_dataset.items():
+                metrics.update(self.evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        loader = self.get_eval_dataloader(eval_dataset)
+        start = time.perf_counter()
+        loss_only = True if self.compute_metrics is None else None
+        output = self.evaluation_loop(loader, "Evaluation", prediction_loss_only=loss_only, ignore_keys=ignore_keys,
+                                      metric_key_prefix=metric_key_prefix)
+        runtime = time.perf_counter() - start
+        output.metrics.update({
+            f"{metric_key_prefix}_runtime": round(runtime, 4),
+            f"{metric_key_prefix}_samples_per_second": round(output.num_samples / runtime, 3) if runtime > 0 else 0.0,
+        })
+        self.log(output.metrics)
+        self.callback_handler.eval_dataloader = loader
+        self.fire("on_evaluate", metrics=output.metrics)
+        return output.metrics
+
+    def predict(self, test_dataset: Dataset, ignore_keys: Optional[list[str]] = None,
+                metric_key_prefix: str = "test") -> PredictionOutput:
+        loader = self.get_test_dataloader(test_dataset)
+        start = time.perf_counter()
+        output = self.evaluation_loop(loader, "Prediction", ignore_keys=ignore_keys,
+                                      metric_key_prefix=metric_key_prefix)
+        output.metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - start, 4)
+        self.fire("on_predict", metrics=output.metrics)
+        return PredictionOutput(predictions=output.predictions, label_ids=output.label_ids, metrics=output.metrics)
+
+    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: Optional[list[str]] = None):
+        """(loss, logits, labels) for one batch, as the HF Trainer returns them."""
+        has_labels = bool(self.label_names) and all(inputs.get(k) is not None for k in self.label_names)
+        inputs = self._prepare_inputs(inputs)
+        if ignore_keys is None:
+            ignore_keys = default_ignore_keys(self.strategy.unwrap(self.model))
+        labels = None
+        if has_labels:
+            labels = nested_detach(tuple(inputs[k] for k in self.label_names))
+            labels = labels[0] if len(labels) == 1 else labels
+        with torch.no_grad(), self.compute_loss_context_manager():
+            if has_labels:
+                loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+                loss = loss.detach().mean()
+            else:
+                loss, outputs = None, model(**inputs)
+        if prediction_loss_only:
+            return loss, None, None
+        if isinstance(outputs, dict):
+            logits = tuple(v for k, v in outputs.items() if k not in ignore_keys + ["loss"] and is_tensor_tree(v))
+        else:
+            logits = tuple(v for v in (outputs[1:] if has_labels else outputs) if is_tensor_tree(v))
+        logits = nested_detach(logits)
+        if isinstance(logits, (tuple, list)) and len(logits) == 1:
+            logits = logits[0]
+        return loss, logits, labels
+
+    def evaluation_loop(self, dataloader: DataLoader, description: str, prediction_loss_only: Optional[bool] = None,
+                        ignore_keys: Optional[list[str]] = None, metric_key_prefix: str = "eval") -> EvalLoopOutput:
+        """Each rank evaluates its contiguous shard; results are gathered in
+        dataset order, every sample exactly once."""
+        loss_only = self.args.prediction_loss_only if prediction_loss_only is None else prediction_loss_only
+        model = self._evaluation_model()
+        rounds = agreed_rounds(self.strategy, dataloader)
+        results = EvalResults()
+        for inputs in dataloader:
+            items = self.loss_weighting.count_items(inputs)
+            loss, logits, labels = self.prediction_step(model, inputs, loss_only, ignore_keys)
+            if logits is not None and self.preprocess_logits_for_metrics is not None:
+                logits = self.preprocess_logits_for_metrics(logits, labels)
+            results.add(batch_size(inputs), loss, items, logits, labels)
+            self.fire("on_prediction_step")
+        join_remaining_rounds(rounds, results.batches, dataloader,
+                              lambda filler: self.prediction_step(model, filler, loss_only, ignore_keys))
+        num_samples, losses, preds, labels = results.gather(self.strategy)
+        metrics = evaluation_metrics(self.strategy, self.compute_metrics, preds, labels, losses, metric_key_prefix)
+        return EvalLoopOutput(predictions=preds, label_ids=labels, metrics=metrics, num_samples=num_samples)
+
+    def _evaluation_model(self) -> torch.nn.Module:
+        if self.model_wrapped is None and self.strategy.eval_needs_all_ranks:
+            # evaluate/predict before (or without) train(): a sharding backend
+            # must still shard the model, or every rank would need all of it
+            self._setup_model()
+        model = self.strategy.eval_model(self.model_wrapped if self.model_wrapped is not None else self.model)
+        model.eval()
+        return model
+
+
+def _checked_args(args, compute_loss_func, optimizers, optimizer_cls_and_kwargs) -> TrainingArguments:
+    if args is None:
+        args = TrainingArguments(output_dir="trainer_output")
+    if not hasattr(args, "strategy"):
+        raise TypeError(
+            f"args is a {type(args).__module__}.{type(args).__name__}; pass scaletrain.TrainingArguments "
+            "(same field names) so every option is either honoured or refused"
+        )
+    if compute_loss_func is not None:
+        raise NotSupportedError(
+            "compute_loss_func is not supported yet by scaletrain; override Trainer.compute_loss and return "
+            "the micro-batch mean loss (the trainer normalises by the global token count itself)"
+        )
+    if optimizer_cls_and_kwargs is not None and optimizers[0] is not None:
+        raise ValueError("pass either optimizers or optimizer_cls_and_kwargs, not both")
+    return args
+
+
+def _default_collator(processing_class) -> Callable:
+    if processing_class is not None and hasattr(processing_class, "pad"):
+        return DataCollatorWithPadding(processing_class)
+    return default_data_collator
