@@ -1,6 +1,5 @@
 """scaletrain: an HF-compatible Trainer whose backends are Strategy objects."""
-__version__ = "0.1.0"
-
+from .version import __version__
 from .args import NotSupportedError, Seq2SeqTrainingArguments, TrainingArguments
 from .callbacks import (
     DefaultFlowCallback,

@@ -17,10 +17,9 @@ from typing import Any, Optional, Union
 import transformers
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
-
-class NotSupportedError(ValueError):
-    """A known option that scaletrain does not implement (yet)."""
-
+from .errors import NotSupportedError
+from .middleware import check_middleware_options
+from .strategies.options import check_strategy_options
 
 STRATEGIES = ("auto", "single", "ddp", "fsdp", "zero1", "zero2", "zero3")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd")
@@ -237,18 +236,6 @@ class _ScaletrainArguments:
         self.gradient_checkpointing = self.activation_checkpointing
         if self.activation_checkpointing_kwargs is not None:
             kwargs = _read_json_option("activation_checkpointing_kwargs", self.activation_checkpointing_kwargs)
-            unknown = set(kwargs) - {"every_n_layers", "use_reentrant", "offload", "preserve_rng_state",
-                                     "determinism_check"}
-            if unknown:
-                raise ValueError(f"activation_checkpointing_kwargs has unknown keys {sorted(unknown)}; known: "
-                                 "every_n_layers, use_reentrant, offload, preserve_rng_state, determinism_check")
-            if kwargs.get("use_reentrant"):
-                raise NotSupportedError(
-                    "activation_checkpointing_kwargs use_reentrant=True is not supported: reentrant checkpointing "
-                    "breaks DDP ('marked ready twice') and frozen-base LoRA; remove it (non-reentrant is used)")
-            every = kwargs.get("every_n_layers", 1)
-            if not isinstance(every, int) or every < 1:
-                raise ValueError(f"activation_checkpointing_kwargs every_n_layers={every!r} must be an integer >= 1")
             self.activation_checkpointing_kwargs = kwargs
             self.gradient_checkpointing_kwargs = kwargs
 
@@ -268,6 +255,19 @@ class _ScaletrainArguments:
                 )
 
     def _validate(self) -> None:
+        """The Trainer's own options here; each strategy and middleware checks its own
+        (strategies/options.py, middleware/__init__.py), all before any process group starts."""
+        self._validate_choices()
+        self._validate_lengths()
+        self._validate_loading_and_reporting()
+        for name in ("lora", "quantization"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _read_json_option(name, getattr(self, name)))
+        check_strategy_options(self)
+        check_middleware_options(self)
+        self._validate_best_model()
+
+    def _validate_choices(self) -> None:
         def choice(name: str, options) -> None:
             value = getattr(self, name)
             if value not in options:
@@ -281,11 +281,9 @@ class _ScaletrainArguments:
         choice("strategy", STRATEGIES)
         choice("optim", OPTIMIZERS)
         choice("ddp_backend", {None, "gloo", "nccl"})
-        for name in (
-            "per_device_train_batch_size",
-            "per_device_eval_batch_size",
-            "gradient_accumulation_steps",
-        ):
+
+    def _validate_lengths(self) -> None:
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.max_steps == 0 or self.max_steps < -1:
@@ -302,56 +300,8 @@ class _ScaletrainArguments:
             raise ValueError(f"eval_steps={self.eval_steps} must be > 0")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ValueError(f"save_total_limit={self.save_total_limit} must be >= 1 or None (keep all)")
-        fsdp_fields = ("fsdp_layer_classes", "fsdp_cpu_offload", "fsdp_low_memory_init")
-        for name in fsdp_fields:
-            if getattr(self, name) and self.strategy != "fsdp":
-                raise ValueError(f"{name}={getattr(self, name)!r} only applies to strategy: fsdp "
-                                 f"(strategy is {self.strategy!r})")
-        if not self.fsdp_reshard_after_forward and self.strategy != "fsdp":
-            raise ValueError("fsdp_reshard_after_forward=False only applies to strategy: fsdp")
-        if self.offload_optimizer and not self.strategy.startswith("zero"):
-            raise ValueError(
-                f"offload_optimizer=True needs strategy zero1|zero2|zero3 (strategy is {self.strategy!r}); "
-                "with fsdp use fsdp_cpu_offload"
-            )
-        if self.offload_params and self.strategy != "zero3":
-            raise ValueError(
-                f"offload_params=True needs strategy: zero3 (strategy is {self.strategy!r}); only ZeRO-3 "
-                "partitions parameters, so only it can keep them on CPU"
-            )
-        if self.bf16 and self.fp16:
-            raise ValueError("bf16=True and fp16=True are both set; choose one (bf16 where the hardware has it: it "
-                             "needs no loss scaling)")
-        if self.batch_finder_memory_budget is not None:
-            if not self.auto_find_batch_size:
-                raise ValueError(f"batch_finder_memory_budget={self.batch_finder_memory_budget!r} is set but "
-                                 "auto_find_batch_size is False; set auto_find_batch_size: true or drop the budget")
-            from .memory import parse_bytes
 
-            parse_bytes(self.batch_finder_memory_budget, "batch_finder_memory_budget")
-        if self.lora is not None:
-            from .middleware.lora import lora_settings
-
-            self.lora = lora_settings(_read_json_option("lora", self.lora))
-        if self.quantization is not None:
-            from .middleware.quantization import quantization_settings
-
-            self.quantization = quantization_settings(_read_json_option("quantization", self.quantization))
-            if self.lora is None:
-                raise ValueError("quantization is set without lora: a quantized base cannot be trained itself; "
-                                 "add a lora section (QLoRA)")
-            if self.fsdp_low_memory_init:
-                raise NotSupportedError(
-                    "quantization (QLoRA) with fsdp_low_memory_init is not supported: the base is quantized on "
-                    "every rank before sharding, which needs its real weights there, not meta tensors. Set "
-                    "fsdp_low_memory_init: false (the quantized base is ~1/8 of fp32), or use strategy zero3")
-        if self.auto_find_batch_size and self.batch_finder_memory_budget is None and not self._cuda_available():
-            raise ValueError("auto_find_batch_size on CPU needs batch_finder_memory_budget (e.g. '4GiB'): there is "
-                             "no device memory to size against, and a CPU out-of-memory kills the process instead "
-                             "of raising")
-        if self.activation_checkpointing_kwargs and not self.activation_checkpointing:
-            raise ValueError("activation_checkpointing_kwargs is set but activation_checkpointing is off; set "
-                             "activation_checkpointing: true")
+    def _validate_loading_and_reporting(self) -> None:
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads={self.torch_threads} must be >= 1 or None (automatic)")
         if self.dataloader_prefetch_factor is not None and self.dataloader_num_workers == 0:
@@ -364,38 +314,35 @@ class _ScaletrainArguments:
                 f"report_to={self.report_to!r}: {sorted(unknown_reports)} not supported; use 'wandb' or 'none' "
                 "(metrics.jsonl in output_dir is always written)"
             )
+
+    def _validate_best_model(self) -> None:
         if self.save_strategy == SaveStrategy.BEST and self.metric_for_best_model is None:
             raise ValueError("save_strategy='best' needs metric_for_best_model")
         if self.load_best_model_at_end:
-            if self.eval_strategy == IntervalStrategy.NO:
-                raise ValueError("load_best_model_at_end=True needs eval_strategy 'steps' or 'epoch'")
-            if self.save_strategy == SaveStrategy.NO:
-                raise ValueError("load_best_model_at_end=True needs a save_strategy other than 'no'")
-            if self.save_strategy != SaveStrategy.BEST and self.eval_strategy.value != self.save_strategy.value:
-                raise ValueError(
-                    f"load_best_model_at_end=True needs save_strategy ({self.save_strategy.value}) to match "
-                    f"eval_strategy ({self.eval_strategy.value})"
-                )
-            if (
-                self.save_strategy == SaveStrategy.STEPS
-                and self.eval_steps is not None
-                and self.save_steps % self.eval_steps != 0
-            ):
-                raise ValueError(
-                    f"load_best_model_at_end=True needs save_steps ({self.save_steps}) to be a multiple of "
-                    f"eval_steps ({self.eval_steps}), so the best evaluated step is saved"
-                )
+            self._validate_load_best_model_at_end()
             if self.metric_for_best_model is None:
                 self.metric_for_best_model = "loss"
         if self.metric_for_best_model is not None and self.greater_is_better is None:
             self.greater_is_better = not self.metric_for_best_model.endswith("loss")
 
+    def _validate_load_best_model_at_end(self) -> None:
+        if self.eval_strategy == IntervalStrategy.NO:
+            raise ValueError("load_best_model_at_end=True needs eval_strategy 'steps' or 'epoch'")
+        if self.save_strategy == SaveStrategy.NO:
+            raise ValueError("load_best_model_at_end=True needs a save_strategy other than 'no'")
+        if self.save_strategy != SaveStrategy.BEST and self.eval_strategy.value != self.save_strategy.value:
+            raise ValueError(
+                f"load_best_model_at_end=True needs save_strategy ({self.save_strategy.value}) to match "
+                f"eval_strategy ({self.eval_strategy.value})"
+            )
+        if self.save_strategy == SaveStrategy.STEPS and self.eval_steps is not None \
+                and self.save_steps % self.eval_steps != 0:
+            raise ValueError(
+                f"load_best_model_at_end=True needs save_steps ({self.save_steps}) to be a multiple of "
+                f"eval_steps ({self.eval_steps}), so the best evaluated step is saved"
+            )
+
     # --------------------------------------------------------------- helpers
-    def _cuda_available(self) -> bool:
-        import torch
-
-        return torch.cuda.is_available() and not self.use_cpu
-
     @property
     def train_batch_size(self) -> int:
         return self.per_device_train_batch_size

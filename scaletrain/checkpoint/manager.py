@@ -33,6 +33,9 @@ from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
+import transformers
+
+from ..version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -377,8 +380,4 @@ class CheckpointManager:
 
 
 def _library_versions() -> dict[str, str]:
-    import transformers
-
-    from .. import __version__
-
     return {"scaletrain": __version__, "torch": torch.__version__, "transformers": transformers.__version__}

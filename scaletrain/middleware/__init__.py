@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
-from .base import Middleware
+from . import activation_ckpt, batch_finder, quantization
 from .activation_ckpt import ActivationCheckpointing
-from .lora import LoRA
-from .quantization import Quantization
+from .base import Middleware
+from .lora import LoRA, lora_settings
+from .quantization import Quantization, quantization_settings
 
 
 class MiddlewareStack:
@@ -61,6 +62,17 @@ class MiddlewareStack:
         return ", ".join(item.describe() for item in self.items) or "none"
 
 
+def check_middleware_options(args) -> None:
+    """Each middleware checks (and fills in the defaults of) its own options; run by TrainingArguments."""
+    if args.lora is not None:
+        args.lora = lora_settings(args.lora)
+    if args.quantization is not None:
+        args.quantization = quantization_settings(args.quantization)
+        quantization.check_composition(args)
+    activation_ckpt.check_options(args)
+    batch_finder.check_options(args)
+
+
 def build_middleware(args, strategy) -> MiddlewareStack:
     items: list[Middleware] = []
     if args.quantization is not None:  # QLoRA: the base is quantized before the adapters go on it
@@ -73,4 +85,4 @@ def build_middleware(args, strategy) -> MiddlewareStack:
 
 
 __all__ = ["Middleware", "MiddlewareStack", "ActivationCheckpointing", "LoRA", "Quantization",
-           "build_middleware"]
+           "build_middleware", "check_middleware_options"]

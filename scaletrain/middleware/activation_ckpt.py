@@ -17,10 +17,32 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import NotSupportedError
 from ..modeling import block_classes
 from .base import Middleware
 
 logger = logging.getLogger(__name__)
+_KNOWN_KWARGS = ("every_n_layers", "use_reentrant", "offload", "preserve_rng_state", "determinism_check")
+
+
+def check_options(args) -> None:
+    kwargs = args.activation_checkpointing_kwargs
+    if kwargs and not args.activation_checkpointing:
+        raise ValueError("activation_checkpointing_kwargs is set but activation_checkpointing is off; set "
+                         "activation_checkpointing: true")
+    if kwargs is None:
+        return
+    unknown = set(kwargs) - set(_KNOWN_KWARGS)
+    if unknown:
+        raise ValueError(f"activation_checkpointing_kwargs has unknown keys {sorted(unknown)}; known: "
+                         f"{', '.join(_KNOWN_KWARGS)}")
+    if kwargs.get("use_reentrant"):
+        raise NotSupportedError(
+            "activation_checkpointing_kwargs use_reentrant=True is not supported: reentrant checkpointing "
+            "breaks DDP ('marked ready twice') and frozen-base LoRA; remove it (non-reentrant is used)")
+    every = kwargs.get("every_n_layers", 1)
+    if not isinstance(every, int) or every < 1:
+        raise ValueError(f"activation_checkpointing_kwargs every_n_layers={every!r} must be an integer >= 1")
 
 
 class ActivationCheckpointing(Middleware):

@@ -25,13 +25,28 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..memory import format_bytes
+import torch
+
+from ..memory import format_bytes, parse_bytes
 
 logger = logging.getLogger(__name__)
 
 # stop when the largest fitting size is within this fraction of the smallest
 # failing one: the answer is then within 5% of the true maximum
 _RESOLUTION = 0.05
+
+
+def check_options(args) -> None:
+    if args.batch_finder_memory_budget is not None:
+        if not args.auto_find_batch_size:
+            raise ValueError(f"batch_finder_memory_budget={args.batch_finder_memory_budget!r} is set but "
+                             "auto_find_batch_size is False; set auto_find_batch_size: true or drop the budget")
+        parse_bytes(args.batch_finder_memory_budget, "batch_finder_memory_budget")
+    on_gpu = torch.cuda.is_available() and not args.use_cpu
+    if args.auto_find_batch_size and args.batch_finder_memory_budget is None and not on_gpu:
+        raise ValueError("auto_find_batch_size on CPU needs batch_finder_memory_budget (e.g. '4GiB'): there is "
+                         "no device memory to size against, and a CPU out-of-memory kills the process instead "
+                         "of raising")
 
 
 class BatchSizeError(RuntimeError):

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..errors import NotSupportedError
 from .base import Middleware
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,18 @@ _DEFAULTS = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtyp
              "skip_modules": None}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HEADS = ("lm_head", "score", "classifier")
+
+
+def check_composition(args) -> None:
+    """QLoRA trains adapters on a quantized base; the base must be real on every rank."""
+    if args.lora is None:
+        raise ValueError("quantization is set without lora: a quantized base cannot be trained itself; "
+                         "add a lora section (QLoRA)")
+    if args.fsdp_low_memory_init:
+        raise NotSupportedError(
+            "quantization (QLoRA) with fsdp_low_memory_init is not supported: the base is quantized on "
+            "every rank before sharding, which needs its real weights there, not meta tensors. Set "
+            "fsdp_low_memory_init: false (the quantized base is ~1/8 of fp32), or use strategy zero3")
 
 
 def quantization_settings(raw: dict[str, Any]) -> dict[str, Any]:

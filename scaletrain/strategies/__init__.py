@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..args import NotSupportedError
+from ..errors import NotSupportedError
 from ..distributed import DistEnv, read_env
 from .base import Strategy
 from .ddp import DDPStrategy

@@ -25,12 +25,26 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..args import NotSupportedError
+from ..errors import NotSupportedError
 from ..distributed import DistEnv
 from .base import OptimizerFactory, Strategy
 
 CHECKPOINT_TAG = "zero"
 _AUTO = "auto"
+
+
+def check_options(args) -> None:
+    """ZeRO's offload options, refused under a strategy that cannot honour them."""
+    if args.offload_optimizer and not args.strategy.startswith("zero"):
+        raise ValueError(
+            f"offload_optimizer=True needs strategy zero1|zero2|zero3 (strategy is {args.strategy!r}); "
+            "with fsdp use fsdp_cpu_offload"
+        )
+    if args.offload_params and args.strategy != "zero3":
+        raise ValueError(
+            f"offload_params=True needs strategy: zero3 (strategy is {args.strategy!r}); only ZeRO-3 "
+            "partitions parameters, so only it can keep them on CPU"
+        )
 
 
 class DeepSpeedConfigError(ValueError):

@@ -26,6 +26,21 @@ def _packed_quantized(param: torch.nn.Parameter) -> bool:
     return getattr(param, "quant_state", None) is not None or not param.is_floating_point()
 
 
+_OWN_FLAGS = ("fsdp_layer_classes", "fsdp_cpu_offload", "fsdp_low_memory_init")
+
+
+def check_options(args) -> None:
+    """FSDP's options mean nothing to another strategy: refused there rather than ignored."""
+    if args.strategy == "fsdp":
+        return
+    for name in _OWN_FLAGS:
+        if getattr(args, name):
+            raise ValueError(f"{name}={getattr(args, name)!r} only applies to strategy: fsdp "
+                             f"(strategy is {args.strategy!r})")
+    if not args.fsdp_reshard_after_forward:
+        raise ValueError("fsdp_reshard_after_forward=False only applies to strategy: fsdp")
+
+
 class FSDPStrategy(Strategy):
     name = "fsdp"
     needs_process_group = True

@@ -21,6 +21,12 @@ from typing import Any, Optional
 import torch
 
 
+def check_options(args) -> None:
+    if args.bf16 and args.fp16:
+        raise ValueError("bf16=True and fp16=True are both set; choose one (bf16 where the hardware has it: it "
+                         "needs no loss scaling)")
+
+
 class Precision:
     """How forwards compute and how the loss and the optimizer step are scaled."""
 

@@ -1,0 +1,5 @@
+"""Errors shared by every component."""
+
+
+class NotSupportedError(ValueError):
+    """A known option that scaletrain does not implement (yet)."""
