@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import transformers
-from transformers.trainer_utils import IntervalStrategy, SaveStrategy
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
+from transformers.training_args import OptimizerNames
 
+from .args_process import ProcessFacts
 from .errors import NotSupportedError
 from .middleware import check_middleware_options
 from .strategies.options import check_strategy_options
@@ -27,7 +29,7 @@ _TOKEN_FIELDS = ("hub_token",)
 
 
 @dataclass
-class _ScaletrainArguments:
+class _ScaletrainArguments(ProcessFacts):
     output_dir: Optional[str] = None
     do_train: bool = False
     do_eval: bool = False
@@ -171,15 +173,22 @@ class _ScaletrainArguments:
                     f"warmup_ratio={self.warmup_ratio} and warmup_steps={self.warmup_steps} are both "
                     "set; keep one of them"
                 )
-        if isinstance(self.report_to, str):
-            self.report_to = [] if self.report_to in ("none", "") else (
-                ["wandb"] if self.report_to == "all" else [self.report_to]
-            )
-        elif self.report_to is None:
-            self.report_to = []
+        self._normalise_report_to()
         self._apply_hf_sharding_fields()
         self._apply_checkpointing_aliases()
         self._validate()
+
+    def _recheck(self) -> None:
+        """After a set_* helper changed fields: the checks construction runs."""
+        self._reject_unsupported_hf_fields()
+        self._normalise_report_to()
+        self._validate()
+
+    def _normalise_report_to(self) -> None:
+        reports = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
+        # HF's spellings: "none" (also as a one-item list, as JSON/YAML files write it) and "all"
+        reports = [] if reports in ([], ["none"], [""]) else reports
+        self.report_to = ["wandb"] if reports == ["all"] else reports
 
     # ------------------------------------------------------------------ checks
     def _apply_hf_sharding_fields(self) -> None:
@@ -248,6 +257,9 @@ class _ScaletrainArguments:
     def _reject_unsupported_hf_fields(self) -> None:
         for name, default in _UNSUPPORTED_DEFAULTS.items():
             value = getattr(self, name)
+            if name in _HF_SPELLINGS and value in _HF_SPELLINGS[name]:
+                value = _HF_SPELLINGS[name][value]
+                setattr(self, name, value)
             if value != default:
                 hint = _UNSUPPORTED_HINTS.get(name, f"leave it at its default {default!r}")
                 raise NotSupportedError(
@@ -280,6 +292,9 @@ class _ScaletrainArguments:
         self.save_strategy = SaveStrategy(self.save_strategy)
         choice("strategy", STRATEGIES)
         choice("optim", OPTIMIZERS)
+        self.optim = OptimizerNames(self.optim)
+        choice("lr_scheduler_type", {s.value for s in SchedulerType})
+        self.lr_scheduler_type = SchedulerType(self.lr_scheduler_type)  # HF's type, which its model card reads
         choice("ddp_backend", {None, "gloo", "nccl"})
 
     def _validate_lengths(self) -> None:
@@ -350,14 +365,6 @@ class _ScaletrainArguments:
     @property
     def eval_batch_size(self) -> int:
         return self.per_device_eval_batch_size
-
-    @property
-    def should_log(self) -> bool:  # HF callbacks read these two
-        return True
-
-    @property
-    def should_save(self) -> bool:
-        return True
 
     def get_warmup_steps(self, num_training_steps: int) -> int:
         if self.warmup_ratio is not None:
@@ -430,39 +437,45 @@ def _read_json_option(name: str, value: Union[str, dict]) -> dict:
     return loaded
 
 
-def _hf_field_defaults() -> dict[str, Any]:
-    out = {}
-    for f in dataclasses.fields(transformers.TrainingArguments):
-        if not f.init:
-            continue
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = (f.type, f.default, None)
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = (f.type, dataclasses.MISSING, f.default_factory)
-    return out
+def _hf_fields(hf_class: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(hf_class) if f.init}
 
 
-_OWN_FIELDS = {f.name for f in dataclasses.fields(_ScaletrainArguments)}
-_HF_ONLY = {name: spec for name, spec in _hf_field_defaults().items() if name not in _OWN_FIELDS}
+def _default_of(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _with_hf_declarations(name: str, hf_class: type, bases: tuple[type, ...]) -> type:
+    """The fields of `bases`, plus every other field of `hf_class` at its HF default.
+
+    Every field with an HF name is declared with HF's type and metadata (help,
+    nargs): HfArgumentParser then parses a command line, JSON or YAML file
+    exactly as it does for HF's class (bare `--gradient_checkpointing`,
+    `--include_num_input_tokens_seen no`, ...). Defaults stay scaletrain's.
+    """
+    own_fields = {name: f for base in bases for name, f in _hf_fields(base).items()}
+    declared = []
+    for hf_name, hf_field in _hf_fields(hf_class).items():
+        source = own_fields.get(hf_name, hf_field)
+        if source.default_factory is not dataclasses.MISSING:
+            spec = field(default_factory=source.default_factory, metadata=hf_field.metadata, repr=hf_name in own_fields)
+        else:
+            spec = field(default=source.default, metadata=hf_field.metadata, repr=hf_name in own_fields)
+        declared.append((hf_name, hf_field.type, spec))
+    cls = dataclasses.make_dataclass(name, declared, bases=bases)
+    cls.__module__ = __name__
+    return cls
+
+
+_OWN_FIELDS = set(_hf_fields(_ScaletrainArguments))
+# values HF's __post_init__ rewrites to its canonical spelling: HfArgumentParser turns a command line's
+# `no` into False, and leaves an absent --debug at None
+_HF_SPELLINGS = {"include_num_input_tokens_seen": {False: "no", True: "all"}, "debug": {None: ""}}
 _UNSUPPORTED_DEFAULTS = {
-    name: (factory() if factory is not None else default) for name, (_, default, factory) in _HF_ONLY.items()
+    name: _default_of(f) for name, f in _hf_fields(transformers.TrainingArguments).items() if name not in _OWN_FIELDS
 }
 
-TrainingArguments = dataclasses.make_dataclass(
-    "TrainingArguments",
-    [
-        (
-            name,
-            Any,
-            field(default=default, repr=False)
-            if factory is None
-            else field(default_factory=factory, repr=False),
-        )
-        for name, (_, default, factory) in _HF_ONLY.items()
-    ],
-    bases=(_ScaletrainArguments,),
-)
-TrainingArguments.__module__ = __name__
+TrainingArguments = _with_hf_declarations("TrainingArguments", transformers.TrainingArguments, (_ScaletrainArguments,))
 TrainingArguments.__doc__ = _ScaletrainArguments.__doc__ or __doc__
 
 
@@ -475,12 +488,8 @@ class _Seq2SeqFields:
     generation_config: Optional[Any] = None
 
 
-Seq2SeqTrainingArguments = dataclasses.make_dataclass(
-    "Seq2SeqTrainingArguments",
-    [],
-    bases=(TrainingArguments, _Seq2SeqFields),
-)
-Seq2SeqTrainingArguments.__module__ = __name__
+Seq2SeqTrainingArguments = _with_hf_declarations("Seq2SeqTrainingArguments", transformers.Seq2SeqTrainingArguments,
+                                                 (TrainingArguments, _Seq2SeqFields))
 
 
 def _check_seq2seq(self) -> None:

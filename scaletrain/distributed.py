@@ -5,11 +5,13 @@ export the same variables, so every launcher looks the same from here on.
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -130,3 +132,23 @@ def configure_threads(env: DistEnv, requested: int | None) -> int:
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
+
+
+def process_device(env: DistEnv, use_cpu: bool) -> torch.device:
+    """This rank's device: its local GPU when there is one (and use_cpu is off), else the CPU."""
+    if torch.cuda.is_available() and not use_cpu:
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def start_process_group(env: DistEnv, device: torch.device, backend: str | None, timeout_s: int) -> None:
+    """The default process group of a multi-rank run (gloo on CPU, NCCL on GPU unless `backend`
+    says otherwise); a no-op when one is running or the run has one rank."""
+    if not env.is_distributed or dist.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"timeout": datetime.timedelta(seconds=timeout_s)}
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        kwargs["device_id"] = device
+    dist.init_process_group(backend=backend or ("nccl" if device.type == "cuda" else "gloo"), rank=env.rank,
+                            world_size=env.world_size, **kwargs)

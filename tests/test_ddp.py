@@ -117,3 +117,47 @@ def test_ddp_resume_continues_the_loss_curve(ddp_result):
     assert len(ddp["resumed_losses"]) == STEPS
     assert ddp["resumed_losses"] == ddp["losses"]
     assert ddp["resume_max_weight_diff"] == 0.0
+
+
+def _encoder_decoder(seed: int = 0):
+    """A warm-started encoder-decoder as HF users build one: a BERT encoder, whose pooler gets no
+    gradient in this model, and a BERT decoder with cross-attention."""
+    from transformers import BertConfig, BertLMHeadModel, BertModel, EncoderDecoderModel
+
+    torch.manual_seed(seed)
+    small = dict(vocab_size=40, hidden_size=32, num_hidden_layers=1, intermediate_size=64, num_attention_heads=2,
+                 max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    encoder = BertModel(BertConfig(**small))
+    decoder = BertLMHeadModel(BertConfig(**small, is_decoder=True, add_cross_attention=True))
+    model = EncoderDecoderModel(encoder=encoder, decoder=decoder)
+    model.config.decoder_start_token_id, model.config.pad_token_id = 1, 0
+    return model
+
+
+def _seq2seq_rows(n: int = 32) -> list[dict]:
+    g = torch.Generator().manual_seed(5)
+    return [{"input_ids": torch.randint(2, 40, (8,), generator=g), "labels": torch.randint(2, 40, (6,), generator=g)}
+            for _ in range(n)]
+
+
+def _encoder_decoder_job(rank: int, out: str, strategy: str) -> None:
+    args = TrainingArguments(output_dir=out, strategy=strategy, max_steps=4, per_device_train_batch_size=4 if
+                             strategy == "ddp" else 8, learning_rate=1e-2, optim="sgd", logging_steps=1,
+                             save_strategy="no", disable_tqdm=True, report_to="none", seed=0)
+    trainer = Trainer(model=_encoder_decoder(), args=args, train_dataset=_seq2seq_rows())
+    trainer.train()
+    pooler = trainer.strategy.unwrap(trainer.model_wrapped).encoder.pooler.dense.weight
+    torch.save({"losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+                "pooler_untouched": bool(torch.equal(pooler, _encoder_decoder().encoder.pooler.dense.weight))},
+               f"{out}/result-{strategy}-{rank}.pt")
+    trainer.strategy.teardown()
+
+
+def test_a_warm_started_encoder_decoder_trains_under_ddp_with_unused_parameters(tmp_path):
+    """HF's default finds the unused pooler; without it DDP fails at the second step."""
+    _encoder_decoder_job(0, str(tmp_path), "single")
+    run_ranks(_encoder_decoder_job, str(tmp_path), "ddp")
+    single = torch.load(tmp_path / "result-single-0.pt")
+    ddp = torch.load(tmp_path / "result-ddp-0.pt")
+    assert ddp["pooler_untouched"] and single["pooler_untouched"]
+    np.testing.assert_allclose(ddp["losses"], single["losses"], rtol=1e-5)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import datetime
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from ..distributed import DistEnv, read_env
+from ..distributed import DistEnv, process_device, read_env, start_process_group
 from ..memory import local_shard
 from .precision import Precision
 
@@ -56,12 +55,8 @@ class Strategy(abc.ABC):
     def setup_environment(self) -> None:
         """Start the process group (if any) and pick this rank's device."""
         self.device = self._pick_device()
-        if self.env.is_distributed and not dist.is_initialized():
-            backend = self.args.ddp_backend or ("nccl" if self.device.type == "cuda" else "gloo")
-            kwargs: dict[str, Any] = {"timeout": datetime.timedelta(seconds=self.args.ddp_timeout)}
-            if self.device.type == "cuda":
-                kwargs["device_id"] = self.device
-            dist.init_process_group(backend=backend, rank=self.env.rank, world_size=self.env.world_size, **kwargs)
+        if self.env.is_distributed:
+            start_process_group(self.env, self.device, self.args.ddp_backend, self.args.ddp_timeout)
         elif self.needs_process_group and not dist.is_initialized():
             # a private one-rank group keeps the single-process path identical
             # to the multi-rank one (and needs no MASTER_ADDR/PORT)
@@ -78,11 +73,10 @@ class Strategy(abc.ABC):
         return Precision(dtype, self.device.type, backend_casts, scaler)
 
     def _pick_device(self) -> torch.device:
-        if torch.cuda.is_available() and not self.args.use_cpu:
-            device = torch.device("cuda", self.env.local_rank)
+        device = process_device(self.env, self.args.use_cpu)
+        if device.type == "cuda":
             torch.cuda.set_device(device)
-            return device
-        return torch.device("cpu")
+        return device
 
     def teardown(self) -> None:
         if dist.is_initialized():

@@ -3,7 +3,22 @@ from __future__ import annotations
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from transformers import PreTrainedModel
+
+from ..modeling import library_model
 from .base import OptimizerFactory, Strategy
+
+
+def _find_unused_parameters(model: torch.nn.Module, args) -> bool:
+    """HF's default when ddp_find_unused_parameters is unset: on for a transformers model unless it
+    checkpoints activations, on for any other module. Parameters that get no gradient (a warm-started
+    encoder-decoder's encoder pooler) would otherwise stop DDP's reduction at the first step."""
+    if args.ddp_find_unused_parameters is not None:
+        return bool(args.ddp_find_unused_parameters)
+    model = library_model(model)
+    if isinstance(model, PreTrainedModel):
+        return not (model.is_activation_checkpointing or args.activation_checkpointing)
+    return True
 
 
 class DDPStrategy(Strategy):
@@ -15,9 +30,7 @@ class DDPStrategy(Strategy):
     def setup(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory):
         model = model.to(self.device)
         args = self.args
-        kwargs = {}
-        if args.ddp_find_unused_parameters is not None:
-            kwargs["find_unused_parameters"] = args.ddp_find_unused_parameters
+        kwargs = {"find_unused_parameters": _find_unused_parameters(model, args)}
         if args.ddp_bucket_cap_mb is not None:
             kwargs["bucket_cap_mb"] = args.ddp_bucket_cap_mb
         if args.ddp_broadcast_buffers is not None:

@@ -85,6 +85,7 @@ class TrainLoop:
             progress.skipped_steps += 1
             logger.info("step %d skipped: inf/NaN gradients (fp16 overflow)", trainer.state.global_step + 1)
         self.window.add(result)
+        trainer.current_flos += result.flos
         progress.advance(epoch, micro_done)
         trainer.state.global_step += 1
         trainer.state.epoch = epoch + self.plan.epoch_fraction(micro_done)
@@ -119,6 +120,7 @@ class TrainLoop:
         trainer = self.trainer
         trainer.checkpoints.finish_pending()  # a background save is committed before training returns
         train_loss, metrics = totals.summary()
+        trainer.store_flos()  # into state.total_flos; HF 5 leaves it out of the train metrics
         metrics["epoch"] = trainer.state.epoch
         best = trainer.state.best_model_checkpoint
         if trainer.args.load_best_model_at_end and best is not None:

@@ -1,11 +1,13 @@
 """Default optimizer and LR schedule, built the way the HF Trainer builds them."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from transformers import get_scheduler
 from transformers.trainer_pt_utils import get_parameter_names
+
+from ..errors import NotSupportedError
 
 # transformers.Trainer.get_decay_parameter_names' patterns, searched in lower-cased parameter names
 NO_DECAY_NAME_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
@@ -28,17 +30,22 @@ def parameter_groups(model: torch.nn.Module, decay_names: list[str], weight_deca
     return [g for g in groups if g["params"]]
 
 
+def optimizer_cls_and_kwargs_for(args) -> tuple[type, dict[str, Any]]:
+    """The optimizer class and its arguments for `args.optim` (HF's Trainer.get_optimizer_cls_and_kwargs)."""
+    if args.optim == "sgd":
+        return torch.optim.SGD, {"lr": args.learning_rate}
+    if args.optim in ("adamw_torch", "adamw_torch_fused"):
+        return torch.optim.AdamW, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
+                                   "eps": args.adam_epsilon, "fused": args.optim == "adamw_torch_fused" or None}
+    raise NotSupportedError(f"optim={args.optim!r} is not supported yet by scaletrain; use adamw_torch, "
+                            "adamw_torch_fused or sgd, or pass optimizer_cls_and_kwargs to the Trainer")
+
+
 def build_optimizer(groups: list[dict], args, optimizer_cls_and_kwargs: Optional[tuple] = None
                     ) -> torch.optim.Optimizer:
-    if optimizer_cls_and_kwargs is not None:
-        cls, kwargs = optimizer_cls_and_kwargs
-        return cls(groups, **kwargs)
-    if args.optim == "sgd":
-        return torch.optim.SGD(groups, lr=args.learning_rate)
-    return torch.optim.AdamW(
-        groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-        fused=args.optim == "adamw_torch_fused" or None,
-    )
+    cls, kwargs = optimizer_cls_and_kwargs if optimizer_cls_and_kwargs is not None \
+        else optimizer_cls_and_kwargs_for(args)
+    return cls(groups, **kwargs)
 
 
 def build_scheduler(args, optimizer: torch.optim.Optimizer, num_training_steps: int):

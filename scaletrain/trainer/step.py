@@ -26,6 +26,7 @@ class StepResult:
     tokens: torch.Tensor  # non-padding input tokens, int64 on the device
     grad_norm: Optional[Union[torch.Tensor, float]]  # None unless clipping is on
     stepped: bool  # False: skipped on inf/NaN gradients (fp16 overflow)
+    flos: float = 0.0  # estimated from input shapes (Trainer.floating_point_ops)
 
 
 class LossWeighting:
@@ -69,15 +70,17 @@ class LossWeighting:
 class StepRunner:
     """Forward/backward of each micro-batch (gradient sync on the last only), then
     clipping, the strategy's (precision-aware) step and the LR schedule.
-    `fire(event)` runs a TrainerCallback event; `training_step` is the Trainer's hook."""
+    `fire(event)` runs a TrainerCallback event; `training_step` and `flos` are the Trainer's hooks."""
 
     def __init__(self, strategy, weighting: LossWeighting, training_step: Callable, fire: Callable[[str], None],
-                 max_grad_norm: Optional[float]) -> None:
+                 max_grad_norm: Optional[float], flos: Callable[[dict], int]) -> None:
         self.strategy, self.weighting, self.training_step, self.fire = strategy, weighting, training_step, fire
+        self.flos = flos
         self.clip = max_grad_norm if max_grad_norm is not None and max_grad_norm > 0 else None
 
     def run(self, model, optimizer, scheduler, micro_batches: list[dict[str, Any]]) -> StepResult:
         loss, samples, tokens = self._accumulate(model, micro_batches)
+        flos = float(sum(self.flos(batch) for batch in micro_batches))
         self.strategy.unscale_gradients(optimizer)
         self.fire("on_pre_optimizer_step")
         grad_norm = self.strategy.clip_grad_norm_(model, self.clip) if self.clip is not None else None
@@ -89,7 +92,7 @@ class StepRunner:
             scheduler.step()
         # else an fp16 overflow: the weights did not move, so neither does the schedule
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss / self.strategy.world_size, samples, tokens, grad_norm, stepped)
+        return StepResult(loss / self.strategy.world_size, samples, tokens, grad_norm, stepped, flos)
 
     def _accumulate(self, model, micro_batches: list[dict[str, Any]]) -> tuple[torch.Tensor, int, torch.Tensor]:
         weights, global_items = self.weighting.weights(micro_batches)

@@ -23,8 +23,9 @@ from transformers import DataCollatorWithPadding, default_data_collator
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerControl, TrainerState
 from transformers.trainer_pt_utils import nested_detach
 from transformers.trainer_utils import (
-    EvalLoopOutput, EvalPrediction, PredictionOutput, SaveStrategy, TrainOutput, set_seed,
+    EvalLoopOutput, EvalPrediction, PredictionOutput, SaveStrategy, TrainOutput, set_seed, speed_metrics,
 )
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import find_labels
 
 from ..args import NotSupportedError, TrainingArguments
@@ -47,13 +48,14 @@ from .evaluation import join_remaining_rounds
 from .loop import TrainLoop
 from .plan import BatchGeometry, RunPlan, build_run_plan
 from .progress import TrainProgress
+from .reporting import ReportingMethods
 from .resume import ResumePoint, read_resume_point
 from .step import LossWeighting, StepRunner, batch_size
 
 logger = logging.getLogger(__name__)
 
 
-class Trainer:
+class Trainer(ReportingMethods):
     """Drop-in for `transformers.Trainer` (same constructor and methods)."""
 
     def __init__(
@@ -98,6 +100,7 @@ class Trainer:
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self.label_names = args.label_names if args.label_names is not None else find_labels(type(self.model))
         self.checkpoints = CheckpointManager(args.output_dir, self.strategy)
+        self.current_flos = 0.0  # since the last store_flos()
         self.best_metric = BestMetric(args.metric_for_best_model, args.greater_is_better)
         self.loss_weighting = LossWeighting(self.strategy, self.label_names, lambda: self.model)
 
@@ -310,7 +313,7 @@ class Trainer:
         logger.info("training with %s, %d threads/rank, %d steps (%s)", self.strategy.describe(), self.num_threads,
                     plan.max_steps, plan.geometry.describe())
         runner = StepRunner(self.strategy, self.loss_weighting, self.training_step, self.fire,
-                            self.args.max_grad_norm)
+                            self.args.max_grad_norm, self.floating_point_ops)
         return TrainLoop(self, plan, self.progress, runner, ignore_keys_for_eval).run()
 
     def _plan(self, geometry: BatchGeometry) -> RunPlan:
@@ -364,10 +367,11 @@ class Trainer:
 
     # ----------------------------------------------------- logging and saving
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        """As HF's: `logs` gains the epoch in place (evaluate() returns its metrics with it)."""
         if self.state.epoch is not None:
-            logs = {**logs, "epoch": logs.get("epoch", self.state.epoch)}
+            logs["epoch"] = self.state.epoch
         if start_time is not None:
-            logs["total_runtime"] = round(time.perf_counter() - start_time, 4)
+            logs.update(speed_metrics("train", start_time))
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self.fire("on_log", logs=logs)
 
@@ -390,6 +394,7 @@ class Trainer:
         final = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}-{step}"
         if self.state.best_global_step == step:
             self.state.best_model_checkpoint = str(final)
+        self.store_flos()  # into the saved trainer_state.json, as HF does
         self.progress.stream_state = stream_state(self.train_loader, self.progress.micro_batches_in_epoch)
         progress = ProgressFile(self.progress, self.middleware, self.strategy.precision)
         unwrapped = self.strategy.unwrap(self.model)
@@ -419,7 +424,8 @@ class Trainer:
                 save_safetensors(unwrapped, str(out / "model.safetensors"))
             if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
                 self.processing_class.save_pretrained(str(out))
-            (out / "training_args.json").write_text(self.args.to_json_string())
+            torch.save(self.args, out / TRAINING_ARGS_NAME)  # as the HF Trainer writes it
+            (out / "training_args.json").write_text(self.args.to_json_string())  # and readable without unpickling
         self.strategy.barrier()
         return out
 
@@ -432,15 +438,11 @@ class Trainer:
                 metrics.update(self.evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
         loader = self.get_eval_dataloader(eval_dataset)
-        start = time.perf_counter()
+        start = time.time()  # speed_metrics reads the wall clock
         loss_only = True if self.compute_metrics is None else None
         output = self.evaluation_loop(loader, "Evaluation", prediction_loss_only=loss_only, ignore_keys=ignore_keys,
                                       metric_key_prefix=metric_key_prefix)
-        runtime = time.perf_counter() - start
-        output.metrics.update({
-            f"{metric_key_prefix}_runtime": round(runtime, 4),
-            f"{metric_key_prefix}_samples_per_second": round(output.num_samples / runtime, 3) if runtime > 0 else 0.0,
-        })
+        output.metrics.update(speed_metrics(metric_key_prefix, start, output.num_samples, len(loader)))
         self.log(output.metrics)
         self.callback_handler.eval_dataloader = loader
         self.fire("on_evaluate", metrics=output.metrics)
@@ -449,10 +451,10 @@ class Trainer:
     def predict(self, test_dataset: Dataset, ignore_keys: Optional[list[str]] = None,
                 metric_key_prefix: str = "test") -> PredictionOutput:
         loader = self.get_test_dataloader(test_dataset)
-        start = time.perf_counter()
+        start = time.time()
         output = self.evaluation_loop(loader, "Prediction", ignore_keys=ignore_keys,
                                       metric_key_prefix=metric_key_prefix)
-        output.metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - start, 4)
+        output.metrics.update(speed_metrics(metric_key_prefix, start, output.num_samples, len(loader)))
         self.fire("on_predict", metrics=output.metrics)
         return PredictionOutput(predictions=output.predictions, label_ids=output.label_ids, metrics=output.metrics)
 

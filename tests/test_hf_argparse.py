@@ -1,0 +1,110 @@
+"""HF example scripts start with HfArgumentParser over (model, data, training) dataclasses and read a command
+line, a JSON or a YAML file. scaletrain.TrainingArguments must parse every one of them as HF's class does."""
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pytest
+import transformers
+import yaml
+from transformers import HfArgumentParser
+
+import scaletrain
+from scaletrain import NotSupportedError
+
+
+@dataclass
+class ModelArguments:  # the shape of run_glue.py's, in our own words
+    model_name_or_path: str = field(metadata={"help": "path of a pretrained model"})
+    cache_dir: Optional[str] = None
+    use_fast_tokenizer: bool = True
+
+
+@dataclass
+class DataTrainingArguments:
+    max_seq_length: int = 128
+    pad_to_max_length: bool = False
+    max_train_samples: Optional[int] = None
+    task_name: Optional[str] = None
+
+
+# what people put on the command line of run_glue / run_clm / run_summarization, all implemented by scaletrain
+ARGV = [
+    "--model_name_or_path", "some/model", "--max_seq_length", "64", "--task_name", "sst2",
+    "--output_dir", "OUT", "--do_train", "--do_eval",
+    "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16", "--gradient_accumulation_steps", "2",
+    "--learning_rate", "3e-5", "--weight_decay", "0.01", "--num_train_epochs", "2", "--warmup_steps", "0.1",
+    "--lr_scheduler_type", "cosine", "--max_grad_norm", "0.5", "--optim", "adamw_torch",
+    "--eval_strategy", "steps", "--eval_steps", "10", "--save_strategy", "steps", "--save_steps", "20",
+    "--save_total_limit", "2", "--logging_steps", "5", "--logging_first_step",
+    "--load_best_model_at_end", "--metric_for_best_model", "accuracy", "--greater_is_better", "true",
+    "--seed", "7", "--data_seed", "11", "--report_to", "none", "--gradient_checkpointing",
+    "--include_num_input_tokens_seen", "no", "--no_remove_unused_columns", "--dataloader_num_workers", "0",
+    "--disable_tqdm", "true", "--use_cpu", "--bf16", "--ddp_timeout", "600", "--run_name", "glue",
+]
+
+
+def _comparable(value):
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_comparable(v) for v in value]
+    return value
+
+
+def _parse(classes, argv, tmp_path):
+    argv = [str(tmp_path) if a == "OUT" else a for a in argv]
+    return HfArgumentParser(classes).parse_args_into_dataclasses(argv)
+
+
+def _given_fields(argv) -> set[str]:
+    names = {a[2:] for a in argv if a.startswith("--")}
+    return {n.removeprefix("no_") if n.startswith("no_") else n for n in names}
+
+
+def test_a_command_line_parses_as_it_does_for_the_hf_class(tmp_path):
+    ours = _parse((ModelArguments, DataTrainingArguments, scaletrain.TrainingArguments), ARGV, tmp_path)
+    theirs = _parse((ModelArguments, DataTrainingArguments, transformers.TrainingArguments), ARGV, tmp_path)
+    assert ours[:2] == theirs[:2]
+    ours_args, hf_args = ours[2], theirs[2]
+    training_fields = _given_fields(ARGV) & {f for f in vars(hf_args)}
+    assert len(training_fields) >= 35  # the comparison below covers the command line, not a handful of fields
+    differ = {n: (getattr(ours_args, n), getattr(hf_args, n)) for n in sorted(training_fields)
+              if _comparable(getattr(ours_args, n)) != _comparable(getattr(hf_args, n))}
+    assert differ == {}
+    assert ours_args.activation_checkpointing is True and ours_args.remove_unused_columns is False
+
+
+@pytest.mark.parametrize("kind", ["json", "yaml"])
+def test_a_json_or_yaml_file_parses_as_it_does_for_the_hf_class(tmp_path, kind):
+    settings = {"model_name_or_path": "m", "output_dir": str(tmp_path), "do_train": True,
+                "per_device_train_batch_size": 2, "gradient_checkpointing": True, "eval_strategy": "epoch",
+                "save_strategy": "epoch", "load_best_model_at_end": True, "report_to": ["none"],
+                "include_num_input_tokens_seen": "no", "use_cpu": True, "lr_scheduler_type": "constant"}
+    path = tmp_path / f"args.{kind}"
+    path.write_text(json.dumps(settings) if kind == "json" else yaml.safe_dump(settings))
+    parsed = {}
+    for cls in (scaletrain.TrainingArguments, transformers.TrainingArguments):
+        parser = HfArgumentParser((ModelArguments, cls))
+        parsed[cls] = (parser.parse_json_file if kind == "json" else parser.parse_yaml_file)(str(path))[1]
+    ours, theirs = parsed[scaletrain.TrainingArguments], parsed[transformers.TrainingArguments]
+    assert {n: _comparable(getattr(ours, n)) for n in settings if n != "model_name_or_path"} == \
+        {n: _comparable(getattr(theirs, n)) for n in settings if n != "model_name_or_path"}
+
+
+def test_seq2seq_arguments_parse_their_own_fields(tmp_path):
+    argv = ["--output_dir", "OUT", "--predict_with_generate", "--generation_max_length", "32",
+            "--generation_num_beams", "2", "--use_cpu"]
+    ours, = _parse((scaletrain.Seq2SeqTrainingArguments,), argv, tmp_path)
+    theirs, = _parse((transformers.Seq2SeqTrainingArguments,), argv, tmp_path)
+    for name in ("predict_with_generate", "generation_max_length", "generation_num_beams"):
+        assert getattr(ours, name) == getattr(theirs, name)
+    assert ours.predict_with_generate is True and ours.generation_num_beams == 2
+
+
+def test_a_refused_field_on_the_command_line_names_itself(tmp_path):
+    with pytest.raises(NotSupportedError, match="neftune_noise_alpha=5.0"):
+        _parse((scaletrain.TrainingArguments,), ["--output_dir", "OUT", "--neftune_noise_alpha", "5"], tmp_path)
