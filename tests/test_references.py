@@ -125,3 +125,55 @@ def test_single_process_trainer_matches_the_hf_trainer(tmp_path):
         torch.testing.assert_close(our_weights[name], hf_weights[name], rtol=0, atol=1e-6, msg=name)
     # one eval batch: HF's mean of batch means is then the mean over all targets, as ours is
     np.testing.assert_allclose(ours.evaluate()["eval_loss"], hf.evaluate()["eval_loss"], rtol=1e-6)
+
+
+class SummedLossOverrides:
+    """compute_loss and training_step as users override them for HF's Trainer: HF's exact signatures,
+    the loss summed over the micro-batch's targets and divided by num_items_in_batch (the step's count)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        targets = inputs["labels"][:, 1:]
+        logits = outputs.logits[:, :-1]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                               reduction="sum")
+        loss = loss / (num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum())
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        self.accelerator.backward(loss)
+        return loss.detach()
+
+
+class HFTrainerWithOverrides(SummedLossOverrides, transformers.Trainer):
+    pass
+
+
+class TrainerWithOverrides(SummedLossOverrides, Trainer):
+    pass
+
+
+def test_hf_style_overrides_train_as_they_do_under_the_hf_trainer(tmp_path):
+    common = dict(per_device_train_batch_size=8, gradient_accumulation_steps=4, num_train_epochs=3, learning_rate=0.5,
+                  max_grad_norm=1.0, optim="sgd", logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
+                  report_to="none")
+    hf = HFTrainerWithOverrides(model=tiny_llama(), args=transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf"), use_cpu=True, **common), train_dataset=RaggedLM(32))
+    hf.train()
+    runs = {}
+    for name, cls in (("overrides", TrainerWithOverrides), ("default", Trainer)):
+        runs[name] = cls(model=tiny_llama(), args=TrainingArguments(
+            output_dir=str(tmp_path / name), strategy="single", **common), train_dataset=RaggedLM(32))
+        runs[name].train()
+    start, hf_weights = tiny_llama().state_dict(), hf.model.state_dict()
+    assert max((hf_weights[k] - start[k]).abs().max().item() for k in start) > 1e-2
+    for run in runs.values():  # the override is normalised once, as HF's is, and equals the default path
+        weights = run.model.state_dict()
+        for name in start:
+            torch.testing.assert_close(weights[name], hf_weights[name], rtol=0, atol=1e-6, msg=name)
+    hf_losses = [e["loss"] for e in hf.state.log_history if "loss" in e]
+    np.testing.assert_allclose(losses_of(runs["overrides"]), hf_losses, rtol=0, atol=5.1e-5)

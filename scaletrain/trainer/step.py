@@ -52,42 +52,47 @@ class LossWeighting:
             labels = labels[..., self._label_shift:]
         return (labels != IGNORE_INDEX).sum()
 
-    def weights(self, micro_batches: list[dict[str, Any]]
-                ) -> tuple[list[Union[float, torch.Tensor]], Optional[torch.Tensor]]:
-        """(weights, global target count). Gradients are averaged over ranks by the
-        strategy, hence the world-size factor. Without countable labels,
-        micro-batch means are averaged. With no target anywhere the weights are 0."""
+    def global_items(self, micro_batches: list[dict[str, Any]]) -> Optional[torch.Tensor]:
+        """The step's target count over all micro-batches and ranks (float64 on the device; a
+        collective), or None without countable labels."""
         counts = [self.count_items(b) for b in micro_batches]
         if any(c is None for c in counts):
-            return [1.0 / len(micro_batches)] * len(micro_batches), None
+            return None
         # host-side counts reach the device without waiting for it (an async copy)
         counts = [c.to(self.strategy.device, torch.float64, non_blocking=True) for c in counts]
-        global_items = self.strategy.all_reduce_sum(torch.stack(counts).sum().reshape(1))[0]
-        world = self.strategy.world_size
-        return [c * world / global_items.clamp_min(1.0) for c in counts], global_items
+        return self.strategy.all_reduce_sum(torch.stack(counts).sum().reshape(1))[0]
+
+    def weight(self, inputs: dict[str, Any], global_items: Union[int, torch.Tensor]) -> torch.Tensor:
+        """This micro-batch's share of the step: its targets over the global count, times the world
+        size (the strategy averages gradients over ranks). With no target anywhere it is 0."""
+        count = self.count_items(inputs)
+        if count is None:
+            raise ValueError(f"num_items_in_batch is given but the batch has no countable labels "
+                             f"({self.label_names}); pass num_items_in_batch=None to average micro-batch means")
+        count = count.to(self.strategy.device, torch.float64, non_blocking=True)
+        total = torch.as_tensor(global_items, dtype=torch.float64, device=self.strategy.device)
+        return count * self.strategy.world_size / total.clamp_min(1.0)
 
 
 class StepRunner:
     """Forward/backward of each micro-batch (gradient sync on the last only), then
-    clipping, the strategy's (precision-aware) step and the LR schedule.
-    `fire(event)` runs a TrainerCallback event; `training_step` and `flos` are the Trainer's hooks."""
+    clipping, the strategy's (precision-aware) step and the LR schedule. `hooks` is the
+    Trainer: its training_step, floating_point_ops and callback events (`fire`)."""
 
-    def __init__(self, strategy, weighting: LossWeighting, training_step: Callable, fire: Callable[[str], None],
-                 max_grad_norm: Optional[float], flos: Callable[[dict], int]) -> None:
-        self.strategy, self.weighting, self.training_step, self.fire = strategy, weighting, training_step, fire
-        self.flos = flos
+    def __init__(self, hooks, weighting: LossWeighting, max_grad_norm: Optional[float]) -> None:
+        self.hooks, self.strategy, self.weighting = hooks, hooks.strategy, weighting
         self.clip = max_grad_norm if max_grad_norm is not None and max_grad_norm > 0 else None
 
     def run(self, model, optimizer, scheduler, micro_batches: list[dict[str, Any]]) -> StepResult:
         loss, samples, tokens = self._accumulate(model, micro_batches)
-        flos = float(sum(self.flos(batch) for batch in micro_batches))
+        flos = float(sum(self.hooks.floating_point_ops(batch) for batch in micro_batches))
         self.strategy.unscale_gradients(optimizer)
-        self.fire("on_pre_optimizer_step")
+        self.hooks.fire("on_pre_optimizer_step")
         grad_norm = self.strategy.clip_grad_norm_(model, self.clip) if self.clip is not None else None
         stepped = self.strategy.optimizer_step(optimizer)
         if self.clip is not None and grad_norm is None:
             grad_norm = self.strategy.reported_grad_norm(model)
-        self.fire("on_optimizer_step")
+        self.hooks.fire("on_optimizer_step")
         if stepped:
             scheduler.step()
         # else an fp16 overflow: the weights did not move, so neither does the schedule
@@ -95,18 +100,19 @@ class StepRunner:
         return StepResult(loss / self.strategy.world_size, samples, tokens, grad_norm, stepped, flos)
 
     def _accumulate(self, model, micro_batches: list[dict[str, Any]]) -> tuple[torch.Tensor, int, torch.Tensor]:
-        weights, global_items = self.weighting.weights(micro_batches)
+        global_items = self.weighting.global_items(micro_batches)
+        self.hooks.current_gradient_accumulation_steps = len(micro_batches)
         device = self.strategy.device
         loss, samples, tokens = torch.zeros((), device=device), 0, torch.zeros((), dtype=torch.int64, device=device)
         last = len(micro_batches) - 1
-        for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
+        for i, batch in enumerate(micro_batches):
             samples += batch_size(batch)
             tokens += token_count(batch)
             sync = contextlib.nullcontext() if i == last else self.strategy.no_sync(model)
             with sync:
-                loss += self.training_step(model, batch, global_items, loss_weight=weight)
+                loss += self.hooks.training_step(model, batch, global_items)
             if i != last:
-                self.fire("on_substep_end")
+                self.hooks.fire("on_substep_end")
         return loss.detach(), samples, tokens
 
 

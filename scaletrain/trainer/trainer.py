@@ -41,6 +41,7 @@ from ..middleware.batch_finder import BatchSizeChoice
 from ..modeling import apply_use_cache, default_ignore_keys, library_model, without_tied_copies
 from ..strategies import Strategy, build_strategy
 from . import optim
+from .accelerator_view import AcceleratorView
 from .batch_size import find_batch_size, longest_row
 from .checkpointing import ProgressFile, manifest_extra, model_files_writer, training_states
 from .evaluation import BestMetric, EvalResults, agreed_rounds, evaluation_metrics, is_tensor_tree
@@ -101,6 +102,7 @@ class Trainer(ReportingMethods):
         self.label_names = args.label_names if args.label_names is not None else find_labels(type(self.model))
         self.checkpoints = CheckpointManager(args.output_dir, self.strategy)
         self.current_flos = 0.0  # since the last store_flos()
+        self.current_gradient_accumulation_steps = args.gradient_accumulation_steps  # of the step running
         self.best_metric = BestMetric(args.metric_for_best_model, args.greater_is_better)
         self.loss_weighting = LossWeighting(self.strategy, self.label_names, lambda: self.model)
 
@@ -221,10 +223,13 @@ class Trainer(ReportingMethods):
 
     # ------------------------------------------------------------------- loss
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Optional[int] = None):
-        """The micro-batch's mean loss, as the model computes it. The trainer
-        re-weights micro-batches itself (step.LossWeighting), so an override
-        should return a mean too."""
+                     num_items_in_batch: Optional[Union[int, torch.Tensor]] = None):
+        """The model's loss. With `num_items_in_batch` (the targets of the whole step, over all
+        micro-batches and ranks) it is normalised as HF's is: this micro-batch's summed loss over
+        num_items_in_batch, times the world size that DDP's gradient averaging divides by; the
+        sum comes from the model's mean and the micro-batch's own target count, so models that
+        take no loss kwargs are exact too. An override that returns sum / num_items_in_batch
+        (HF's idiom) is used as it is."""
         outputs = model(**inputs)
         if isinstance(outputs, dict):
             if "loss" not in outputs or outputs["loss"] is None:
@@ -235,6 +240,8 @@ class Trainer(ReportingMethods):
             loss = outputs["loss"]
         else:
             loss = outputs[0]
+        if num_items_in_batch is not None:
+            loss = loss * self.loss_weighting.weight(inputs, num_items_in_batch).to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
 
     @contextlib.contextmanager
@@ -250,18 +257,22 @@ class Trainer(ReportingMethods):
             return inputs
         return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
 
-    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Optional[int] = None,
-                      loss_weight: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
-        """Forward + backward of one micro-batch; returns the weighted loss, detached."""
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: Optional[Union[int, torch.Tensor]] = None) -> torch.Tensor:
+        """Forward + backward of one micro-batch (HF's signature); returns its loss as scaled for the
+        step, detached. Without countable targets, micro-batch means are averaged (as HF does)."""
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-        if isinstance(loss_weight, torch.Tensor):
-            loss = loss * loss_weight.to(loss.dtype)
-        elif loss_weight != 1.0:
-            loss = loss * loss_weight
+        if num_items_in_batch is None:
+            loss = loss / self.current_gradient_accumulation_steps
         self.strategy.backward(loss)
         return loss.detach()
+
+    @property
+    def accelerator(self) -> AcceleratorView:
+        """For overrides written against HF's Trainer (`self.accelerator.backward(loss)`, ...)."""
+        return AcceleratorView(self.strategy)
 
     # ------------------------------------------------------------------ train
     def call_model_init(self, trial=None) -> torch.nn.Module:
@@ -312,8 +323,7 @@ class Trainer(ReportingMethods):
         handler.train_dataloader = self.train_loader
         logger.info("training with %s, %d threads/rank, %d steps (%s)", self.strategy.describe(), self.num_threads,
                     plan.max_steps, plan.geometry.describe())
-        runner = StepRunner(self.strategy, self.loss_weighting, self.training_step, self.fire,
-                            self.args.max_grad_norm, self.floating_point_ops)
+        runner = StepRunner(self, self.loss_weighting, self.args.max_grad_norm)
         return TrainLoop(self, plan, self.progress, runner, ignore_keys_for_eval).run()
 
     def _plan(self, geometry: BatchGeometry) -> RunPlan:
