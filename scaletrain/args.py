@@ -333,10 +333,14 @@ class _ScaletrainArguments(ProcessFacts):
     def _validate_best_model(self) -> None:
         if self.save_strategy == SaveStrategy.BEST and self.metric_for_best_model is None:
             raise ValueError("save_strategy='best' needs metric_for_best_model")
+        metric_schedule = self.lr_scheduler_type in (SchedulerType.REDUCE_ON_PLATEAU, SchedulerType.GREEDY)
+        if metric_schedule and self.eval_strategy == IntervalStrategy.NO:
+            raise ValueError(f"lr_scheduler_type={self.lr_scheduler_type.value!r} steps on an evaluation metric: "
+                             "set eval_strategy to 'steps' or 'epoch' (metric_for_best_model picks the metric)")
         if self.load_best_model_at_end:
             self._validate_load_best_model_at_end()
-            if self.metric_for_best_model is None:
-                self.metric_for_best_model = "loss"
+        if (self.load_best_model_at_end or metric_schedule) and self.metric_for_best_model is None:
+            self.metric_for_best_model = "loss"  # as HF's default
         if self.metric_for_best_model is not None and self.greater_is_better is None:
             self.greater_is_better = not self.metric_for_best_model.endswith("loss")
 

@@ -177,3 +177,24 @@ def test_hf_style_overrides_train_as_they_do_under_the_hf_trainer(tmp_path):
             torch.testing.assert_close(weights[name], hf_weights[name], rtol=0, atol=1e-6, msg=name)
     hf_losses = [e["loss"] for e in hf.state.log_history if "loss" in e]
     np.testing.assert_allclose(losses_of(runs["overrides"]), hf_losses, rtol=0, atol=5.1e-5)
+
+
+@pytest.mark.parametrize("schedule, kwargs", [
+    # thresholds no loss can beat: every evaluation is a bad one, so the LR falls after each, on both trainers
+    ("reduce_lr_on_plateau", {"patience": 0, "factor": 0.5, "threshold": 10.0}),
+    ("greedy", {"patience": 0, "factor": 0.5, "threshold": 1e9, "min_lr": 0.0}),
+])
+def test_metric_schedules_step_on_the_eval_metric_as_in_the_hf_trainer(tmp_path, schedule, kwargs):
+    common = dict(per_device_train_batch_size=8, num_train_epochs=1, learning_rate=0.1, optim="sgd",
+                  logging_steps=1, eval_strategy="steps", eval_steps=1, save_strategy="no", seed=0,
+                  disable_tqdm=True, report_to="none", lr_scheduler_type=schedule, lr_scheduler_kwargs=kwargs)
+    rates = {}
+    for name, trainer_cls, args_cls, extra in (
+            ("hf", transformers.Trainer, transformers.TrainingArguments, {"use_cpu": True}),
+            ("ours", Trainer, TrainingArguments, {"strategy": "single"})):
+        trainer = trainer_cls(model=tiny_llama(), args=args_cls(output_dir=str(tmp_path / name), **common, **extra),
+                              train_dataset=RaggedLM(32), eval_dataset=RaggedLM(8, seed=4))
+        trainer.train()
+        rates[name] = [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e]
+    assert rates["ours"] == rates["hf"]
+    assert rates["ours"][-1] < rates["ours"][0]  # the schedule moved the optimizer's learning rate

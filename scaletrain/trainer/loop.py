@@ -10,6 +10,7 @@ from transformers.trainer_utils import TrainOutput
 
 from ..data.position import iter_keeping_rng, position_epoch
 from .metrics import LogWindow, RunTotals
+from .optim import current_lr
 from .plan import RunPlan
 from .progress import TrainProgress
 from .step import StepResult, StepRunner
@@ -43,7 +44,7 @@ class TrainLoop:
         trainer, plan, progress = self.trainer, self.plan, self.progress
         trainer.fire("on_train_begin")
         if trainer.args.eval_on_start and trainer.eval_dataset is not None:
-            trainer.evaluate_and_track(self.ignore_keys)
+            trainer.evaluate_and_track(self.ignore_keys, step_schedule=False)
         self.window.reset()
         totals = RunTotals(trainer.strategy)
         trainer.model_wrapped.train()
@@ -107,7 +108,7 @@ class TrainLoop:
 
     def _window_logs(self) -> dict[str, float]:
         trainer = self.trainer
-        logs = self.window.flush(float(trainer.lr_scheduler.get_last_lr()[0]))
+        logs = self.window.flush(current_lr(trainer.lr_scheduler, trainer.optimizer))
         logs.update(trainer.middleware.log_values())
         scale = trainer.strategy.loss_scale()
         if scale is not None:

@@ -5,6 +5,7 @@ from typing import Any, Optional
 
 import torch
 from transformers import get_scheduler
+from transformers.optimization import GreedyLR
 from transformers.trainer_pt_utils import get_parameter_names
 
 from ..errors import NotSupportedError
@@ -56,3 +57,18 @@ def build_scheduler(args, optimizer: torch.optim.Optimizer, num_training_steps: 
         num_training_steps=num_training_steps,
         scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
     )
+
+
+# schedules that step on an evaluation metric, after each evaluation, instead of after each optimizer step
+METRIC_SCHEDULES = (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR)
+
+
+def steps_on_metric(scheduler) -> bool:
+    return isinstance(scheduler, METRIC_SCHEDULES)
+
+
+def current_lr(scheduler, optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate of the first parameter group (metric schedules have no get_last_lr before a step)."""
+    if steps_on_metric(scheduler):
+        return float(optimizer.param_groups[0]["lr"])
+    return float(scheduler.get_last_lr()[0])

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from ..modeling import label_shift
+from .optim import steps_on_metric
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -93,7 +94,7 @@ class StepRunner:
         if self.clip is not None and grad_norm is None:
             grad_norm = self.strategy.reported_grad_norm(model)
         self.hooks.fire("on_optimizer_step")
-        if stepped:
+        if stepped and not steps_on_metric(scheduler):  # those step after an evaluation
             scheduler.step()
         # else an fp16 overflow: the weights did not move, so neither does the schedule
         optimizer.zero_grad(set_to_none=True)

@@ -385,8 +385,9 @@ class Trainer(ReportingMethods):
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self.fire("on_log", logs=logs)
 
-    def evaluate_and_track(self, ignore_keys: Optional[list[str]]) -> dict[str, float]:
-        """Evaluate every eval set during training; a new best metric may ask for a save."""
+    def evaluate_and_track(self, ignore_keys: Optional[list[str]], step_schedule: bool = True) -> dict[str, float]:
+        """Evaluate every eval set during training; a new best metric may ask for a save, and a
+        metric schedule (reduce_lr_on_plateau, greedy) steps on it (not on the eval_on_start one, as in HF)."""
         if isinstance(self.eval_dataset, dict):
             metrics: dict[str, float] = {}
             for name, dataset in self.eval_dataset.items():
@@ -395,6 +396,8 @@ class Trainer(ReportingMethods):
             metrics = self.evaluate(ignore_keys=ignore_keys)
         if self.best_metric.update(self.state, metrics) and self.args.save_strategy == SaveStrategy.BEST:
             self.control.should_save = True
+        if step_schedule and optim.steps_on_metric(self.lr_scheduler):
+            self.lr_scheduler.step(metrics[self.best_metric.key])
         if self.model_wrapped is not None:
             self.model_wrapped.train()
         return metrics
