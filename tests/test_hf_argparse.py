@@ -108,3 +108,38 @@ def test_seq2seq_arguments_parse_their_own_fields(tmp_path):
 def test_a_refused_field_on_the_command_line_names_itself(tmp_path):
     with pytest.raises(NotSupportedError, match="neftune_noise_alpha=5.0"):
         _parse((scaletrain.TrainingArguments,), ["--output_dir", "OUT", "--neftune_noise_alpha", "5"], tmp_path)
+
+
+@pytest.mark.parametrize("rank, local_rank, log_on_each_node, expected", [
+    (0, 0, True, "info"), (1, 1, True, "error"),  # the main process gets log_level, replicas log_level_replica
+    (2, 0, True, "info"), (2, 0, False, "error"),  # a node's first process logs only with log_on_each_node
+])
+def test_process_facts_and_log_levels_follow_the_launcher(monkeypatch, rank, local_rank, log_on_each_node, expected):
+    """HF's documented semantics (HF's own class would start a 4-rank process group to answer)."""
+    import logging
+
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    ours = scaletrain.TrainingArguments(output_dir="out", use_cpu=True, log_level="info", log_level_replica="error",
+                                        log_on_each_node=log_on_each_node)
+    assert (ours.process_index, ours.local_process_index, ours.world_size) == (rank, local_rank, 4)
+    assert ours.parallel_mode.value == "distributed" and ours.device.type == "cpu" and ours.n_gpu == 0
+    assert ours.get_process_log_level() == getattr(logging, expected.upper())
+    assert ours.should_log == (expected == "info")
+
+
+def test_set_helpers_change_fields_as_hf_does_and_are_checked_again():
+    ours = scaletrain.TrainingArguments(output_dir="out", use_cpu=True)
+    theirs = transformers.TrainingArguments(output_dir="out", use_cpu=True)
+    for args in (ours, theirs):
+        args.set_training(learning_rate=1e-3, batch_size=4, gradient_accumulation_steps=2, seed=1)
+        args.set_logging(strategy="steps", steps=7, report_to="none")
+        args.set_save(strategy="epoch", total_limit=2)
+        args.set_lr_scheduler(name="cosine", warmup_steps=0.1)
+    for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
+                 "logging_steps", "save_strategy", "save_total_limit", "lr_scheduler_type", "warmup_steps"):
+        assert _comparable(getattr(ours, name)) == _comparable(getattr(theirs, name)), name
+    assert ours.report_to == []  # canonicalised as at construction (HF's setter leaves the string "none")
+    with pytest.raises(NotSupportedError, match="eval_accumulation_steps=2"):
+        ours.set_evaluate(strategy="steps", steps=5, accumulation_steps=2)

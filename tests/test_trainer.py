@@ -158,6 +158,36 @@ def test_resume_is_exact_and_skips_uncommitted(tmp_path):
     assert max_diff(weights(resumed.model), weights(full.model)) == 0.0
 
 
+class RecordingCollator:
+    """Records the first token of every row the loader hands the trainer, in order."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def __call__(self, rows):
+        batch = transformers.default_data_collator(rows)
+        self.seen += batch["input_ids"][:, 0].tolist()
+        return batch
+
+
+@pytest.mark.parametrize("ignore_data_skip", [False, True])
+def test_ignore_data_skip_restarts_the_epoch_on_resume(tmp_path, ignore_data_skip):
+    args = dict(max_steps=6, save_strategy="steps", save_steps=3, per_device_train_batch_size=4)
+    full_rows = RecordingCollator()
+    full = Trainer(model=tiny_gpt2(), args=make_args(tmp_path, **args), train_dataset=RaggedLM(32),
+                   data_collator=full_rows)  # one epoch of 8 steps: max_steps ends it early
+    full.train()
+    resumed_rows = RecordingCollator()
+    resumed = Trainer(model=tiny_gpt2(), args=make_args(tmp_path / "r", ignore_data_skip=ignore_data_skip, **args),
+                      train_dataset=RaggedLM(32), data_collator=resumed_rows)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert resumed.state.global_step == 6
+    rows_per_step = 4
+    assert full_rows.seen[:12] != full_rows.seen[12:24]  # the rows tell the two positions apart
+    start = 0 if ignore_data_skip else 3 * rows_per_step  # HF: no skipping within the epoch
+    assert resumed_rows.seen == full_rows.seen[start:start + 3 * rows_per_step]
+
+
 def test_async_save_commits_later_and_resumes_exactly(tmp_path):
     """The background write holds the state as it was at the save, although
     training changes the weights meanwhile; the commit waits for the write."""

@@ -27,6 +27,7 @@ from transformers.trainer_utils import (
 )
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import find_labels
+from transformers.utils import logging as hf_logging
 
 from ..args import NotSupportedError, TrainingArguments
 from ..callbacks import JsonlMetricsCallback, ProgressCallback, WandbCallback
@@ -87,6 +88,11 @@ class Trainer(ReportingMethods):
         self.strategy.setup_environment()
         self.middleware = build_middleware(args, self.strategy)
         self.num_threads = configure_threads(self.strategy.env, args.torch_threads)
+        # as the HF Trainer does: log_level on the main process, log_level_replica on the others
+        # ('passive' leaves the levels as they are); scaletrain's own loggers follow too
+        hf_logging.set_verbosity(args.get_process_log_level())
+        if (args.log_level if args.should_log else args.log_level_replica) != "passive":
+            logging.getLogger("scaletrain").setLevel(args.get_process_log_level())
         set_seed(args.seed)
 
         self.model_init = model_init
@@ -343,6 +349,8 @@ class Trainer(ReportingMethods):
         states = training_states(self.state, None, self.lr_scheduler, with_scheduler=True)
         self.checkpoints.load(point.path, self.model_wrapped, self.optimizer, states, manifest=point.manifest)
         progress.load_state_dict(point.progress)  # read once, with the geometry checks
+        if self.args.ignore_data_skip:  # HF's meaning: the epoch's data from its start, no skipping
+            self.progress.micro_batches_in_epoch, self.progress.stream_state = 0, None
         self.state.max_steps = plan.max_steps
         self.state.is_local_process_zero = self.strategy.is_local_main
         self.state.is_world_process_zero = self.strategy.is_main
