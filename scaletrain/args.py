@@ -20,11 +20,11 @@ from transformers.training_args import OptimizerNames
 
 from .args_process import ProcessFacts
 from .errors import NotSupportedError
+from .optimizers import check_optimizer_for_strategy, check_optimizer_name
 from .middleware import check_middleware_options
 from .strategies.options import check_strategy_options
 
 STRATEGIES = ("auto", "single", "ddp", "fsdp", "zero1", "zero2", "zero3")
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd")
 _TOKEN_FIELDS = ("hub_token",)
 
 
@@ -276,6 +276,7 @@ class _ScaletrainArguments(ProcessFacts):
             if getattr(self, name) is not None:
                 setattr(self, name, _read_json_option(name, getattr(self, name)))
         check_strategy_options(self)
+        check_optimizer_for_strategy(self.optim, self.strategy)
         check_middleware_options(self)
         self._validate_best_model()
 
@@ -291,7 +292,7 @@ class _ScaletrainArguments(ProcessFacts):
         choice("save_strategy", {s.value for s in SaveStrategy})
         self.save_strategy = SaveStrategy(self.save_strategy)
         choice("strategy", STRATEGIES)
-        choice("optim", OPTIMIZERS)
+        check_optimizer_name(self.optim)
         self.optim = OptimizerNames(self.optim)
         choice("lr_scheduler_type", {s.value for s in SchedulerType})
         self.lr_scheduler_type = SchedulerType(self.lr_scheduler_type)  # HF's type, which its model card reads

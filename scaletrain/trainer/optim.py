@@ -4,11 +4,12 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+import transformers
 from transformers import get_scheduler
 from transformers.optimization import GreedyLR
 from transformers.trainer_pt_utils import get_parameter_names
 
-from ..errors import NotSupportedError
+from ..optimizers import check_optimizer_name
 
 # transformers.Trainer.get_decay_parameter_names' patterns, searched in lower-cased parameter names
 NO_DECAY_NAME_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
@@ -31,15 +32,11 @@ def parameter_groups(model: torch.nn.Module, decay_names: list[str], weight_deca
     return [g for g in groups if g["params"]]
 
 
-def optimizer_cls_and_kwargs_for(args) -> tuple[type, dict[str, Any]]:
-    """The optimizer class and its arguments for `args.optim` (HF's Trainer.get_optimizer_cls_and_kwargs)."""
-    if args.optim == "sgd":
-        return torch.optim.SGD, {"lr": args.learning_rate}
-    if args.optim in ("adamw_torch", "adamw_torch_fused"):
-        return torch.optim.AdamW, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
-                                   "eps": args.adam_epsilon, "fused": args.optim == "adamw_torch_fused" or None}
-    raise NotSupportedError(f"optim={args.optim!r} is not supported yet by scaletrain; use adamw_torch, "
-                            "adamw_torch_fused or sgd, or pass optimizer_cls_and_kwargs to the Trainer")
+def optimizer_cls_and_kwargs_for(args, model: Optional[torch.nn.Module] = None) -> tuple[type, dict[str, Any]]:
+    """The optimizer class and its arguments for `args.optim`: HF's own mapping, for the names
+    scaletrain builds (scaletrain/optimizers.py)."""
+    check_optimizer_name(args.optim)
+    return transformers.Trainer.get_optimizer_cls_and_kwargs(args, model)
 
 
 def build_optimizer(groups: list[dict], args, optimizer_cls_and_kwargs: Optional[tuple] = None

@@ -75,7 +75,7 @@ class ReportingMethods:
 
     @staticmethod
     def get_optimizer_cls_and_kwargs(args, model: Optional[torch.nn.Module] = None) -> tuple[type, dict[str, Any]]:
-        return optim.optimizer_cls_and_kwargs_for(args)
+        return optim.optimizer_cls_and_kwargs_for(args, model)
 
     def autocast_smart_context_manager(self, cache_enabled: Optional[bool] = True
                                        ) -> contextlib.AbstractContextManager:
