@@ -83,6 +83,8 @@ class _ScaletrainArguments(ProcessFacts):
     # Set on model.config at Trainer construction, as the HF Trainer does: training
     # and evaluation forwards build no KV cache unless asked (generate keeps its own)
     use_cache: bool = False
+    # HF's label smoothing of the cross-entropy over the model's logits (its LabelSmoother)
+    label_smoothing_factor: float = 0.0
 
     # Reproducibility and data.
     seed: int = 42
@@ -308,6 +310,8 @@ class _ScaletrainArguments(ProcessFacts):
             raise ValueError(f"num_train_epochs={self.num_train_epochs} must be > 0 when max_steps is -1")
         if self.learning_rate < 0:
             raise ValueError(f"learning_rate={self.learning_rate} must be >= 0")
+        if not 0.0 <= self.label_smoothing_factor < 1.0:
+            raise ValueError(f"label_smoothing_factor={self.label_smoothing_factor} must be in [0, 1)")
         for name in ("logging_steps", "save_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0 (a count, or a fraction of max steps "

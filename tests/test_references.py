@@ -219,3 +219,26 @@ def test_other_optimizers_match_the_hf_trainer(tmp_path, optim):
     # adaptive optimizers divide by the gradients' own scale, which turns ~1e-7 float-order noise into
     # ~1e-5 here (8e-6 measured for rmsprop at lr 1e-3); a wrong learning rate or rule differs by about `moved`
     assert moved > 1e-2 and apart < 1e-2 * moved
+
+
+def test_label_smoothing_matches_the_hf_trainer(tmp_path):
+    common = dict(per_device_train_batch_size=8, gradient_accumulation_steps=4, num_train_epochs=2, learning_rate=0.5,
+                  optim="sgd", label_smoothing_factor=0.1, logging_steps=1, save_strategy="no", seed=0,
+                  disable_tqdm=True, per_device_eval_batch_size=32, report_to="none")
+    hf = transformers.Trainer(model=tiny_llama(), args=transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf"), use_cpu=True, **common), train_dataset=RaggedLM(32),
+        eval_dataset=RaggedLM(16, seed=4))
+    hf.train()
+    ours = Trainer(model=tiny_llama(), args=TrainingArguments(output_dir=str(tmp_path / "ours"), strategy="single",
+                                                              **common),
+                   train_dataset=RaggedLM(32), eval_dataset=RaggedLM(16, seed=4))
+    ours.train()
+    plain = Trainer(model=tiny_llama(), args=TrainingArguments(
+        output_dir=str(tmp_path / "plain"), strategy="single", **{**common, "label_smoothing_factor": 0.0}),
+        train_dataset=RaggedLM(32))
+    plain.train()
+    start, hf_weights, our_weights = tiny_llama().state_dict(), hf.model.state_dict(), ours.model.state_dict()
+    assert max((our_weights[k] - plain.model.state_dict()[k]).abs().max().item() for k in start) > 1e-4
+    for name in start:
+        torch.testing.assert_close(our_weights[name], hf_weights[name], rtol=0, atol=1e-6, msg=name)
+    np.testing.assert_allclose(ours.evaluate()["eval_loss"], hf.evaluate()["eval_loss"], rtol=1e-6)

@@ -21,7 +21,7 @@ from safetensors.torch import save_model as save_safetensors
 from torch.utils.data import DataLoader, Dataset
 from transformers import DataCollatorWithPadding, default_data_collator
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerControl, TrainerState
-from transformers.trainer_pt_utils import nested_detach
+from transformers.trainer_pt_utils import LabelSmoother, nested_detach
 from transformers.trainer_utils import (
     EvalLoopOutput, EvalPrediction, PredictionOutput, SaveStrategy, TrainOutput, set_seed, speed_metrics,
 )
@@ -39,7 +39,7 @@ from ..distributed import configure_threads
 from ..memory import PeakMemory, optimizer_state_bytes_to_come
 from ..middleware import build_middleware
 from ..middleware.batch_finder import BatchSizeChoice
-from ..modeling import apply_use_cache, default_ignore_keys, library_model, without_tied_copies
+from ..modeling import apply_use_cache, default_ignore_keys, label_shift, library_model, without_tied_copies
 from ..strategies import Strategy, build_strategy
 from . import optim
 from .accelerator_view import AcceleratorView
@@ -110,6 +110,7 @@ class Trainer(ReportingMethods):
         self.current_flos = 0.0  # since the last store_flos()
         self.current_gradient_accumulation_steps = args.gradient_accumulation_steps  # of the step running
         self.best_metric = BestMetric(args.metric_for_best_model, args.greater_is_better)
+        self.label_smoother = LabelSmoother(args.label_smoothing_factor) if args.label_smoothing_factor else None
         self.loss_weighting = LossWeighting(self.strategy, self.label_names, lambda: self.model)
 
         self.callback_handler = CallbackHandler(
@@ -236,19 +237,29 @@ class Trainer(ReportingMethods):
         sum comes from the model's mean and the micro-batch's own target count, so models that
         take no loss kwargs are exact too. An override that returns sum / num_items_in_batch
         (HF's idiom) is used as it is."""
-        outputs = model(**inputs)
+        if self.label_smoother is not None and "labels" in inputs:
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+            loss = self.label_smoother(outputs, inputs["labels"], shift_labels=self._shifted_labels())
+        else:
+            outputs = model(**inputs)
+            loss = self._model_loss(outputs)
+        if num_items_in_batch is not None:
+            loss = loss * self.loss_weighting.weight(inputs, num_items_in_batch).to(loss.dtype)
+        return (loss, outputs) if return_outputs else loss
+
+    def _model_loss(self, outputs) -> torch.Tensor:
         if isinstance(outputs, dict):
             if "loss" not in outputs or outputs["loss"] is None:
                 raise ValueError(
                     f"the model returned no loss (keys: {sorted(outputs.keys())}); the batch needs labels "
                     f"({self.label_names}) or override Trainer.compute_loss"
                 )
-            loss = outputs["loss"]
-        else:
-            loss = outputs[0]
-        if num_items_in_batch is not None:
-            loss = loss * self.loss_weighting.weight(inputs, num_items_in_batch).to(loss.dtype)
-        return (loss, outputs) if return_outputs else loss
+            return outputs["loss"]
+        return outputs[0]
+
+    def _shifted_labels(self) -> bool:
+        """A decoder-only causal LM predicts token t+1 at t (HF shifts for these models too)."""
+        return bool(label_shift(self.strategy.unwrap(self.model)))
 
     @contextlib.contextmanager
     def compute_loss_context_manager(self):
