@@ -85,6 +85,8 @@ class _ScaletrainArguments(ProcessFacts):
     use_cache: bool = False
     # HF's label smoothing of the cross-entropy over the model's logits (its LabelSmoother)
     label_smoothing_factor: float = 0.0
+    # NEFTune noise on the input embeddings while training (middleware/neftune.py)
+    neftune_noise_alpha: Optional[float] = None
 
     # Reproducibility and data.
     seed: int = 42

@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import TrainerCallback
 
 from helpers import RaggedLM, losses_of, tiny_gpt2
@@ -247,3 +248,30 @@ def test_hf_gradient_checkpointing_names_still_work():
     args = TrainingArguments(output_dir="unused", gradient_checkpointing=True,
                              gradient_checkpointing_kwargs='{"every_n_layers": 2}')
     assert args.activation_checkpointing and args.activation_checkpointing_kwargs == {"every_n_layers": 2}
+
+
+class EmbeddingNoise(TrainerCallback):
+    """How far the input embedding's training-mode output is from the plain lookup, during training."""
+
+    def __init__(self) -> None:
+        self.deviations: list[float] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        embeddings = model.get_input_embeddings()
+        ids = torch.arange(12).reshape(2, 6)
+        with torch.no_grad():
+            self.deviations.append((embeddings(ids) - F.embedding(ids, embeddings.weight)).abs().max().item())
+
+
+def test_neftune_adds_bounded_noise_in_training_only_and_is_removed_after(tmp_path):
+    alpha = 5.0
+    noise = EmbeddingNoise()
+    noisy = _train(tmp_path / "noisy", callbacks=[noise], neftune_noise_alpha=alpha)
+    plain = _train(tmp_path / "plain")
+    bound = alpha / (6 * noisy.model.config.n_embd) ** 0.5  # HF's alpha / sqrt(sequence length x width)
+    assert len(noise.deviations) == STEPS and all(0 < d <= bound for d in noise.deviations)
+    assert losses_of(noisy) != losses_of(plain)  # the noise reached the training forwards
+    embeddings = noisy.model.get_input_embeddings()
+    embeddings.train()
+    ids = torch.arange(12).reshape(2, 6)
+    assert torch.equal(embeddings(ids), F.embedding(ids, embeddings.weight))  # hook gone after train()

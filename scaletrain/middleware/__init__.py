@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
-from . import activation_ckpt, batch_finder, quantization
+from . import activation_ckpt, batch_finder, neftune, quantization
 from .activation_ckpt import ActivationCheckpointing
 from .base import Middleware
 from .lora import LoRA, lora_settings
+from .neftune import NEFTune
 from .quantization import Quantization, quantization_settings
 
 
@@ -36,6 +37,10 @@ class MiddlewareStack:
         for item in self.items:
             model = item.transform_model(model, strategy)
         return model
+
+    def after_training(self, model: torch.nn.Module) -> None:
+        for item in reversed(self.items):
+            item.after_training(model)
 
     @contextlib.contextmanager
     def forward_context(self):
@@ -71,6 +76,7 @@ def check_middleware_options(args) -> None:
         quantization.check_composition(args)
     activation_ckpt.check_options(args)
     batch_finder.check_options(args)
+    neftune.check_options(args)
 
 
 def build_middleware(args, strategy) -> MiddlewareStack:
@@ -79,6 +85,8 @@ def build_middleware(args, strategy) -> MiddlewareStack:
         items.append(Quantization(args.quantization, tuple(args.lora.get("modules_to_save") or ())))
     if args.lora is not None:  # before checkpointing, which must see the adapted model
         items.append(LoRA(args.lora))
+    if args.neftune_noise_alpha is not None:  # on the (adapted) model's input embedding
+        items.append(NEFTune(args.neftune_noise_alpha))
     if args.activation_checkpointing:
         items.append(ActivationCheckpointing(args.activation_checkpointing_kwargs or {}))
     return MiddlewareStack(items)

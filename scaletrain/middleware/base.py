@@ -17,6 +17,9 @@ class Middleware:
         """Before the strategy wraps/shards the model."""
         return model
 
+    def after_training(self, model: torch.nn.Module) -> None:
+        """When train() ends: undo what must not outlive training."""
+
     def forward_context(self) -> contextlib.AbstractContextManager:
         """Around every forward and loss computation, training and evaluation."""
         return contextlib.nullcontext()

@@ -120,6 +120,7 @@ class TrainLoop:
     def _finish(self, totals: RunTotals) -> TrainOutput:
         trainer = self.trainer
         trainer.checkpoints.finish_pending()  # a background save is committed before training returns
+        trainer.middleware.after_training(trainer.model)
         train_loss, metrics = totals.summary()
         trainer.store_flos()  # into state.total_flos; HF 5 leaves it out of the train metrics
         metrics["epoch"] = trainer.state.epoch
