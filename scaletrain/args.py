@@ -87,6 +87,10 @@ class _ScaletrainArguments(ProcessFacts):
     label_smoothing_factor: float = 0.0
     # NEFTune noise on the input embeddings while training (middleware/neftune.py)
     neftune_noise_alpha: Optional[float] = None
+    # HF's: deterministic torch kernels (and CUDA env settings) instead of a plain seed
+    full_determinism: bool = False
+    # HF's: TF32 matmuls on Ampere+ GPUs (True, False, or None to leave torch's setting)
+    tf32: Optional[bool] = None
 
     # Reproducibility and data.
     seed: int = 42

@@ -363,3 +363,25 @@ def test_seq2seq_predict_with_generate(tmp_path):
     assert out.predictions.shape[0] == 5 and out.predictions.shape[1] <= 7
     assert out.label_ids.shape == (5, 4)
     assert "test_loss" in out.metrics
+
+
+def test_full_determinism_switches_torch_to_deterministic_kernels(tmp_path):
+    try:
+        trainer = Trainer(model=tiny_gpt2(), args=make_args(tmp_path, max_steps=2, full_determinism=True),
+                          train_dataset=RaggedLM(16))
+        assert torch.are_deterministic_algorithms_enabled()
+        trainer.train()
+        again = Trainer(model=tiny_gpt2(), args=make_args(tmp_path / "again", max_steps=2, full_determinism=True),
+                        train_dataset=RaggedLM(16))
+        again.train()
+        assert losses_of(again) == losses_of(trainer)
+    finally:
+        torch.use_deterministic_algorithms(False)  # a process-wide switch: the other tests run without it
+
+
+def test_tf32_is_refused_where_the_hardware_has_none(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="tf32=True needs an Ampere"):
+        make_args(tmp_path, tf32=True)
+    assert make_args(tmp_path, tf32=False).tf32 is False  # nothing to switch off on a CPU

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..distributed import DistEnv, process_device, read_env, start_process_group
 from ..memory import local_shard
-from .precision import Precision
+from .precision import Precision, apply_tf32
 
 OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 
@@ -63,6 +63,7 @@ class Strategy(abc.ABC):
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo",
                                     store=dist.HashStore(), rank=0, world_size=1)
         self.precision = self._build_precision()
+        apply_tf32(self.args.tf32)
 
     def _build_precision(self) -> Precision:
         if not (self.args.bf16 or self.args.fp16):

@@ -19,12 +19,21 @@ import contextlib
 from typing import Any, Optional
 
 import torch
+from transformers.utils.import_utils import enable_tf32, is_torch_tf32_available
 
 
 def check_options(args) -> None:
     if args.bf16 and args.fp16:
         raise ValueError("bf16=True and fp16=True are both set; choose one (bf16 where the hardware has it: it "
                          "needs no loss scaling)")
+    if args.tf32 and not is_torch_tf32_available():
+        raise ValueError("tf32=True needs an Ampere or newer NVIDIA GPU (CUDA >= 11); drop it on this machine")
+
+
+def apply_tf32(setting: Optional[bool]) -> None:
+    """HF's meaning: True/False switch TF32 matmuls where the hardware has them; None leaves torch's default."""
+    if setting is not None and is_torch_tf32_available():
+        enable_tf32(setting)
 
 
 class Precision:

@@ -23,7 +23,8 @@ from transformers import DataCollatorWithPadding, default_data_collator
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerControl, TrainerState
 from transformers.trainer_pt_utils import LabelSmoother, nested_detach
 from transformers.trainer_utils import (
-    EvalLoopOutput, EvalPrediction, PredictionOutput, SaveStrategy, TrainOutput, set_seed, speed_metrics,
+    EvalLoopOutput, EvalPrediction, PredictionOutput, SaveStrategy, TrainOutput, enable_full_determinism, set_seed,
+    speed_metrics,
 )
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import find_labels
@@ -93,7 +94,7 @@ class Trainer(ReportingMethods):
         hf_logging.set_verbosity(args.get_process_log_level())
         if (args.log_level if args.should_log else args.log_level_replica) != "passive":
             logging.getLogger("scaletrain").setLevel(args.get_process_log_level())
-        set_seed(args.seed)
+        _seed(args)
 
         self.model_init = model_init
         self.model = self._initial_model(model, model_init)
@@ -314,7 +315,7 @@ class Trainer(ReportingMethods):
             raise TypeError(f"train() got unexpected keyword arguments {sorted(kwargs)}")
         resume_path = resolve_resume_target(resume_from_checkpoint, self.args.output_dir)
         if self.model_init is not None:
-            set_seed(self.args.seed)
+            _seed(self.args)
             self.model = self._initial_model(None, self.model_init, trial)
             self.optimizer, self.lr_scheduler = None, None
         geometry = BatchGeometry.configured(self.args, self.strategy.world_size)
@@ -565,6 +566,14 @@ def _checked_args(args, compute_loss_func, optimizers, optimizer_cls_and_kwargs)
     if optimizer_cls_and_kwargs is not None and optimizers[0] is not None:
         raise ValueError("pass either optimizers or optimizer_cls_and_kwargs, not both")
     return args
+
+
+def _seed(args) -> None:
+    """As the HF Trainer seeds: deterministic kernels too with full_determinism."""
+    if args.full_determinism:
+        enable_full_determinism(args.seed)
+    else:
+        set_seed(args.seed)
 
 
 def _default_collator(processing_class) -> Callable:
