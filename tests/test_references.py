@@ -101,20 +101,31 @@ def test_single_process_trainer_matches_a_plain_pytorch_loop(run, tmp_path):
         torch.testing.assert_close(value, reference_weights[name], rtol=0, atol=1e-6, msg=name)
 
 
+def hf_run(tmp_path, common: dict, trainer_cls=transformers.Trainer, eval_dataset=None):
+    """transformers' Trainer on tiny Llama and 32 ragged rows, trained."""
+    trainer = trainer_cls(model=tiny_llama(), args=transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf"), use_cpu=True, **common), train_dataset=RaggedLM(32), eval_dataset=eval_dataset)
+    trainer.train()
+    return trainer
+
+
+def our_run(tmp_path, common: dict, name: str = "ours", trainer_cls=Trainer, eval_dataset=None):
+    """scaletrain's Trainer on the same model and data, trained in one process."""
+    trainer = trainer_cls(model=tiny_llama(), args=TrainingArguments(
+        output_dir=str(tmp_path / name), strategy="single", **common), train_dataset=RaggedLM(32),
+        eval_dataset=eval_dataset)
+    trainer.train()
+    return trainer
+
+
 def test_single_process_trainer_matches_the_hf_trainer(tmp_path):
     common = dict(per_device_train_batch_size=8, gradient_accumulation_steps=4, num_train_epochs=4, learning_rate=0.5,
                   weight_decay=0.01, max_grad_norm=1.0, warmup_steps=1, lr_scheduler_type="linear", optim="sgd",
                   logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True, per_device_eval_batch_size=32,
                   report_to="none")
     # tiny Llama: HF counts its shifted targets right (GPT-2's loss_type is None in transformers 5.24)
-    hf = transformers.Trainer(model=tiny_llama(), args=transformers.TrainingArguments(
-        output_dir=str(tmp_path / "hf"), use_cpu=True, **common), train_dataset=RaggedLM(32),
-        eval_dataset=RaggedLM(16, seed=4))
-    hf.train()
-    ours = Trainer(model=tiny_llama(), args=TrainingArguments(output_dir=str(tmp_path / "ours"), strategy="single",
-                                                              **common),
-                   train_dataset=RaggedLM(32), eval_dataset=RaggedLM(16, seed=4))
-    ours.train()
+    hf = hf_run(tmp_path, common, eval_dataset=RaggedLM(16, seed=4))
+    ours = our_run(tmp_path, common, eval_dataset=RaggedLM(16, seed=4))
     hf_losses = [e["loss"] for e in hf.state.log_history if "loss" in e]
     assert len(losses_of(ours)) == len(hf_losses) == 4
     np.testing.assert_allclose(losses_of(ours), hf_losses, rtol=0, atol=5.1e-5)  # HF rounds logged losses to 4 digits
@@ -161,14 +172,9 @@ def test_hf_style_overrides_train_as_they_do_under_the_hf_trainer(tmp_path):
     common = dict(per_device_train_batch_size=8, gradient_accumulation_steps=4, num_train_epochs=3, learning_rate=0.5,
                   max_grad_norm=1.0, optim="sgd", logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
                   report_to="none")
-    hf = HFTrainerWithOverrides(model=tiny_llama(), args=transformers.TrainingArguments(
-        output_dir=str(tmp_path / "hf"), use_cpu=True, **common), train_dataset=RaggedLM(32))
-    hf.train()
-    runs = {}
-    for name, cls in (("overrides", TrainerWithOverrides), ("default", Trainer)):
-        runs[name] = cls(model=tiny_llama(), args=TrainingArguments(
-            output_dir=str(tmp_path / name), strategy="single", **common), train_dataset=RaggedLM(32))
-        runs[name].train()
+    hf = hf_run(tmp_path, common, HFTrainerWithOverrides)
+    runs = {name: our_run(tmp_path, common, name, cls)
+            for name, cls in (("overrides", TrainerWithOverrides), ("default", Trainer))}
     start, hf_weights = tiny_llama().state_dict(), hf.model.state_dict()
     assert max((hf_weights[k] - start[k]).abs().max().item() for k in start) > 1e-2
     for run in runs.values():  # the override is normalised once, as HF's is, and equals the default path
@@ -206,12 +212,7 @@ def test_other_optimizers_match_the_hf_trainer(tmp_path, optim):
     common = dict(per_device_train_batch_size=8, gradient_accumulation_steps=4, num_train_epochs=2,
                   learning_rate=1e-2, weight_decay=0.01, optim=optim, logging_steps=1, save_strategy="no", seed=0,
                   disable_tqdm=True, report_to="none")
-    hf = transformers.Trainer(model=tiny_llama(), args=transformers.TrainingArguments(
-        output_dir=str(tmp_path / "hf"), use_cpu=True, **common), train_dataset=RaggedLM(32))
-    hf.train()
-    ours = Trainer(model=tiny_llama(), args=TrainingArguments(output_dir=str(tmp_path / "ours"), strategy="single",
-                                                              **common), train_dataset=RaggedLM(32))
-    ours.train()
+    hf, ours = hf_run(tmp_path, common), our_run(tmp_path, common)
     assert type(ours.optimizer) is type(hf.optimizer.optimizer if hasattr(hf.optimizer, "optimizer") else hf.optimizer)
     start, hf_weights, our_weights = tiny_llama().state_dict(), hf.model.state_dict(), ours.model.state_dict()
     moved = max((hf_weights[k] - start[k]).abs().max().item() for k in start)
@@ -225,18 +226,9 @@ def test_label_smoothing_matches_the_hf_trainer(tmp_path):
     common = dict(per_device_train_batch_size=8, gradient_accumulation_steps=4, num_train_epochs=2, learning_rate=0.5,
                   optim="sgd", label_smoothing_factor=0.1, logging_steps=1, save_strategy="no", seed=0,
                   disable_tqdm=True, per_device_eval_batch_size=32, report_to="none")
-    hf = transformers.Trainer(model=tiny_llama(), args=transformers.TrainingArguments(
-        output_dir=str(tmp_path / "hf"), use_cpu=True, **common), train_dataset=RaggedLM(32),
-        eval_dataset=RaggedLM(16, seed=4))
-    hf.train()
-    ours = Trainer(model=tiny_llama(), args=TrainingArguments(output_dir=str(tmp_path / "ours"), strategy="single",
-                                                              **common),
-                   train_dataset=RaggedLM(32), eval_dataset=RaggedLM(16, seed=4))
-    ours.train()
-    plain = Trainer(model=tiny_llama(), args=TrainingArguments(
-        output_dir=str(tmp_path / "plain"), strategy="single", **{**common, "label_smoothing_factor": 0.0}),
-        train_dataset=RaggedLM(32))
-    plain.train()
+    hf = hf_run(tmp_path, common, eval_dataset=RaggedLM(16, seed=4))
+    ours = our_run(tmp_path, common, eval_dataset=RaggedLM(16, seed=4))
+    plain = our_run(tmp_path, {**common, "label_smoothing_factor": 0.0}, "plain")
     start, hf_weights, our_weights = tiny_llama().state_dict(), hf.model.state_dict(), ours.model.state_dict()
     assert max((our_weights[k] - plain.model.state_dict()[k]).abs().max().item() for k in start) > 1e-4
     for name in start:
