@@ -2,6 +2,7 @@
 activation checkpointing, the memory estimator)."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -61,13 +62,14 @@ def model_class_name(model: torch.nn.Module) -> str:
     return type(model).__name__
 
 
-def _causal_lm_class_names() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def _causal_lm_class_names() -> frozenset[str]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     names: set[str] = set()
     for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
         names.update(value if isinstance(value, (list, tuple)) else [value])
-    return names
+    return frozenset(names)
 
 
 def label_shift(model: torch.nn.Module) -> int:

@@ -25,7 +25,6 @@ class ReportingMethods:
     metrics_format = metrics_format
     save_metrics = save_metrics
     save_state = save_state
-    current_flos: float = 0.0
 
     def create_model_card(self, language: Optional[str] = None, license: Optional[str] = None, tags: StrList = None,
                           model_name: Optional[str] = None, finetuned_from: Optional[str] = None,

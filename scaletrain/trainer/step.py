@@ -39,6 +39,13 @@ class LossWeighting:
         self.strategy, self.label_names, self._model_source = strategy, label_names, model_source
         self._label_shift: Optional[int] = None
 
+    @property
+    def label_shift(self) -> int:
+        """1 for a decoder-only causal LM (its loss skips each row's first label), else 0; found once."""
+        if self._label_shift is None:
+            self._label_shift = label_shift(self.strategy.unwrap(self._model_source()))
+        return self._label_shift
+
     def count_items(self, inputs: dict[str, Any]) -> Optional[torch.Tensor]:
         """How many targets the model's mean loss averages over in this micro-batch,
         as a tensor where the labels are: counting must not wait for the device."""
@@ -47,10 +54,8 @@ class LossWeighting:
             return None
         if labels.is_floating_point():
             return torch.tensor(labels.numel(), device=labels.device)
-        if self._label_shift is None:
-            self._label_shift = label_shift(self.strategy.unwrap(self._model_source()))
-        if self._label_shift and labels.dim() >= 2:
-            labels = labels[..., self._label_shift:]
+        if self.label_shift and labels.dim() >= 2:
+            labels = labels[..., self.label_shift:]
         return (labels != IGNORE_INDEX).sum()
 
     def global_items(self, micro_batches: list[dict[str, Any]]) -> Optional[torch.Tensor]:

@@ -40,7 +40,7 @@ from ..distributed import configure_threads
 from ..memory import PeakMemory, optimizer_state_bytes_to_come
 from ..middleware import build_middleware
 from ..middleware.batch_finder import BatchSizeChoice
-from ..modeling import apply_use_cache, default_ignore_keys, label_shift, library_model, without_tied_copies
+from ..modeling import apply_use_cache, default_ignore_keys, library_model, without_tied_copies
 from ..strategies import Strategy, build_strategy
 from . import optim
 from .accelerator_view import AcceleratorView
@@ -240,7 +240,7 @@ class Trainer(ReportingMethods):
         (HF's idiom) is used as it is."""
         if self.label_smoother is not None and "labels" in inputs:
             outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
-            loss = self.label_smoother(outputs, inputs["labels"], shift_labels=self._shifted_labels())
+            loss = self.label_smoother(outputs, inputs["labels"], shift_labels=bool(self.loss_weighting.label_shift))
         else:
             outputs = model(**inputs)
             loss = self._model_loss(outputs)
@@ -257,10 +257,6 @@ class Trainer(ReportingMethods):
                 )
             return outputs["loss"]
         return outputs[0]
-
-    def _shifted_labels(self) -> bool:
-        """A decoder-only causal LM predicts token t+1 at t (HF shifts for these models too)."""
-        return bool(label_shift(self.strategy.unwrap(self.model)))
 
     @contextlib.contextmanager
     def compute_loss_context_manager(self):
