@@ -65,6 +65,15 @@ class _ScaletrainArguments(ProcessFacts):
     eval_delay: float = 0
     eval_on_start: bool = False
     prediction_loss_only: bool = False
+    # HF's: compute_metrics also gets the main inputs and/or per-sample losses ("inputs", "loss")
+    include_for_metrics: list[str] = field(default_factory=list)
+    # HF's: compute_metrics(EvalPrediction(batch), compute_result=is_last) after every batch, no predictions kept
+    batch_eval_metrics: bool = False
+    # HF's: False gives compute_metrics and predict() lists of per-batch arrays
+    eval_do_concat_batches: bool = True
+    # HF's: move predictions to host memory every N eval batches; scaletrain moves them after every
+    # batch, so any N is honoured (the device never holds more than one batch of them)
+    eval_accumulation_steps: Optional[int] = None
     save_strategy: str = "steps"
     save_steps: float = 500
     save_total_limit: Optional[int] = None
@@ -91,6 +100,13 @@ class _ScaletrainArguments(ProcessFacts):
     full_determinism: bool = False
     # HF's: TF32 matmuls on Ampere+ GPUs (True, False, or None to leave torch's setting)
     tf32: Optional[bool] = None
+    # HF's: count the input tokens trained on ("all", "non_padding", or "no"; True/False as HF spells them)
+    # into state.num_input_tokens_seen and every log
+    include_num_input_tokens_seen: Union[str, bool] = "no"
+    # HF's: empty the accelerator's cache after every N-th optimizer step (slower; lower peak reserved memory)
+    torch_empty_cache_steps: Optional[int] = None
+    # HF's: False adds *_mem_cpu_* (and *_mem_gpu_*) deltas to the init/train/eval/test metrics
+    skip_memory_metrics: bool = True
 
     # Reproducibility and data.
     seed: int = 42
@@ -305,6 +321,9 @@ class _ScaletrainArguments(ProcessFacts):
         choice("lr_scheduler_type", {s.value for s in SchedulerType})
         self.lr_scheduler_type = SchedulerType(self.lr_scheduler_type)  # HF's type, which its model card reads
         choice("ddp_backend", {None, "gloo", "nccl"})
+        tokens_seen = self.include_num_input_tokens_seen
+        self.include_num_input_tokens_seen = {True: "all", False: "no"}.get(tokens_seen, tokens_seen)
+        choice("include_num_input_tokens_seen", {"no", "all", "non_padding"})
 
     def _validate_lengths(self) -> None:
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -316,6 +335,14 @@ class _ScaletrainArguments(ProcessFacts):
             raise ValueError(f"num_train_epochs={self.num_train_epochs} must be > 0 when max_steps is -1")
         if self.learning_rate < 0:
             raise ValueError(f"learning_rate={self.learning_rate} must be >= 0")
+        if self.eval_accumulation_steps is not None and self.eval_accumulation_steps < 1:
+            raise ValueError(f"eval_accumulation_steps={self.eval_accumulation_steps} must be >= 1 or None")
+        unknown = set(self.include_for_metrics) - {"inputs", "loss"}
+        if unknown:
+            raise ValueError(f"include_for_metrics={self.include_for_metrics!r}: {sorted(unknown)} unknown; "
+                             "use 'inputs' and/or 'loss'")
+        if self.torch_empty_cache_steps is not None and self.torch_empty_cache_steps < 1:
+            raise ValueError(f"torch_empty_cache_steps={self.torch_empty_cache_steps} must be >= 1 or None")
         if not 0.0 <= self.label_smoothing_factor < 1.0:
             raise ValueError(f"label_smoothing_factor={self.label_smoothing_factor} must be in [0, 1)")
         for name in ("logging_steps", "save_steps"):
@@ -415,7 +442,6 @@ class _ScaletrainArguments(ProcessFacts):
 _UNSUPPORTED_HINTS = {
     "bf16_full_eval": "evaluation runs in the training precision (bf16/fp16 autocast or the backend's policy)",
     "fp16_full_eval": "evaluation runs in the training precision (bf16/fp16 autocast or the backend's policy)",
-    "eval_accumulation_steps": "scaletrain already moves predictions to host memory after every eval batch",
     "average_tokens_across_devices": "scaletrain always normalises the loss by the global token count",
     "push_to_hub": "export the saved folder and push it with huggingface_hub",
 }
@@ -483,9 +509,8 @@ def _with_hf_declarations(name: str, hf_class: type, bases: tuple[type, ...]) ->
 
 
 _OWN_FIELDS = set(_hf_fields(_ScaletrainArguments))
-# values HF's __post_init__ rewrites to its canonical spelling: HfArgumentParser turns a command line's
-# `no` into False, and leaves an absent --debug at None
-_HF_SPELLINGS = {"include_num_input_tokens_seen": {False: "no", True: "all"}, "debug": {None: ""}}
+# values HF's __post_init__ rewrites to its canonical spelling: HfArgumentParser leaves an absent --debug at None
+_HF_SPELLINGS = {"debug": {None: ""}}
 _UNSUPPORTED_DEFAULTS = {
     name: _default_of(f) for name, f in _hf_fields(transformers.TrainingArguments).items() if name not in _OWN_FIELDS
 }

@@ -19,7 +19,8 @@ def _args(out: str, per_device: int, **kw) -> TrainingArguments:
     return TrainingArguments(
         output_dir=out, per_device_train_batch_size=per_device, gradient_accumulation_steps=2, max_steps=STEPS,
         learning_rate=3e-3, logging_steps=1, save_steps=5, eval_strategy="no", per_device_eval_batch_size=4,
-        disable_tqdm=True, seed=0, ddp_timeout=120, optim="adamw_torch", **kw,
+        disable_tqdm=True, seed=0, ddp_timeout=120, optim="adamw_torch", include_num_input_tokens_seen="non_padding",
+        **kw,
     )
 
 
@@ -35,6 +36,25 @@ class MetricsRecorder:
         return {"n_samples": len(labels), "n_targets": int((labels != -100).sum())}
 
 
+class BatchMetricsRecorder:
+    """A batch_eval_metrics compute_metrics: the rows and targets of every batch it is shown."""
+
+    def __init__(self) -> None:
+        self.samples = self.targets = 0
+
+    def __call__(self, pred, compute_result: bool):
+        self.samples += len(pred.label_ids)
+        self.targets += int((pred.label_ids != -100).sum())
+        return {"n_samples": self.samples, "n_targets": self.targets} if compute_result else {}
+
+
+def _batch_metrics(model, out: str) -> dict:
+    """evaluate() with HF's per-batch metrics on the trained model."""
+    trainer = Trainer(model=model, args=_args(out, per_device=2, strategy="ddp", batch_eval_metrics=True),
+                      eval_dataset=RaggedLM(EVAL_N, seed=2), compute_metrics=BatchMetricsRecorder())
+    return trainer.evaluate()
+
+
 def _ddp_job(rank: int, out: str) -> None:
     recorder = MetricsRecorder()
     trainer = Trainer(model=tiny_gpt2(), args=_args(f"{out}/run", per_device=2, strategy="ddp"),
@@ -48,10 +68,12 @@ def _ddp_job(rank: int, out: str) -> None:
                       train_dataset=RaggedLM(64))
     resumed.train(resume_from_checkpoint=f"{out}/run/checkpoint-5")
     resumed_weights = resumed.model.state_dict()
+    batch_metrics = _batch_metrics(trainer.model, f"{out}/batch_metrics")
     if rank == 0:
         Path(out, "ddp.json").write_text(json.dumps({
             "losses": losses_of(trainer), "resumed_losses": losses_of(resumed), "metrics": metrics,
-            "compute_metrics_calls": recorder.calls,
+            "compute_metrics_calls": recorder.calls, "batch_metrics": batch_metrics,
+            "tokens_seen": [trainer.state.num_input_tokens_seen, resumed.state.num_input_tokens_seen],
             "resume_max_weight_diff": max((weights[k] - resumed_weights[k]).abs().max().item() for k in weights),
         }))
         np.save(Path(out, "preds.npy"), pred.predictions)
@@ -102,6 +124,9 @@ def test_distributed_evaluate_and_predict_see_every_sample_once(ddp_result, sing
     assert ddp["compute_metrics_calls"] == [EVAL_N, EVAL_N]  # evaluate + predict, each with all rows once
     assert single_recorder.calls == [EVAL_N, EVAL_N]
     assert ddp["metrics"]["eval_n_samples"] == EVAL_N
+    # per-batch metrics: every rank's batches in each round (ranks have 3 batches of 4, 4, 2|3 rows)
+    assert ddp["batch_metrics"]["eval_n_samples"] == EVAL_N
+    assert ddp["batch_metrics"]["eval_n_targets"] == single_metrics["eval_n_targets"]
     assert ddp["metrics"]["eval_n_targets"] == single_metrics["eval_n_targets"]
     np.testing.assert_allclose(ddp["metrics"]["eval_loss"], single_metrics["eval_loss"], rtol=1e-5)
     ddp_preds = np.load(out / "preds.npy")
@@ -117,6 +142,19 @@ def test_ddp_resume_continues_the_loss_curve(ddp_result):
     assert len(ddp["resumed_losses"]) == STEPS
     assert ddp["resumed_losses"] == ddp["losses"]
     assert ddp["resume_max_weight_diff"] == 0.0
+
+
+def test_ddp_counts_the_input_tokens_of_every_rank(ddp_result, single_result):
+    _, ddp = ddp_result
+    # 10 steps of 8 rows: all 64 rows of epoch 0, then the first 16 of epoch 1's order (a permutation
+    # seeded by seed + epoch); non-padding tokens
+    rows = RaggedLM(64).rows
+    epoch_1 = torch.randperm(64, generator=torch.Generator().manual_seed(1))[:16].tolist()
+    expected = sum(int(r["attention_mask"].sum()) for r in rows) + sum(int(rows[i]["attention_mask"].sum())
+                                                                       for i in epoch_1)
+    assert single_result[0].state.num_input_tokens_seen == expected
+    # both ranks' tokens, and carried over by the resumed run's checkpoint
+    assert ddp["tokens_seen"] == [expected, expected]
 
 
 def _encoder_decoder(seed: int = 0):

@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Iterator, Optional
 
+from accelerate.utils.memory import clear_device_cache
 from transformers.trainer_utils import TrainOutput
 
 from ..data.position import iter_keeping_rng, position_epoch
@@ -55,6 +56,7 @@ class TrainLoop:
             trainer.fire("on_epoch_begin")
             for micro_batches in groups:
                 trainer.fire("on_step_begin")
+                trainer.input_tokens.add(micro_batches)
                 result = self.runner.run(trainer.model_wrapped, trainer.optimizer, trainer.lr_scheduler,
                                          micro_batches)
                 micro_done += len(micro_batches)
@@ -90,17 +92,22 @@ class TrainLoop:
         progress.advance(epoch, micro_done)
         trainer.state.global_step += 1
         trainer.state.epoch = epoch + self.plan.epoch_fraction(micro_done)
+        empty_cache_steps = trainer.args.torch_empty_cache_steps
+        if empty_cache_steps and trainer.state.global_step % empty_cache_steps == 0:
+            clear_device_cache()
         trainer.fire("on_step_end")
         self._log_save_evaluate()
 
     def _log_save_evaluate(self) -> None:
-        trainer = self.trainer
-        if trainer.control.should_log:
+        trainer, control = self.trainer, self.trainer.control
+        if control.should_log or control.should_evaluate or control.should_save:
+            trainer.input_tokens.settle(trainer.state)
+        if control.should_log:
             trainer.log(self._window_logs())
         paused = time.perf_counter()
-        if trainer.control.should_evaluate:
+        if control.should_evaluate:
             trainer.evaluate_and_track(self.ignore_keys)
-        if trainer.control.should_save:
+        if control.should_save:
             trainer.save_checkpoint()
             trainer.fire("on_save")
         # training throughput should not count time spent evaluating or saving
@@ -122,6 +129,7 @@ class TrainLoop:
         trainer.checkpoints.finish_pending()  # a background save is committed before training returns
         trainer.middleware.after_training(trainer.model)
         train_loss, metrics = totals.summary()
+        trainer.input_tokens.settle(trainer.state)
         trainer.store_flos()  # into state.total_flos; HF 5 leaves it out of the train metrics
         metrics["epoch"] = trainer.state.epoch
         best = trainer.state.best_model_checkpoint
@@ -129,6 +137,7 @@ class TrainLoop:
             logger.info("loading best model from %s (%s=%s)", best, trainer.args.metric_for_best_model,
                         trainer.state.best_metric)
             trainer.checkpoints.load_model(best, trainer.model_wrapped)
+        trainer.memory_metrics.end("train", metrics)
         trainer.log(metrics)
         trainer.fire("on_train_end")
         return TrainOutput(trainer.state.global_step, train_loss, metrics)

@@ -5,6 +5,7 @@ import time
 from typing import Optional, Union
 
 import torch
+from transformers.trainer_utils import TrainerMemoryTracker
 
 from .step import StepResult
 
@@ -106,3 +107,70 @@ class RunTotals:
             "train_steps_per_second": rate(self.steps),
             "train_loss": train_loss,
         }
+
+
+class InputTokensSeen:
+    """HF's include_num_input_tokens_seen: input tokens of every micro-batch on every rank
+    ("all": the main input's elements; "non_padding": its attention mask's ones, or the
+    tokens that are not the pad id). Counted without waiting for the device; the total
+    over ranks is added to state.num_input_tokens_seen at each `settle` (every log,
+    evaluation and save, and the end of training: one reduction per interval, not per step)."""
+
+    def __init__(self, mode: str, strategy, main_input_name: str, pad_token_id: Optional[int]) -> None:
+        self.mode, self.strategy = mode, strategy
+        self.main_input_name, self.pad_token_id = main_input_name, pad_token_id
+        self.pending = torch.zeros((), dtype=torch.int64)
+        self.session_start: Optional[int] = None  # the count when this train() call began
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "no"
+
+    def add(self, micro_batches: list) -> None:
+        if not self.enabled:
+            return
+        for batch in micro_batches:
+            self.pending = self.pending + self._count(batch).to(self.pending.device)
+
+    def _count(self, batch) -> torch.Tensor:
+        ids = batch.get(self.main_input_name)
+        if not isinstance(ids, torch.Tensor):
+            raise ValueError(
+                f"include_num_input_tokens_seen={self.mode!r}: the batches have no {self.main_input_name!r} "
+                f"(the model's main_input_name; batch keys {sorted(batch)}); set it to 'no'")
+        if self.mode == "non_padding":
+            mask = batch.get("attention_mask")
+            if isinstance(mask, torch.Tensor):
+                return mask.sum()
+            if self.pad_token_id is not None:
+                return (ids != self.pad_token_id).sum()
+        return torch.tensor(ids.numel())
+
+    def settle(self, state) -> None:
+        """A collective while enabled: every rank calls it at the same points."""
+        if not self.enabled:
+            return
+        total = self.strategy.all_reduce_sum(self.pending.to(self.strategy.device, torch.float64).reshape(1))
+        state.num_input_tokens_seen += int(total.item())
+        self.pending = torch.zeros((), dtype=torch.int64)
+
+
+class MemoryMetrics(TrainerMemoryTracker):
+    """HF's memory tracker (skip_memory_metrics=False: *_mem_cpu_* and *_mem_gpu_* deltas in the
+    metrics of init, train, evaluate and predict), told its stage: HF's derives it from the name of
+    the calling method, which scaletrain's parts (the train loop) do not share."""
+
+    def __init__(self, skip_memory_metrics: bool) -> None:
+        super().__init__(skip_memory_metrics)
+        self._stage: Optional[str] = None
+
+    def derive_stage(self) -> str:
+        return self._stage
+
+    def begin(self, stage: str) -> None:
+        self._stage = stage
+        self.start()
+
+    def end(self, stage: str, metrics: Optional[dict] = None) -> None:
+        self._stage = stage
+        self.stop_and_update_metrics(metrics)

@@ -46,9 +46,10 @@ from . import optim
 from .accelerator_view import AcceleratorView
 from .batch_size import find_batch_size, longest_row
 from .checkpointing import ProgressFile, manifest_extra, model_files_writer, training_states
-from .evaluation import BestMetric, EvalResults, agreed_rounds, evaluation_metrics, is_tensor_tree
+from .evaluation import BatchMetrics, BestMetric, EvalResults, agreed_rounds, evaluation_metrics, is_tensor_tree
 from .evaluation import join_remaining_rounds
 from .loop import TrainLoop
+from .metrics import InputTokensSeen, MemoryMetrics
 from .plan import BatchGeometry, RunPlan, build_run_plan
 from .progress import TrainProgress
 from .reporting import ReportingMethods
@@ -80,6 +81,8 @@ class Trainer(ReportingMethods):
         strategy: Optional[Strategy] = None,
     ) -> None:
         args = _checked_args(args, compute_loss_func, optimizers, optimizer_cls_and_kwargs)
+        self.memory_metrics = MemoryMetrics(args.skip_memory_metrics)
+        self.memory_metrics.begin("init")
         if tokenizer is not None:
             warnings.warn("`tokenizer` is deprecated; pass `processing_class`", FutureWarning, stacklevel=2)
             processing_class = processing_class if processing_class is not None else tokenizer
@@ -101,7 +104,7 @@ class Trainer(ReportingMethods):
         self.model_wrapped: Optional[torch.nn.Module] = None
         self.processing_class = processing_class
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
-        self.compute_metrics = compute_metrics
+        self.compute_metrics = _checked_metrics(compute_metrics, args.batch_eval_metrics)
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
         self.data_collator = data_collator if data_collator is not None else _default_collator(processing_class)
         self.optimizer, self.lr_scheduler = optimizers
@@ -113,6 +116,9 @@ class Trainer(ReportingMethods):
         self.best_metric = BestMetric(args.metric_for_best_model, args.greater_is_better)
         self.label_smoother = LabelSmoother(args.label_smoothing_factor) if args.label_smoothing_factor else None
         self.loss_weighting = LossWeighting(self.strategy, self.label_names, lambda: self.model)
+        self.input_tokens = InputTokensSeen(args.include_num_input_tokens_seen, self.strategy,
+                                            getattr(self.model, "main_input_name", "input_ids"),
+                                            getattr(processing_class, "pad_token_id", None))
 
         self.callback_handler = CallbackHandler(
             self._default_callbacks() + list(callbacks or []), self.model, processing_class, self.optimizer,
@@ -127,6 +133,7 @@ class Trainer(ReportingMethods):
         self._train_batch_size = args.per_device_train_batch_size  # HF's name; the plan may change it
         self._longest_example = None  # (row, collator), for the batch finder's probes
         self.fire("on_init_end")
+        self.memory_metrics.end("init")
 
     def _initial_model(self, model, model_init, trial=None) -> torch.nn.Module:
         if model is not None and model_init is not None:
@@ -309,6 +316,7 @@ class Trainer(ReportingMethods):
               ignore_keys_for_eval: Optional[list[str]] = None, **kwargs) -> TrainOutput:
         if kwargs:
             raise TypeError(f"train() got unexpected keyword arguments {sorted(kwargs)}")
+        self.memory_metrics.begin("train")
         resume_path = resolve_resume_target(resume_from_checkpoint, self.args.output_dir)
         if self.model_init is not None:
             _seed(self.args)
@@ -330,6 +338,7 @@ class Trainer(ReportingMethods):
         self.state, self.progress = self._new_state(plan), TrainProgress(plan.geometry)
         if point is not None:
             self._restore(point, plan)
+        self.input_tokens.session_start = self.state.num_input_tokens_seen
         if self.strategy.is_main:
             Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
         handler = self.callback_handler
@@ -396,8 +405,12 @@ class Trainer(ReportingMethods):
         """As HF's: `logs` gains the epoch in place (evaluate() returns its metrics with it)."""
         if self.state.epoch is not None:
             logs["epoch"] = self.state.epoch
+        if self.input_tokens.enabled:
+            logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
         if start_time is not None:
-            logs.update(speed_metrics("train", start_time))
+            session_tokens = self.state.num_input_tokens_seen - (self.input_tokens.session_start or 0)
+            logs.update(speed_metrics("train", start_time, num_tokens=session_tokens if self.input_tokens.enabled
+                                      else None))
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self.fire("on_log", logs=logs)
 
@@ -466,12 +479,14 @@ class Trainer(ReportingMethods):
             for name, dataset in eval_dataset.items():
                 metrics.update(self.evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
+        self.memory_metrics.begin("eval")
         loader = self.get_eval_dataloader(eval_dataset)
         start = time.time()  # speed_metrics reads the wall clock
         loss_only = True if self.compute_metrics is None else None
         output = self.evaluation_loop(loader, "Evaluation", prediction_loss_only=loss_only, ignore_keys=ignore_keys,
                                       metric_key_prefix=metric_key_prefix)
         output.metrics.update(speed_metrics(metric_key_prefix, start, output.num_samples, len(loader)))
+        self.memory_metrics.end("eval", output.metrics)
         self.log(output.metrics)
         self.callback_handler.eval_dataloader = loader
         self.fire("on_evaluate", metrics=output.metrics)
@@ -479,11 +494,13 @@ class Trainer(ReportingMethods):
 
     def predict(self, test_dataset: Dataset, ignore_keys: Optional[list[str]] = None,
                 metric_key_prefix: str = "test") -> PredictionOutput:
+        self.memory_metrics.begin("test")
         loader = self.get_test_dataloader(test_dataset)
         start = time.time()
         output = self.evaluation_loop(loader, "Prediction", ignore_keys=ignore_keys,
                                       metric_key_prefix=metric_key_prefix)
         output.metrics.update(speed_metrics(metric_key_prefix, start, output.num_samples, len(loader)))
+        self.memory_metrics.end("test", output.metrics)
         self.fire("on_predict", metrics=output.metrics)
         return PredictionOutput(predictions=output.predictions, label_ids=output.label_ids, metrics=output.metrics)
 
@@ -519,22 +536,34 @@ class Trainer(ReportingMethods):
                         ignore_keys: Optional[list[str]] = None, metric_key_prefix: str = "eval") -> EvalLoopOutput:
         """Each rank evaluates its contiguous shard; results are gathered in
         dataset order, every sample exactly once."""
-        loss_only = self.args.prediction_loss_only if prediction_loss_only is None else prediction_loss_only
+        args = self.args
+        loss_only = args.prediction_loss_only if prediction_loss_only is None else prediction_loss_only
         model = self._evaluation_model()
-        rounds = agreed_rounds(self.strategy, dataloader)
-        results = EvalResults()
+        per_batch = args.batch_eval_metrics and self.compute_metrics is not None and not loss_only
+        rounds = agreed_rounds(self.strategy, dataloader, always=per_batch)
+        batch_metrics = BatchMetrics(self.strategy, self.compute_metrics, args.include_for_metrics, rounds) \
+            if per_batch else None
+        # as HF: per-batch metrics keep no predictions while evaluating, but predict() returns them
+        results = EvalResults(keep=batch_metrics is None or description == "Prediction",
+                              concat_batches=args.eval_do_concat_batches, include=args.include_for_metrics)
+        main_input = getattr(self.strategy.unwrap(self.model), "main_input_name", "input_ids")
         for inputs in dataloader:
             items = self.loss_weighting.count_items(inputs)
             loss, logits, labels = self.prediction_step(model, inputs, loss_only, ignore_keys)
             if logits is not None and self.preprocess_logits_for_metrics is not None:
                 logits = self.preprocess_logits_for_metrics(logits, labels)
-            results.add(batch_size(inputs), loss, items, logits, labels)
+            results.add(batch_size(inputs), loss, items, logits, labels, inputs.get(main_input))
+            if batch_metrics is not None:
+                batch_metrics.add(logits, labels, loss, inputs, batch_size(inputs))
             self.fire("on_prediction_step")
-        join_remaining_rounds(rounds, results.batches, dataloader,
-                              lambda filler: self.prediction_step(model, filler, loss_only, ignore_keys))
-        num_samples, losses, preds, labels = results.gather(self.strategy)
-        metrics = evaluation_metrics(self.strategy, self.compute_metrics, preds, labels, losses, metric_key_prefix)
-        return EvalLoopOutput(predictions=preds, label_ids=labels, metrics=metrics, num_samples=num_samples)
+        join_remaining_rounds(self.strategy, rounds, results.batches, dataloader,
+                              lambda filler: self.prediction_step(model, filler, loss_only, ignore_keys),
+                              batch_metrics)
+        num_samples, losses, parts = results.gather(self.strategy)
+        metrics = evaluation_metrics(self.strategy, self.compute_metrics, parts, losses, metric_key_prefix,
+                                     batch_metrics)
+        return EvalLoopOutput(predictions=parts["preds"], label_ids=parts["labels"], metrics=metrics,
+                              num_samples=num_samples)
 
     def _evaluation_model(self) -> torch.nn.Module:
         if self.model_wrapped is None and self.strategy.eval_needs_all_ranks:
@@ -562,6 +591,14 @@ def _checked_args(args, compute_loss_func, optimizers, optimizer_cls_and_kwargs)
     if optimizer_cls_and_kwargs is not None and optimizers[0] is not None:
         raise ValueError("pass either optimizers or optimizer_cls_and_kwargs, not both")
     return args
+
+
+def _checked_metrics(compute_metrics: Optional[Callable], batch_eval_metrics: bool) -> Optional[Callable]:
+    if batch_eval_metrics and compute_metrics is not None \
+            and "compute_result" not in inspect.signature(compute_metrics).parameters:
+        raise ValueError("batch_eval_metrics=True calls compute_metrics(eval_pred, compute_result=...) after every "
+                         "batch: add a `compute_result` argument (True on the last batch: return the metrics then)")
+    return compute_metrics
 
 
 def _seed(args) -> None:
