@@ -55,11 +55,25 @@ def _batch_metrics(model, out: str) -> dict:
     return trainer.evaluate()
 
 
+DDP_FIELDS = dict(ddp_backend="gloo", ddp_find_unused_parameters=False, ddp_bucket_cap_mb=1,
+                  ddp_broadcast_buffers=False, ddp_static_graph=True)
+
+
+def _ddp_options(wrapper) -> dict:
+    """What the DistributedDataParallel wrapper and the process group were built with."""
+    group = torch.distributed.group.WORLD
+    return {"backend": torch.distributed.get_backend(), "find_unused": wrapper.find_unused_parameters,
+            "bucket_bytes": wrapper.bucket_bytes_cap, "broadcast_buffers": wrapper.broadcast_buffers,
+            "static_graph": wrapper.static_graph,
+            "timeout_s": group._get_backend(torch.device("cpu")).options._timeout.total_seconds()}
+
+
 def _ddp_job(rank: int, out: str) -> None:
     recorder = MetricsRecorder()
-    trainer = Trainer(model=tiny_gpt2(), args=_args(f"{out}/run", per_device=2, strategy="ddp"),
+    trainer = Trainer(model=tiny_gpt2(), args=_args(f"{out}/run", per_device=2, strategy="ddp", **DDP_FIELDS),
                       train_dataset=RaggedLM(64), eval_dataset=RaggedLM(EVAL_N, seed=2), compute_metrics=recorder)
     trainer.train()
+    wrapper = _ddp_options(trainer.model_wrapped)
     metrics = trainer.evaluate()
     pred = trainer.predict(RaggedLM(EVAL_N, seed=2))
     weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
@@ -72,7 +86,7 @@ def _ddp_job(rank: int, out: str) -> None:
     if rank == 0:
         Path(out, "ddp.json").write_text(json.dumps({
             "losses": losses_of(trainer), "resumed_losses": losses_of(resumed), "metrics": metrics,
-            "compute_metrics_calls": recorder.calls, "batch_metrics": batch_metrics,
+            "compute_metrics_calls": recorder.calls, "batch_metrics": batch_metrics, "ddp_options": wrapper,
             "tokens_seen": [trainer.state.num_input_tokens_seen, resumed.state.num_input_tokens_seen],
             "resume_max_weight_diff": max((weights[k] - resumed_weights[k]).abs().max().item() for k in weights),
         }))
@@ -108,6 +122,12 @@ def test_ddp_loss_curve_matches_single_process(ddp_result, single_result):
     # a wrong normalisation (e.g. mean of micro-batch means) is off by >1e-2.
     np.testing.assert_allclose(ddp["losses"], single, rtol=1e-5, atol=0)
     assert single[-1] < single[0] - 0.05, "the run should actually learn"
+
+
+def test_ddp_fields_reach_the_wrapper_and_the_process_group(ddp_result):
+    _, ddp = ddp_result
+    assert ddp["ddp_options"] == {"backend": "gloo", "find_unused": False, "bucket_bytes": 1024 * 1024,
+                                  "broadcast_buffers": False, "static_graph": True, "timeout_s": 120.0}
 
 
 def test_ddp_final_weights_match_single_process(ddp_result, single_result):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -26,6 +28,7 @@ class DDPStrategy(Strategy):
 
     name = "ddp"
     needs_process_group = True
+    _static_graph_recorded = False  # with ddp_static_graph: after the first backward
 
     def setup(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory):
         model = model.to(self.device)
@@ -45,4 +48,12 @@ class DDPStrategy(Strategy):
         return model.module if isinstance(model, DistributedDataParallel) else model
 
     def no_sync(self, model: torch.nn.Module):
-        return model.no_sync() if isinstance(model, DistributedDataParallel) else super().no_sync(model)
+        if not isinstance(model, DistributedDataParallel):
+            return super().no_sync(model)
+        if model.static_graph and not self._static_graph_recorded:
+            # a static graph is recorded by the first backward, which must reduce (torch asserts
+            # `expect_autograd_hooks_` otherwise); later micro-steps add local gradients to the
+            # reduced ones, and the step's reduction averages them: the same mean gradient
+            self._static_graph_recorded = True
+            return contextlib.nullcontext()
+        return model.no_sync()
