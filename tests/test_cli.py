@@ -43,10 +43,11 @@ def test_cli_rejects_bad_config_before_starting(tmp_path):
 def test_wandb_offline_history_matches_jsonl(tmp_path):
     out = tmp_path / "run"
     run([str(BIN / "scaletrain"), "train", "tiny-test", "--output_dir", str(out), "--report_to", "wandb",
-         "--run_name", "tiny"], tmp_path,
+         "--run_name", "tiny", "--project", "field-check-project"], tmp_path,
         extra_env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wb"), "WANDB_API_KEY": "x" * 40})
     run_files = list((tmp_path / "wb").glob("wandb/offline-run-*/run-*.wandb"))
     assert len(run_files) == 1
+    assert b"field-check-project" in run_files[0].read_bytes()  # TrainingArguments.project names the W&B project
     history = read_wandb_history(str(run_files[0]))
     jsonl = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # every training-loss and eval-loss point appears in W&B with the same step and value

@@ -33,7 +33,7 @@ def classifier_folder(tmp_path_factory) -> str:
 
 
 def _run(library: str, out: Path, model: str, ranks: int = 1) -> subprocess.CompletedProcess:
-    args = ["--model_name_or_path", model, "--output_dir", str(out), "--do_train", "--do_eval",
+    args = ["--model_name_or_path", model, "--output_dir", str(out), "--do_train", "--do_eval", "--do_predict",
             "--per_device_train_batch_size", str(8 // ranks), "--num_train_epochs", "2", "--learning_rate", "1e-3",
             "--eval_strategy", "epoch", "--save_strategy", "no", "--logging_steps", "2", "--report_to", "none",
             "--use_cpu", "--seed", "3", "--disable_tqdm", "true"]
@@ -48,7 +48,9 @@ def _run(library: str, out: Path, model: str, ranks: int = 1) -> subprocess.Comp
 def _outputs(out: Path) -> dict:
     return {"files": {p.name for p in out.iterdir()},
             **{name: json.loads((out / name).read_text())
-               for name in ("all_results.json", "train_results.json", "eval_results.json", "trainer_state.json")},
+               for name in ("all_results.json", "train_results.json", "eval_results.json", "predict_results.json",
+                            "trainer_state.json")},
+            "predictions": (out / "predict_results.txt").read_text().splitlines(),
             "card": (out / "README.md").read_text()}
 
 
@@ -71,11 +73,12 @@ def test_the_script_writes_what_the_hf_trainer_writes(tmp_path, classifier_folde
     proc = _run("scaletrain", tmp_path, classifier_folder, ranks)
     ours = _outputs(tmp_path)
     assert ours["files"] == hf_outputs["files"] | OUR_EXTRA_FILES
-    for name in ("all_results.json", "train_results.json", "eval_results.json"):
+    for name in ("all_results.json", "train_results.json", "eval_results.json", "predict_results.json"):
         assert set(ours[name]) == set(hf_outputs[name]) | (OUR_EXTRA_METRICS & set(ours[name])), name
     assert ours["all_results.json"]["train_samples"] == hf_outputs["all_results.json"]["train_samples"] == 64
     assert ours["all_results.json"]["epoch"] == hf_outputs["all_results.json"]["epoch"] == 2.0
     assert set(ours["trainer_state.json"]) == set(hf_outputs["trainer_state.json"])
+    assert len(ours["predictions"]) == len(hf_outputs["predictions"]) == 33  # do_predict: a header and 32 rows
     # FLOPs are HF's estimate from the tokens seen: the same whatever the number of ranks
     assert ours["trainer_state.json"]["total_flos"] == hf_outputs["trainer_state.json"]["total_flos"] > 0
     assert ours["trainer_state.json"]["global_step"] == hf_outputs["trainer_state.json"]["global_step"] == 16

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import datasets
@@ -80,6 +81,14 @@ def main() -> None:
         metrics["eval_samples"] = len(eval_dataset)
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    if training_args.do_predict:
+        output = trainer.predict(eval_dataset, metric_key_prefix="predict")
+        trainer.log_metrics("predict", output.metrics)
+        trainer.save_metrics("predict", output.metrics)
+        if trainer.is_world_process_zero():
+            labels = np.argmax(output.predictions, axis=1)
+            Path(training_args.output_dir, "predict_results.txt").write_text(
+                "index\tprediction\n" + "".join(f"{i}\t{label}\n" for i, label in enumerate(labels)))
     trainer.create_model_card(finetuned_from=model_args.model_name_or_path, tasks="text-classification")
 
 
