@@ -119,6 +119,10 @@ class _ScaletrainArguments(ProcessFacts):
     remove_unused_columns: bool = True
     label_names: Optional[list[str]] = None
     ignore_data_skip: bool = False
+    # HF's: the training order, "random", "sequential" or "group_by_length" (rows of similar length
+    # batched together, lengths from length_column_name or the main input); all resume exactly
+    train_sampling_strategy: str = "random"
+    length_column_name: str = "length"
 
     # Distributed.
     use_cpu: bool = False
@@ -321,6 +325,10 @@ class _ScaletrainArguments(ProcessFacts):
         choice("lr_scheduler_type", {s.value for s in SchedulerType})
         self.lr_scheduler_type = SchedulerType(self.lr_scheduler_type)  # HF's type, which its model card reads
         choice("ddp_backend", {None, "gloo", "nccl"})
+        if self.train_sampling_strategy == "batch_rebalance":
+            raise NotSupportedError("train_sampling_strategy='batch_rebalance' is not supported yet by scaletrain; "
+                                    "'group_by_length' batches rows of similar length together")
+        choice("train_sampling_strategy", {"random", "sequential", "group_by_length"})
         tokens_seen = self.include_num_input_tokens_seen
         self.include_num_input_tokens_seen = {True: "all", False: "no"}.get(tokens_seen, tokens_seen)
         choice("include_num_input_tokens_seen", {"no", "all", "non_padding"})

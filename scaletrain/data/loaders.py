@@ -78,17 +78,37 @@ def _loader_kwargs(args, device: torch.device) -> dict[str, Any]:
     return kwargs
 
 
+def training_lengths(original: Dataset, prepared: Dataset, args, model_input_name: Optional[str]) -> list[int]:
+    """Row lengths for group_by_length, as HF finds them: the `length_column_name` column of an HF
+    dataset (read before unused columns are dropped), else the length of each row's main input."""
+    if _is_hf_dataset(original) and args.length_column_name in original.column_names:
+        return [int(n) for n in original[args.length_column_name]]
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    # HF's own inference, and its error for rows that are not dicts holding the main input
+    return LengthGroupedSampler(1, dataset=prepared, model_input_name=model_input_name).lengths
+
+
 def build_train_dataloader(dataset: Dataset, collator: Callable, args, rank: int, world_size: int,
-                           device: torch.device, batch_size: Optional[int] = None) -> DataLoader:
-    """`batch_size`: the run plan's micro-batch (default: per_device_train_batch_size)."""
+                           device: torch.device, batch_size: Optional[int] = None,
+                           lengths: Optional[list[int]] = None) -> DataLoader:
+    """`batch_size`: the run plan's micro-batch (default: per_device_train_batch_size); `lengths`:
+    the rows' lengths, for train_sampling_strategy='group_by_length'."""
     batch_size = batch_size if batch_size is not None else args.per_device_train_batch_size
     if isinstance(dataset, IterableDataset):
+        if args.train_sampling_strategy != "random":
+            raise ValueError(
+                f"train_sampling_strategy={args.train_sampling_strategy!r} needs a map-style dataset (with a "
+                "length); an IterableDataset is read in its own order: use 'random' (the default)")
         if world_size > 1:
             dataset = ShardedIterable(dataset, rank, world_size, batch_size)
         return DataLoader(dataset, batch_size=batch_size, collate_fn=collator,
                           drop_last=args.dataloader_drop_last, **_loader_kwargs(args, device))
     seed = args.data_seed if args.data_seed is not None else args.seed
-    sampler = ResumableShardedSampler(len(dataset), rank, world_size, seed=seed, shuffle=True)
+    # grouped by the global batch, which the batch finder keeps: the same order on any world size
+    group = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
+    sampler = ResumableShardedSampler(len(dataset), rank, world_size, seed=seed, order=args.train_sampling_strategy,
+                                      lengths=lengths, group_size=group)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                       collate_fn=collator, drop_last=args.dataloader_drop_last, **_loader_kwargs(args, device))
 

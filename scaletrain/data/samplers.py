@@ -3,29 +3,40 @@ where it matters, and that can start mid-epoch without replaying batches."""
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch.utils.data import IterableDataset, Sampler
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 
 class ResumableShardedSampler(Sampler[int]):
-    """Shuffled (or ordered) indices for one rank, seeded per epoch.
+    """Shuffled (or ordered, or length-grouped) indices for one rank, seeded per epoch.
 
-    Rank r takes positions r, r+W, r+2W, ... of the epoch's permutation, so the
+    Rank r takes positions r, r+W, r+2W, ... of the epoch's order, so the
     global batch at step s is the same set of samples whatever the world size
-    (W ranks x b == one process x W*b). Like DistributedSampler, the permutation
-    is padded by wrapping so every rank sees the same count; `start` skips
+    (W ranks x b == one process x W*b). Like DistributedSampler, the order is
+    padded by wrapping so every rank sees the same count; `start` skips
     samples already consumed this epoch by index arithmetic, not by iterating.
+
+    `order`: "random" (a permutation seeded by seed + epoch), "sequential", or
+    "group_by_length": HF's length grouping of that permutation, in groups of
+    `group_size` (the global batch) rows of similar `lengths`, the longest first.
+    Every order is a function of the epoch alone, so a resume lands exactly.
     """
 
     def __init__(self, num_samples: int, rank: int, world_size: int, seed: int, shuffle: bool = True,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, order: Optional[str] = None, lengths: Optional[list[int]] = None,
+                 group_size: int = 1) -> None:
         if num_samples <= 0:
             raise ValueError("the training dataset is empty")
+        self.order = order if order is not None else ("random" if shuffle else "sequential")
+        if self.order == "group_by_length" and (lengths is None or len(lengths) != num_samples):
+            raise ValueError("group_by_length needs one length per sample")
+        self.lengths, self.group_size = lengths, group_size
         self.num_samples_total = num_samples
         self.rank, self.world_size = rank, world_size
-        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.seed, self.shuffle, self.drop_last = seed, self.order != "sequential", drop_last
         self.epoch = 0
         self.start = 0
         if drop_last:
@@ -43,9 +54,11 @@ class ResumableShardedSampler(Sampler[int]):
         self.start = start
 
     def _epoch_order(self) -> torch.Tensor:
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed + self.epoch)
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        if self.order == "group_by_length":
+            order = torch.tensor(get_length_grouped_indices(self.lengths, self.group_size, generator=g))
+        elif self.order == "random":
             order = torch.randperm(self.num_samples_total, generator=g)
         else:
             order = torch.arange(self.num_samples_total)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from safetensors.torch import save_model as save_safetensors
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from transformers import DataCollatorWithPadding, default_data_collator
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerControl, TrainerState
 from transformers.trainer_pt_utils import LabelSmoother, nested_detach
@@ -35,6 +35,7 @@ from ..callbacks import JsonlMetricsCallback, ProgressCallback, WandbCallback
 from ..checkpoint import CheckpointManager, resolve_resume_target
 from ..checkpoint.manager import PREFIX as CHECKPOINT_PREFIX
 from ..data.loaders import build_eval_dataloader, build_train_dataloader, prepare_dataset, signature_columns
+from ..data.loaders import training_lengths
 from ..data.position import stream_state
 from ..distributed import configure_threads
 from ..memory import PeakMemory, optimizer_state_bytes_to_come
@@ -196,8 +197,12 @@ class Trainer(ReportingMethods):
         if self.train_dataset is None:
             raise ValueError("Trainer.train needs a train_dataset")
         dataset, collator = prepare_dataset(self.train_dataset, self.data_collator, self._columns(), "training")
+        lengths = None
+        if self.args.train_sampling_strategy == "group_by_length" and not isinstance(dataset, IterableDataset):
+            input_names = getattr(self.processing_class, "model_input_names", None)
+            lengths = training_lengths(self.train_dataset, dataset, self.args, input_names[0] if input_names else None)
         return build_train_dataloader(dataset, collator, self.args, self.strategy.rank, self.strategy.world_size,
-                                      self.strategy.device, batch_size=self._train_batch_size)
+                                      self.strategy.device, batch_size=self._train_batch_size, lengths=lengths)
 
     def get_eval_dataloader(self, eval_dataset: Optional[Union[str, Dataset]] = None) -> DataLoader:
         if isinstance(eval_dataset, str):
