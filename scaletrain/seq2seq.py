@@ -4,12 +4,21 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+import transformers
 from transformers.trainer_pt_utils import nested_detach
 
 from .trainer import IGNORE_INDEX, Trainer
 
 
 class Seq2SeqTrainer(Trainer):
+    # HF's: a GenerationConfig, or the folder/file/model id of one
+    load_generation_config = staticmethod(transformers.Seq2SeqTrainer.load_generation_config)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.args.generation_config is not None:  # as HF: it replaces the model's own
+            self.model.generation_config = self.load_generation_config(self.args.generation_config)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **gen_kwargs):
         self._gen_kwargs = self._generation_kwargs(gen_kwargs)
         return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
@@ -25,8 +34,6 @@ class Seq2SeqTrainer(Trainer):
             kwargs["max_length"] = self.args.generation_max_length
         if "num_beams" not in kwargs and self.args.generation_num_beams is not None:
             kwargs["num_beams"] = self.args.generation_num_beams
-        if self.args.generation_config is not None and "generation_config" not in kwargs:
-            kwargs["generation_config"] = self.args.generation_config
         return kwargs
 
     def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,

@@ -1,5 +1,6 @@
-"""An HF example-style script (tests/scripts/) runs with scaletrain after changing its import only, in one
-process and on 2 ranks, and writes what the HF Trainer writes for it."""
+"""HF example-style scripts (tests/scripts/: text classification, causal LM with block_size grouping,
+masked LM, NER-style token classification, seq2seq with generation) run with scaletrain after
+changing their import only, in one process and on 2 ranks, and write what the HF Trainer writes."""
 from __future__ import annotations
 
 import json
@@ -14,43 +15,87 @@ import torch
 from helpers import free_port
 
 BIN = Path(sys.executable).parent
-SCRIPT = Path(__file__).parent / "scripts" / "hf_style_text_classification.py"
+SCRIPTS = Path(__file__).parent / "scripts"
 # scaletrain's own additions (see README): the JSONL metrics stream and a readable copy of the arguments
 OUR_EXTRA_FILES = {"metrics.jsonl", "training_args.json"}
 OUR_EXTRA_METRICS = {"train_tokens_per_second"}
+WORDS = [f"w{i}" for i in range(5, 40)]  # the scripts' synthetic text; ids 5..39 after 5 special tokens
+TINY_BERT = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=2,
+                 max_position_embeddings=32)
+
+
+def _tokenizer():
+    """A word-level fast tokenizer ([CLS] words [SEP]), saved beside each model as a hub folder holds one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", eos_token="[SEP]",
+                                   model_input_names=["input_ids", "attention_mask"])
+
+
+def _models() -> dict:
+    import transformers as t
+
+    return {
+        "text_classification": lambda: t.BertForSequenceClassification(
+            t.BertConfig(**TINY_BERT, num_labels=2)),
+        "causal_lm": lambda: t.GPT2LMHeadModel(t.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=40,
+                                                            n_positions=32, bos_token_id=2, eos_token_id=3,
+                                                            pad_token_id=0)),
+        "masked_lm": lambda: t.BertForMaskedLM(t.BertConfig(**TINY_BERT)),
+        "token_classification": lambda: t.BertForTokenClassification(t.BertConfig(**TINY_BERT, num_labels=3)),
+        "seq2seq": lambda: t.T5ForConditionalGeneration(t.T5Config(
+            vocab_size=40, d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2, decoder_start_token_id=0,
+            pad_token_id=0, eos_token_id=3)),
+    }
+
+
+# task -> (the script's own arguments, the training rows it reports)
+TASKS = {
+    "text_classification": (["--do_predict"], 64),
+    "causal_lm": (["--block_size", "16"], 36),  # 72 sentences x 8 tokens, grouped into blocks of 16
+    "masked_lm": ([], 36),
+    "token_classification": ([], 72),
+    "seq2seq": (["--predict_with_generate", "--generation_max_length", "12"], 72),
+}
 
 
 @pytest.fixture(scope="module")
-def classifier_folder(tmp_path_factory) -> str:
-    from transformers import BertConfig, BertForSequenceClassification
+def model_folders(tmp_path_factory) -> dict:
+    folders = {}
+    for task, build in _models().items():
+        torch.manual_seed(0)
+        folder = tmp_path_factory.mktemp(task)
+        build().save_pretrained(folder)
+        _tokenizer().save_pretrained(folder)
+        folders[task] = str(folder)
+    return folders
 
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
-                        num_attention_heads=2, max_position_embeddings=16, num_labels=2)
-    folder = tmp_path_factory.mktemp("bert-classifier")
-    BertForSequenceClassification(config).save_pretrained(folder)
-    return str(folder)
 
-
-def _run(library: str, out: Path, model: str, ranks: int = 1) -> subprocess.CompletedProcess:
-    args = ["--model_name_or_path", model, "--output_dir", str(out), "--do_train", "--do_eval", "--do_predict",
+def _run(library: str, task: str, out: Path, model: str, ranks: int = 1) -> subprocess.CompletedProcess:
+    args = ["--model_name_or_path", model, "--output_dir", str(out), "--do_train", "--do_eval",
             "--per_device_train_batch_size", str(8 // ranks), "--num_train_epochs", "2", "--learning_rate", "1e-3",
             "--eval_strategy", "epoch", "--save_strategy", "no", "--logging_steps", "2", "--report_to", "none",
-            "--use_cpu", "--seed", "3", "--disable_tqdm", "true"]
+            "--use_cpu", "--seed", "3", "--disable_tqdm", "true", *TASKS[task][0]]
     env = {**os.environ, "TRAINER_LIBRARY": library, "OMP_NUM_THREADS": "1"}
     launch = [str(BIN / "python")] if ranks == 1 else [str(BIN / "torchrun"), f"--nproc_per_node={ranks}",
                                                        f"--master_port={free_port()}"]
-    proc = subprocess.run(launch + [str(SCRIPT)] + args, env=env, capture_output=True, text=True, timeout=300)
+    script = SCRIPTS / f"hf_style_{task}.py"
+    proc = subprocess.run(launch + [str(script)] + args, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
 def _outputs(out: Path) -> dict:
-    return {"files": {p.name for p in out.iterdir()},
-            **{name: json.loads((out / name).read_text())
-               for name in ("all_results.json", "train_results.json", "eval_results.json", "predict_results.json",
-                            "trainer_state.json")},
-            "predictions": (out / "predict_results.txt").read_text().splitlines(),
+    results = {p.name: json.loads(p.read_text()) for p in out.glob("*results.json")}
+    return {"files": {p.name for p in out.iterdir()}, **results,
+            "trainer_state.json": json.loads((out / "trainer_state.json").read_text()),
             "card": (out / "README.md").read_text()}
 
 
@@ -62,28 +107,46 @@ def _hyperparameters(card: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def hf_outputs(tmp_path_factory, classifier_folder) -> dict:
-    out = tmp_path_factory.mktemp("hf")
-    _run("transformers", out, classifier_folder)
-    return _outputs(out)
+def hf_outputs(tmp_path_factory, model_folders):
+    """The HF Trainer's files for each task, run once per module."""
+    cache = {}
+
+    def outputs(task: str) -> dict:
+        if task not in cache:
+            out = tmp_path_factory.mktemp(f"hf-{task}")
+            _run("transformers", task, out, model_folders[task])
+            cache[task] = _outputs(out)
+        return cache[task]
+    return outputs
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_the_script_writes_what_the_hf_trainer_writes(tmp_path, classifier_folder, hf_outputs, ranks):
-    proc = _run("scaletrain", tmp_path, classifier_folder, ranks)
-    ours = _outputs(tmp_path)
-    assert ours["files"] == hf_outputs["files"] | OUR_EXTRA_FILES
-    for name in ("all_results.json", "train_results.json", "eval_results.json", "predict_results.json"):
-        assert set(ours[name]) == set(hf_outputs[name]) | (OUR_EXTRA_METRICS & set(ours[name])), name
-    assert ours["all_results.json"]["train_samples"] == hf_outputs["all_results.json"]["train_samples"] == 64
-    assert ours["all_results.json"]["epoch"] == hf_outputs["all_results.json"]["epoch"] == 2.0
-    assert set(ours["trainer_state.json"]) == set(hf_outputs["trainer_state.json"])
-    assert len(ours["predictions"]) == len(hf_outputs["predictions"]) == 33  # do_predict: a header and 32 rows
-    # FLOPs are HF's estimate from the tokens seen: the same whatever the number of ranks
-    assert ours["trainer_state.json"]["total_flos"] == hf_outputs["trainer_state.json"]["total_flos"] > 0
-    assert ours["trainer_state.json"]["global_step"] == hf_outputs["trainer_state.json"]["global_step"] == 16
+# every task in one process; on 2 ranks, classification and seq2seq (generation) in the default suite and
+# the others with the slow tests (`make test-all`): each run costs ~10 s of imports on 2 cores
+RUNS = [(task, 1) for task in sorted(TASKS)] + [
+    (task, 2) if task in ("text_classification", "seq2seq") else pytest.param(task, 2, marks=pytest.mark.slow)
+    for task in sorted(TASKS)]
+
+
+@pytest.mark.parametrize("task, ranks", RUNS)
+def test_the_script_writes_what_the_hf_trainer_writes(tmp_path, model_folders, hf_outputs, task, ranks):
+    proc = _run("scaletrain", task, tmp_path, model_folders[task], ranks)
+    ours, theirs = _outputs(tmp_path), hf_outputs(task)
+    assert ours["files"] == theirs["files"] | OUR_EXTRA_FILES
+    results = sorted(name for name in theirs["files"] if name.endswith("results.json"))
+    assert {"all_results.json", "train_results.json", "eval_results.json"} <= set(results)
+    for name in results:
+        assert set(ours[name]) == set(theirs[name]) | (OUR_EXTRA_METRICS & set(ours[name])), name
+    assert ours["all_results.json"]["train_samples"] == theirs["all_results.json"]["train_samples"] == TASKS[task][1]
+    assert ours["all_results.json"]["epoch"] == theirs["all_results.json"]["epoch"] == 2.0
+    assert set(ours["trainer_state.json"]) == set(theirs["trainer_state.json"])
+    if "predict_results.txt" in theirs["files"]:  # do_predict: a header and a row per evaluation row
+        assert len((tmp_path / "predict_results.txt").read_text().splitlines()) == 33
+    # FLOPs are HF's estimate from the tokens seen (fixed-length rows): the same whatever the number of ranks
+    assert ours["trainer_state.json"]["total_flos"] == theirs["trainer_state.json"]["total_flos"] > 0
+    steps = -(-TASKS[task][1] // 8) * 2
+    assert ours["trainer_state.json"]["global_step"] == theirs["trainer_state.json"]["global_step"] == steps
     if ranks == 1:
-        assert _hyperparameters(ours["card"]) == _hyperparameters(hf_outputs["card"])
+        assert _hyperparameters(ours["card"]) == _hyperparameters(theirs["card"])
     else:  # HF's card for a multi-device run
         assert {"- num_devices: 2", "- train_batch_size: 4", "- total_train_batch_size: 8"} <= \
             set(_hyperparameters(ours["card"]))

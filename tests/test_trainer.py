@@ -365,6 +365,30 @@ def test_seq2seq_predict_with_generate(tmp_path):
     assert "test_loss" in out.metrics
 
 
+def test_seq2seq_generation_config_is_loaded_as_hf_loads_it(tmp_path):
+    from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
+
+    def model():
+        torch.manual_seed(0)
+        return T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                                   num_heads=2, decoder_start_token_id=0, pad_token_id=0,
+                                                   eos_token_id=1))
+    GenerationConfig(max_length=4, num_beams=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1) \
+        .save_pretrained(tmp_path / "generation")
+    rows = [{"input_ids": torch.randint(2, 32, (6,)), "labels": torch.randint(2, 32, (4,))} for _ in range(5)]
+    common = dict(predict_with_generate=True, generation_config=str(tmp_path / "generation"),
+                  per_device_eval_batch_size=8, disable_tqdm=True, report_to="none")
+    ours = Seq2SeqTrainer(model=model(), args=Seq2SeqTrainingArguments(output_dir=str(tmp_path / "ours"),
+                                                                       strategy="single", **common))
+    hf = transformers.Seq2SeqTrainer(model=model(), args=transformers.Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path / "hf"), use_cpu=True, **common))
+    assert ours.model.generation_config.num_beams == 2  # the file replaced the model's own, as in HF
+    predictions = [trainer.predict(rows).predictions for trainer in (ours, hf)]
+    assert predictions[0].shape[1] <= 4
+    np.testing.assert_array_equal(predictions[0], predictions[1])
+    assert Seq2SeqTrainer.load_generation_config(str(tmp_path / "generation")).max_length == 4
+
+
 def test_full_determinism_switches_torch_to_deterministic_kernels(tmp_path):
     try:
         trainer = Trainer(model=tiny_gpt2(), args=make_args(tmp_path, max_steps=2, full_determinism=True),

@@ -6,21 +6,18 @@ import, which is the only change a user makes.
 from __future__ import annotations
 
 import importlib
-import logging
 import os
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import datasets
 import numpy as np
-import transformers
-from transformers import AutoModelForSequenceClassification, HfArgumentParser, set_seed
+from transformers import AutoModelForSequenceClassification, set_seed
+
+from example_common import parse_arguments, run_stages, setup_logging
 
 library = importlib.import_module(os.environ.get("TRAINER_LIBRARY", "transformers"))
 Trainer, TrainingArguments = library.Trainer, library.TrainingArguments
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,17 +39,8 @@ def synthetic_rows(n: int, length: int, seed: int) -> datasets.Dataset:
 
 
 def main() -> None:
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses()
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)])
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    logger.warning(f"process rank: {training_args.process_index}, device: {training_args.device}, "
-                   f"n_gpu: {training_args.n_gpu}, distributed: {training_args.parallel_mode.value}")
+    model_args, data_args, training_args = parse_arguments((ModelArguments, DataTrainingArguments, TrainingArguments))
+    setup_logging(training_args)
     set_seed(training_args.seed)
 
     model = AutoModelForSequenceClassification.from_pretrained(model_args.model_name_or_path)
@@ -68,28 +56,8 @@ def main() -> None:
 
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset if training_args.do_train else None,
                       eval_dataset=eval_dataset if training_args.do_eval else None, compute_metrics=compute_metrics)
-    if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        metrics = train_result.metrics
-        metrics["train_samples"] = len(train_dataset)
-        trainer.save_model()
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
-    if training_args.do_eval:
-        metrics = trainer.evaluate()
-        metrics["eval_samples"] = len(eval_dataset)
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-    if training_args.do_predict:
-        output = trainer.predict(eval_dataset, metric_key_prefix="predict")
-        trainer.log_metrics("predict", output.metrics)
-        trainer.save_metrics("predict", output.metrics)
-        if trainer.is_world_process_zero():
-            labels = np.argmax(output.predictions, axis=1)
-            Path(training_args.output_dir, "predict_results.txt").write_text(
-                "index\tprediction\n" + "".join(f"{i}\t{label}\n" for i, label in enumerate(labels)))
-    trainer.create_model_card(finetuned_from=model_args.model_name_or_path, tasks="text-classification")
+    run_stages(trainer, training_args, train_dataset, eval_dataset, model_args.model_name_or_path,
+               "text-classification")
 
 
 if __name__ == "__main__":
