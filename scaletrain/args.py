@@ -119,6 +119,9 @@ class _ScaletrainArguments(ProcessFacts):
     remove_unused_columns: bool = True
     label_names: Optional[list[str]] = None
     ignore_data_skip: bool = False
+    # HF's: a resume also restores the checkpoint's stateful callbacks (EarlyStoppingCallback's
+    # patience counter) and TrainerControl, from trainer_state.json's stateful_callbacks
+    restore_callback_states_from_checkpoint: bool = False
     # HF's: the training order, "random", "sequential" or "group_by_length" (rows of similar length
     # batched together, lengths from length_column_name or the main input); all resume exactly
     train_sampling_strategy: str = "random"

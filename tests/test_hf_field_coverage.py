@@ -87,6 +87,8 @@ HONOURED = {
     "remove_unused_columns": "test_hf_fields.py::test_label_names_find_the_labels_as_hf_does",
     "label_names": "test_hf_fields.py::test_label_names_find_the_labels_as_hf_does",
     "ignore_data_skip": "test_trainer.py::test_ignore_data_skip_restarts_the_epoch_on_resume",
+    "restore_callback_states_from_checkpoint": "test_trainer.py::"
+                                               "test_callback_states_are_saved_and_restored_on_request",
     "train_sampling_strategy": "test_hf_fields.py::test_group_by_length_groups_each_step_and_shards_like_one_process",
     "length_column_name": "test_hf_fields.py::test_group_by_length_reads_the_length_column_hf_names",
     "use_cpu": "test_hf_argparse.py::test_process_facts_and_log_levels_follow_the_launcher",
@@ -133,7 +135,6 @@ REFUSED = {
     "optim_args": "amsgrad=True",
     "optim_target_modules": ["q_proj"],
     "parallelism_config": {"dp_shard_size": 2},
-    "restore_callback_states_from_checkpoint": True,
     "save_on_each_node": True,
     "torch_compile": True,
     "torch_compile_backend": "inductor",

@@ -123,6 +123,28 @@ def test_early_stopping_stops(tmp_path):
     assert trainer.state.global_step == 6
 
 
+@pytest.mark.parametrize("restore", [True, False])
+def test_callback_states_are_saved_and_restored_on_request(tmp_path, restore):
+    """Patience 3, a metric that never improves: an uninterrupted run stops at step 8 (evaluations 4,
+    6, 8 fail to improve). Resumed at checkpoint-4 (one failure counted), the restored counter stops
+    it at 8 again; a fresh counter only at 10."""
+    def run(resume: bool):
+        args = make_args(tmp_path, max_steps=40, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                         save_steps=2, load_best_model_at_end=True, metric_for_best_model="badness",
+                         greater_is_better=False, restore_callback_states_from_checkpoint=restore)
+        trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=RaggedLM(64),
+                          eval_dataset=RaggedLM(8, seed=3), compute_metrics=WorseningMetric(),
+                          callbacks=[EarlyStoppingCallback(early_stopping_patience=3)])
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4") if resume else None)
+        return trainer
+
+    assert run(resume=False).state.global_step == 8
+    saved = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())["stateful_callbacks"]
+    assert saved["EarlyStoppingCallback"]["attributes"]["early_stopping_patience_counter"] == 1
+    assert set(saved) == {"EarlyStoppingCallback", "TrainerControl"}  # as HF writes them
+    assert run(resume=True).state.global_step == (8 if restore else 10)
+
+
 def test_save_total_limit_keeps_best_and_latest_and_loads_best(tmp_path):
     snapshots = {}
 

@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
+import transformers
 from safetensors.torch import save_model as save_safetensors
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from transformers import DataCollatorWithPadding, default_data_collator
-from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerControl, TrainerState
+from transformers.trainer_callback import (
+    CallbackHandler, DefaultFlowCallback, ExportableState, TrainerControl, TrainerState,
+)
 from transformers.trainer_pt_utils import LabelSmoother, nested_detach
 from transformers.trainer_utils import (
     EvalLoopOutput, EvalPrediction, PredictionOutput, SaveStrategy, TrainOutput, enable_full_determinism, set_seed,
@@ -125,8 +128,8 @@ class Trainer(ReportingMethods):
             self._default_callbacks() + list(callbacks or []), self.model, processing_class, self.optimizer,
             self.lr_scheduler,
         )
-        self.state = self._new_state()
         self.control = TrainerControl()
+        self.state = self._new_state()
         self.plan: Optional[RunPlan] = None  # set by train()
         self.progress: Optional[TrainProgress] = None
         self.train_loader: Optional[DataLoader] = None
@@ -156,13 +159,19 @@ class Trainer(ReportingMethods):
 
     def _new_state(self, plan: Optional[RunPlan] = None) -> TrainerState:
         state = TrainerState(is_local_process_zero=self.strategy.is_local_main,
-                             is_world_process_zero=self.strategy.is_main)
+                             is_world_process_zero=self.strategy.is_main,
+                             stateful_callbacks=self._exportable_callbacks())
         if plan is not None:
             state.max_steps, state.num_train_epochs = plan.max_steps, plan.num_epochs
             state.train_batch_size = plan.per_device
             state.logging_steps, state.save_steps, state.eval_steps = (plan.logging_steps, plan.save_steps,
                                                                         plan.eval_steps)
         return state
+
+    def _exportable_callbacks(self) -> list:
+        """What HF saves in trainer_state.json's stateful_callbacks: TrainerControl and the callbacks
+        with a state (EarlyStoppingCallback's patience counter)."""
+        return [cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)]
 
     def fire(self, event: str, **kwargs) -> None:
         """Run a TrainerCallback event on every callback; they steer through `control`."""
@@ -371,6 +380,8 @@ class Trainer(ReportingMethods):
         states = training_states(self.state, None, self.lr_scheduler, with_scheduler=True)
         self.checkpoints.load(point.path, self.model_wrapped, self.optimizer, states, manifest=point.manifest)
         progress.load_state_dict(point.progress)  # read once, with the geometry checks
+        # HF's own restore of stateful_callbacks (restore_callback_states_from_checkpoint)
+        transformers.Trainer._load_callback_state(self)
         if self.args.ignore_data_skip:  # HF's meaning: the epoch's data from its start, no skipping
             self.progress.micro_batches_in_epoch, self.progress.stream_state = 0, None
         self.state.max_steps = plan.max_steps
@@ -442,6 +453,8 @@ class Trainer(ReportingMethods):
         if self.state.best_global_step == step:
             self.state.best_model_checkpoint = str(final)
         self.store_flos()  # into the saved trainer_state.json, as HF does
+        self.state.stateful_callbacks.update(TrainerState(stateful_callbacks=self._exportable_callbacks())
+                                             .stateful_callbacks)
         self.progress.stream_state = stream_state(self.train_loader, self.progress.micro_batches_in_epoch)
         progress = ProgressFile(self.progress, self.middleware, self.strategy.precision)
         unwrapped = self.strategy.unwrap(self.model)
