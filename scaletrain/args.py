@@ -346,14 +346,13 @@ class _ScaletrainArguments(ProcessFacts):
             raise ValueError(f"num_train_epochs={self.num_train_epochs} must be > 0 when max_steps is -1")
         if self.learning_rate < 0:
             raise ValueError(f"learning_rate={self.learning_rate} must be >= 0")
-        if self.eval_accumulation_steps is not None and self.eval_accumulation_steps < 1:
-            raise ValueError(f"eval_accumulation_steps={self.eval_accumulation_steps} must be >= 1 or None")
+        for name in ("eval_accumulation_steps", "torch_empty_cache_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1 or None")
         unknown = set(self.include_for_metrics) - {"inputs", "loss"}
         if unknown:
             raise ValueError(f"include_for_metrics={self.include_for_metrics!r}: {sorted(unknown)} unknown; "
                              "use 'inputs' and/or 'loss'")
-        if self.torch_empty_cache_steps is not None and self.torch_empty_cache_steps < 1:
-            raise ValueError(f"torch_empty_cache_steps={self.torch_empty_cache_steps} must be >= 1 or None")
         if not 0.0 <= self.label_smoothing_factor < 1.0:
             raise ValueError(f"label_smoothing_factor={self.label_smoothing_factor} must be in [0, 1)")
         for name in ("logging_steps", "save_steps"):

@@ -25,18 +25,16 @@ class ResumableShardedSampler(Sampler[int]):
     Every order is a function of the epoch alone, so a resume lands exactly.
     """
 
-    def __init__(self, num_samples: int, rank: int, world_size: int, seed: int, shuffle: bool = True,
-                 drop_last: bool = False, order: Optional[str] = None, lengths: Optional[list[int]] = None,
-                 group_size: int = 1) -> None:
+    def __init__(self, num_samples: int, rank: int, world_size: int, seed: int, drop_last: bool = False,
+                 order: str = "random", lengths: Optional[list[int]] = None, group_size: int = 1) -> None:
         if num_samples <= 0:
             raise ValueError("the training dataset is empty")
-        self.order = order if order is not None else ("random" if shuffle else "sequential")
-        if self.order == "group_by_length" and (lengths is None or len(lengths) != num_samples):
+        if order == "group_by_length" and (lengths is None or len(lengths) != num_samples):
             raise ValueError("group_by_length needs one length per sample")
-        self.lengths, self.group_size = lengths, group_size
+        self.order, self.lengths, self.group_size = order, lengths, group_size
         self.num_samples_total = num_samples
         self.rank, self.world_size = rank, world_size
-        self.seed, self.shuffle, self.drop_last = seed, self.order != "sequential", drop_last
+        self.seed, self.drop_last = seed, drop_last
         self.epoch = 0
         self.start = 0
         if drop_last:

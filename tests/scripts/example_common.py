@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,11 @@ import transformers
 from transformers import HfArgumentParser
 
 logger = logging.getLogger("example")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "a local HF folder: the model, and its tokenizer where needed"})
 
 
 def parse_arguments(dataclass_types: tuple) -> tuple:
@@ -77,3 +84,10 @@ def token_accuracy(predictions: np.ndarray, labels: np.ndarray) -> dict[str, flo
     """The share of scored positions (labels != -100) predicted right."""
     valid = labels != -100
     return {"accuracy": float((predictions[valid] == labels[valid]).mean())}
+
+
+def group_texts(examples: dict, block_size: int) -> dict:
+    """Concatenate the batch's rows and cut them into block_size chunks (the remainder is dropped)."""
+    joined = {k: list(chain(*examples[k])) for k in examples}
+    total = len(joined["input_ids"]) // block_size * block_size
+    return {k: [v[i:i + block_size] for i in range(0, total, block_size)] for k, v in joined.items()}

@@ -7,20 +7,16 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass, field
-from itertools import chain
 
 import datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator, set_seed
 
-from example_common import parse_arguments, run_stages, setup_logging, synthetic_sentences, token_accuracy
+from example_common import (
+    ModelArguments, group_texts, parse_arguments, run_stages, setup_logging, synthetic_sentences, token_accuracy,
+)
 
 library = importlib.import_module(os.environ.get("TRAINER_LIBRARY", "transformers"))
 Trainer, TrainingArguments = library.Trainer, library.TrainingArguments
-
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "a local HF folder with a tokenizer"})
 
 
 @dataclass
@@ -28,11 +24,9 @@ class DataTrainingArguments:
     block_size: int = field(default=16, metadata={"help": "tokens per training row after grouping"})
 
 
-def group_texts(examples: dict, block_size: int) -> dict:
-    """Concatenate the batch's rows and cut them into block_size chunks (the remainder is dropped)."""
-    joined = {k: list(chain(*examples[k])) for k in examples}
-    total = len(joined["input_ids"]) // block_size * block_size
-    blocks = {k: [v[i:i + block_size] for i in range(0, total, block_size)] for k, v in joined.items()}
+def blocks_with_labels(examples: dict, block_size: int) -> dict:
+    """Blocks of block_size tokens; the labels are the inputs (the model shifts them)."""
+    blocks = group_texts(examples, block_size)
     blocks["labels"] = [list(row) for row in blocks["input_ids"]]
     return blocks
 
@@ -48,7 +42,7 @@ def main() -> None:
     with training_args.main_process_first(desc="dataset map tokenization"):
         tokenized = raw.map(lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=["text"])
     with training_args.main_process_first(desc="grouping texts together"):
-        lm_datasets = tokenized.map(lambda batch: group_texts(batch, data_args.block_size), batched=True)
+        lm_datasets = tokenized.map(lambda batch: blocks_with_labels(batch, data_args.block_size), batched=True)
     train_dataset, eval_dataset = lm_datasets["train"], lm_datasets["test"]
 
     def preprocess_logits_for_metrics(logits, labels):

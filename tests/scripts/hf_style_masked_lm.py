@@ -7,21 +7,17 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass, field
-from itertools import chain
+from dataclasses import dataclass
 
 import datasets
 from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling, set_seed
 
-from example_common import parse_arguments, run_stages, setup_logging, synthetic_sentences, token_accuracy
+from example_common import (
+    ModelArguments, group_texts, parse_arguments, run_stages, setup_logging, synthetic_sentences, token_accuracy,
+)
 
 library = importlib.import_module(os.environ.get("TRAINER_LIBRARY", "transformers"))
 Trainer, TrainingArguments = library.Trainer, library.TrainingArguments
-
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "a local HF folder with a tokenizer"})
 
 
 @dataclass
@@ -37,18 +33,12 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     model = AutoModelForMaskedLM.from_pretrained(model_args.model_name_or_path)
 
-    def group_texts(examples: dict) -> dict:
-        joined = {k: list(chain(*examples[k])) for k in examples}
-        size = data_args.max_seq_length
-        total = len(joined["input_ids"]) // size * size
-        return {k: [v[i:i + size] for i in range(0, total, size)] for k, v in joined.items()}
-
     raw = datasets.Dataset.from_dict({"text": synthetic_sentences(96, 6, seed=1)}).train_test_split(0.25, seed=0)
     with training_args.main_process_first(desc="dataset map tokenization"):
         tokenized = raw.map(lambda batch: tokenizer(batch["text"], return_special_tokens_mask=True), batched=True,
                             remove_columns=["text"])
     with training_args.main_process_first(desc="grouping texts together"):
-        grouped = tokenized.map(group_texts, batched=True)
+        grouped = tokenized.map(lambda batch: group_texts(batch, data_args.max_seq_length), batched=True)
     train_dataset, eval_dataset = grouped["train"], grouped["test"]
 
     def preprocess_logits_for_metrics(logits, labels):

@@ -8,21 +8,16 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import datasets
 import numpy as np
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, set_seed
 
-from example_common import parse_arguments, run_stages, setup_logging, synthetic_sentences
+from example_common import ModelArguments, parse_arguments, run_stages, setup_logging, synthetic_sentences
 
 library = importlib.import_module(os.environ.get("TRAINER_LIBRARY", "transformers"))
 Seq2SeqTrainer, Seq2SeqTrainingArguments = library.Seq2SeqTrainer, library.Seq2SeqTrainingArguments
-
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "a local HF folder with a tokenizer"})
 
 
 @dataclass

@@ -7,22 +7,17 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import datasets
 import numpy as np
 from transformers import AutoModelForSequenceClassification, set_seed
 
-from example_common import parse_arguments, run_stages, setup_logging
+from example_common import ModelArguments, parse_arguments, run_stages, setup_logging
 
 library = importlib.import_module(os.environ.get("TRAINER_LIBRARY", "transformers"))
 Trainer, TrainingArguments = library.Trainer, library.TrainingArguments
-
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "a local HF folder"})
 
 
 @dataclass

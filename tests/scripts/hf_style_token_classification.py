@@ -7,22 +7,19 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import datasets
 import numpy as np
 from transformers import AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification, set_seed
 
-from example_common import parse_arguments, run_stages, setup_logging, synthetic_sentences, token_accuracy
+from example_common import (
+    ModelArguments, parse_arguments, run_stages, setup_logging, synthetic_sentences, token_accuracy,
+)
 
 library = importlib.import_module(os.environ.get("TRAINER_LIBRARY", "transformers"))
 Trainer, TrainingArguments = library.Trainer, library.TrainingArguments
 TAGS = ["O", "B-LOW", "B-HIGH"]
-
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "a local HF folder with a tokenizer"})
 
 
 @dataclass
