@@ -85,11 +85,45 @@ class Trainer(ReportingMethods):
         strategy: Optional[Strategy] = None,
     ) -> None:
         args = _checked_args(args, compute_loss_func, optimizers, optimizer_cls_and_kwargs)
-        self.memory_metrics = MemoryMetrics(args.skip_memory_metrics)
-        self.memory_metrics.begin("init")
         if tokenizer is not None:
             warnings.warn("`tokenizer` is deprecated; pass `processing_class`", FutureWarning, stacklevel=2)
             processing_class = processing_class if processing_class is not None else tokenizer
+        self.model_init = model_init
+        self.processing_class = processing_class
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
+        self.data_collator = data_collator if data_collator is not None else _default_collator(processing_class)
+        self.optimizer, self.lr_scheduler = optimizers
+        self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
+        # HF's hyperparameter-search attributes; search/ sets them while a search runs
+        self.hp_search_backend, self.hp_space, self.hp_name, self.compute_objective = None, None, None, None
+        self.objective: Any = None  # the last evaluation's objective during a search trial
+        self._trial, self._search = None, None
+        self.search_study = None  # rank 0: the optuna Study of the last hyperparameter_search
+        self.model = None
+        self._bind_args(args, strategy, memory_stage="init")
+        self.model = self._initial_model(model, model_init)
+        self.compute_metrics = _checked_metrics(compute_metrics, self.args.batch_eval_metrics)
+        self.label_names = self.args.label_names if self.args.label_names is not None \
+            else find_labels(type(self.model))
+        self._bind_step_helpers(getattr(self.model, "main_input_name", "input_ids"))
+        self.callback_handler = CallbackHandler(
+            self._default_callbacks() + list(callbacks or []), self.model, processing_class, self.optimizer,
+            self.lr_scheduler,
+        )
+        self.control = TrainerControl()
+        self.state = self._new_state()
+        self.fire("on_init_end")
+        self.memory_metrics.end("init")
+
+    def _bind_args(self, args: TrainingArguments, strategy: Optional[Strategy] = None,
+                   memory_stage: Optional[str] = None) -> None:
+        """Everything built from the arguments: the strategy (with its process group), middleware,
+        checkpoint manager, loss and metric helpers. Construction calls it once; a hyperparameter
+        search calls it again with each trial's arguments (and a strategy built from them)."""
+        self.memory_metrics = MemoryMetrics(args.skip_memory_metrics)
+        if memory_stage is not None:
+            self.memory_metrics.begin(memory_stage)
         self.strategy = strategy if strategy is not None else build_strategy(args)
         # the launcher may have added settings (accelerate's --mixed_precision, --use_fsdp, ...)
         self.args = args = self.strategy.args if strategy is None else args
@@ -102,42 +136,24 @@ class Trainer(ReportingMethods):
         if (args.log_level if args.should_log else args.log_level_replica) != "passive":
             logging.getLogger("scaletrain").setLevel(args.get_process_log_level())
         _seed(args)
-
-        self.model_init = model_init
-        self.model = self._initial_model(model, model_init)
         self.model_wrapped: Optional[torch.nn.Module] = None
-        self.processing_class = processing_class
-        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
-        self.compute_metrics = _checked_metrics(compute_metrics, args.batch_eval_metrics)
-        self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
-        self.data_collator = data_collator if data_collator is not None else _default_collator(processing_class)
-        self.optimizer, self.lr_scheduler = optimizers
-        self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
-        self.label_names = args.label_names if args.label_names is not None else find_labels(type(self.model))
         self.checkpoints = CheckpointManager(args.output_dir, self.strategy)
         self.current_flos = 0.0  # since the last store_flos()
         self.current_gradient_accumulation_steps = args.gradient_accumulation_steps  # of the step running
         self.best_metric = BestMetric(args.metric_for_best_model, args.greater_is_better)
         self.label_smoother = LabelSmoother(args.label_smoothing_factor) if args.label_smoothing_factor else None
-        self.loss_weighting = LossWeighting(self.strategy, self.label_names, lambda: self.model)
-        self.input_tokens = InputTokensSeen(args.include_num_input_tokens_seen, self.strategy,
-                                            getattr(self.model, "main_input_name", "input_ids"),
-                                            getattr(processing_class, "pad_token_id", None))
-
-        self.callback_handler = CallbackHandler(
-            self._default_callbacks() + list(callbacks or []), self.model, processing_class, self.optimizer,
-            self.lr_scheduler,
-        )
-        self.control = TrainerControl()
-        self.state = self._new_state()
         self.plan: Optional[RunPlan] = None  # set by train()
         self.progress: Optional[TrainProgress] = None
         self.train_loader: Optional[DataLoader] = None
         self.batch_size_choice: Optional[BatchSizeChoice] = None
         self._train_batch_size = args.per_device_train_batch_size  # HF's name; the plan may change it
         self._longest_example = None  # (row, collator), for the batch finder's probes
-        self.fire("on_init_end")
-        self.memory_metrics.end("init")
+
+    def _bind_step_helpers(self, main_input_name: str) -> None:
+        """The loss weighting and token counting, which reduce over the strategy's ranks."""
+        self.loss_weighting = LossWeighting(self.strategy, self.label_names, lambda: self.model)
+        self.input_tokens = InputTokensSeen(self.args.include_num_input_tokens_seen, self.strategy, main_input_name,
+                                            getattr(self.processing_class, "pad_token_id", None))
 
     def _initial_model(self, model, model_init, trial=None) -> torch.nn.Module:
         if model is not None and model_init is not None:
@@ -193,8 +209,16 @@ class Trainer(ReportingMethods):
     def remove_callback(self, callback) -> None:
         self.callback_handler.remove_callback(callback)
 
-    def hyperparameter_search(self, *args, **kwargs):
-        raise NotSupportedError("hyperparameter_search is not supported yet by scaletrain")
+    def hyperparameter_search(self, hp_space: Optional[Callable] = None, compute_objective: Optional[Callable] = None,
+                              n_trials: int = 20, direction: Union[str, list[str]] = "minimize",
+                              backend: Optional[str] = None, hp_name: Optional[Callable] = None, **kwargs):
+        """HF's hyperparameter search on optuna, safe on several ranks: rank 0 owns the study and every
+        rank trains the same trial (see scaletrain/search). kwargs reach optuna.create_study and
+        Study.optimize; `sampler`/`pruner` may also be names ("tpe", "grid", "hyperband", ...)."""
+        from ..search import hyperparameter_search
+
+        return hyperparameter_search(self, hp_space, compute_objective, n_trials, direction, backend, hp_name,
+                                     **kwargs)
 
     # ------------------------------------------------------------- dataloaders
     def _columns(self) -> Optional[list[str]]:
@@ -439,6 +463,7 @@ class Trainer(ReportingMethods):
                 metrics.update(self.evaluate(dataset, ignore_keys, metric_key_prefix=f"eval_{name}"))
         else:
             metrics = self.evaluate(ignore_keys=ignore_keys)
+        self._report_to_hp_search(self._trial, self.state.global_step, metrics)
         if self.best_metric.update(self.state, metrics) and self.args.save_strategy == SaveStrategy.BEST:
             self.control.should_save = True
         if step_schedule and optim.steps_on_metric(self.lr_scheduler):
@@ -446,6 +471,12 @@ class Trainer(ReportingMethods):
         if self.model_wrapped is not None:
             self.model_wrapped.train()
         return metrics
+
+    def _report_to_hp_search(self, trial, step: int, metrics: dict[str, float]) -> None:
+        """During a search trial (HF's hook): the evaluation's objective goes to the study, and a
+        trial the pruner stops ends here, on every rank at once (raises optuna.TrialPruned)."""
+        if self._search is not None and trial is not None:
+            self._search.report(self, step, metrics)
 
     def save_checkpoint(self) -> Path:
         step = self.state.global_step
