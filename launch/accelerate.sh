@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Launch `scaletrain train CONFIG` with `accelerate launch`.
+# Launch `scaletrain train CONFIG` (or SCALETRAIN_COMMAND=hpo: the config's search) with `accelerate launch`.
 #
 #   ACCELERATE_CONFIG=configs/accelerate/fsdp.yaml launch/accelerate.sh CONFIG [--field value ...]
 #
@@ -9,6 +9,9 @@
 # strategy in CONFIG is an error rather than a silent choice.
 # NPROC overrides the config's num_processes, MASTER_PORT its port.
 set -euo pipefail
+
+command=${SCALETRAIN_COMMAND:-train}
+case $command in train|hpo) ;; *) echo "SCALETRAIN_COMMAND=$command: use train or hpo" >&2; exit 2 ;; esac
 
 config=${1:?usage: launch/accelerate.sh CONFIG [--field value ...]}
 shift
@@ -27,4 +30,4 @@ if ! "$python" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() el
     export ACCELERATE_USE_CPU=1
 fi
 exec "$python" -m accelerate.commands.launch --config_file "$accelerate_config" "${extra[@]}" \
-    -m scaletrain train "$config" "$@"
+    -m scaletrain "$command" "$config" "$@"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Launch `scaletrain train CONFIG` with the deepspeed launcher.
+# Launch `scaletrain train CONFIG` (or SCALETRAIN_COMMAND=hpo: the config's search) with the deepspeed launcher.
 #
 #   launch/deepspeed.sh CONFIG [--field value ...]
 #
@@ -8,6 +8,9 @@
 # the launcher reaches the other hosts over ssh).
 # CONFIG should set strategy zero1|zero2|zero3; the launcher itself only starts processes.
 set -euo pipefail
+
+command=${SCALETRAIN_COMMAND:-train}
+case $command in train|hpo) ;; *) echo "SCALETRAIN_COMMAND=$command: use train or hpo" >&2; exit 2 ;; esac
 
 config=${1:?usage: launch/deepspeed.sh CONFIG [--field value ...]}
 shift
@@ -18,4 +21,4 @@ if [[ -n ${HOSTFILE:-} ]]; then
     hosts=(--hostfile "$HOSTFILE")
 fi
 exec "$python" -m deepspeed.launcher.runner "${hosts[@]}" --num_gpus "$nproc" --master_port "${MASTER_PORT:-29500}" \
-    --no_local_rank --module scaletrain train "$config" "$@"
+    --no_local_rank --module scaletrain "$command" "$config" "$@"

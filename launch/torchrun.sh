@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Launch `scaletrain train CONFIG` with torchrun.
+# Launch `scaletrain train CONFIG` (or SCALETRAIN_COMMAND=hpo: the config's search) with torchrun.
 #
 #   launch/torchrun.sh CONFIG [--field value ...]
 #
@@ -7,6 +7,9 @@
 # Several nodes: run this on every node with NNODES and MASTER_ADDR (a node all
 # of them reach) set; ranks rendezvous there. Under SLURM use slurm.sbatch.
 set -euo pipefail
+
+command=${SCALETRAIN_COMMAND:-train}
+case $command in train|hpo) ;; *) echo "SCALETRAIN_COMMAND=$command: use train or hpo" >&2; exit 2 ;; esac
 
 config=${1:?usage: launch/torchrun.sh CONFIG [--field value ...]}
 shift
@@ -21,4 +24,4 @@ else
                 --rdzv_id "${RUN_ID:-scaletrain}")
 fi
 exec "$python" -m torch.distributed.run --nnodes "$nnodes" --nproc_per_node "$nproc" "${rendezvous[@]}" \
-    -m scaletrain train "$config" "$@"
+    -m scaletrain "$command" "$config" "$@"

@@ -1,5 +1,5 @@
-"""`scaletrain train CONFIG [--field value ...]`, `scaletrain export CHECKPOINT OUT_DIR` and
-`scaletrain estimate CONFIG [--world-size N]`.
+"""`scaletrain train CONFIG [--field value ...]`, `scaletrain hpo CONFIG [--field value ...]`,
+`scaletrain export CHECKPOINT OUT_DIR` and `scaletrain estimate CONFIG [--world-size N]`.
 
 The same command runs alone or under torchrun / accelerate launch / SLURM: the
 launcher's environment decides the world size, the config decides the rest.
@@ -8,6 +8,7 @@ The config is fully validated before any process group starts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -15,10 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, load_config, resolve_config_path
+from .config import ConfigError, ModelConfig, load_config, resolve_config_path
 
 
-def _prepare(config_name: str, overrides: list[str]):
+def _prepare(config_name: str, overrides: list[str], command: str = "train"):
     """Everything that can be wrong with the input, checked before any process group."""
     from .distributed import read_env
     from .strategies import build_strategy
@@ -32,9 +33,23 @@ def _prepare(config_name: str, overrides: list[str]):
     target = resolve_resume_target(cfg.training.resume_from_checkpoint, cfg.training.output_dir)
     cfg.training.resume_from_checkpoint = str(target) if target is not None else None
 
+    if command == "hpo":
+        if cfg.search is None:
+            raise ConfigError(f"{config_name} has no search section; add search: with parameters, n_trials, metric "
+                              "and direction (see README: Hyperparameter search)")
+        if cfg.training.resume_from_checkpoint is not None:
+            raise ConfigError("resume_from_checkpoint does not apply to a search; give search.storage (e.g. "
+                              "sqlite:///OUT/study.db) and run the same command again to continue it")
+        cfg.search.check(cfg.training, [f.name for f in dataclasses.fields(ModelConfig)])
+    elif cfg.search is not None:
+        logging.getLogger(__name__).info("the search section is for `scaletrain hpo`; train runs the base config")
+
     from .tasks import build_task
 
-    return cfg, env, strategy, build_task(cfg)
+    task = build_task(cfg)
+    if command == "hpo":
+        cfg.search.check_metrics(list(task.metric_names))
+    return cfg, env, strategy, task
 
 
 def _train(cfg, env, strategy, task) -> int:
@@ -95,6 +110,61 @@ def _train(cfg, env, strategy, task) -> int:
 # `accelerate launch` hung after the summary; gdb showed exactly this). The
 # pause in Strategy.teardown covers library use; this removes the destructor.
 _KEEP_UNTIL_EXIT: list = []
+
+
+def _hpo(cfg, env, strategy, task) -> int:
+    """The config's search: trials of the training section with the search section's values."""
+    from .search.config import model_values
+    from .tasks import build_task
+    from .trainer import Trainer
+
+    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
+                        format=f"[rank{env.rank}] %(levelname)s %(name)s: %(message)s")
+    strategy.setup_environment()
+    search = cfg.search
+    built: dict = {}
+
+    def model_init(trial=None):
+        values = model_values(search, trial)
+        source = build_task(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **values))) \
+            if values else task
+        trainer_strategy = built["trainer"].strategy if "trainer" in built else strategy
+        return trainer_strategy.build_model(source.load_model, source.build_model_from_config)
+
+    built["trainer"] = trainer = Trainer(
+        model_init=model_init, args=cfg.training, train_dataset=task.train_dataset, eval_dataset=task.eval_dataset,
+        processing_class=task.tokenizer, compute_metrics=task.compute_metrics, strategy=strategy,
+        data_collator=task.data_collator)
+    metrics = search.metrics
+    try:
+        best = trainer.hyperparameter_search(
+            hp_space=search.hp_space(trainer.args), n_trials=search.n_trials,
+            compute_objective=lambda m: m[metrics[0]] if len(metrics) == 1 else [m[k] for k in metrics],
+            direction=search.direction, **search.optuna_kwargs())
+        if trainer.is_world_process_zero():
+            _print_search_summary(trainer, best, metrics)
+    finally:
+        trainer.strategy.teardown()
+        _KEEP_UNTIL_EXIT.append(trainer)
+    return 0
+
+
+def _print_search_summary(trainer, best, metrics: list[str]) -> None:
+    from .search.report import format_table
+    from .search.runner import checkpoint_to_export
+
+    runs = best if isinstance(best, list) else [best]
+    out = trainer.args.output_dir
+    print("\n=== scaletrain search summary ===", flush=True)
+    print(format_table(trainer.search_study, int(runs[0].run_id)))
+    for run in runs:
+        objective = run.objective if isinstance(run.objective, list) else [run.objective]
+        shown = ", ".join(f"{m}={v:.5g}" for m, v in zip(metrics, objective))
+        print(f"best trial {run.run_id}: {shown} with {run.hyperparameters}")
+        checkpoint = checkpoint_to_export(run)
+        if checkpoint is not None:
+            print(f"  its model: scaletrain export {checkpoint} {out}/best-model")
+    print(f"trials: {out}/trials.csv, {out}/trials.json; plots: {out}/*.png", flush=True)
 
 
 def _print_summary(s: dict) -> None:
@@ -180,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
                                                               "model and write a full HF model (default: the adapter)")
     export.add_argument("--base", default=None, help="LoRA --merge: the base model folder (default: the one the "
                                                      "adapter config names)")
+    hpo = sub.add_parser("hpo", help="hyperparameter search over the config's search section (optuna; every "
+                                     "launcher; resumable with a storage)")
+    hpo.add_argument("config", help="YAML file with a search section")
+    hpo.add_argument("overrides", nargs=argparse.REMAINDER, help="--field value pairs")
     est = sub.add_parser("estimate", help="predicted per-rank memory of a config under every strategy, for any "
                                           "world size (no GPU needed)")
     est.add_argument("config", help="YAML file or built-in recipe")
@@ -196,15 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
 
     try:
-        cfg, env, strategy, task = _prepare(args.config, args.overrides)
+        cfg, env, strategy, task = _prepare(args.config, args.overrides, args.command)
     except ConfigError as exc:
         _refuse(f"config error: {exc}")
         return 2
     except (ValueError, FileNotFoundError, CheckpointError) as exc:  # NotSupportedError is a ValueError
         _refuse(f"error: {exc}")
         return 2
-    code = _train(cfg, env, strategy, task)
-    return code
+    return (_hpo if args.command == "hpo" else _train)(cfg, env, strategy, task)
 
 
 def _refuse(message: str) -> None:

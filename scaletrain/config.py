@@ -3,6 +3,7 @@
     model:    ModelConfig fields
     data:     DataConfig fields
     training: TrainingArguments fields (HF names)
+    search:   SearchConfig fields (`scaletrain hpo` only; optional)
 
 Overrides are `--field value` (the field name is unique across sections) or
 `--section.field value`. Unknown keys and bad values raise ConfigError naming
@@ -22,6 +23,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from .args import TrainingArguments
+from .search.config import SearchConfig
 
 
 class ConfigError(ValueError):
@@ -53,13 +55,18 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: Any = None  # TrainingArguments
+    search: Optional[SearchConfig] = None  # what `scaletrain hpo` searches; `train` runs the base config
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
-                "training": self.training.to_dict()}
+        out = {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
+               "training": self.training.to_dict()}
+        if self.search is not None:
+            out["search"] = dataclasses.asdict(self.search)
+        return out
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingArguments}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingArguments, "search": SearchConfig}
+OPTIONAL_SECTIONS = ("search",)
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -190,8 +197,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             raise ConfigError(f"--{key} exists in sections {owners}; write --{owners[0]}.{key}")
         values[owners[0]][key] = value
 
-    built = {}
+    built: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
+        if name in OPTIONAL_SECTIONS and not values[name]:
+            built[name] = None
+            continue
         kwargs = {k: _coerce(v, types_by_section[name][k], f"{name}.{k}") for k, v in values[name].items()}
         try:
             built[name] = cls(**kwargs)
@@ -199,4 +209,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             raise
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{path} section '{name}': {exc}") from exc
-    return RunConfig(model=built["model"], data=built["data"], training=built["training"])
+    return RunConfig(**built)

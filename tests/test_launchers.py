@@ -82,16 +82,18 @@ def test_slurm_script_runs_one_torchrun_per_node(tmp_path):
     check_two_rank_run(tmp_path / "run", "zero3")
 
 
-def test_slurm_script_dry_run_for_four_nodes(tmp_path):
+@pytest.mark.parametrize("command", ["train", "hpo"])
+def test_slurm_script_dry_run_for_four_nodes(tmp_path, command):
     tools = _fake_slurm_tools(tmp_path / "bin", ["gpu01", "gpu02", "gpu03", "gpu04"])
     proc = launch("slurm.sbatch", ["configs/fsdp.yaml", "--learning_rate", "3e-5"], tmp_path, env={
         "PATH": f"{tools}:{os.environ['PATH']}", "SLURM_JOB_NUM_NODES": "4", "SLURM_JOB_NODELIST": "gpu[01-04]",
         "SLURM_JOB_ID": "77", "SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "64", "SCALETRAIN_DRY_RUN": "1",
-        "MASTER_PORT": "29500",
+        "MASTER_PORT": "29500", **({"SCALETRAIN_COMMAND": command} if command != "train" else {}),
     })
     per_node = proc.stdout.splitlines()[2]
     assert "-m torch.distributed.run --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d" in per_node
-    expected = "--rdzv_endpoint gpu01:29500 --rdzv_id 77 -m scaletrain train configs/fsdp.yaml --learning_rate 3e-5"
+    expected = (f"--rdzv_endpoint gpu01:29500 --rdzv_id 77 -m scaletrain {command} configs/fsdp.yaml "
+                "--learning_rate 3e-5")
     assert expected in per_node
     assert proc.stdout.splitlines()[4].startswith("srun --nodes=4 --ntasks-per-node=1")
     assert "OMP_NUM_THREADS=8" in proc.stdout  # 64 cores / 8 ranks
@@ -114,8 +116,8 @@ def test_launch_scripts_parse_and_are_shellcheck_clean(script):
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 # the strategy each shipped config must select (named by its file, except the LoRA recipes)
-EXPECTED_STRATEGY = {"lora-smollm2": "ddp", "qlora-smollm2": "ddp"}
-# the SmolLM2 recipes run in full in test_recipes_smollm2.py
+EXPECTED_STRATEGY = {"lora-smollm2": "ddp", "qlora-smollm2": "ddp", "hpo-trec": "ddp"}
+# the SmolLM2 recipes run in full in test_recipes_smollm2.py, the search in benchmarks/hpo.py
 CLASSIFICATION_CONFIGS = [c for c in CONFIGS if c.stem not in EXPECTED_STRATEGY]
 
 

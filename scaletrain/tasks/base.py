@@ -28,6 +28,7 @@ class Task:
     compute_metrics: Optional[Callable]
     labels: list[str]
     data_collator: Any = None  # None: pad with the tokenizer
+    metric_names: tuple = ()  # what compute_metrics returns (evaluation adds the eval_ prefix and eval_loss)
 
 
 def package_dir(package: str, extra: str) -> Path:

@@ -64,6 +64,9 @@ def classification_metrics(eval_pred) -> dict[str, float]:
             "num_samples": int(len(labels))}
 
 
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "num_samples")
+
+
 def build_classification_task(cfg) -> Task:
     """Model, tokenizer and tokenized datasets for a RunConfig."""
     from datasets import Dataset
@@ -96,4 +99,4 @@ def build_classification_task(cfg) -> Task:
                       batched=True, remove_columns=["text"])
 
     return Task(from_pretrained, from_config, tokenizer, to_dataset(train_rows), to_dataset(eval_rows),
-                classification_metrics, labels)
+                classification_metrics, labels, metric_names=CLASSIFICATION_METRICS)
