@@ -6,6 +6,9 @@
 # One node: NPROC ranks (default: one per GPU, or 2 CPU ranks without GPUs).
 # Several nodes: run this on every node with NNODES and MASTER_ADDR (a node all
 # of them reach) set; ranks rendezvous there. Under SLURM use slurm.sbatch.
+# MAX_RESTARTS=N: torchrun restarts the workers up to N times after a failure,
+# and training resumes from the newest committed checkpoint (resume_from_checkpoint
+# auto); a search continues from its storage.
 set -euo pipefail
 
 command=${SCALETRAIN_COMMAND:-train}
@@ -16,6 +19,11 @@ shift
 python=${PYTHON:-python}
 nproc=${NPROC:-$("$python" -c 'import torch; print(torch.cuda.device_count() or 2)')}
 nnodes=${NNODES:-1}
+restarts=${MAX_RESTARTS:-0}
+resume=()
+if [[ $restarts != 0 && $command == train ]]; then
+    resume=(--resume_from_checkpoint auto)  # before "$@": an explicit choice there wins
+fi
 
 if [[ $nnodes == 1 ]]; then
     rendezvous=(--standalone)
@@ -24,4 +32,4 @@ else
                 --rdzv_id "${RUN_ID:-scaletrain}")
 fi
 exec "$python" -m torch.distributed.run --nnodes "$nnodes" --nproc_per_node "$nproc" "${rendezvous[@]}" \
-    -m scaletrain "$command" "$config" "$@"
+    --max-restarts "$restarts" -m scaletrain "$command" "$config" "${resume[@]}" "$@"

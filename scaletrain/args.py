@@ -159,6 +159,11 @@ class _ScaletrainArguments(ProcessFacts):
     # while the state is copied to host memory; the commit follows when all
     # ranks' bytes are on disk (at the next save or the end of training)
     save_async: bool = False
+    # preemption: on one of these signals every rank finishes its step, a checkpoint is committed at the
+    # step reached and train() raises Preempted (exit code 75); a second signal, or the grace period
+    # running out, exits at once (the last committed checkpoint stays the resume target). [] disables.
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    preemption_grace_period: float = 30.0
 
     # Memory middleware (HF names first). Mixed precision: bf16 via autocast
     # (single/ddp), FSDP2's MixedPrecisionPolicy or DeepSpeed's bf16 block; fp16
@@ -301,6 +306,7 @@ class _ScaletrainArguments(ProcessFacts):
         """The Trainer's own options here; each strategy and middleware checks its own
         (strategies/options.py, middleware/__init__.py), all before any process group starts."""
         self._validate_choices()
+        self._validate_preemption()
         self._validate_lengths()
         self._validate_loading_and_reporting()
         for name in ("lora", "quantization"):
@@ -335,6 +341,15 @@ class _ScaletrainArguments(ProcessFacts):
         tokens_seen = self.include_num_input_tokens_seen
         self.include_num_input_tokens_seen = {True: "all", False: "no"}.get(tokens_seen, tokens_seen)
         choice("include_num_input_tokens_seen", {"no", "all", "non_padding"})
+
+    def _validate_preemption(self) -> None:
+        unknown = [name for name in self.preemption_signals
+                   if name not in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")]
+        if unknown:
+            raise ValueError(f"preemption_signals={self.preemption_signals}: {unknown} cannot be watched; use "
+                             "SIGTERM, SIGUSR1, SIGUSR2, SIGINT or SIGHUP (SIGKILL cannot be caught)")
+        if not self.preemption_grace_period > 0:
+            raise ValueError(f"preemption_grace_period={self.preemption_grace_period} must be > 0 seconds")
 
     def _validate_lengths(self) -> None:
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, ModelConfig, load_config, resolve_config_path
+from .trainer.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 
 def _prepare(config_name: str, overrides: list[str], command: str = "train"):
@@ -69,7 +70,12 @@ def _train(cfg, env, strategy, task) -> int:
         data_collator=task.data_collator,
     )
     try:
-        train_out = trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint)
+        try:
+            train_out = trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint)
+        except Preempted as exc:
+            print(f"scaletrain: {exc}; exit code {PREEMPTED_EXIT_CODE} (resume_from_checkpoint=auto continues)",
+                  file=sys.stderr, flush=True)
+            return PREEMPTED_EXIT_CODE
         eval_metrics = trainer.evaluate()
         final_dir = trainer.save_model(str(Path(cfg.training.output_dir) / "final"))
         wall = time.perf_counter() - wall_start
@@ -137,16 +143,28 @@ def _hpo(cfg, env, strategy, task) -> int:
         data_collator=task.data_collator)
     metrics = search.metrics
     try:
-        best = trainer.hyperparameter_search(
+        best = _preemptible(lambda: trainer.hyperparameter_search(
             hp_space=search.hp_space(trainer.args), n_trials=search.n_trials,
             compute_objective=lambda m: m[metrics[0]] if len(metrics) == 1 else [m[k] for k in metrics],
-            direction=search.direction, **search.optuna_kwargs())
+            direction=search.direction, **search.optuna_kwargs()))
+        if best is None:
+            return PREEMPTED_EXIT_CODE
         if trainer.is_world_process_zero():
             _print_search_summary(trainer, best, metrics)
     finally:
         trainer.strategy.teardown()
         _KEEP_UNTIL_EXIT.append(trainer)
     return 0
+
+
+def _preemptible(run):
+    """run()'s result, or None after a preemption (its checkpoint committed, the trial queued again)."""
+    try:
+        return run()
+    except Preempted as exc:
+        print(f"scaletrain: {exc}; exit code {PREEMPTED_EXIT_CODE} (the same command continues the search)",
+              file=sys.stderr, flush=True)
+        return None
 
 
 def _print_search_summary(trainer, best, metrics: list[str]) -> None:

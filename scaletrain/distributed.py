@@ -150,5 +150,7 @@ def start_process_group(env: DistEnv, device: torch.device, backend: str | None,
     if device.type == "cuda":
         torch.cuda.set_device(device)
         kwargs["device_id"] = device
-    dist.init_process_group(backend=backend or ("nccl" if device.type == "cuda" else "gloo"), rank=env.rank,
-                            world_size=env.world_size, **kwargs)
+    # rank and world size come from the environment (env.rank/world_size read the same variables);
+    # passing them explicitly makes torch skip torchelastic's per-restart store prefix, and workers
+    # restarted by torchrun --max-restarts then read their dead predecessors' addresses and fail to connect
+    dist.init_process_group(backend=backend or ("nccl" if device.type == "cuda" else "gloo"), **kwargs)

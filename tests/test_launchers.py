@@ -92,8 +92,9 @@ def test_slurm_script_dry_run_for_four_nodes(tmp_path, command):
     })
     per_node = proc.stdout.splitlines()[2]
     assert "-m torch.distributed.run --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d" in per_node
+    resume = "--resume_from_checkpoint auto " if command == "train" else ""  # a requeued job continues
     expected = (f"--rdzv_endpoint gpu01:29500 --rdzv_id 77 -m scaletrain {command} configs/fsdp.yaml "
-                "--learning_rate 3e-5")
+                f"{resume}--learning_rate 3e-5")
     assert expected in per_node
     assert proc.stdout.splitlines()[4].startswith("srun --nodes=4 --ntasks-per-node=1")
     assert "OMP_NUM_THREADS=8" in proc.stdout  # 64 cores / 8 ranks

@@ -192,16 +192,19 @@ def _job(out: Path, storage: str, kill: str | None) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=300)
 
 
-def test_a_killed_search_resumes_from_its_storage(tmp_path):
-    """The job is SIGKILLed in trial 2's step 5 (its checkpoint-4 committed). Run again on the same sqlite
-    study, trials 0 and 1 are not rerun, trial 2 is retried with its parameters from checkpoint-4, and the
-    study ends with n_trials finished trials whose objectives equal an uninterrupted search's bit for bit."""
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_a_killed_or_preempted_search_resumes_from_its_storage(tmp_path, how):
+    """The job is SIGKILLed (or preempted by SIGTERM) in trial 2's step 5. Run again on the same sqlite
+    study, trials 0 and 1 are not rerun, trial 2 is retried with its parameters from its last checkpoint
+    (4 after a kill; 5, written by the preemption, after SIGTERM), and the study ends with n_trials finished
+    trials whose objectives equal an uninterrupted search's bit for bit."""
     whole = _job(tmp_path / "whole", f"sqlite:///{tmp_path}/whole.db", None)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = _job(tmp_path / "resumed", f"sqlite:///{tmp_path}/resumed.db", "2:5")
-    assert killed.returncode == -9, killed.stderr[-3000:]
+    killed = _job(tmp_path / "resumed", f"sqlite:///{tmp_path}/resumed.db", f"2:5:{how}")
+    assert killed.returncode == (-9 if how == "SIGKILL" else 75), killed.stderr[-3000:]
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "resumed").glob("run-[01]/**/*") if p.is_file()}
-    time.sleep(2.5)  # the killed trial's heartbeat (every 1 s, grace 2 s) goes stale
+    if how == "SIGKILL":
+        time.sleep(2.5)  # the killed trial's heartbeat (every 1 s, grace 2 s) goes stale
     again = _job(tmp_path / "resumed", f"sqlite:///{tmp_path}/resumed.db", None)
     assert again.returncode == 0, again.stderr[-3000:]
     study = json.loads((tmp_path / "resumed" / "trials.json").read_text())["trials"]
@@ -211,7 +214,8 @@ def test_a_killed_search_resumes_from_its_storage(tmp_path):
          (4, "COMPLETE", False)]
     retry = study[3]
     assert retry["params"] == study[2]["params"] == reference[2]["params"]
-    assert retry["resumed_from"] == str(tmp_path / "resumed" / "run-2" / "checkpoint-4")
+    step = 4 if how == "SIGKILL" else 5
+    assert retry["resumed_from"] == str(tmp_path / "resumed" / "run-2" / f"checkpoint-{step}")
     assert [t["values"] for t in study[:2]] + [retry["values"]] == [t["values"] for t in reference[:3]]
     after = {p: p.stat().st_mtime_ns for p in before}
     assert after == before  # the finished trials' folders were not touched again

@@ -111,11 +111,15 @@ _NO_RESUME = ("", "false", "none", "no")
 
 def resolve_resume_target(value: Any, output_dir: str | os.PathLike) -> Optional[Path]:
     """The checkpoint a run resumes from: None for no resume; True, 'latest' or
-    'true' for the newest committed checkpoint in output_dir; otherwise a path,
+    'true' for the newest committed checkpoint in output_dir (there must be one);
+    'auto' for that one if there is one, else None (a fresh start); otherwise a path,
     which must hold a committed, intact checkpoint. Raises CheckpointError naming
     the value, so the CLI can refuse it before any process group starts."""
     if value is None or value is False or (isinstance(value, str) and value.strip().lower() in _NO_RESUME):
         return None
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        # restart-based launches: continue from the newest committed, intact checkpoint, if any
+        return latest_checkpoint(output_dir)
     if value is True or (isinstance(value, str) and value.strip().lower() in _LATEST):
         found = latest_checkpoint(output_dir)
         if found is None:

@@ -7,6 +7,7 @@ import gc
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -17,6 +18,7 @@ from transformers.trainer_utils import BestRun
 
 from ..checkpoint.manager import latest_checkpoint
 from ..strategies import build_strategy
+from ..trainer.preemption import Preempted
 from .errors import SearchAborted, SearchConfigError, TrialFailed
 from .settings import SearchSettings
 from .study import finished_trials, retried_number, stop_at
@@ -115,6 +117,10 @@ class DistributedSearch:
                 trainer.objective = self.objective_of(trainer.evaluate())
         except optuna.TrialPruned:
             pruned = True
+        except Preempted:
+            if study_trial is not None:
+                _requeue(study_trial)
+            raise
         except (SearchConfigError, SearchAborted):
             raise
         except Exception as exc:  # a bad hyperparameter: recorded, and the search goes on
@@ -206,6 +212,17 @@ class DistributedSearch:
         trainer._bind_args(self.base_args, self.base_strategy)
         trainer._bind_step_helpers(self.main_input_name)
         trainer.state, trainer.control = trainer._new_state(), TrainerControl()
+
+
+def _requeue(trial: optuna.Trial) -> None:
+    """A preempted trial ends failed, with a retry queued (optuna's RetryFailedTrialCallback), so the
+    same search command, run again, trains it from the checkpoint the preemption committed."""
+    study = trial.study
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.RetryFailedTrialCallback(inherit_intermediate_values=True)(study, frozen)
 
 
 def _checked_objective(value: Any, directions: list[str]):

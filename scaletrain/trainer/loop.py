@@ -13,6 +13,7 @@ from ..data.position import iter_keeping_rng, position_epoch
 from .metrics import LogWindow, RunTotals
 from .optim import current_lr
 from .plan import RunPlan
+from .preemption import Preempted, PreemptionWatch
 from .progress import TrainProgress
 from .step import StepResult, StepRunner
 
@@ -36,9 +37,11 @@ class _StepGroups:
 
 class TrainLoop:
     def __init__(self, trainer, plan: RunPlan, progress: TrainProgress, runner: StepRunner,
-                 ignore_keys_for_eval: Optional[list[str]]) -> None:
+                 ignore_keys_for_eval: Optional[list[str]], preemption: PreemptionWatch) -> None:
         self.trainer, self.plan, self.progress, self.runner = trainer, plan, progress, runner
         self.ignore_keys = ignore_keys_for_eval
+        self.preemption = preemption
+        self.saved_at: Optional[int] = None  # the step of the last checkpoint this loop wrote
         self.window = LogWindow(trainer.strategy, trainer.args.logging_nan_inf_filter)
 
     def run(self) -> TrainOutput:
@@ -62,6 +65,8 @@ class TrainLoop:
                 micro_done += len(micro_batches)
                 totals.add(result)
                 self._after_step(epoch, micro_done, result)
+                if self.preemption.should_stop():
+                    self._stop_preempted()
                 if trainer.control.should_epoch_stop or trainer.control.should_training_stop:
                     break
             if groups.exhausted or plan.epoch_is_over(micro_done):
@@ -109,9 +114,22 @@ class TrainLoop:
             trainer.evaluate_and_track(self.ignore_keys)
         if control.should_save:
             trainer.save_checkpoint()
+            self.saved_at = trainer.state.global_step
             trainer.fire("on_save")
         # training throughput should not count time spent evaluating or saving
         self.window.pause(time.perf_counter() - paused)
+
+    def _stop_preempted(self) -> None:
+        """Every rank agreed to stop after this step: commit a checkpoint here (unless one was just
+        written) and leave train() with Preempted."""
+        trainer = self.trainer
+        step = trainer.state.global_step
+        if self.saved_at != step:
+            trainer.save_checkpoint()
+        trainer.checkpoints.finish_pending()
+        path = f"{trainer.args.output_dir}/checkpoint-{step}"
+        logger.warning("preempted: checkpoint %s committed at step %d; exiting", path, step)
+        raise Preempted(step, path)
 
     def _window_logs(self) -> dict[str, float]:
         trainer = self.trainer

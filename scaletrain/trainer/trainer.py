@@ -55,6 +55,7 @@ from .evaluation import join_remaining_rounds
 from .loop import TrainLoop
 from .metrics import InputTokensSeen, MemoryMetrics
 from .plan import BatchGeometry, RunPlan, build_run_plan
+from .preemption import PreemptionWatch
 from .progress import TrainProgress
 from .reporting import ReportingMethods
 from .resume import ResumePoint, read_resume_point
@@ -385,7 +386,8 @@ class Trainer(ReportingMethods):
         logger.info("training with %s, %d threads/rank, %d steps (%s)", self.strategy.describe(), self.num_threads,
                     plan.max_steps, plan.geometry.describe())
         runner = StepRunner(self, self.loss_weighting, self.args.max_grad_norm)
-        return TrainLoop(self, plan, self.progress, runner, ignore_keys_for_eval).run()
+        with PreemptionWatch(self.strategy, self.args.preemption_signals, self.args.preemption_grace_period) as watch:
+            return TrainLoop(self, plan, self.progress, runner, ignore_keys_for_eval, watch).run()
 
     def _plan(self, geometry: BatchGeometry) -> RunPlan:
         """The run plan for `geometry`, with the training loader built for it."""

@@ -1,5 +1,5 @@
-"""A search job for the resume test: tiny GPT-2, 4 trials on a storage; KILL_AT=trial:step SIGKILLs the job
-in that trial's step (a checkpoint every 2 steps), as a preempted node would."""
+"""A search job for the resume tests: tiny GPT-2, 4 trials on a storage; KILL_AT=trial:step:SIGNAL sends the
+job SIGKILL (a node lost) or SIGTERM (a preemption) in that trial's step (a checkpoint every 2 steps)."""
 from __future__ import annotations
 
 import os
@@ -17,12 +17,13 @@ from scaletrain.search.study import finished_trials
 class KillAt(TrainerCallback):
     def __init__(self, trainer_ref: list, spec: str) -> None:
         self.trainer_ref = trainer_ref
-        self.trial, self.step = (int(x) for x in spec.split(":")) if spec else (-1, -1)
+        trial, step, name = spec.split(":") if spec else (-1, -1, "SIGKILL")
+        self.trial, self.step, self.signal = int(trial), int(step), getattr(signal, name)
 
     def on_step_end(self, args, state, control, **kwargs):
         trial = self.trainer_ref[0]._trial
         if trial is not None and trial.number == self.trial and state.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self.signal)
 
 
 def main(out: str, storage: str) -> None:

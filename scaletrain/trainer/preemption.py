@@ -1,0 +1,124 @@
+"""Preemption: SIGTERM (SLURM, spot reclaim, scancel, torchrun's shutdown) or SIGUSR1 (SLURM's
+`--signal=USR1@90`) asks the run to stop. Every rank finishes its optimizer step, the ranks agree on
+the step to stop at, the run commits a checkpoint there and leaves with PREEMPTED_EXIT_CODE. A second
+signal, or the grace period running out, ends the process at once; the previous committed
+checkpoint stays the resume target (a save is only ever committed whole)."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+# sysexits' EX_TEMPFAIL ("try again later"): a checkpoint at the step reached was committed;
+# launch/slurm.sbatch requeues the job on it, and resume_from_checkpoint=auto continues it
+PREEMPTED_EXIT_CODE = 75
+# SLURM signals every process of a step and torchrun forwards the signal to its workers too: a worker can
+# receive one request twice within milliseconds, which must not count as the second signal
+_DUPLICATE_S = 1.0
+
+
+class Preempted(SystemExit):
+    """Raised by train() after the checkpoint of a preempted run is committed; uncaught, the process
+    exits with PREEMPTED_EXIT_CODE."""
+
+    def __init__(self, step: int, checkpoint: str) -> None:
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.step, self.checkpoint = step, checkpoint
+
+    def __str__(self) -> str:
+        return f"preempted: checkpoint {self.checkpoint} committed at step {self.step}"
+
+
+class PreemptionWatch:
+    """Installed around the train loop on the main thread. `should_stop()` is called once per optimizer
+    step by every rank: each rank's 'signal seen' flag is summed over ranks in the background and read one
+    step later, so all ranks stop after the same step without waiting on the device."""
+
+    def __init__(self, strategy, signal_names: list[str], grace_s: float) -> None:
+        self.strategy, self.grace_s = strategy, grace_s
+        self.signals = [getattr(signal, name) for name in signal_names]
+        self.requested_at: Optional[float] = None
+        self._previous: dict[int, object] = {}
+        self._pending = None  # reads the last step's reduction
+        self._done = threading.Event()  # set when train() leaves: the grace deadline no longer applies
+
+    def __enter__(self) -> "PreemptionWatch":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        elif self.signals:
+            logger.warning("train() runs outside the main thread: preemption signals are not watched")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        if self._pending is not None:
+            self._pending()  # every rank started the same number of reductions
+            self._pending = None
+
+    def _on_signal(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested_at is not None and time.monotonic() - self.requested_at < _DUPLICATE_S:
+            return  # the scheduler and the launcher both forwarded the same request
+        if self.requested_at is not None:
+            print(f"scaletrain: second {name}: exiting now; the last committed checkpoint is the resume target",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.requested_at = time.monotonic()
+        print(f"scaletrain: {name}: finishing this step, then saving a checkpoint and exiting with "
+              f"{PREEMPTED_EXIT_CODE} (within {self.grace_s:.0f} s)", file=sys.stderr, flush=True)
+        threading.Thread(target=self._deadline, args=(signum,), daemon=True).start()
+
+    def _deadline(self, signum: int) -> None:
+        if self._done.wait(self.grace_s):
+            return  # train() returned or raised Preempted in time
+        print(f"scaletrain: preemption grace period ({self.grace_s:.0f} s) is over: exiting now; the last "
+              f"committed checkpoint is the resume target", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    def should_stop(self) -> bool:
+        mine = self.requested_at is not None
+        if not (self.strategy.env.is_distributed and dist.is_initialized()):
+            return mine
+        agreed = self._pending() if self._pending is not None else False
+        self._pending = self._start_reduction(mine)
+        return agreed
+
+    def _start_reduction(self, mine: bool):
+        """Sum the ranks' flags on the default group (a group made now would hang after a torchrun
+        restart: its store keys are the previous incarnation's); returns a reader of the result, called
+        one step later. On an accelerator the reduction and its copy to pinned host memory are queued
+        on the stream, and the reader waits for that copy's event only, not for the device."""
+        device = self.strategy.device
+        if device.type == "cpu":
+            flags = torch.tensor([int(mine)], dtype=torch.int64)
+            work = dist.all_reduce(flags, op=dist.ReduceOp.SUM, async_op=True)
+
+            def read_cpu() -> bool:
+                work.wait()
+                return int(flags[0]) > 0
+            return read_cpu
+        send = torch.tensor([int(mine)], dtype=torch.int64).pin_memory()
+        flags = send.to(device, non_blocking=True)
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM, async_op=True).wait()  # the stream waits, not the host
+        received = torch.empty(1, dtype=torch.int64).pin_memory()
+        received.copy_(flags, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def read_pinned() -> bool:
+            done.synchronize()
+            return int(received[0]) > 0
+        return read_pinned

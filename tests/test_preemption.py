@@ -1,0 +1,181 @@
+"""Surviving the cluster: resume_from_checkpoint=auto, preemption signals (a checkpoint at the step
+reached, agreed by every rank, exit code 75), a second signal, and a SIGKILLed worker restarted by
+torchrun --max-restarts, each continued run bit-identical to an uninterrupted one."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers.trainer_callback import TrainerCallback
+
+from helpers import RaggedLM, run_ranks, tiny_gpt2
+from scaletrain import Trainer, TrainingArguments
+from scaletrain.checkpoint import CheckpointError, resolve_resume_target
+from scaletrain.checkpoint.manager import COMMIT_MARKER
+from scaletrain.trainer.preemption import PREEMPTED_EXIT_CODE, Preempted
+
+ROOT = Path(__file__).parent.parent
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def _args(out: Path, **kw) -> TrainingArguments:
+    settings = dict(max_steps=8, per_device_train_batch_size=4, save_steps=2, logging_steps=1, disable_tqdm=True,
+                    optim="adamw_torch")
+    return TrainingArguments(output_dir=str(out), **{**settings, **kw})
+
+
+class SignalAt(TrainerCallback):
+    def __init__(self, step: int, when=lambda: True) -> None:
+        self.step, self.when = step, when
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step and self.when():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _weights(trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_auto_starts_fresh_without_a_checkpoint_and_takes_the_newest_committed_one(tmp_path):
+    out = tmp_path / "run"
+    assert resolve_resume_target("auto", out) is None  # nothing there: a fresh start, not an error
+    Trainer(model=tiny_gpt2(), args=_args(out, max_steps=4), train_dataset=RaggedLM(32)).train()
+    (out / "checkpoint-6.tmp").mkdir()  # an interrupted save is never a resume target
+    assert resolve_resume_target("auto", out) == out / "checkpoint-4"
+    with pytest.raises(CheckpointError, match="no committed checkpoint"):
+        resolve_resume_target("latest", tmp_path / "empty")
+    # a checkpoint of another model is an error, not a silent fresh start
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    other = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16))
+    with pytest.raises(CheckpointError, match="model"):
+        Trainer(model=other, args=_args(out), train_dataset=RaggedLM(32)).train(resume_from_checkpoint="auto")
+
+
+def test_sigterm_commits_a_checkpoint_at_the_step_reached_and_the_rerun_is_bit_identical(tmp_path):
+    whole = Trainer(model=tiny_gpt2(), args=_args(tmp_path / "whole"), train_dataset=RaggedLM(32))
+    whole.train()
+    out = tmp_path / "preempted"
+    trainer = Trainer(model=tiny_gpt2(), args=_args(out), train_dataset=RaggedLM(32), callbacks=[SignalAt(3)])
+    with pytest.raises(Preempted) as caught:
+        trainer.train()
+    assert caught.value.code == PREEMPTED_EXIT_CODE and caught.value.step == 3  # not a save_steps multiple
+    assert (out / "checkpoint-3" / COMMIT_MARKER).is_file()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers given back
+    again = Trainer(model=tiny_gpt2(), args=_args(out), train_dataset=RaggedLM(32))
+    again.train(resume_from_checkpoint="auto")
+    assert again.state.global_step == 8
+    for name, value in _weights(whole).items():
+        assert torch.equal(_weights(again)[name], value), name
+
+
+def _script(out: Path, signals: str, grace: str = "30") -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent), SIGNALS=signals, GRACE=grace)
+    return subprocess.run([sys.executable, str(SCRIPTS / "preemption_job.py"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("case", ["second-signal", "grace-over"])
+def test_a_second_signal_or_the_grace_period_exits_at_once_keeping_the_last_checkpoint(tmp_path, case):
+    # SIGTERM in step 3's on_step_end, then the process sleeps there as a hung step would: a second SIGTERM
+    # 1.5 s later ends it; or the copy sent at once (the launcher's duplicate) is ignored and the 1 s grace
+    # period ends it
+    proc = _script(tmp_path / "run", "3:1.5", grace="30") if case == "second-signal" else \
+        _script(tmp_path / "run", "3:0", grace="1")
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    expected = "second SIGTERM: exiting now" if case == "second-signal" else "grace period (1 s) is over"
+    assert expected in proc.stderr
+    committed = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*") if (p / COMMIT_MARKER).is_file())
+    assert committed == ["checkpoint-2"]  # the save before the signal, intact
+    assert resolve_resume_target("auto", tmp_path / "run") == tmp_path / "run" / "checkpoint-2"
+
+
+def _one_rank_signalled_job(rank: int, out: str) -> None:
+    trainer = Trainer(model=tiny_gpt2(), args=_args(Path(out), strategy="ddp", ddp_timeout=60),
+                      train_dataset=RaggedLM(32), callbacks=[SignalAt(3, when=lambda: rank == 1)])
+    try:
+        trainer.train()
+        outcome = {"stopped": None}
+    except Preempted as exc:
+        outcome = {"stopped": exc.step}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(outcome))
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    run_ranks(_one_rank_signalled_job, str(out), timeout=200)
+    stops = [json.loads((out / f"rank{r}.json").read_text())["stopped"] for r in (0, 1)]
+    assert stops[0] == stops[1] == 4  # rank 1's request is agreed one step later, on both ranks
+    assert (out / "checkpoint-4" / COMMIT_MARKER).is_file()
+
+
+def _torchrun(out: Path, extra_env: dict, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1", "NPROC": "2",
+           "PYTHON": sys.executable, **extra_env}
+    cmd = ["bash", str(ROOT / "launch" / "torchrun.sh"), "tiny-test", "--output_dir", str(out), "--max_steps",
+           "120", "--save_steps", "40", "--eval_strategy", "no", "--logging_steps", "20", "--optim", "adamw_torch",
+           *overrides]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _workers(launcher: subprocess.Popen) -> list:
+    import psutil
+
+    return [p for p in psutil.Process(launcher.pid).children(recursive=True) if "scaletrain" in " ".join(p.cmdline())
+            and "torch.distributed.run" not in " ".join(p.cmdline())]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def _final(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def test_torchrun_restarts_a_killed_worker_and_the_run_ends_bit_identical(tmp_path):
+    whole = _torchrun(tmp_path / "whole", {})
+    assert whole.wait(timeout=300) == 0, whole.communicate()[1][-3000:]
+    run = _torchrun(tmp_path / "killed", {"MAX_RESTARTS": "1"})
+    _wait_for(tmp_path / "killed" / "checkpoint-40" / COMMIT_MARKER, run)
+    _workers(run)[-1].kill()  # SIGKILL: no handler, no save, as a node failure would end it
+    stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr[-3000:]
+    assert "resumed from" in stderr and "checkpoint-40" in stderr  # the restarted workers continued
+    reference = _final(tmp_path / "whole")
+    for name, value in _final(tmp_path / "killed").items():
+        assert torch.equal(value, reference[name]), name
+
+
+def test_sigterm_to_every_rank_under_torchrun_exits_75_and_auto_continues_bit_identical(tmp_path):
+    run = _torchrun(tmp_path / "run", {})
+    _wait_for(tmp_path / "run" / "checkpoint-40" / COMMIT_MARKER, run)
+    for worker in _workers(run):  # SLURM signals every process of the step
+        worker.send_signal(signal.SIGTERM)
+    stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode != 0 and f"exit code {PREEMPTED_EXIT_CODE}" in stderr, stderr[-3000:]
+    stopped = max(int(p.name.split("-")[1]) for p in (tmp_path / "run").glob("checkpoint-*")
+                  if (p / COMMIT_MARKER).is_file())
+    assert 40 < stopped < 120  # the step reached, not the last periodic save
+    again = _torchrun(tmp_path / "run", {}, "--resume_from_checkpoint", "auto")
+    assert again.wait(timeout=300) == 0, again.communicate()[1][-3000:]
+    whole = _torchrun(tmp_path / "whole", {})
+    assert whole.wait(timeout=300) == 0
+    reference = _final(tmp_path / "whole")
+    for name, value in _final(tmp_path / "run").items():
+        assert torch.equal(value, reference[name]), name
