@@ -150,7 +150,18 @@ def start_process_group(env: DistEnv, device: torch.device, backend: str | None,
     if device.type == "cuda":
         torch.cuda.set_device(device)
         kwargs["device_id"] = device
-    # rank and world size come from the environment (env.rank/world_size read the same variables);
-    # passing them explicitly makes torch skip torchelastic's per-restart store prefix, and workers
-    # restarted by torchrun --max-restarts then read their dead predecessors' addresses and fail to connect
+    kwargs.update(_restart_safe_store(env, kwargs["timeout"]))
     dist.init_process_group(backend=backend or ("nccl" if device.type == "cuda" else "gloo"), **kwargs)
+
+
+def _restart_safe_store(env: DistEnv, timeout: datetime.timedelta) -> dict[str, Any]:
+    """Under torchrun the workers share the agent's store, which outlives a restart: the workers that
+    torchrun --max-restarts starts again found their dead predecessors' addresses there and failed to
+    connect (most of the time; measured). Each attempt gets keys of its own."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return {}  # env:// (rank 0 hosts a fresh store)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
+                          is_master=False, timeout=timeout)
+    return {"store": dist.PrefixStore(f"scaletrain/attempt_{attempt}/", store), "rank": env.rank,
+            "world_size": env.world_size}
