@@ -164,6 +164,10 @@ class _ScaletrainArguments(ProcessFacts):
     # running out, exits at once (the last committed checkpoint stays the resume target). [] disables.
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     preemption_grace_period: float = 30.0
+    # a NaN/inf training loss: "stop" (every rank raises NonFiniteLossError at the next log or save, and no
+    # checkpoint of the poisoned state is written), "skip" (the step is not taken and is counted in
+    # skipped_steps; costs one host read per step), or "continue" (HF's behaviour, with a warning per log)
+    nonfinite_loss: str = "stop"
 
     # Memory middleware (HF names first). Mixed precision: bf16 via autocast
     # (single/ddp), FSDP2's MixedPrecisionPolicy or DeepSpeed's bf16 block; fp16
@@ -338,6 +342,7 @@ class _ScaletrainArguments(ProcessFacts):
             raise NotSupportedError("train_sampling_strategy='batch_rebalance' is not supported yet by scaletrain; "
                                     "'group_by_length' batches rows of similar length together")
         choice("train_sampling_strategy", {"random", "sequential", "group_by_length"})
+        choice("nonfinite_loss", {"stop", "skip", "continue"})
         tokens_seen = self.include_num_input_tokens_seen
         self.include_num_input_tokens_seen = {True: "all", False: "no"}.get(tokens_seen, tokens_seen)
         choice("include_num_input_tokens_seen", {"no", "all", "non_padding"})

@@ -12,6 +12,8 @@ from transformers.trainer_utils import TrainOutput
 from ..data.position import iter_keeping_rng, position_epoch
 from .metrics import LogWindow, RunTotals
 from .optim import current_lr
+from ..checkpoint.manager import latest_checkpoint
+from ..errors import NonFiniteLossError
 from .plan import RunPlan
 from .preemption import Preempted, PreemptionWatch
 from .progress import TrainProgress
@@ -42,6 +44,7 @@ class TrainLoop:
         self.ignore_keys = ignore_keys_for_eval
         self.preemption = preemption
         self.saved_at: Optional[int] = None  # the step of the last checkpoint this loop wrote
+        self.flushed_at: Optional[int] = None  # the step of the last log window read
         self.window = LogWindow(trainer.strategy, trainer.args.logging_nan_inf_filter)
 
     def run(self) -> TrainOutput:
@@ -53,7 +56,9 @@ class TrainLoop:
         totals = RunTotals(trainer.strategy)
         trainer.model_wrapped.train()
         start_epoch, skip = progress.epoch, progress.micro_batches_in_epoch
-        for epoch in range(start_epoch, plan.num_epochs):
+        # a resume from the checkpoint of the last step (a restart after it was written) has nothing to train
+        done = trainer.state.global_step >= plan.max_steps
+        for epoch in range(start_epoch, plan.num_epochs if not done else start_epoch):
             micro_done = skip if epoch == start_epoch else 0
             groups = self._epoch(epoch, micro_done)
             trainer.fire("on_epoch_begin")
@@ -91,7 +96,7 @@ class TrainLoop:
         trainer, progress = self.trainer, self.progress
         if not result.stepped:
             progress.skipped_steps += 1
-            logger.info("step %d skipped: inf/NaN gradients (fp16 overflow)", trainer.state.global_step + 1)
+            logger.info("step %d skipped: NaN/inf loss or gradients", trainer.state.global_step + 1)
         self.window.add(result)
         trainer.current_flos += result.flos
         progress.advance(epoch, micro_done)
@@ -113,11 +118,34 @@ class TrainLoop:
         if control.should_evaluate:
             trainer.evaluate_and_track(self.ignore_keys)
         if control.should_save:
-            trainer.save_checkpoint()
-            self.saved_at = trainer.state.global_step
+            self._save()
             trainer.fire("on_save")
         # training throughput should not count time spent evaluating or saving
         self.window.pause(time.perf_counter() - paused)
+
+    def _save(self) -> None:
+        """A checkpoint, unless a NaN/inf loss since the last check poisoned the state (nonfinite_loss=stop)."""
+        trainer = self.trainer
+        if trainer.args.nonfinite_loss == "stop" and self.flushed_at != trainer.state.global_step:
+            self._check_nonfinite(self.window.nonfinite_since_flush())
+        trainer.save_checkpoint()
+        self.saved_at = trainer.state.global_step
+
+    def _check_nonfinite(self, count: float) -> None:
+        trainer = self.trainer
+        if count <= 0 or trainer.args.nonfinite_loss == "skip":  # skipped steps are counted in the logs
+            return
+        step = trainer.state.global_step
+        if trainer.args.nonfinite_loss == "continue":
+            logger.warning("the training loss was NaN or inf in %d rank-step(s) up to step %d; training goes "
+                           "on (nonfinite_loss='continue')", int(count), step)
+            return
+        last = latest_checkpoint(trainer.args.output_dir)
+        raise NonFiniteLossError(
+            f"the training loss was NaN or inf in {int(count)} rank-step(s) up to step {step}; every rank stops "
+            f"and no checkpoint of this state is written. {last or 'No committed checkpoint'} holds the last good "
+            "state: resume from it with a lower learning_rate or max_grad_norm (or fp32/bf16 instead of fp16), "
+            "or set nonfinite_loss='skip' to leave such steps out")
 
     def _stop_preempted(self) -> None:
         """Every rank agreed to stop after this step: commit a checkpoint here (unless one was just
@@ -125,7 +153,7 @@ class TrainLoop:
         trainer = self.trainer
         step = trainer.state.global_step
         if self.saved_at != step:
-            trainer.save_checkpoint()
+            self._save()
         trainer.checkpoints.finish_pending()
         path = f"{trainer.args.output_dir}/checkpoint-{step}"
         logger.warning("preempted: checkpoint %s committed at step %d; exiting", path, step)
@@ -134,11 +162,13 @@ class TrainLoop:
     def _window_logs(self) -> dict[str, float]:
         trainer = self.trainer
         logs = self.window.flush(current_lr(trainer.lr_scheduler, trainer.optimizer))
+        self.flushed_at = trainer.state.global_step
+        self._check_nonfinite(self.window.last_nonfinite)
         logs.update(trainer.middleware.log_values())
         scale = trainer.strategy.loss_scale()
         if scale is not None:
             logs["loss_scale"] = float(scale)
-        if trainer.strategy.precision.is_mixed:
+        if trainer.strategy.precision.is_mixed or trainer.args.nonfinite_loss == "skip":
             logs["skipped_steps"] = self.progress.skipped_steps
         return logs
 
@@ -147,6 +177,8 @@ class TrainLoop:
         trainer.checkpoints.finish_pending()  # a background save is committed before training returns
         trainer.middleware.after_training(trainer.model)
         train_loss, metrics = totals.summary()
+        if trainer.args.nonfinite_loss == "stop":  # steps after the last log or save: read with the totals
+            self._check_nonfinite(totals.nonfinite_steps)
         trainer.input_tokens.settle(trainer.state)
         trainer.store_flos()  # into state.total_flos; HF 5 leaves it out of the train metrics
         metrics["epoch"] = trainer.state.epoch

@@ -18,16 +18,20 @@ class LogWindow:
         self.strategy, self.nan_inf_filter = strategy, nan_inf_filter
         self.reset()
 
+    last_nonfinite = 0.0  # NaN/inf steps in the last flushed window
+
     def reset(self) -> None:
         device = self.strategy.device
         self.loss = torch.zeros((), device=device)
         self.finite_steps = torch.zeros((), device=device)
+        self.nonfinite_steps = torch.zeros((), device=device)  # NaN/inf losses, whatever the log filter
         self.samples = 0
         self.tokens = torch.zeros((), dtype=torch.int64, device=device)
         self.grad_norm: Optional[Union[torch.Tensor, float]] = None
         self.start = time.perf_counter()
 
     def add(self, step: StepResult) -> None:
+        self.nonfinite_steps += torch.logical_not(torch.isfinite(step.loss)).to(torch.float32)
         if self.nan_inf_filter:
             finite = torch.isfinite(step.loss)
             self.loss += torch.where(finite, step.loss, torch.zeros_like(step.loss))
@@ -40,6 +44,11 @@ class LogWindow:
         if step.grad_norm is not None:
             self.grad_norm = step.grad_norm
 
+    def nonfinite_since_flush(self) -> float:
+        """NaN/inf steps in the window so far, summed over ranks (a collective and a host read: for save
+        points and the end of training, not per step)."""
+        return float(self.strategy.all_reduce_sum(self.nonfinite_steps.double().reshape(1).clone()).item())
+
     def pause(self, seconds: float) -> None:
         self.start += seconds
 
@@ -49,14 +58,15 @@ class LogWindow:
         packed = torch.stack([
             self.loss.double(), self.finite_steps.double(),
             torch.tensor(float(self.samples), dtype=torch.float64, device=self.strategy.device),
-            self.tokens.double(),
+            self.tokens.double(), self.nonfinite_steps.double(),
         ])
         reduced = self.strategy.all_reduce_sum(packed)
         norm = self.grad_norm
         if isinstance(norm, torch.Tensor):  # the same global norm on every rank: read in the same transfer
             reduced = torch.cat([reduced, norm.detach().reshape(1).to(reduced)])
         values = reduced.tolist()  # the window's one host sync
-        loss_sum, finite_steps, samples, tokens = values[:4]
+        loss_sum, finite_steps, samples, tokens, nonfinite = values[:5]
+        self.last_nonfinite = nonfinite  # rank-summed: the same on every rank
         world = self.strategy.world_size
         logs = {
             # every rank counted each finite step once
@@ -66,7 +76,7 @@ class LogWindow:
             "train_tokens_per_second": tokens / elapsed,
         }
         if norm is not None:
-            logs["grad_norm"] = values[4] if isinstance(norm, torch.Tensor) else float(norm)
+            logs["grad_norm"] = values[5] if isinstance(norm, torch.Tensor) else float(norm)
         self.reset()
         return logs
 
@@ -79,11 +89,14 @@ class RunTotals:
         device = strategy.device
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
         self.tokens = torch.zeros((), dtype=torch.int64, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.float64, device=device)
+        self.nonfinite_steps = 0.0  # NaN/inf losses over the run and the ranks, once summary() read them
         self.steps, self.samples = 0, 0
         self.start = time.perf_counter()
 
     def add(self, step: StepResult) -> None:
         self.loss += step.loss.double()
+        self.nonfinite += torch.logical_not(torch.isfinite(step.loss)).double()
         self.tokens += step.tokens
         self.steps += 1
         self.samples += step.samples
@@ -93,8 +106,8 @@ class RunTotals:
         runtime = time.perf_counter() - self.start
         device = self.strategy.device
         totals = torch.stack([torch.tensor(float(self.samples), dtype=torch.float64, device=device),
-                              self.tokens.double(), self.loss])
-        samples, tokens, loss_sum = self.strategy.all_reduce_sum(totals).tolist()
+                              self.tokens.double(), self.loss, self.nonfinite])
+        samples, tokens, loss_sum, self.nonfinite_steps = self.strategy.all_reduce_sum(totals).tolist()
         train_loss = loss_sum / max(self.steps, 1)
 
         def rate(count: float) -> float:
