@@ -56,6 +56,7 @@ def _prepare(config_name: str, overrides: list[str], command: str = "train"):
 def _train(cfg, env, strategy, task) -> int:
     from transformers.trainer_utils import set_seed
 
+    from .checkpoint import CheckpointError
     from .trainer import Trainer
 
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
@@ -76,6 +77,9 @@ def _train(cfg, env, strategy, task) -> int:
             print(f"scaletrain: {exc}; exit code {PREEMPTED_EXIT_CODE} (resume_from_checkpoint=auto continues)",
                   file=sys.stderr, flush=True)
             return PREEMPTED_EXIT_CODE
+        except CheckpointError as exc:  # a save that could not be written; the earlier checkpoints stand
+            print(f"scaletrain: checkpoint error: {exc}", file=sys.stderr, flush=True)
+            return 1
         eval_metrics = trainer.evaluate()
         final_dir = trainer.save_model(str(Path(cfg.training.output_dir) / "final"))
         wall = time.perf_counter() - wall_start

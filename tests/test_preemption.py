@@ -53,6 +53,10 @@ def test_auto_starts_fresh_without_a_checkpoint_and_takes_the_newest_committed_o
     assert resolve_resume_target("auto", out) == out / "checkpoint-4"
     with pytest.raises(CheckpointError, match="no committed checkpoint"):
         resolve_resume_target("latest", tmp_path / "empty")
+    # a restart after the last step's checkpoint (before the run's end was reported) trains no extra step
+    done = Trainer(model=tiny_gpt2(), args=_args(out, max_steps=4), train_dataset=RaggedLM(32))
+    done.train(resume_from_checkpoint="auto")
+    assert done.state.global_step == 4 and not (out / "checkpoint-5").exists()
     # a checkpoint of another model is an error, not a silent fresh start
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -179,3 +183,133 @@ def test_sigterm_to_every_rank_under_torchrun_exits_75_and_auto_continues_bit_id
     reference = _final(tmp_path / "whole")
     for name, value in _final(tmp_path / "run").items():
         assert torch.equal(value, reference[name]), name
+
+
+def test_a_full_disk_during_a_save_is_a_clear_error_that_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from scaletrain.checkpoint import manager
+
+    write, calls = manager._write_state, []
+
+    def full_disk_at_the_second_save(path, state):
+        calls.append(path.parent.name)
+        if path.parent.name == "checkpoint-4.tmp":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return write(path, state)
+
+    monkeypatch.setattr(manager, "_write_state", full_disk_at_the_second_save)
+    out = tmp_path / "run"
+    trainer = Trainer(model=tiny_gpt2(), args=_args(out, save_total_limit=1), train_dataset=RaggedLM(32))
+    with pytest.raises(CheckpointError, match=r"saving checkpoint-4 failed: the disk under .* is full .*"
+                                              r"checkpoint-2 stays the newest committed one"):
+        trainer.train()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2"]
+    monkeypatch.setattr(manager, "_write_state", write)  # space freed: the run continues from checkpoint-2
+    again = Trainer(model=tiny_gpt2(), args=_args(out, save_total_limit=1), train_dataset=RaggedLM(32))
+    again.train(resume_from_checkpoint="auto")
+    whole = Trainer(model=tiny_gpt2(), args=_args(tmp_path / "whole"), train_dataset=RaggedLM(32))
+    whole.train()
+    for name, value in _weights(whole).items():
+        assert torch.equal(_weights(again)[name], value), name
+
+
+class NaNLossAt(Trainer):
+    """The loss of optimizer step `nan_step` (1-based) is NaN on `ranks`: its gradients are NaN too."""
+
+    nan_step, ranks = 3, (0,)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.state.global_step + 1 == self.nan_step and self.strategy.rank in self.ranks and model.training:
+            loss = loss * float("nan")
+        return loss
+
+
+@pytest.mark.parametrize("logging_steps", [1, 10])
+def test_a_nan_loss_stops_the_run_without_saving_the_poisoned_state(tmp_path, logging_steps):
+    from scaletrain.errors import NonFiniteLossError
+
+    out = tmp_path / "run"
+    trainer = NaNLossAt(model=tiny_gpt2(), args=_args(out, logging_steps=logging_steps), train_dataset=RaggedLM(32))
+    # found at the step's log (logging_steps=1), else at the next save (step 4), before anything is written
+    # (by then step 4 too was NaN: it started from step 3's NaN weights)
+    step, bad = (3, 1) if logging_steps == 1 else (4, 2)
+    with pytest.raises(NonFiniteLossError, match=rf"NaN or inf in {bad} rank-step\(s\) up to step {step}.*"
+                                                 r"checkpoint-2 holds the last good state"):
+        trainer.train()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_skip_leaves_a_nan_step_out_and_continue_trains_on_as_hf_does(tmp_path):
+    skipped = NaNLossAt(model=tiny_gpt2(), args=_args(tmp_path / "skip", nonfinite_loss="skip"),
+                        train_dataset=RaggedLM(32))
+    skipped.train()
+    assert all(torch.isfinite(v).all() for v in _weights(skipped).values())
+    assert [e["skipped_steps"] for e in skipped.state.log_history if "skipped_steps" in e][-1] == 1
+    assert skipped.state.global_step == 8
+    continued = NaNLossAt(model=tiny_gpt2(), args=_args(tmp_path / "continue", nonfinite_loss="continue"),
+                          train_dataset=RaggedLM(32))
+    continued.train()
+    assert not all(torch.isfinite(v).all() for v in _weights(continued).values())  # what HF would train on
+
+
+def _nan_on_one_rank_job(rank: int, out: str, policy: str) -> None:
+    from scaletrain.errors import NonFiniteLossError
+
+    class OnRankOne(NaNLossAt):
+        ranks = (1,)
+
+    trainer = OnRankOne(model=tiny_gpt2(), args=_args(Path(out) / policy, strategy="ddp", nonfinite_loss=policy,
+                                                      ddp_timeout=60), train_dataset=RaggedLM(32))
+    try:
+        trainer.train()
+        outcome = {"finished": trainer.state.global_step,
+                   "finite": all(bool(torch.isfinite(v).all()) for v in _weights(trainer).values())}
+    except NonFiniteLossError:
+        outcome = {"stopped": trainer.state.global_step}
+    Path(out, f"{policy}-rank{rank}.json").write_text(json.dumps(outcome))
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_a_nan_loss_on_one_rank_is_acted_on_by_every_rank(tmp_path, policy):
+    run_ranks(_nan_on_one_rank_job, str(tmp_path), policy, timeout=200)
+    outcomes = [json.loads((tmp_path / f"{policy}-rank{r}.json").read_text()) for r in (0, 1)]
+    expected = {"stopped": 3} if policy == "stop" else {"finished": 8, "finite": True}
+    assert outcomes == [expected, expected]
+
+
+class DieAt(TrainerCallback):
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3 and self.rank == 1:
+            os._exit(1)  # a crash: no cleanup, no message to the peer
+
+
+def _dead_peer_job(rank: int, out: str) -> None:
+    start = time.monotonic()
+    trainer = Trainer(model=tiny_gpt2(), args=_args(Path(out) / "run", strategy="ddp", ddp_timeout=20),
+                      train_dataset=RaggedLM(32), callbacks=[DieAt(rank)])
+    try:
+        trainer.train()
+        outcome = "finished"
+    except Exception as exc:  # noqa: BLE001 - the outcome is what the test reads
+        outcome = type(exc).__name__
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"outcome": outcome, "s": time.monotonic() - start}))
+
+
+def test_a_dead_peer_makes_the_other_rank_fail_within_the_collective_timeout(tmp_path):
+    import torch.multiprocessing as mp
+
+    from helpers import _entry, free_port
+
+    ctx = mp.start_processes(_entry, args=(_dead_peer_job, 2, free_port(), (str(tmp_path),)), nprocs=2, join=False,
+                             start_method="spawn")
+    for process in ctx.processes:
+        process.join(timeout=120)
+    assert not any(p.is_alive() for p in ctx.processes), "a rank hung"
+    survivor = json.loads((tmp_path / "rank0.json").read_text())
+    assert survivor["outcome"] != "finished" and survivor["s"] < 20 + 30, survivor  # ddp_timeout, not 30 min
+    assert ctx.processes[1].exitcode == 1

@@ -19,6 +19,7 @@ pickled code runs.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from typing import Any, Optional, Protocol
 import numpy as np
 import torch
 import transformers
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..version import __version__
 
@@ -250,18 +252,22 @@ class CheckpointManager:
         strategy.barrier()
 
         state_optimizer = None if save_only_model else optimizer
-        with _quiet_single_process_dcp():
-            if asynchronous:
-                future = strategy.save_state_async(tmp / "state", model, state_optimizer)
-            else:
-                strategy.save_state(tmp / "state", model, state_optimizer)
-        torch.save(capture_rng_state(), tmp / f"rng_state_{strategy.rank}.pth")
-
-        if strategy.is_main:
-            for name, stateful in states.items():
-                _write_state(tmp / name, stateful.state_dict())
-            if write_model_files is not None:
-                write_model_files(tmp)
+        try:
+            with _quiet_single_process_dcp():
+                if asynchronous:
+                    future = strategy.save_state_async(tmp / "state", model, state_optimizer)
+                else:
+                    strategy.save_state(tmp / "state", model, state_optimizer)
+            torch.save(capture_rng_state(), tmp / f"rng_state_{strategy.rank}.pth")
+            if strategy.is_main:
+                for name, stateful in states.items():
+                    _write_state(tmp / name, stateful.state_dict())
+                if write_model_files is not None:
+                    write_model_files(tmp)
+            error = None
+        except (OSError, CheckpointException) as exc:  # a full disk, a quota, a lost mount
+            error = exc
+        self._agree_written(error, tmp, final)
         manifest = {
             "format_version": FORMAT_VERSION,
             "step": step,
@@ -281,6 +287,26 @@ class CheckpointManager:
         self.last_save_blocking_s = time.perf_counter() - started
         logger.info("saved %s in %.2fs", final, time.perf_counter() - started)
         return final
+
+    def _agree_written(self, error: Optional[BaseException], tmp: Path, final: Path) -> None:
+        """Every rank learns whether any rank failed to write its part (one reduction per save); then the
+        half-written folder is removed and every rank raises, naming the checkpoint that stays."""
+        strategy = self.strategy
+        failed = torch.tensor([float(error is not None)], device=strategy.device)
+        if not strategy.all_reduce_max(failed).item():
+            return
+        if strategy.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        strategy.barrier()
+        previous = latest_checkpoint(self.output_dir)
+        full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+        cause = f"the disk under {self.output_dir} is full ({error})" if full else \
+            (f"{type(error).__name__}: {error}" if error is not None else "another rank could not write its part")
+        raise CheckpointError(
+            f"saving {final.name} failed: {cause}. Nothing of it was kept; "
+            f"{previous.name if previous else 'no earlier checkpoint'} stays the newest committed one "
+            f"(resume_from_checkpoint=auto continues from it). "
+            + ("Free space there or lower save_total_limit." if full else ""))
 
     def finish_pending(self) -> Optional[Path]:
         """Wait for a background save on every rank, then commit it."""
