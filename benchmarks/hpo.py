@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from strategies import RESULTS, publish  # noqa: E402
+from strategies import RESULTS, publish, save_plot  # noqa: E402
 
 CONFIG = Path(__file__).parent.parent / "configs" / "hpo-trec.yaml"
 
@@ -67,10 +67,7 @@ def plot(results: list[dict]) -> Path:
     ax.set_ylabel("best held-out accuracy so far")
     ax.set_title("TPE search on MiniLM/TREC, 12 trials: with and without Hyperband")
     ax.legend()
-    figure.tight_layout()
-    path = RESULTS / "hpo-cpu.png"
-    figure.savefig(path, dpi=110)
-    return path
+    return save_plot(figure, "hpo-cpu")
 
 
 def main() -> None:

@@ -67,6 +67,14 @@ def publish(name: str, lines: list[str], data: dict) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2))
 
 
+def save_plot(figure, name: str) -> Path:
+    """A benchmark's PNG beside its table: results/<name>.png."""
+    figure.tight_layout()
+    path = RESULTS / f"{name}.png"
+    figure.savefig(path, dpi=110)
+    return path
+
+
 class TokenData(torch.utils.data.Dataset):
     """n fixed random token rows (seeded): causal-LM batches of a known shape for every benchmark."""
 

@@ -152,10 +152,11 @@ def _final(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "final" / "model.safetensors"))
 
 
-def test_torchrun_restarts_a_killed_worker_and_the_run_ends_bit_identical(tmp_path):
-    whole = _torchrun(tmp_path / "whole", {})
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2"])
+def test_torchrun_restarts_a_killed_worker_and_the_run_ends_bit_identical(tmp_path, strategy):
+    whole = _torchrun(tmp_path / "whole", {}, "--strategy", strategy)
     assert whole.wait(timeout=300) == 0, whole.communicate()[1][-3000:]
-    run = _torchrun(tmp_path / "killed", {"MAX_RESTARTS": "1"})
+    run = _torchrun(tmp_path / "killed", {"MAX_RESTARTS": "1"}, "--strategy", strategy)
     _wait_for(tmp_path / "killed" / "checkpoint-40" / COMMIT_MARKER, run)
     _workers(run)[-1].kill()  # SIGKILL: no handler, no save, as a node failure would end it
     stdout, stderr = run.communicate(timeout=300)
