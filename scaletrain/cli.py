@@ -59,8 +59,7 @@ def _train(cfg, env, strategy, task) -> int:
     from .checkpoint import CheckpointError
     from .trainer import Trainer
 
-    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
-                        format=f"[rank{env.rank}] %(levelname)s %(name)s: %(message)s")
+    _rank_logging(env)
     wall_start = time.perf_counter()
     strategy.setup_environment()
     set_seed(cfg.training.seed)  # the model's random init (if any) is part of the run
@@ -72,14 +71,13 @@ def _train(cfg, env, strategy, task) -> int:
     )
     try:
         try:
-            train_out = trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint)
-        except Preempted as exc:
-            print(f"scaletrain: {exc}; exit code {PREEMPTED_EXIT_CODE} (resume_from_checkpoint=auto continues)",
-                  file=sys.stderr, flush=True)
-            return PREEMPTED_EXIT_CODE
+            train_out = _preemptible(lambda: trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint),
+                                     "resume_from_checkpoint=auto continues")
         except CheckpointError as exc:  # a save that could not be written; the earlier checkpoints stand
             print(f"scaletrain: checkpoint error: {exc}", file=sys.stderr, flush=True)
             return 1
+        if train_out is None:
+            return PREEMPTED_EXIT_CODE
         eval_metrics = trainer.evaluate()
         final_dir = trainer.save_model(str(Path(cfg.training.output_dir) / "final"))
         wall = time.perf_counter() - wall_start
@@ -128,8 +126,7 @@ def _hpo(cfg, env, strategy, task) -> int:
     from .tasks import build_task
     from .trainer import Trainer
 
-    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
-                        format=f"[rank{env.rank}] %(levelname)s %(name)s: %(message)s")
+    _rank_logging(env)
     strategy.setup_environment()
     search = cfg.search
     built: dict = {}
@@ -150,7 +147,7 @@ def _hpo(cfg, env, strategy, task) -> int:
         best = _preemptible(lambda: trainer.hyperparameter_search(
             hp_space=search.hp_space(trainer.args), n_trials=search.n_trials,
             compute_objective=lambda m: m[metrics[0]] if len(metrics) == 1 else [m[k] for k in metrics],
-            direction=search.direction, **search.optuna_kwargs()))
+            direction=search.direction, **search.optuna_kwargs()), "the same command continues the search")
         if best is None:
             return PREEMPTED_EXIT_CODE
         if trainer.is_world_process_zero():
@@ -161,13 +158,18 @@ def _hpo(cfg, env, strategy, task) -> int:
     return 0
 
 
-def _preemptible(run):
-    """run()'s result, or None after a preemption (its checkpoint committed, the trial queued again)."""
+def _rank_logging(env) -> None:
+    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
+                        format=f"[rank{env.rank}] %(levelname)s %(name)s: %(message)s")
+
+
+def _preemptible(run, how_to_continue: str):
+    """run()'s result, or None after a preemption (its checkpoint committed; for a search, the trial
+    queued again)."""
     try:
         return run()
     except Preempted as exc:
-        print(f"scaletrain: {exc}; exit code {PREEMPTED_EXIT_CODE} (the same command continues the search)",
-              file=sys.stderr, flush=True)
+        print(f"scaletrain: {exc}; exit code {PREEMPTED_EXIT_CODE} ({how_to_continue})", file=sys.stderr, flush=True)
         return None
 
 

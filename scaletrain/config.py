@@ -12,7 +12,6 @@ the key and the fix, before any process group starts.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from .args import TrainingArguments
+from .errors import did_you_mean
 from .search.config import SearchConfig
 
 
@@ -130,9 +130,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
 
 
 def _unknown(key: str, known: list[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"unknown key {key!r} in {where}{hint}")
+    return ConfigError(f"unknown key {key!r} in {where}{did_you_mean(key, known)}")
 
 
 def resolve_config_path(name_or_path: str) -> Path:

@@ -3,11 +3,11 @@ checked against the training section and the task before any process group start
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
+from ..errors import did_you_mean
 from .errors import SearchConfigError
 from .names import PRUNERS, SAMPLERS
 
@@ -71,10 +71,8 @@ class SearchConfig:
         available = ["eval_loss"] + [f"eval_{m}" for m in task_metrics]
         for metric in self.metrics:
             if metric not in available:
-                close = difflib.get_close_matches(metric, available, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise SearchConfigError(f"search.metric={metric!r}: evaluation never produces it (it gives "
-                                        f"{available}){hint}")
+                                        f"{available}){did_you_mean(metric, available)}")
 
     def grid(self) -> dict[str, list]:
         space = {}
@@ -182,10 +180,8 @@ def _check_target(name: str, fields: set[str], model_fields: list[str]) -> None:
         raise SearchConfigError(f"search.parameters.{name}: only the keys of {list(_DICT_FIELDS)} can be tuned "
                                 "one by one")
     if target not in fields:
-        close = difflib.get_close_matches(target, sorted(fields), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
         raise SearchConfigError(f"search.parameters.{name}: {target!r} is not a training field nor model.<field>"
-                                f"{hint}")
+                                f"{did_you_mean(target, sorted(fields))}")
 
 
 def _check_name(where: str, spec: Any, table: dict[str, str]) -> None:

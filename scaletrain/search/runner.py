@@ -13,7 +13,6 @@ from typing import Any, Callable, Optional
 
 import optuna
 from accelerate.utils.memory import clear_device_cache
-from transformers.trainer_callback import TrainerControl
 from transformers.trainer_utils import BestRun
 
 from ..checkpoint.manager import latest_checkpoint
@@ -36,7 +35,6 @@ class DistributedSearch:
         self.user_model_init = trainer.model_init
         self.main_input_name = trainer.input_tokens.main_input_name
         self.study_trial: Optional[optuna.Trial] = None  # rank 0's, during a trial
-        self.current: Optional[dict[str, Any]] = None  # the trial message every rank runs
         self.followers_waiting = True  # the other ranks wait for rank 0's next message
 
     # ------------------------------------------------------------ the ranks
@@ -107,8 +105,8 @@ class DistributedSearch:
         """Every rank: train the trial; agree on how it ended. Rank 0 returns the objective to optuna,
         or raises TrialPruned / TrialFailed for optuna to record."""
         trainer = self.trainer
-        self.study_trial, self.current = study_trial, message
-        trainer.state = trainer._new_state()
+        self.study_trial = study_trial
+        trainer.state = trainer._new_state()  # a trial whose arguments are refused reports no steps
         error, pruned = None, False
         try:
             model_init_trial = self._begin_trial(message, study_trial)
@@ -154,10 +152,7 @@ class DistributedSearch:
         trainer.objective, trainer._trial, trainer._search = None, observed, self
         trainer.model_init = lambda _: self._observed_model_init(observed, params)
         args = trial_arguments(self.base_args, params, message["run_dir"])
-        trainer._bind_args(args, build_strategy(args, self.base_strategy.env))
-        trainer._bind_step_helpers(self.main_input_name)
-        trainer.state, trainer.control = trainer._new_state(), TrainerControl()
-        trainer.optimizer, trainer.lr_scheduler = None, None
+        trainer._rebind(build_strategy(args, self.base_strategy.env), self.main_input_name)
         logger.info("trial %d: %s (output in %s)", message["number"], params, message["run_dir"])
         return observed
 
@@ -209,9 +204,7 @@ class DistributedSearch:
         back the arguments (and strategy) the trainer was constructed with."""
         trainer = self.trainer
         trainer.model_init, trainer._trial, trainer._search = self.user_model_init, None, None
-        trainer._bind_args(self.base_args, self.base_strategy)
-        trainer._bind_step_helpers(self.main_input_name)
-        trainer.state, trainer.control = trainer._new_state(), TrainerControl()
+        trainer._rebind(self.base_strategy, self.main_input_name, self.base_args)
 
 
 def _requeue(trial: optuna.Trial) -> None:

@@ -102,8 +102,8 @@ def check_reads(hp_params: dict[str, Any], observed: ObservedTrial, args: Any) -
 
 def _empty_space() -> SearchConfigError:
     return SearchConfigError("the search space is empty: hp_space returned no parameter and model_init sampled "
-                                "none; return at least one, e.g. {'learning_rate': trial.suggest_float("
-                                "'learning_rate', 1e-5, 1e-3, log=True)}")
+                             "none; return at least one, e.g. {'learning_rate': trial.suggest_float("
+                             "'learning_rate', 1e-5, 1e-3, log=True)}")
 
 
 def trial_arguments(base: Any, params: dict[str, Any], output_dir: str) -> Any:

@@ -204,7 +204,7 @@ class Strategy(abc.ABC):
         """Stage a copy of the state in host memory and write it in a background
         thread; returns a Future. Its collectives use a process group of their
         own, so they cannot interleave with the training loop's."""
-        if self._collectives() and self._checkpoint_group is None:
+        if self.has_collectives() and self._checkpoint_group is None:
             self._checkpoint_group = dist.new_group(backend="gloo")  # every rank reaches the first save
         return dcp.async_save(self.state_dict(model, optimizer), checkpoint_id=str(directory),
                               process_group=self._checkpoint_group)
@@ -258,36 +258,37 @@ class Strategy(abc.ABC):
     def is_local_main(self) -> bool:
         return self.env.local_rank == 0
 
-    def _collectives(self) -> bool:
+    def has_collectives(self) -> bool:
+        """Whether collectives reach other ranks (a multi-rank run with its process group up)."""
         return self.env.is_distributed and dist.is_initialized()
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks (in place, returned). gloo has no AVG for ints: divide yourself."""
-        if self._collectives():
+        if self.has_collectives():
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
     def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self._collectives():
+        if self.has_collectives():
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor
 
     def all_gather_object(self, obj: Any) -> list[Any]:
-        if not self._collectives():
+        if not self.has_collectives():
             return [obj]
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        if not self._collectives():
+        if not self.has_collectives():
             return obj
         box = [obj]
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
     def barrier(self) -> None:
-        if self._collectives():
+        if self.has_collectives():
             dist.barrier()
 
     def describe(self) -> str:

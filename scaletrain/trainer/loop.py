@@ -4,16 +4,17 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from pathlib import Path
 from typing import Iterator, Optional
 
 from accelerate.utils.memory import clear_device_cache
 from transformers.trainer_utils import TrainOutput
 
+from ..checkpoint.manager import latest_checkpoint
 from ..data.position import iter_keeping_rng, position_epoch
+from ..errors import NonFiniteLossError
 from .metrics import LogWindow, RunTotals
 from .optim import current_lr
-from ..checkpoint.manager import latest_checkpoint
-from ..errors import NonFiniteLossError
 from .plan import RunPlan
 from .preemption import Preempted, PreemptionWatch
 from .progress import TrainProgress
@@ -43,7 +44,7 @@ class TrainLoop:
         self.trainer, self.plan, self.progress, self.runner = trainer, plan, progress, runner
         self.ignore_keys = ignore_keys_for_eval
         self.preemption = preemption
-        self.saved_at: Optional[int] = None  # the step of the last checkpoint this loop wrote
+        self.saved: Optional[tuple[int, Path]] = None  # (step, folder) of the last checkpoint this loop wrote
         self.flushed_at: Optional[int] = None  # the step of the last log window read
         self.window = LogWindow(trainer.strategy, trainer.args.logging_nan_inf_filter)
 
@@ -56,9 +57,9 @@ class TrainLoop:
         totals = RunTotals(trainer.strategy)
         trainer.model_wrapped.train()
         start_epoch, skip = progress.epoch, progress.micro_batches_in_epoch
-        # a resume from the checkpoint of the last step (a restart after it was written) has nothing to train
-        done = trainer.state.global_step >= plan.max_steps
-        for epoch in range(start_epoch, plan.num_epochs if not done else start_epoch):
+        for epoch in range(start_epoch, plan.num_epochs):
+            if trainer.state.global_step >= plan.max_steps:
+                break  # resumed from the last step's checkpoint (a restart after it was written): nothing to train
             micro_done = skip if epoch == start_epoch else 0
             groups = self._epoch(epoch, micro_done)
             trainer.fire("on_epoch_begin")
@@ -128,8 +129,7 @@ class TrainLoop:
         trainer = self.trainer
         if trainer.args.nonfinite_loss == "stop" and self.flushed_at != trainer.state.global_step:
             self._check_nonfinite(self.window.nonfinite_since_flush())
-        trainer.save_checkpoint()
-        self.saved_at = trainer.state.global_step
+        self.saved = (trainer.state.global_step, trainer.save_checkpoint())
 
     def _check_nonfinite(self, count: float) -> None:
         trainer = self.trainer
@@ -152,12 +152,12 @@ class TrainLoop:
         written) and leave train() with Preempted."""
         trainer = self.trainer
         step = trainer.state.global_step
-        if self.saved_at != step:
+        if self.saved is None or self.saved[0] != step:
             self._save()
         trainer.checkpoints.finish_pending()
-        path = f"{trainer.args.output_dir}/checkpoint-{step}"
+        path = self.saved[1]
         logger.warning("preempted: checkpoint %s committed at step %d; exiting", path, step)
-        raise Preempted(step, path)
+        raise Preempted(step, str(path))
 
     def _window_logs(self) -> dict[str, float]:
         trainer = self.trainer

@@ -16,9 +16,8 @@ class LogWindow:
 
     def __init__(self, strategy, nan_inf_filter: bool) -> None:
         self.strategy, self.nan_inf_filter = strategy, nan_inf_filter
+        self.last_nonfinite = 0.0  # NaN/inf steps in the last flushed window, summed over ranks
         self.reset()
-
-    last_nonfinite = 0.0  # NaN/inf steps in the last flushed window
 
     def reset(self) -> None:
         device = self.strategy.device
@@ -31,11 +30,10 @@ class LogWindow:
         self.start = time.perf_counter()
 
     def add(self, step: StepResult) -> None:
-        self.nonfinite_steps += torch.logical_not(torch.isfinite(step.loss)).to(torch.float32)
+        self.nonfinite_steps += torch.logical_not(step.finite).to(torch.float32)
         if self.nan_inf_filter:
-            finite = torch.isfinite(step.loss)
-            self.loss += torch.where(finite, step.loss, torch.zeros_like(step.loss))
-            self.finite_steps += finite.to(torch.float32)
+            self.loss += torch.where(step.finite, step.loss, torch.zeros_like(step.loss))
+            self.finite_steps += step.finite.to(torch.float32)
         else:
             self.loss += step.loss
             self.finite_steps += 1.0
@@ -47,7 +45,8 @@ class LogWindow:
     def nonfinite_since_flush(self) -> float:
         """NaN/inf steps in the window so far, summed over ranks (a collective and a host read: for save
         points and the end of training, not per step)."""
-        return float(self.strategy.all_reduce_sum(self.nonfinite_steps.double().reshape(1).clone()).item())
+        # .double() copies, so the reduction leaves the window's own count alone
+        return float(self.strategy.all_reduce_sum(self.nonfinite_steps.double().reshape(1)).item())
 
     def pause(self, seconds: float) -> None:
         self.start += seconds
@@ -66,7 +65,7 @@ class LogWindow:
             reduced = torch.cat([reduced, norm.detach().reshape(1).to(reduced)])
         values = reduced.tolist()  # the window's one host sync
         loss_sum, finite_steps, samples, tokens, nonfinite = values[:5]
-        self.last_nonfinite = nonfinite  # rank-summed: the same on every rank
+        self.last_nonfinite = nonfinite
         world = self.strategy.world_size
         logs = {
             # every rank counted each finite step once
@@ -96,7 +95,7 @@ class RunTotals:
 
     def add(self, step: StepResult) -> None:
         self.loss += step.loss.double()
-        self.nonfinite += torch.logical_not(torch.isfinite(step.loss)).double()
+        self.nonfinite += torch.logical_not(step.finite).double()
         self.tokens += step.tokens
         self.steps += 1
         self.samples += step.samples

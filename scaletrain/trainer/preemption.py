@@ -90,7 +90,7 @@ class PreemptionWatch:
 
     def should_stop(self) -> bool:
         mine = self.requested_at is not None
-        if not (self.strategy.env.is_distributed and dist.is_initialized()):
+        if not self.strategy.has_collectives():
             return mine
         agreed = self._pending() if self._pending is not None else False
         self._pending = self._start_reduction(mine)

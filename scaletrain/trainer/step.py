@@ -27,6 +27,7 @@ class StepResult:
     tokens: torch.Tensor  # non-padding input tokens, int64 on the device
     grad_norm: Optional[Union[torch.Tensor, float]]  # None unless clipping is on
     stepped: bool  # False: skipped (fp16 overflow, or a NaN/inf loss with nonfinite_loss='skip')
+    finite: torch.Tensor  # whether `loss` is finite (a device bool, computed once for the logs and totals)
     flos: float = 0.0  # estimated from input shapes (Trainer.floating_point_ops)
 
 
@@ -90,18 +91,19 @@ class StepRunner:
         self.clip = max_grad_norm if max_grad_norm is not None and max_grad_norm > 0 else None
         self.skip_nonfinite = hooks.args.nonfinite_loss == "skip"
 
-    def _any_rank_nonfinite(self, loss: torch.Tensor) -> bool:
+    def _any_rank_nonfinite(self, finite: torch.Tensor) -> bool:
         """nonfinite_loss='skip': whether any rank's loss is NaN/inf (a collective and one host read per
         step, the policy's cost: the step must be decided before the optimizer moves)."""
-        bad = torch.logical_not(torch.isfinite(loss)).to(torch.float32).reshape(1)
+        bad = torch.logical_not(finite).to(torch.float32).reshape(1)
         return bool(self.strategy.all_reduce_max(bad).item())
 
     def run(self, model, optimizer, scheduler, micro_batches: list[dict[str, Any]]) -> StepResult:
         loss, samples, tokens = self._accumulate(model, micro_batches)
         flos = float(sum(self.hooks.floating_point_ops(batch) for batch in micro_batches))
-        if self.skip_nonfinite and self._any_rank_nonfinite(loss):
+        finite = torch.isfinite(loss)
+        if self.skip_nonfinite and self._any_rank_nonfinite(finite):
             self.strategy.discard_gradients(model, optimizer)  # the weights, optimizer and schedule stay
-            return StepResult(loss / self.strategy.world_size, samples, tokens, None, False, flos)
+            return StepResult(loss / self.strategy.world_size, samples, tokens, None, False, finite, flos)
         self.strategy.unscale_gradients(optimizer)
         self.hooks.fire("on_pre_optimizer_step")
         grad_norm = self.strategy.clip_grad_norm_(model, self.clip) if self.clip is not None else None
@@ -113,7 +115,7 @@ class StepRunner:
             scheduler.step()
         # else an fp16 overflow: the weights did not move, so neither does the schedule
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss / self.strategy.world_size, samples, tokens, grad_norm, stepped, flos)
+        return StepResult(loss / self.strategy.world_size, samples, tokens, grad_norm, stepped, finite, flos)
 
     def _accumulate(self, model, micro_batches: list[dict[str, Any]]) -> tuple[torch.Tensor, int, torch.Tensor]:
         global_items = self.weighting.global_items(micro_batches)

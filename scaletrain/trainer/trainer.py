@@ -101,7 +101,6 @@ class Trainer(ReportingMethods):
         self.objective: Any = None  # the last evaluation's objective during a search trial
         self._trial, self._search = None, None
         self.search_study = None  # rank 0: the optuna Study of the last hyperparameter_search
-        self.model = None
         self._bind_args(args, strategy, memory_stage="init")
         self.model = self._initial_model(model, model_init)
         self.compute_metrics = _checked_metrics(compute_metrics, self.args.batch_eval_metrics)
@@ -149,6 +148,14 @@ class Trainer(ReportingMethods):
         self.batch_size_choice: Optional[BatchSizeChoice] = None
         self._train_batch_size = args.per_device_train_batch_size  # HF's name; the plan may change it
         self._longest_example = None  # (row, collator), for the batch finder's probes
+
+    def _rebind(self, strategy: Strategy, main_input_name: str, args: Optional[TrainingArguments] = None) -> None:
+        """A hyperparameter-search trial (or the end of the search): everything rebuilt from the arguments
+        (the strategy's unless given), a fresh state, and no optimizer yet (train() builds it for the model)."""
+        self._bind_args(args if args is not None else strategy.args, strategy)
+        self._bind_step_helpers(main_input_name)
+        self.state, self.control = self._new_state(), TrainerControl()
+        self.optimizer, self.lr_scheduler = None, None
 
     def _bind_step_helpers(self, main_input_name: str) -> None:
         """The loss weighting and token counting, which reduce over the strategy's ranks."""
