@@ -148,7 +148,8 @@ def _lr(trial):
 
 
 @pytest.mark.parametrize("case", ["unknown-field", "unread-name", "empty-space", "prune-without-eval",
-                                  "missing-metric", "objective-count", "ray", "n_jobs"])
+                                  "missing-metric", "objective-count", "ray-multi-objective",
+                                  "ray-scheduler-without-eval", "sigopt", "n_jobs"])
 def test_bad_search_input_stops_the_search_before_training(tmp_path, case):
     model_init, overrides, kwargs = None, {}, {"n_trials": 3, "hp_space": _lr}
     expected = {
@@ -158,7 +159,9 @@ def test_bad_search_input_stops_the_search_before_training(tmp_path, case):
         "prune-without-eval": (SearchConfigError, "eval_strategy is 'no'"),
         "missing-metric": (SearchConfigError, "'eval_accuracy', which the evaluation does not produce"),
         "objective-count": (SearchConfigError, "direction has 2 entries"),
-        "ray": (NotSupportedError, "backend='ray' is not supported"),
+        "ray-multi-objective": (SearchConfigError, "Ray Tune picks the best trial on one objective"),
+        "ray-scheduler-without-eval": (SearchConfigError, "AsyncHyperBandScheduler decides on the evaluations"),
+        "sigopt": (NotSupportedError, "backend='sigopt' is not supported"),
         "n_jobs": (NotSupportedError, "n_jobs=2"),
     }[case]
     if case == "unknown-field":
@@ -174,8 +177,14 @@ def test_bad_search_input_stops_the_search_before_training(tmp_path, case):
         kwargs["compute_objective"] = lambda metrics: metrics["eval_accuracy"]
     elif case == "objective-count":
         kwargs["direction"] = ["minimize", "maximize"]
-    elif case == "ray":
-        kwargs["backend"] = "ray"
+    elif case == "ray-multi-objective":
+        kwargs.update(backend="ray", direction=["minimize", "maximize"])
+    elif case == "ray-scheduler-without-eval":
+        from ray.tune.schedulers import ASHAScheduler
+
+        overrides, kwargs["backend"], kwargs["scheduler"] = {"eval_strategy": "no"}, "ray", ASHAScheduler()
+    elif case == "sigopt":
+        kwargs["backend"] = "sigopt"
     else:
         kwargs["n_jobs"] = 2
     trainer = _gpt2_trainer(tmp_path, model_init=model_init, **overrides)

@@ -12,6 +12,7 @@ from transformers.trainer_callback import TrainerCallback
 
 from helpers import RaggedLM, run_ranks, tiny_gpt2
 from scaletrain import Trainer, TrainingArguments
+from scaletrain.errors import NotSupportedError
 
 BAD_LR = 42.0  # model_init refuses it on every rank, as a bad hyperparameter would fail
 DIVERGING_LR = 5.0  # its first evaluation is above the pruner's threshold
@@ -81,12 +82,17 @@ def _search_job(rank: int, out: str, options: dict, grid: list[float]) -> None:
         return space
 
     grid_space = {"learning_rate": grid, **({"lora_r": [2, 4]} if options.get("lora") else {})}
+    try:  # Ray places trials in workers of its own: refused on every rank of a multi-rank launch
+        trainer.hyperparameter_search(backend="ray", n_trials=1)
+        ray = "accepted"
+    except NotSupportedError as exc:
+        ray = str(exc)
     best = trainer.hyperparameter_search(
         hp_space=hp_space, n_trials=len(grid) * (2 if options.get("lora") else 1),
         sampler=optuna.samplers.GridSampler(grid_space, seed=0), pruner=optuna.pruners.ThresholdPruner(upper=4.3))
     Path(out, f"rank{rank}.json").write_text(json.dumps({
         "runs": record.runs, "built": built, "best": [best.run_id, best.objective, best.hyperparameters],
-        "args_after": trainer.args.output_dir}))
+        "args_after": trainer.args.output_dir, "ray": ray}))
 
 
 def _ranks(out: Path) -> tuple[dict, dict]:
@@ -113,6 +119,7 @@ def test_ddp_search_trains_every_trial_on_both_ranks_prunes_together_and_survive
     assert rank0["best"] == rank1["best"] == [str(complete[0]["number"]), complete[0]["values"][0],
                                               {"learning_rate": 1e-3}]
     assert rank0["args_after"] == rank1["args_after"] == str(out)
+    assert "launched on 2 ranks" in rank0["ray"] and rank0["ray"] == rank1["ray"]
 
 
 SHARDED = {"zero3": {"strategy": "zero3"}, "fsdp-low-memory-init": {"strategy": "fsdp", "fsdp_low_memory_init": True}}

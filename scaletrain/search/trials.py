@@ -60,6 +60,19 @@ class _ReadRecordingDict(dict):
         return super().get(key, default)
 
 
+class RecordingDict(_ReadRecordingDict):
+    """A Ray Tune trial as model_init receives it (the config dict, as under HF), recording which
+    parameters model_init reads, like ObservedTrial."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.read: set[str] = set()
+        super().__init__(values, self.read)
+
+    @property
+    def suggested(self) -> dict[str, Any]:
+        return dict(self.items())
+
+
 def shared_trial(params: dict[str, Any], number: int, hp_space: Callable) -> optuna.trial.FixedTrial:
     """The trial as every rank sees it: a FixedTrial of rank 0's draw, with hp_space replayed on it so its
     `params` hold the suggested values (FixedTrial lists a parameter only once it is suggested)."""
@@ -89,7 +102,7 @@ def check_names(hp_params: dict[str, Any], args: Any, model_init: Callable) -> N
             f"trial.params[...]")
 
 
-def check_reads(hp_params: dict[str, Any], observed: ObservedTrial, args: Any) -> None:
+def check_reads(hp_params: dict[str, Any], observed: Any, args: Any) -> None:
     """After model_init: names that are neither fields nor read by model_init would change nothing."""
     unused = sorted(set(hp_params) - argument_names(args) - observed.read)
     if unused:
