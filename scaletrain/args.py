@@ -20,7 +20,8 @@ from transformers.training_args import OptimizerNames
 
 from .args_process import ProcessFacts
 from .errors import NotSupportedError
-from .optimizers import check_optimizer_for_strategy, check_optimizer_name
+from .optimizers import (SCHEDULE_FREE_OPTIMIZERS, check_optim_args, check_optimizer_for_strategy, check_optimizer_name,
+                         check_target_modules)
 from .middleware import check_middleware_options
 from .strategies.options import check_strategy_options
 
@@ -47,6 +48,8 @@ class _ScaletrainArguments(ProcessFacts):
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch_fused"
+    optim_args: Optional[str] = None  # "key=value,..." as HF reads it per optimizer (optimizers.py checks the keys)
+    optim_target_modules: Union[None, str, list] = None  # GaLore/APOLLO: the modules whose gradients are projected
     num_train_epochs: float = 3.0
     max_steps: int = -1
     lr_scheduler_type: str = "linear"
@@ -317,7 +320,7 @@ class _ScaletrainArguments(ProcessFacts):
             if getattr(self, name) is not None:
                 setattr(self, name, _read_json_option(name, getattr(self, name)))
         check_strategy_options(self)
-        check_optimizer_for_strategy(self.optim, self.strategy)
+        check_optimizer_for_strategy(self.optim, self.strategy, self.device.type == "cuda")
         check_middleware_options(self)
         self._validate_best_model()
 
@@ -335,6 +338,8 @@ class _ScaletrainArguments(ProcessFacts):
         choice("strategy", STRATEGIES)
         check_optimizer_name(self.optim)
         self.optim = OptimizerNames(self.optim)
+        check_optim_args(self.optim, self.optim_args)
+        check_target_modules(self.optim, self.optim_target_modules)
         choice("lr_scheduler_type", {s.value for s in SchedulerType})
         self.lr_scheduler_type = SchedulerType(self.lr_scheduler_type)  # HF's type, which its model card reads
         choice("ddp_backend", {None, "gloo", "nccl"})
@@ -407,6 +412,11 @@ class _ScaletrainArguments(ProcessFacts):
                              "set eval_strategy to 'steps' or 'epoch' (metric_for_best_model picks the metric)")
         if self.load_best_model_at_end:
             self._validate_load_best_model_at_end()
+            if self.optim.value in SCHEDULE_FREE_OPTIMIZERS:
+                raise NotSupportedError(
+                    f"load_best_model_at_end with optim={self.optim.value!r}: a checkpoint holds a schedule-free "
+                    "optimizer's training point, not the averaged weights that were evaluated; train without it "
+                    "(the trained model is left at its evaluation point) or use another optimizer")
         if (self.load_best_model_at_end or metric_schedule) and self.metric_for_best_model is None:
             self.metric_for_best_model = "loss"  # as HF's default
         if self.metric_for_best_model is not None and self.greater_is_better is None:

@@ -206,14 +206,35 @@ def test_metric_schedules_step_on_the_eval_metric_as_in_the_hf_trainer(tmp_path,
     assert rates["ours"][-1] < rates["ours"][0]  # the schedule moved the optimizer's learning rate
 
 
-@pytest.mark.parametrize("optim", ["adagrad", "rmsprop", "lion_32bit"])
+OPTIMIZER_CASES = {
+    "adagrad": {}, "rmsprop": {}, "lion_32bit": {},
+    "sgd": {"optim_args": "momentum=0.9,nesterov=true", "learning_rate": 0.5},  # HF's optim_args, read the same way
+    "galore_adamw": {"optim_target_modules": ["self_attn", "mlp"], "optim_args": "rank=4,update_proj_gap=2"},
+    # evaluated every step: each evaluation must see the schedule-free average, and training go on from the
+    # training point (optimizer.eval()/train() as HF switches them)
+    "schedule_free_adamw": {"eval_strategy": "steps", "eval_steps": 1, "per_device_eval_batch_size": 32},
+}
+
+
+@pytest.mark.parametrize("optim", sorted(OPTIMIZER_CASES))
 def test_other_optimizers_match_the_hf_trainer(tmp_path, optim):
     """HF's own name -> optimizer mapping, so the same weights as the HF Trainer's on the same run."""
     common = dict(per_device_train_batch_size=8, gradient_accumulation_steps=4, num_train_epochs=2,
                   learning_rate=1e-2, weight_decay=0.01, optim=optim, logging_steps=1, save_strategy="no", seed=0,
                   disable_tqdm=True, report_to="none")
-    hf, ours = hf_run(tmp_path, common), our_run(tmp_path, common)
-    assert type(ours.optimizer) is type(hf.optimizer.optimizer if hasattr(hf.optimizer, "optimizer") else hf.optimizer)
+    common.update(OPTIMIZER_CASES[optim])
+    evaluation = RaggedLM(16, seed=4) if "eval_strategy" in common else None
+    hf, ours = hf_run(tmp_path, common, eval_dataset=evaluation), our_run(tmp_path, common, eval_dataset=evaluation)
+    hf_optimizer = hf.optimizer.optimizer if hasattr(hf.optimizer, "optimizer") else hf.optimizer
+    assert type(ours.optimizer) is type(hf_optimizer)
+    assert ours.optimizer.defaults == {k: hf_optimizer.defaults[k] for k in ours.optimizer.defaults}
+    if optim == "sgd":
+        assert (ours.optimizer.defaults["momentum"], ours.optimizer.defaults["nesterov"]) == (0.9, True)
+    if optim.startswith("schedule_free"):
+        hf_eval = [e["eval_loss"] for e in hf.state.log_history if "eval_loss" in e]
+        our_eval = [e["eval_loss"] for e in ours.state.log_history if "eval_loss" in e]
+        np.testing.assert_allclose(our_eval, hf_eval, rtol=1e-6)
+        hf_optimizer.eval()  # HF leaves the model at the training point; scaletrain at the evaluation point
     start, hf_weights, our_weights = tiny_llama().state_dict(), hf.model.state_dict(), ours.model.state_dict()
     moved = max((hf_weights[k] - start[k]).abs().max().item() for k in start)
     apart = max((hf_weights[k] - our_weights[k]).abs().max().item() for k in start)

@@ -14,7 +14,7 @@ from ..checkpoint.manager import latest_checkpoint
 from ..data.position import iter_keeping_rng, position_epoch
 from ..errors import NonFiniteLossError
 from .metrics import LogWindow, RunTotals
-from .optim import current_lr
+from .optim import current_lr, set_optimizer_mode
 from .plan import RunPlan
 from .preemption import Preempted, PreemptionWatch
 from .progress import TrainProgress
@@ -56,6 +56,7 @@ class TrainLoop:
         self.window.reset()
         totals = RunTotals(trainer.strategy)
         trainer.model_wrapped.train()
+        set_optimizer_mode(trainer.optimizer, training=True)
         start_epoch, skip = progress.epoch, progress.micro_batches_in_epoch
         for epoch in range(start_epoch, plan.num_epochs):
             if trainer.state.global_step >= plan.max_steps:
@@ -187,6 +188,9 @@ class TrainLoop:
             logger.info("loading best model from %s (%s=%s)", best, trainer.args.metric_for_best_model,
                         trainer.state.best_metric)
             trainer.checkpoints.load_model(best, trainer.model_wrapped)
+        # checkpoints hold a schedule-free optimizer's training point (exact resume); the trained model
+        # is left at its evaluation point, which save_model then exports
+        set_optimizer_mode(trainer.optimizer, training=False)
         trainer.memory_metrics.end("train", metrics)
         trainer.log(metrics)
         trainer.fire("on_train_end")

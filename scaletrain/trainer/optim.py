@@ -39,11 +39,36 @@ def optimizer_cls_and_kwargs_for(args, model: Optional[torch.nn.Module] = None) 
     return transformers.Trainer.get_optimizer_cls_and_kwargs(args, model)
 
 
-def build_optimizer(groups: list[dict], args, optimizer_cls_and_kwargs: Optional[tuple] = None
-                    ) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, groups: list[dict], args,
+                    optimizer_cls_and_kwargs: Optional[tuple] = None) -> torch.optim.Optimizer:
+    """As HF's create_optimizer: GaLore/APOLLO bring their own parameter groups (the projected modules'
+    weights in a group of their own), and 8-bit bitsandbytes optimizers keep embeddings in 32 bits."""
     cls, kwargs = optimizer_cls_and_kwargs if optimizer_cls_and_kwargs is not None \
-        else optimizer_cls_and_kwargs_for(args)
-    return cls(groups, **kwargs)
+        else optimizer_cls_and_kwargs_for(args, model)
+    kwargs = dict(kwargs)
+    if "params" in kwargs:
+        groups = kwargs.pop("params")
+    optimizer = cls(groups, **kwargs)
+    if "bitsandbytes" in str(cls) and kwargs.get("optim_bits") == 8:
+        _embeddings_in_32_bits(model)
+    return optimizer
+
+
+def _embeddings_in_32_bits(model: torch.nn.Module) -> None:
+    import bitsandbytes
+
+    manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            manager.register_module_override(module, "weight", {"optim_bits": 32})
+
+
+def set_optimizer_mode(optimizer: Optional[torch.optim.Optimizer], training: bool) -> None:
+    """Schedule-free optimizers train at one point and evaluate at another (their average): HF switches them
+    with optimizer.train()/eval() around training steps and evaluation, and so does scaletrain."""
+    switch = getattr(optimizer, "train" if training else "eval", None)
+    if callable(switch):
+        switch()
 
 
 def build_scheduler(args, optimizer: torch.optim.Optimizer, num_training_steps: int):

@@ -269,7 +269,7 @@ class Trainer(ReportingMethods):
         if self.optimizer is None:
             model = model if model is not None else self.strategy.unwrap(self.model)
             groups = optim.parameter_groups(model, self.get_decay_parameter_names(model), self.args.weight_decay)
-            self.optimizer = optim.build_optimizer(groups, self.args, self.optimizer_cls_and_kwargs)
+            self.optimizer = optim.build_optimizer(model, groups, self.args, self.optimizer_cls_and_kwargs)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: Optional[torch.optim.Optimizer] = None):
@@ -479,6 +479,7 @@ class Trainer(ReportingMethods):
             self.lr_scheduler.step(metrics[self.best_metric.key])
         if self.model_wrapped is not None:
             self.model_wrapped.train()
+            optim.set_optimizer_mode(self.optimizer, training=True)
         return metrics
 
     def _report_to_hp_search(self, trial, step: int, metrics: dict[str, float]) -> None:
@@ -630,6 +631,7 @@ class Trainer(ReportingMethods):
             self._setup_model()
         model = self.strategy.eval_model(self.model_wrapped if self.model_wrapped is not None else self.model)
         model.eval()
+        optim.set_optimizer_mode(self.optimizer, training=False)
         return model
 
 
