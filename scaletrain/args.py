@@ -177,6 +177,8 @@ class _ScaletrainArguments(ProcessFacts):
     # adds dynamic loss scaling.
     bf16: bool = False
     fp16: bool = False
+    bf16_full_eval: bool = False  # evaluate()/predict() outside training cast the model to bf16 (fp16), as HF
+    fp16_full_eval: bool = False
     # activation checkpointing of every transformer block (non-reentrant);
     # activation_checkpointing_kwargs={"every_n_layers": k} checkpoints every k-th
     activation_checkpointing: Optional[bool] = None
@@ -480,8 +482,6 @@ class _ScaletrainArguments(ProcessFacts):
 
 
 _UNSUPPORTED_HINTS = {
-    "bf16_full_eval": "evaluation runs in the training precision (bf16/fp16 autocast or the backend's policy)",
-    "fp16_full_eval": "evaluation runs in the training precision (bf16/fp16 autocast or the backend's policy)",
     "average_tokens_across_devices": "scaletrain always normalises the loss by the global token count",
     "push_to_hub": "export the saved folder and push it with huggingface_hub",
 }

@@ -7,10 +7,11 @@ import tracemalloc
 
 import numpy as np
 import pytest
+import torch
 import transformers
 
 from helpers import RaggedLM, tiny_llama
-from scaletrain import Trainer, TrainingArguments
+from scaletrain import NotSupportedError, Trainer, TrainingArguments
 from scaletrain.trainer import loop
 
 EVAL_ROWS, EVAL_BATCH = 20, 8  # batches of 8, 8 and 4 rows: a ragged last batch
@@ -19,10 +20,11 @@ EVAL_ROWS, EVAL_BATCH = 20, 8  # batches of 8, 8 and 4 rows: a ragged last batch
 def both_trainers(tmp_path, common: dict, compute_metrics=None, train_rows: int = 32) -> dict:
     """{"hf": transformers.Trainer, "ours": scaletrain.Trainer} with the same model, data and arguments."""
     trainers = {}
+    common = {"per_device_eval_batch_size": EVAL_BATCH, **common}
     for name, trainer_cls, args_cls, extra in (
             ("hf", transformers.Trainer, transformers.TrainingArguments, {"use_cpu": True}),
             ("ours", Trainer, TrainingArguments, {"strategy": "single"})):
-        args = args_cls(output_dir=str(tmp_path / name), per_device_eval_batch_size=EVAL_BATCH, seed=0,
+        args = args_cls(output_dir=str(tmp_path / name), seed=0,
                         disable_tqdm=True, report_to="none", save_strategy="no", **common, **extra)
         metrics = compute_metrics() if compute_metrics is not None else None
         trainers[name] = trainer_cls(model=tiny_llama(), args=args, train_dataset=RaggedLM(train_rows),
@@ -167,3 +169,31 @@ def test_torch_empty_cache_steps_clears_the_cache_every_n_steps(tmp_path, monkey
     monkeypatch.setattr(loop, "clear_device_cache", lambda: cleared_at.append(trainer.state.global_step))
     trainer.train()
     assert cleared_at == [3, 6]
+
+
+@pytest.mark.parametrize("flag, dtype", [("bf16_full_eval", torch.bfloat16), ("fp16_full_eval", torch.float16)])
+def test_full_eval_casts_the_model_outside_training_as_hf_does(tmp_path, flag, dtype):
+    # every step takes all 32 rows (8 x 4), so HF's own shuffling cannot change a step
+    trainers = both_trainers(tmp_path, {flag: True, "max_steps": 2, "eval_strategy": "steps", "eval_steps": 1,
+                                        "per_device_train_batch_size": 8, "gradient_accumulation_steps": 4,
+                                        "optim": "sgd", "learning_rate": 0.5,
+                                        # one evaluation batch: HF averages batch means, scaletrain all tokens
+                                        "per_device_eval_batch_size": EVAL_ROWS})
+    for trainer in trainers.values():
+        trainer.train()  # evaluations during training run in the training precision: the model stays fp32
+        assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    in_training = {name: [e["eval_loss"] for e in t.state.log_history if "eval_loss" in e]
+                   for name, t in trainers.items()}
+    np.testing.assert_allclose(in_training["ours"], in_training["hf"], rtol=1e-6)
+    fp32 = in_training["ours"][-1]  # the trained model, evaluated in fp32 at the last step
+    cast = {name: t.evaluate()["eval_loss"] for name, t in trainers.items()}
+    for trainer in trainers.values():
+        assert {p.dtype for p in trainer.model.parameters()} == {dtype}  # cast in place, and left so
+    assert abs(cast["ours"] - fp32) > 1e-6  # the cast changed the computation (fp32 order noise: ~1e-7)
+    np.testing.assert_allclose(cast["ours"], cast["hf"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero2"])
+def test_full_eval_is_refused_where_the_backend_owns_the_parameters(tmp_path, strategy):
+    with pytest.raises(NotSupportedError, match=f"bf16_full_eval=True with strategy '{strategy}'"):
+        TrainingArguments(output_dir=str(tmp_path), strategy=strategy, bf16_full_eval=True)

@@ -93,6 +93,8 @@ HONOURED = {
     "length_column_name": "test_hf_fields.py::test_group_by_length_reads_the_length_column_hf_names",
     "use_cpu": "test_hf_argparse.py::test_process_facts_and_log_levels_follow_the_launcher",
     "local_rank": "test_config.py::test_strategy_checks_happen_before_any_process_group",
+    "bf16_full_eval": "test_eval_options.py::test_full_eval_casts_the_model_outside_training_as_hf_does",
+    "fp16_full_eval": "test_eval_options.py::test_full_eval_casts_the_model_outside_training_as_hf_does",
     "optim_args": "test_references.py::test_other_optimizers_match_the_hf_trainer",
     "optim_target_modules": "test_references.py::test_other_optimizers_match_the_hf_trainer",
     "ddp_backend": "test_ddp.py::test_ddp_fields_reach_the_wrapper_and_the_process_group",
@@ -118,8 +120,6 @@ HONOURED = {
 REFUSED = {
     "accelerator_config": {"split_batches": True},
     "average_tokens_across_devices": False,
-    "bf16_full_eval": True,
-    "fp16_full_eval": True,
     "dataloader_in_order": False,
     "dataloader_multiprocessing_context": "spawn",
     "debug": "underflow_overflow",

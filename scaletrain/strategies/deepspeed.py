@@ -28,6 +28,7 @@ import torch
 from ..errors import NotSupportedError
 from ..distributed import DistEnv
 from .base import OptimizerFactory, Strategy
+from .precision import check_full_eval
 
 CHECKPOINT_TAG = "zero"
 _AUTO = "auto"
@@ -35,6 +36,8 @@ _AUTO = "auto"
 
 def check_options(args) -> None:
     """ZeRO's offload options, refused under a strategy that cannot honour them."""
+    if args.strategy.startswith("zero"):
+        check_full_eval(args, "DeepSpeed's partitioned and flattened parameters")
     if args.offload_optimizer and not args.strategy.startswith("zero"):
         raise ValueError(
             f"offload_optimizer=True needs strategy zero1|zero2|zero3 (strategy is {args.strategy!r}); "

@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from ..modeling import block_classes
 from .base import OptimizerFactory, Strategy
+from .precision import check_full_eval
 
 
 def _packed_quantized(param: torch.nn.Parameter) -> bool:
@@ -32,6 +33,7 @@ _OWN_FLAGS = ("fsdp_layer_classes", "fsdp_cpu_offload", "fsdp_low_memory_init")
 def check_options(args) -> None:
     """FSDP's options mean nothing to another strategy: refused there rather than ignored."""
     if args.strategy == "fsdp":
+        check_full_eval(args, "FSDP2's sharded DTensor parameters")
         return
     for name in _OWN_FLAGS:
         if getattr(args, name):

@@ -21,6 +21,8 @@ from typing import Any, Optional
 import torch
 from transformers.utils.import_utils import enable_tf32, is_torch_tf32_available
 
+from ..errors import NotSupportedError
+
 
 def check_options(args) -> None:
     if args.bf16 and args.fp16:
@@ -28,6 +30,16 @@ def check_options(args) -> None:
                          "needs no loss scaling)")
     if args.tf32 and not is_torch_tf32_available():
         raise ValueError("tf32=True needs an Ampere or newer NVIDIA GPU (CUDA >= 11); drop it on this machine")
+
+
+def check_full_eval(args, owner: str) -> None:
+    """bf16/fp16_full_eval cast the model in place, which a backend that owns the parameters cannot follow."""
+    for name in ("bf16_full_eval", "fp16_full_eval"):
+        if getattr(args, name):
+            raise NotSupportedError(
+                f"{name}=True with strategy {args.strategy!r}: it casts the model in place, but {owner} keep "
+                f"their own dtype; set {name[:4]}=True to evaluate in {name[:4]} under this strategy, or evaluate "
+                "with strategy ddp or single")
 
 
 def apply_tf32(setting: Optional[bool]) -> None:

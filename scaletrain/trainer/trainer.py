@@ -100,6 +100,7 @@ class Trainer(ReportingMethods):
         self.hp_search_backend, self.hp_space, self.hp_name, self.compute_objective = None, None, None, None
         self.objective: Any = None  # the last evaluation's objective during a search trial
         self._trial, self._search = None, None
+        self.is_in_train = False  # HF's flag: bf16/fp16_full_eval cast the model only outside training
         self.search_study = None  # rank 0: the optuna Study of the last hyperparameter_search
         self._bind_args(args, strategy, memory_stage="init")
         self.model = self._initial_model(model, model_init)
@@ -393,8 +394,13 @@ class Trainer(ReportingMethods):
         logger.info("training with %s, %d threads/rank, %d steps (%s)", self.strategy.describe(), self.num_threads,
                     plan.max_steps, plan.geometry.describe())
         runner = StepRunner(self, self.loss_weighting, self.args.max_grad_norm)
-        with PreemptionWatch(self.strategy, self.args.preemption_signals, self.args.preemption_grace_period) as watch:
-            return TrainLoop(self, plan, self.progress, runner, ignore_keys_for_eval, watch).run()
+        self.is_in_train = True
+        try:
+            with PreemptionWatch(self.strategy, self.args.preemption_signals,
+                                 self.args.preemption_grace_period) as watch:
+                return TrainLoop(self, plan, self.progress, runner, ignore_keys_for_eval, watch).run()
+        finally:
+            self.is_in_train = False
 
     def _plan(self, geometry: BatchGeometry) -> RunPlan:
         """The run plan for `geometry`, with the training loader built for it."""
@@ -632,6 +638,9 @@ class Trainer(ReportingMethods):
         model = self.strategy.eval_model(self.model_wrapped if self.model_wrapped is not None else self.model)
         model.eval()
         optim.set_optimizer_mode(self.optimizer, training=False)
+        full_eval = torch.float16 if self.args.fp16_full_eval else torch.bfloat16 if self.args.bf16_full_eval else None
+        if full_eval is not None and not self.is_in_train:
+            model.to(dtype=full_eval)  # as HF: outside training the model is cast in place, and stays cast
         return model
 
 
