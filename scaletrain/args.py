@@ -99,6 +99,8 @@ class _ScaletrainArguments(ProcessFacts):
     label_smoothing_factor: float = 0.0
     # NEFTune noise on the input embeddings while training (middleware/neftune.py)
     neftune_noise_alpha: Optional[float] = None
+    use_liger_kernel: bool = False  # Liger's Triton kernels patched into the model (CUDA only)
+    liger_kernel_config: Optional[dict] = None
     # HF's: deterministic torch kernels (and CUDA env settings) instead of a plain seed
     full_determinism: bool = False
     # HF's: TF32 matmuls on Ampere+ GPUs (True, False, or None to leave torch's setting)
@@ -318,7 +320,7 @@ class _ScaletrainArguments(ProcessFacts):
         self._validate_preemption()
         self._validate_lengths()
         self._validate_loading_and_reporting()
-        for name in ("lora", "quantization"):
+        for name in ("lora", "quantization", "liger_kernel_config"):
             if getattr(self, name) is not None:
                 setattr(self, name, _read_json_option(name, getattr(self, name)))
         check_strategy_options(self)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import transformers
 
 from helpers import RaggedLM, losses_of, tiny_llama
-from scaletrain import Trainer, TrainingArguments
+from scaletrain import NotSupportedError, Trainer, TrainingArguments
 
 
 def pair(tmp_path, common: dict, model_fn=tiny_llama, train=None, eval_dataset=None, compute_metrics=None) -> dict:
@@ -255,3 +255,12 @@ def test_group_by_length_resumes_exactly_mid_epoch(tmp_path):
     assert losses_of(resumed) == losses_of(whole)
     for name, value in whole.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+def test_liger_kernels_are_refused_before_launch_where_they_cannot_run(tmp_path):
+    """Liger's Triton kernels need a CUDA GPU; on this CPU machine use_liger_kernel stops at construction
+    (HF would fail inside the first forward), and a liger_kernel_config without the flag is not ignored."""
+    with pytest.raises(NotSupportedError, match="use_liger_kernel=True needs a CUDA GPU"):
+        TrainingArguments(output_dir=str(tmp_path), use_liger_kernel=True, liger_kernel_config={"rope": True})
+    with pytest.raises(NotSupportedError, match="liger_kernel_config=.* is read only with use_liger_kernel=True"):
+        TrainingArguments(output_dir=str(tmp_path), liger_kernel_config='{"rope": true}')

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from . import activation_ckpt, batch_finder, neftune, quantization
+from . import activation_ckpt, batch_finder, liger, neftune, quantization
 from .activation_ckpt import ActivationCheckpointing
 from .base import Middleware
+from .liger import LigerKernels
 from .lora import LoRA, lora_settings
 from .neftune import NEFTune
 from .quantization import Quantization, quantization_settings
@@ -77,10 +78,13 @@ def check_middleware_options(args) -> None:
     activation_ckpt.check_options(args)
     batch_finder.check_options(args)
     neftune.check_options(args)
+    liger.check_options(args)
 
 
 def build_middleware(args, strategy) -> MiddlewareStack:
     items: list[Middleware] = []
+    if args.use_liger_kernel:  # HF patches the base model before anything wraps it
+        items.append(LigerKernels(args.liger_kernel_config))
     if args.quantization is not None:  # QLoRA: the base is quantized before the adapters go on it
         items.append(Quantization(args.quantization, tuple(args.lora.get("modules_to_save") or ())))
     if args.lora is not None:  # before checkpointing, which must see the adapted model
