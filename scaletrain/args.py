@@ -164,6 +164,7 @@ class _ScaletrainArguments(ProcessFacts):
     # while the state is copied to host memory; the commit follows when all
     # ranks' bytes are on disk (at the next save or the end of training)
     save_async: bool = False
+    save_on_each_node: bool = False  # nodes without a shared filesystem: each node's first process writes
     # preemption: on one of these signals every rank finishes its step, a checkpoint is committed at the
     # step reached and train() raises Preempted (exit code 75); a second signal, or the grace period
     # running out, exits at once (the last committed checkpoint stays the resume target). [] disables.

@@ -58,7 +58,9 @@ class ProcessFacts:
 
     @property
     def should_save(self) -> bool:
-        """Whether this process writes files (save_on_each_node is not supported: the main process)."""
+        """Whether this process writes files: the main process, or each node's first with save_on_each_node."""
+        if self.save_on_each_node:
+            return self.local_process_index == 0
         return self.process_index == 0
 
     def get_process_log_level(self) -> int:

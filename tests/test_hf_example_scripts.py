@@ -16,6 +16,7 @@ from helpers import free_port
 
 BIN = Path(sys.executable).parent
 SCRIPTS = Path(__file__).parent / "scripts"
+ROOT = Path(__file__).resolve().parents[1]
 # scaletrain's own additions (see README): the JSONL metrics stream and a readable copy of the arguments
 OUR_EXTRA_FILES = {"metrics.jsonl", "training_args.json"}
 OUR_EXTRA_METRICS = {"train_tokens_per_second"}
@@ -78,14 +79,39 @@ def model_folders(tmp_path_factory) -> dict:
     return folders
 
 
-def _run(library: str, task: str, out: Path, model: str, ranks: int = 1) -> subprocess.CompletedProcess:
+# an HF-style ZeRO-2 config as users hand to `deepspeed script.py --deepspeed ds_config.json` ("auto" values
+# filled from the TrainingArguments, as HF fills them)
+DS_ZERO2 = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "gradient_clipping": "auto"}
+
+
+def _launch(launcher: str, ranks: int, out: Path) -> tuple[list[str], list[str], dict]:
+    """The command in front of the script, the arguments after it, and the environment, as users launch."""
+    if launcher == "python":
+        return [str(BIN / "python")], [], {}
+    port = str(free_port())
+    if launcher == "torchrun":
+        return [str(BIN / "torchrun"), f"--nproc_per_node={ranks}", f"--master_port={port}"], [], {}
+    if launcher == "accelerate":
+        return ([str(BIN / "python"), "-m", "accelerate.commands.launch", "--config_file",
+                 str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", str(ranks),
+                 "--main_process_port", port], [], {"ACCELERATE_USE_CPU": "1"})
+    config = out.parent / f"{out.name}-ds_config.json"
+    config.write_text(json.dumps(DS_ZERO2))
+    # the deepspeed launcher appends --local_rank=N to the script's arguments, as it does for HF's scripts
+    return ([str(BIN / "python"), "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
+             port], ["--deepspeed", str(config)], {})
+
+
+def _run(library: str, task: str, out: Path, model: str, ranks: int = 1, launcher: str = "",
+         ) -> subprocess.CompletedProcess:
+    launcher = launcher or ("python" if ranks == 1 else "torchrun")
+    launch, extra, launch_env = _launch(launcher, ranks, out)
     args = ["--model_name_or_path", model, "--output_dir", str(out), "--do_train", "--do_eval",
             "--per_device_train_batch_size", str(8 // ranks), "--num_train_epochs", "2", "--learning_rate", "1e-3",
             "--eval_strategy", "epoch", "--save_strategy", "no", "--logging_steps", "2", "--report_to", "none",
-            "--use_cpu", "--seed", "3", "--disable_tqdm", "true", *TASKS[task][0]]
-    env = {**os.environ, "TRAINER_LIBRARY": library, "OMP_NUM_THREADS": "1"}
-    launch = [str(BIN / "python")] if ranks == 1 else [str(BIN / "torchrun"), f"--nproc_per_node={ranks}",
-                                                       f"--master_port={free_port()}"]
+            "--use_cpu", "--seed", "3", "--disable_tqdm", "true", *TASKS[task][0], *extra]
+    env = {**os.environ, "TRAINER_LIBRARY": library, "OMP_NUM_THREADS": "1", **launch_env}
     script = SCRIPTS / f"hf_style_{task}.py"
     proc = subprocess.run(launch + [str(script)] + args, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -122,15 +148,17 @@ def hf_outputs(tmp_path_factory, model_folders):
 
 # every task in one process; on 2 ranks, classification and seq2seq (generation) in the default suite and
 # the others with the slow tests (`make test-all`): each run costs ~10 s of imports on 2 cores
-RUNS = [(task, 1) for task in sorted(TASKS)] + [
-    (task, 2) if task in ("text_classification", "seq2seq") else pytest.param(task, 2, marks=pytest.mark.slow)
-    for task in sorted(TASKS)]
+RUNS = [(task, 1, "python") for task in sorted(TASKS)] + [
+    (task, 2, "torchrun") if task in ("text_classification", "seq2seq") else
+    pytest.param(task, 2, "torchrun", marks=pytest.mark.slow) for task in sorted(TASKS)] + [
+    ("text_classification", 2, "accelerate"), ("text_classification", 2, "deepspeed")]
 
 
-@pytest.mark.parametrize("task, ranks", RUNS)
-def test_the_script_writes_what_the_hf_trainer_writes(tmp_path, model_folders, hf_outputs, task, ranks):
-    proc = _run("scaletrain", task, tmp_path, model_folders[task], ranks)
-    ours, theirs = _outputs(tmp_path), hf_outputs(task)
+@pytest.mark.parametrize("task, ranks, launcher", RUNS)
+def test_the_script_writes_what_the_hf_trainer_writes(tmp_path, model_folders, hf_outputs, task, ranks, launcher):
+    out = tmp_path / "out"
+    proc = _run("scaletrain", task, out, model_folders[task], ranks, launcher)
+    ours, theirs = _outputs(out), hf_outputs(task)
     assert ours["files"] == theirs["files"] | OUR_EXTRA_FILES
     results = sorted(name for name in theirs["files"] if name.endswith("results.json"))
     assert {"all_results.json", "train_results.json", "eval_results.json"} <= set(results)
@@ -140,7 +168,7 @@ def test_the_script_writes_what_the_hf_trainer_writes(tmp_path, model_folders, h
     assert ours["all_results.json"]["epoch"] == theirs["all_results.json"]["epoch"] == 2.0
     assert set(ours["trainer_state.json"]) == set(theirs["trainer_state.json"])
     if "predict_results.txt" in theirs["files"]:  # do_predict: a header and a row per evaluation row
-        assert len((tmp_path / "predict_results.txt").read_text().splitlines()) == 33
+        assert len((out / "predict_results.txt").read_text().splitlines()) == 33
     # FLOPs are HF's estimate from the tokens seen (fixed-length rows): the same whatever the number of ranks
     assert ours["trainer_state.json"]["total_flos"] == theirs["trainer_state.json"]["total_flos"] > 0
     steps = -(-TASKS[task][1] // 8) * 2

@@ -245,7 +245,7 @@ class CheckpointManager:
         final = self.output_dir / f"{PREFIX}-{step}"
         tmp = self.output_dir / f"{PREFIX}-{step}.tmp"
         started = time.perf_counter()
-        if strategy.is_main:
+        if strategy.writes_files:
             if tmp.exists():
                 shutil.rmtree(tmp)  # left by a crash; never a committed checkpoint
             tmp.mkdir(parents=True)
@@ -259,7 +259,7 @@ class CheckpointManager:
                 else:
                     strategy.save_state(tmp / "state", model, state_optimizer)
             torch.save(capture_rng_state(), tmp / f"rng_state_{strategy.rank}.pth")
-            if strategy.is_main:
+            if strategy.writes_files:
                 for name, stateful in states.items():
                     _write_state(tmp / name, stateful.state_dict())
                 if write_model_files is not None:
@@ -295,7 +295,7 @@ class CheckpointManager:
         failed = torch.tensor([float(error is not None)], device=strategy.device)
         if not strategy.all_reduce_max(failed).item():
             return
-        if strategy.is_main:
+        if strategy.writes_files:
             shutil.rmtree(tmp, ignore_errors=True)
         strategy.barrier()
         previous = latest_checkpoint(self.output_dir)
@@ -323,7 +323,7 @@ class CheckpointManager:
     def _commit(self, tmp: Path, final: Path, manifest: dict[str, Any]) -> None:
         strategy = self.strategy
         strategy.barrier()  # every rank's shard and RNG file is on disk
-        if strategy.is_main:
+        if strategy.writes_files:
             # sizes of every file, so a later truncation or loss is detected
             _write_json(tmp / "manifest.json", {**manifest, "files": _file_sizes(tmp)})
             _write_json(tmp / COMMIT_MARKER, {"step": manifest["step"]})
@@ -393,8 +393,8 @@ class CheckpointManager:
     # ------------------------------------------------------------- retention
     def rotate(self, limit: Optional[int], keep: set[Path]) -> list[Path]:
         """Delete the oldest committed checkpoints beyond `limit`, never one in `keep`
-        (the best) nor the newest (the resume target). Main rank only."""
-        if not limit or not self.strategy.is_main:
+        (the best) nor the newest (the resume target). On the processes that write files."""
+        if not limit or not self.strategy.writes_files:
             return []
         found = committed_checkpoints(self.output_dir)
         protected = {p.resolve() for p in keep if p is not None} | ({found[-1].resolve()} if found else set())

@@ -190,7 +190,12 @@ class Strategy(abc.ABC):
                            optim_state_dict=state["optimizer"], options=options)
 
     def save_state(self, directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-        """Write model (+optimizer) state under `directory`; every rank calls this."""
+        """Write model (+optimizer) state under `directory`; every rank calls this. With save_on_each_node
+        (replicated state only: options.py) each node's first process writes all of it on its own disk."""
+        if self.args.save_on_each_node:
+            if self.writes_files:
+                dcp.save(self.state_dict(model, optimizer), checkpoint_id=str(directory), no_dist=True)
+            return
         dcp.save(self.state_dict(model, optimizer), checkpoint_id=str(directory))
 
     supports_async_save: bool = True
@@ -216,8 +221,9 @@ class Strategy(abc.ABC):
         self.load_state_dict(model, optimizer, state)
 
     def full_model_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """Unsharded weights on CPU (rank 0 at least), for HF export."""
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        """Unsharded weights on CPU (rank 0 at least; with save_on_each_node, every rank's whole replica,
+        since torch hands a CPU-offloaded full state dict to rank 0 only), for HF export."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=not self.args.save_on_each_node)
         return get_model_state_dict(self.unwrap(model), options=options)
 
     def held_state_numel(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
@@ -257,6 +263,12 @@ class Strategy(abc.ABC):
     @property
     def is_local_main(self) -> bool:
         return self.env.local_rank == 0
+
+    @property
+    def writes_files(self) -> bool:
+        """Whether this process writes checkpoints and saved models: the main one, or with save_on_each_node
+        (nodes without a shared filesystem) the first process of each node, as HF's should_save."""
+        return self.is_local_main if self.args.save_on_each_node else self.is_main
 
     def has_collectives(self) -> bool:
         """Whether collectives reach other ranks (a multi-rank run with its process group up)."""

@@ -386,7 +386,7 @@ class Trainer(ReportingMethods):
         if point is not None:
             self._restore(point, plan)
         self.input_tokens.session_start = self.state.num_input_tokens_seen
-        if self.strategy.is_main:
+        if self.strategy.writes_files:
             Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
         handler = self.callback_handler
         handler.model, handler.optimizer, handler.lr_scheduler = self.model, self.optimizer, self.lr_scheduler
@@ -517,16 +517,18 @@ class Trainer(ReportingMethods):
         return path
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> Path:
-        """Write a plain HF folder (config + safetensors + tokenizer) on the main rank."""
+        """Write a plain HF folder (config + safetensors + tokenizer) on the main rank (each node's first
+        with save_on_each_node)."""
         out = Path(output_dir or self.args.output_dir)
         model = self.model_wrapped if self.model_wrapped is not None else self.model
         state_dict = self.strategy.full_model_state_dict(model)
-        if self.strategy.is_main:
+        if self.strategy.writes_files:
             out.mkdir(parents=True, exist_ok=True)
             unwrapped = self.strategy.unwrap(model)
             state_dict = without_tied_copies(unwrapped, state_dict)
             if hasattr(unwrapped, "save_pretrained"):
-                unwrapped.save_pretrained(str(out), state_dict=state_dict)
+                with _saving_on_this_rank(unwrapped):
+                    unwrapped.save_pretrained(str(out), state_dict=state_dict)
             else:
                 save_safetensors(unwrapped, str(out / "model.safetensors"))
             if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
@@ -642,6 +644,20 @@ class Trainer(ReportingMethods):
         if full_eval is not None and not self.is_in_train:
             model.to(dtype=full_eval)  # as HF: outside training the model is cast in place, and stays cast
         return model
+
+
+@contextlib.contextmanager
+def _saving_on_this_rank(model: torch.nn.Module):
+    """transformers 5's save_pretrained writes nothing on a rank other than 0 once a process group exists;
+    with save_on_each_node the other nodes' first ranks must write too (this process decided it writes)."""
+    if not hasattr(model, "should_save_on_this_rank"):
+        yield
+        return
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process
+    try:
+        yield
+    finally:
+        del model.should_save_on_this_rank
 
 
 def _checked_args(args, compute_loss_func, optimizers, optimizer_cls_and_kwargs) -> TrainingArguments:
