@@ -158,6 +158,8 @@ RUNS = [(task, 1, "python") for task in sorted(TASKS)] + [
 def test_the_script_writes_what_the_hf_trainer_writes(tmp_path, model_folders, hf_outputs, task, ranks, launcher):
     out = tmp_path / "out"
     proc = _run("scaletrain", task, out, model_folders[task], ranks, launcher)
+    if launcher == "deepspeed":  # the --deepspeed config chose the strategy, as it chooses HF's backend
+        assert json.loads((out / "training_args.json").read_text())["strategy"] == "zero2"
     ours, theirs = _outputs(out), hf_outputs(task)
     assert ours["files"] == theirs["files"] | OUR_EXTRA_FILES
     results = sorted(name for name in theirs["files"] if name.endswith("results.json"))
