@@ -20,6 +20,7 @@ from transformers.training_args import OptimizerNames
 
 from .args_process import ProcessFacts
 from .errors import NotSupportedError
+from .callbacks.reporters import check_reporters, installed_reporters
 from .optimizers import (SCHEDULE_FREE_OPTIMIZERS, check_optim_args, check_optimizer_for_strategy, check_optimizer_name,
                          check_target_modules)
 from .middleware import check_middleware_options
@@ -236,7 +237,7 @@ class _ScaletrainArguments(ProcessFacts):
         reports = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
         # HF's spellings: "none" (also as a one-item list, as JSON/YAML files write it) and "all"
         reports = [] if reports in ([], ["none"], [""]) else reports
-        self.report_to = ["wandb"] if reports == ["all"] else reports
+        self.report_to = installed_reporters() if reports == ["all"] else reports
 
     # ------------------------------------------------------------------ checks
     def _apply_hf_sharding_fields(self) -> None:
@@ -401,12 +402,7 @@ class _ScaletrainArguments(ProcessFacts):
             raise ValueError(
                 f"dataloader_prefetch_factor={self.dataloader_prefetch_factor} needs dataloader_num_workers > 0"
             )
-        unknown_reports = set(self.report_to) - {"wandb", "jsonl"}
-        if unknown_reports:
-            raise NotSupportedError(
-                f"report_to={self.report_to!r}: {sorted(unknown_reports)} not supported; use 'wandb' or 'none' "
-                "(metrics.jsonl in output_dir is always written)"
-            )
+        check_reporters(self.report_to)
 
     def _validate_best_model(self) -> None:
         if self.save_strategy == SaveStrategy.BEST and self.metric_for_best_model is None:

@@ -37,7 +37,7 @@ def test_deprecated_evaluation_strategy_still_works():
     ({"strategy": "zero4"}, "strategy='zero4' is not one of"),
     ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps=0 must be >= 1"),
     ({"warmup_ratio": 0.1, "warmup_steps": 5}, "keep one of them"),
-    ({"report_to": "tensorboard"}, "not supported"),
+    ({"report_to": "comet_ml"}, "not supported"),
 ])
 def test_invalid_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -34,7 +34,8 @@ from transformers.utils import find_labels
 from transformers.utils import logging as hf_logging
 
 from ..args import NotSupportedError, TrainingArguments
-from ..callbacks import JsonlMetricsCallback, ProgressCallback, WandbCallback
+from ..callbacks import JsonlMetricsCallback, ProgressCallback
+from ..callbacks.reporters import reporter_callbacks
 from ..checkpoint import CheckpointManager, resolve_resume_target
 from ..checkpoint.manager import PREFIX as CHECKPOINT_PREFIX
 from ..data.loaders import build_eval_dataloader, build_train_dataloader, prepare_dataset, signature_columns
@@ -178,9 +179,7 @@ class Trainer(ReportingMethods):
         callbacks: list = [DefaultFlowCallback, JsonlMetricsCallback()]
         if not self.args.disable_tqdm:
             callbacks.append(ProgressCallback())
-        if "wandb" in self.args.report_to:
-            callbacks.append(WandbCallback())
-        return callbacks
+        return callbacks + reporter_callbacks(self.args.report_to)
 
     def _new_state(self, plan: Optional[RunPlan] = None) -> TrainerState:
         state = TrainerState(is_local_process_zero=self.strategy.is_local_main,
