@@ -151,6 +151,8 @@ class _ScaletrainArguments(ProcessFacts):
 
     # scaletrain's own.
     strategy: str = "auto"
+    # one device's peak TFLOP/s for the logged MFU; default: the dense bf16 peak of a known GPU (trainer/flops.py)
+    peak_tflops: Optional[float] = None
     torch_threads: Optional[int] = None
     # fsdp: module classes sharded as one unit (default: the model's _no_split_modules)
     fsdp_layer_classes: Optional[list[str]] = None
@@ -396,6 +398,8 @@ class _ScaletrainArguments(ProcessFacts):
             raise ValueError(f"save_total_limit={self.save_total_limit} must be >= 1 or None (keep all)")
 
     def _validate_loading_and_reporting(self) -> None:
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"peak_tflops={self.peak_tflops} must be a positive number of TFLOP/s per device")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads={self.torch_threads} must be >= 1 or None (automatic)")
         if self.dataloader_prefetch_factor is not None and self.dataloader_num_workers == 0:

@@ -19,7 +19,7 @@ SCRIPTS = Path(__file__).parent / "scripts"
 ROOT = Path(__file__).resolve().parents[1]
 # scaletrain's own additions (see README): the JSONL metrics stream and a readable copy of the arguments
 OUR_EXTRA_FILES = {"metrics.jsonl", "training_args.json"}
-OUR_EXTRA_METRICS = {"train_tokens_per_second"}
+OUR_EXTRA_METRICS = {"train_tokens_per_second", "train_tflops_per_rank", "train_peak_memory_gb"}
 WORDS = [f"w{i}" for i in range(5, 40)]  # the scripts' synthetic text; ids 5..39 after 5 special tokens
 TINY_BERT = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=2,
                  max_position_embeddings=32)

@@ -11,7 +11,8 @@ from typing import Any, Optional
 from transformers.trainer_callback import TrainerCallback
 
 _SHOWN = (("loss", "loss", "{:.4f}"), ("learning_rate", "lr", "{:.2e}"),
-          ("train_samples_per_second", "samples/s", "{:.1f}"), ("train_tokens_per_second", "tok/s", "{:.0f}"))
+          ("train_samples_per_second", "samples/s", "{:.1f}"), ("train_tokens_per_second", "tok/s", "{:.0f}"),
+          ("train_tflops_per_rank", "TFLOP/s/rank", "{:.3g}"), ("train_mfu", "MFU%", "{:.1f}"))
 
 
 class ProgressCallback(TrainerCallback):

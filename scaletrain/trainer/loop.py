@@ -13,6 +13,7 @@ from transformers.trainer_utils import TrainOutput
 from ..checkpoint.manager import latest_checkpoint
 from ..data.position import iter_keeping_rng, position_epoch
 from ..errors import NonFiniteLossError
+from .flops import peak_tflops
 from .metrics import LogWindow, RunTotals
 from .optim import current_lr, set_optimizer_mode
 from .plan import RunPlan
@@ -46,7 +47,8 @@ class TrainLoop:
         self.preemption = preemption
         self.saved: Optional[tuple[int, Path]] = None  # (step, folder) of the last checkpoint this loop wrote
         self.flushed_at: Optional[int] = None  # the step of the last log window read
-        self.window = LogWindow(trainer.strategy, trainer.args.logging_nan_inf_filter)
+        self.peak_tflops = peak_tflops(trainer.strategy.device, trainer.args.peak_tflops)
+        self.window = LogWindow(trainer.strategy, trainer.args.logging_nan_inf_filter, self.peak_tflops)
 
     def run(self) -> TrainOutput:
         trainer, plan, progress = self.trainer, self.plan, self.progress
@@ -54,7 +56,7 @@ class TrainLoop:
         if trainer.args.eval_on_start and trainer.eval_dataset is not None:
             trainer.evaluate_and_track(self.ignore_keys, step_schedule=False)
         self.window.reset()
-        totals = RunTotals(trainer.strategy)
+        totals = RunTotals(trainer.strategy, self.peak_tflops)
         trainer.model_wrapped.train()
         set_optimizer_mode(trainer.optimizer, training=True)
         start_epoch, skip = progress.epoch, progress.micro_batches_in_epoch

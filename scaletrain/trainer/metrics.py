@@ -5,6 +5,8 @@ import time
 from typing import Optional, Union
 
 import torch
+
+from .flops import peak_memory_bytes, throughput_logs
 from transformers.trainer_utils import TrainerMemoryTracker
 
 from .step import StepResult
@@ -14,8 +16,8 @@ class LogWindow:
     """Loss, sample and token sums since the last log, as device tensors. Time spent
     evaluating or saving is excluded from the throughput (see `pause`)."""
 
-    def __init__(self, strategy, nan_inf_filter: bool) -> None:
-        self.strategy, self.nan_inf_filter = strategy, nan_inf_filter
+    def __init__(self, strategy, nan_inf_filter: bool, peak_tflops: Optional[float] = None) -> None:
+        self.strategy, self.nan_inf_filter, self.peak_tflops = strategy, nan_inf_filter, peak_tflops
         self.last_nonfinite = 0.0  # NaN/inf steps in the last flushed window, summed over ranks
         self.reset()
 
@@ -25,6 +27,7 @@ class LogWindow:
         self.finite_steps = torch.zeros((), device=device)
         self.nonfinite_steps = torch.zeros((), device=device)  # NaN/inf losses, whatever the log filter
         self.samples = 0
+        self.flops = 0.0  # this rank's model FLOPs (a host float: shapes only, no device read)
         self.tokens = torch.zeros((), dtype=torch.int64, device=device)
         self.grad_norm: Optional[Union[torch.Tensor, float]] = None
         self.start = time.perf_counter()
@@ -38,6 +41,7 @@ class LogWindow:
             self.loss += step.loss
             self.finite_steps += 1.0
         self.samples += step.samples
+        self.flops += step.model_flops
         self.tokens += step.tokens
         if step.grad_norm is not None:
             self.grad_norm = step.grad_norm
@@ -58,13 +62,14 @@ class LogWindow:
             self.loss.double(), self.finite_steps.double(),
             torch.tensor(float(self.samples), dtype=torch.float64, device=self.strategy.device),
             self.tokens.double(), self.nonfinite_steps.double(),
+            torch.tensor(self.flops, dtype=torch.float64, device=self.strategy.device),
         ])
         reduced = self.strategy.all_reduce_sum(packed)
         norm = self.grad_norm
         if isinstance(norm, torch.Tensor):  # the same global norm on every rank: read in the same transfer
             reduced = torch.cat([reduced, norm.detach().reshape(1).to(reduced)])
         values = reduced.tolist()  # the window's one host sync
-        loss_sum, finite_steps, samples, tokens, nonfinite = values[:5]
+        loss_sum, finite_steps, samples, tokens, nonfinite, flops = values[:6]
         self.last_nonfinite = nonfinite
         world = self.strategy.world_size
         logs = {
@@ -74,8 +79,9 @@ class LogWindow:
             "train_samples_per_second": samples / elapsed,
             "train_tokens_per_second": tokens / elapsed,
         }
+        logs.update(throughput_logs(flops / world, elapsed, self.peak_tflops))
         if norm is not None:
-            logs["grad_norm"] = values[5] if isinstance(norm, torch.Tensor) else float(norm)
+            logs["grad_norm"] = values[6] if isinstance(norm, torch.Tensor) else float(norm)
         self.reset()
         return logs
 
@@ -83,8 +89,9 @@ class LogWindow:
 class RunTotals:
     """Sums over the whole run, for the train() summary (HF's train_* metrics)."""
 
-    def __init__(self, strategy) -> None:
-        self.strategy = strategy
+    def __init__(self, strategy, peak_tflops: Optional[float] = None) -> None:
+        self.strategy, self.peak_tflops = strategy, peak_tflops
+        self.flops = 0.0
         device = strategy.device
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
         self.tokens = torch.zeros((), dtype=torch.int64, device=device)
@@ -99,14 +106,18 @@ class RunTotals:
         self.tokens += step.tokens
         self.steps += 1
         self.samples += step.samples
+        self.flops += step.model_flops
 
     def summary(self) -> tuple[float, dict[str, float]]:
         """(mean training loss, metrics); a collective: every rank calls it."""
         runtime = time.perf_counter() - self.start
         device = self.strategy.device
         totals = torch.stack([torch.tensor(float(self.samples), dtype=torch.float64, device=device),
-                              self.tokens.double(), self.loss, self.nonfinite])
-        samples, tokens, loss_sum, self.nonfinite_steps = self.strategy.all_reduce_sum(totals).tolist()
+                              self.tokens.double(), self.loss, self.nonfinite,
+                              torch.tensor(self.flops, dtype=torch.float64, device=device)])
+        samples, tokens, loss_sum, self.nonfinite_steps, flops = self.strategy.all_reduce_sum(totals).tolist()
+        peak = torch.tensor([float(peak_memory_bytes(device))], dtype=torch.float64, device=device)
+        peak_memory = self.strategy.all_reduce_max(peak).item()
         train_loss = loss_sum / max(self.steps, 1)
 
         def rate(count: float) -> float:
@@ -118,6 +129,9 @@ class RunTotals:
             "train_tokens_per_second": rate(tokens),
             "train_steps_per_second": rate(self.steps),
             "train_loss": train_loss,
+            **throughput_logs(flops / self.strategy.world_size, runtime, self.peak_tflops),
+            # the most any rank held: the device allocator's peak on CUDA, the process's peak RSS on CPU
+            "train_peak_memory_gb": round(peak_memory / 2**30, 3),
         }
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+
+from .flops import attention_flops
 from huggingface_hub import ModelCard
 from torch.utils.data import DataLoader
 from transformers import modelcard
@@ -88,6 +90,11 @@ class ReportingMethods:
         if main_input in inputs and hasattr(model, "num_parameters"):
             return 6 * inputs[main_input].numel() * model.num_parameters(exclude_embeddings=True)
         return 0
+
+    def attention_flops(self, inputs: dict[str, Any]) -> float:
+        """The attention FLOPs HF's estimate leaves out (flops.py): model FLOPs = floating_point_ops + this."""
+        model = self.strategy.unwrap(self.model)
+        return attention_flops(model, inputs, getattr(model, "main_input_name", "input_ids"))
 
     def store_flos(self) -> None:
         """Adds every rank's FLOPs since the last call to state.total_flos (a collective)."""

@@ -29,6 +29,7 @@ class StepResult:
     stepped: bool  # False: skipped (fp16 overflow, or a NaN/inf loss with nonfinite_loss='skip')
     finite: torch.Tensor  # whether `loss` is finite (a device bool, computed once for the logs and totals)
     flos: float = 0.0  # estimated from input shapes (Trainer.floating_point_ops)
+    model_flops: float = 0.0  # flos plus the attention term, for TFLOP/s and MFU (flops.py)
 
 
 class LossWeighting:
@@ -100,10 +101,12 @@ class StepRunner:
     def run(self, model, optimizer, scheduler, micro_batches: list[dict[str, Any]]) -> StepResult:
         loss, samples, tokens = self._accumulate(model, micro_batches)
         flos = float(sum(self.hooks.floating_point_ops(batch) for batch in micro_batches))
+        model_flops = flos + sum(self.hooks.attention_flops(batch) for batch in micro_batches)
         finite = torch.isfinite(loss)
         if self.skip_nonfinite and self._any_rank_nonfinite(finite):
             self.strategy.discard_gradients(model, optimizer)  # the weights, optimizer and schedule stay
-            return StepResult(loss / self.strategy.world_size, samples, tokens, None, False, finite, flos)
+            return StepResult(loss / self.strategy.world_size, samples, tokens, None, False, finite, flos,
+                              model_flops)
         self.strategy.unscale_gradients(optimizer)
         self.hooks.fire("on_pre_optimizer_step")
         grad_norm = self.strategy.clip_grad_norm_(model, self.clip) if self.clip is not None else None
@@ -115,7 +118,8 @@ class StepRunner:
             scheduler.step()
         # else an fp16 overflow: the weights did not move, so neither does the schedule
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss / self.strategy.world_size, samples, tokens, grad_norm, stepped, finite, flos)
+        return StepResult(loss / self.strategy.world_size, samples, tokens, grad_norm, stepped, finite, flos,
+                          model_flops)
 
     def _accumulate(self, model, micro_batches: list[dict[str, Any]]) -> tuple[torch.Tensor, int, torch.Tensor]:
         global_items = self.weighting.global_items(micro_batches)
