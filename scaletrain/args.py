@@ -100,6 +100,10 @@ class _ScaletrainArguments(ProcessFacts):
     label_smoothing_factor: float = 0.0
     # NEFTune noise on the input embeddings while training (middleware/neftune.py)
     neftune_noise_alpha: Optional[float] = None
+    # torch.compile (middleware/compilation.py): whole model, or per block under fsdp
+    torch_compile: bool = False
+    torch_compile_backend: Optional[str] = None
+    torch_compile_mode: Optional[str] = None
     use_liger_kernel: bool = False  # Liger's Triton kernels patched into the model (CUDA only)
     liger_kernel_config: Optional[dict] = None
     # HF's: deterministic torch kernels (and CUDA env settings) instead of a plain seed

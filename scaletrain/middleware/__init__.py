@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from . import activation_ckpt, batch_finder, liger, neftune, quantization
+from . import activation_ckpt, batch_finder, compilation, liger, neftune, quantization
 from .activation_ckpt import ActivationCheckpointing
+from .compilation import TorchCompile
 from .base import Middleware
 from .liger import LigerKernels
 from .lora import LoRA, lora_settings
@@ -79,6 +80,7 @@ def check_middleware_options(args) -> None:
     batch_finder.check_options(args)
     neftune.check_options(args)
     liger.check_options(args)
+    compilation.check_options(args)
 
 
 def build_middleware(args, strategy) -> MiddlewareStack:
@@ -93,6 +95,8 @@ def build_middleware(args, strategy) -> MiddlewareStack:
         items.append(NEFTune(args.neftune_noise_alpha))
     if args.activation_checkpointing:
         items.append(ActivationCheckpointing(args.activation_checkpointing_kwargs or {}))
+    if args.torch_compile:  # last: compiles what the others built
+        items.append(TorchCompile(args.torch_compile_backend, args.torch_compile_mode))
     return MiddlewareStack(items)
 
 

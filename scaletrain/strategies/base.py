@@ -39,6 +39,8 @@ class Strategy(abc.ABC):
     # every forward is a collective (sharded parameters are gathered), so all
     # ranks must run the same number of forwards during evaluation too
     eval_needs_all_ranks: bool = False
+    # torch_compile per transformer block (the sharding units) instead of the whole model
+    compiles_per_block: bool = False
 
     def __init__(self, args, env: DistEnv | None = None) -> None:
         self.args = args

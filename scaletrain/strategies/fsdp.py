@@ -47,6 +47,7 @@ class FSDPStrategy(Strategy):
     name = "fsdp"
     needs_process_group = True
     eval_needs_all_ranks = True
+    compiles_per_block = True
 
     def __init__(self, args, env=None) -> None:
         super().__init__(args, env)
