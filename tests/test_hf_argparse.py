@@ -106,8 +106,9 @@ def test_seq2seq_arguments_parse_their_own_fields(tmp_path):
 
 
 def test_a_refused_field_on_the_command_line_names_itself(tmp_path):
-    with pytest.raises(NotSupportedError, match="save_on_each_node=True"):
-        _parse((scaletrain.TrainingArguments,), ["--output_dir", "OUT", "--save_on_each_node"], tmp_path)
+    with pytest.raises(NotSupportedError, match="eval_use_gather_object=True"):
+        _parse((scaletrain.TrainingArguments,), ["--output_dir", "OUT", "--eval_use_gather_object"], tmp_path)
+
 
 
 @pytest.mark.parametrize("rank, local_rank, log_on_each_node, expected", [
