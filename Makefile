@@ -61,8 +61,9 @@ constraints: .venv-latest/.installed
 	  | grep -viE '^(torch|nvidia-.*|triton|wheel)==' | sort -f; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
+# every benchmark that takes minutes; hpo.py and faults.py (tens of minutes) run on their own
 bench: $(STAMP)
-	$(BIN)/python benchmarks/overhead.py
+	for b in overhead strategies memory checkpoint compile; do $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .venv-latest outputs
