@@ -1,5 +1,6 @@
 """`scaletrain train CONFIG [--field value ...]`, `scaletrain hpo CONFIG [--field value ...]`,
-`scaletrain export CHECKPOINT OUT_DIR` and `scaletrain estimate CONFIG [--world-size N]`.
+`scaletrain export CHECKPOINT OUT_DIR`, `scaletrain estimate CONFIG [--world-size N]` and
+`scaletrain bench CONFIG [--strategies ...] [--micro-batch ...]`.
 
 The same command runs alone or under torchrun / accelerate launch / SLURM: the
 launcher's environment decides the world size, the config decides the rest.
@@ -246,6 +247,59 @@ def _estimate(config_name: str, world_size: int | None, overrides: list[str]) ->
     return 0
 
 
+_BENCH_OPTIONS = {"--strategies": "strategies", "--micro-batch": "micro_batch", "--steps": "steps",
+                  "--warmup": "warmup", "--checkpointing": "checkpointing", "--compile": "compile"}
+_VARIANTS = {"off": [False], "on": [True], "both": [False, True]}
+
+
+def _pop_bench_options(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
+    """bench's own flags, wherever they sit among the --field value overrides."""
+    rest, options = [], {}
+    items = iter(overrides)
+    for item in items:
+        name, _, value = item.partition("=")
+        if name in _BENCH_OPTIONS:
+            options[_BENCH_OPTIONS[name]] = value or next(items, "")
+        else:
+            rest.append(item)
+    return rest, options
+
+
+def _bench_points(options: dict[str, str], cfg):
+    from .bench import bench_points
+
+    try:
+        strategies = [s for s in options.get("strategies", cfg.training.strategy).split(",") if s]
+        micro = [int(m) for m in options.get("micro_batch", str(cfg.training.per_device_train_batch_size)).split(",")]
+        variants = [_VARIANTS[options.get(key, "off")] for key in ("checkpointing", "compile")]
+        steps, warmup = int(options.get("steps", 10)), int(options.get("warmup", 3))
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"bench options {options}: {exc}; --strategies a,b --micro-batch 1,2,4 --steps N "
+                          "--warmup N --checkpointing off|on|both --compile off|on|both") from exc
+    if steps <= warmup or warmup < 1 or not micro or min(micro) < 1:
+        raise ConfigError(f"bench: --steps {steps} must exceed --warmup {warmup} >= 1, and micro-batches be >= 1")
+    return bench_points(strategies, micro, *variants), steps, warmup
+
+
+def _bench(cfg, env, strategy, task, options: dict[str, str]) -> int:
+    import torch
+
+    from .bench import add_estimates, format_table, run_bench, write_results
+
+    points, steps, warmup = _bench_points(options, cfg)
+    _rank_logging(env)
+    strategy.setup_environment()
+    rows = run_bench(cfg, env, task, points, steps, warmup)
+    if env.is_main:
+        add_estimates(rows, cfg, env.world_size)
+        device = torch.cuda.get_device_name(strategy.device) if strategy.device.type == "cuda" else "CPU"
+        table = format_table(rows, device, env.world_size)
+        written = write_results(rows, table, cfg.training.output_dir)
+        print(table + f"\n\nwritten: {', '.join(str(p) for p in written.values())}", flush=True)
+    _KEEP_UNTIL_EXIT.append(strategy)
+    return 0
+
+
 def _pop_world_size(overrides: list[str], world_size: int | None) -> tuple[list[str], int | None]:
     """--world-size may also come after the config (argparse hands it to the overrides)."""
     rest = []
@@ -283,6 +337,13 @@ def main(argv: list[str] | None = None) -> int:
     est.add_argument("config", help="YAML file or built-in recipe")
     est.add_argument("--world-size", type=int, default=None, help="ranks to predict for (default: 1, 2, 8, 64)")
     est.add_argument("overrides", nargs=argparse.REMAINDER, help="--field value pairs")
+    bench = sub.add_parser("bench", help="time a short run of the config per strategy and micro-batch (and "
+                                         "with/without activation checkpointing / compile): tokens/s, TFLOP/s, MFU, "
+                                         "memory vs the estimate; table and PNG in output_dir")
+    bench.add_argument("config", help="YAML file or built-in recipe")
+    bench.add_argument("overrides", nargs=argparse.REMAINDER,
+                       help="--strategies ddp,fsdp,zero3 --micro-batch 1,2,4 --steps 10 --warmup 3 --checkpointing "
+                            "off|on|both --compile off|on|both, and --field value pairs")
     # the deepspeed launcher appends --local_rank=N; the environment says the same
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
     args = parser.parse_args(argv)
@@ -293,14 +354,19 @@ def main(argv: list[str] | None = None) -> int:
         return _estimate(args.config, world_size, overrides)
     from .checkpoint import CheckpointError
 
+    overrides, bench_options = _pop_bench_options(args.overrides) if args.command == "bench" else (args.overrides, {})
     try:
-        cfg, env, strategy, task = _prepare(args.config, args.overrides, args.command)
+        cfg, env, strategy, task = _prepare(args.config, overrides, args.command)
+        if args.command == "bench":
+            _bench_points(bench_options, cfg)  # bad options fail here, before any process group
     except ConfigError as exc:
         _refuse(f"config error: {exc}")
         return 2
     except (ValueError, FileNotFoundError, CheckpointError) as exc:  # NotSupportedError is a ValueError
         _refuse(f"error: {exc}")
         return 2
+    if args.command == "bench":
+        return _bench(cfg, env, strategy, task, bench_options)
     return (_hpo if args.command == "hpo" else _train)(cfg, env, strategy, task)
 
 
