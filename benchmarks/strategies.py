@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-RESULTS = Path(__file__).parent / "results"
+# where tables and plots go (a test points it at a temporary folder)
+RESULTS = Path(os.environ.get("SCALETRAIN_BENCH_RESULTS", Path(__file__).parent / "results"))
 SEQ, VOCAB, PER_RANK_BATCH, WARMUP = 64, 16384, 4, 3
 CONFIGS = {
     "single": {"strategy": "single"},
