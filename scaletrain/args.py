@@ -144,6 +144,7 @@ class _ScaletrainArguments(ProcessFacts):
     ddp_timeout: int = 1800
     ddp_find_unused_parameters: Optional[bool] = None
     ddp_bucket_cap_mb: Optional[int] = None
+    ddp_gradient_as_bucket_view: bool = True  # ddp: gradients live in the all-reduce buckets (one copy)
     ddp_broadcast_buffers: Optional[bool] = None
     ddp_static_graph: Optional[bool] = None
 
@@ -165,6 +166,7 @@ class _ScaletrainArguments(ProcessFacts):
     # fsdp: only rank 0 reads the weights; the others build the model on the meta
     # device and receive their shards from rank 0 (via Strategy.build_model)
     fsdp_low_memory_init: bool = False
+    fsdp_prefetch: Optional[int] = None  # fsdp: all-gather the next N blocks ahead (None: FSDP2's implicit one)
     offload_optimizer: bool = False  # zero1/2/3: optimizer state and step on CPU
     offload_params: bool = False  # zero3: parameters on CPU between uses
     # write checkpoints in the background (DCP strategies): training waits only

@@ -1,4 +1,5 @@
-"""torch_compile against eager on the same run: per-step losses and final weights within fp32 noise, in one
+"""torch_compile (and fsdp_prefetch, FSDP2's other throughput knob) against eager on the same run: per-step
+losses and final weights within fp32 noise, in one
 process (inductor's C++ backend) and on 2 ranks under ddp (whole model) and fsdp (per block), with
 activation checkpointing; refused under DeepSpeed."""
 from __future__ import annotations
@@ -81,3 +82,22 @@ def test_compile_options_follow_hf_and_deepspeed_is_refused(tmp_path):
         TrainingArguments(output_dir=str(tmp_path), torch_compile_backend="nope")
     with pytest.raises(NotSupportedError, match="torch_compile with strategy 'zero2'"):
         TrainingArguments(output_dir=str(tmp_path), torch_compile=True, strategy="zero2")
+
+
+def _prefetch_job(rank: int, out: str) -> None:
+    plain = _train(f"{out}/plain", strategy="fsdp")
+    ahead = _train(f"{out}/ahead", strategy="fsdp", fsdp_prefetch=1)
+    assert _losses(ahead) == _losses(plain)  # prefetching reorders communication, not arithmetic
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    blocks = [m for m in ahead.model_wrapped.modules() if isinstance(m, LlamaDecoderLayer)]
+    forward = [len(b._get_fsdp_state()._states_to_forward_prefetch) for b in blocks]
+    backward = [len(b._get_fsdp_state()._states_to_backward_prefetch) for b in blocks]
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"forward": forward, "backward": backward}))
+    ahead.strategy.teardown()
+
+
+def test_fsdp_prefetch_gathers_the_neighbouring_blocks_ahead_with_the_same_losses(tmp_path):
+    run_ranks(_prefetch_job, str(tmp_path), timeout=300)
+    # 2 blocks: the first prefetches the second in forward, the second the first in backward
+    assert json.loads((tmp_path / "rank0.json").read_text()) == {"forward": [1, 0], "backward": [0, 1]}

@@ -64,7 +64,7 @@ def _ddp_options(wrapper) -> dict:
     group = torch.distributed.group.WORLD
     return {"backend": torch.distributed.get_backend(), "find_unused": wrapper.find_unused_parameters,
             "bucket_bytes": wrapper.bucket_bytes_cap, "broadcast_buffers": wrapper.broadcast_buffers,
-            "static_graph": wrapper.static_graph,
+            "static_graph": wrapper.static_graph, "grads_in_buckets": wrapper.gradient_as_bucket_view,
             "timeout_s": group._get_backend(torch.device("cpu")).options._timeout.total_seconds()}
 
 
@@ -127,7 +127,8 @@ def test_ddp_loss_curve_matches_single_process(ddp_result, single_result):
 def test_ddp_fields_reach_the_wrapper_and_the_process_group(ddp_result):
     _, ddp = ddp_result
     assert ddp["ddp_options"] == {"backend": "gloo", "find_unused": False, "bucket_bytes": 1024 * 1024,
-                                  "broadcast_buffers": False, "static_graph": True, "timeout_s": 120.0}
+                                  "broadcast_buffers": False, "static_graph": True, "timeout_s": 120.0,
+                                  "grads_in_buckets": True}  # scaletrain's default (DDP's is False)
 
 
 def test_ddp_final_weights_match_single_process(ddp_result, single_result):

@@ -40,6 +40,8 @@ class DDPStrategy(Strategy):
             kwargs["broadcast_buffers"] = args.ddp_broadcast_buffers
         if args.ddp_static_graph is not None:
             kwargs["static_graph"] = args.ddp_static_graph
+        # gradients are views into the all-reduce buckets: one copy of the gradients instead of two
+        kwargs["gradient_as_bucket_view"] = args.ddp_gradient_as_bucket_view
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         wrapped = DistributedDataParallel(model, device_ids=device_ids, **kwargs)
         return wrapped, optimizer_factory(model)

@@ -7,7 +7,7 @@ and its CPU offload fails, and FSDP2's DTensor state works with DCP directly.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -27,13 +27,16 @@ def _packed_quantized(param: torch.nn.Parameter) -> bool:
     return getattr(param, "quant_state", None) is not None or not param.is_floating_point()
 
 
-_OWN_FLAGS = ("fsdp_layer_classes", "fsdp_cpu_offload", "fsdp_low_memory_init")
+_OWN_FLAGS = ("fsdp_layer_classes", "fsdp_cpu_offload", "fsdp_low_memory_init", "fsdp_prefetch")
 
 
 def check_options(args) -> None:
     """FSDP's options mean nothing to another strategy: refused there rather than ignored."""
     if args.strategy == "fsdp":
         check_full_eval(args, "FSDP2's sharded DTensor parameters")
+        if args.fsdp_prefetch is not None and (not isinstance(args.fsdp_prefetch, int) or args.fsdp_prefetch < 1):
+            raise ValueError(f"fsdp_prefetch={args.fsdp_prefetch!r} must be an integer >= 1 (blocks gathered ahead), "
+                             "or None for FSDP2's implicit prefetching")
         return
     for name in _OWN_FLAGS:
         if getattr(args, name):
@@ -41,6 +44,19 @@ def check_options(args) -> None:
                              f"(strategy is {args.strategy!r})")
     if not args.fsdp_reshard_after_forward:
         raise ValueError("fsdp_reshard_after_forward=False only applies to strategy: fsdp")
+
+
+def _set_prefetch(units: list[torch.nn.Module], depth: Optional[int]) -> None:
+    """fsdp_prefetch=N: each block's forward issues the all-gathers of the next N blocks, and its backward
+    those of the N before it (torchtitan's explicit prefetching; FSDP2 alone overlaps one block, implicitly)."""
+    if not depth:
+        return
+    for i, unit in enumerate(units):
+        after, before = units[i + 1:i + 1 + depth], units[max(0, i - depth):i][::-1]
+        if after:
+            unit.set_modules_to_forward_prefetch(after)
+        if before:
+            unit.set_modules_to_backward_prefetch(before)
 
 
 class FSDPStrategy(Strategy):
@@ -90,10 +106,11 @@ class FSDPStrategy(Strategy):
             kwargs["mp_policy"] = self.mixed_precision_policy
         blocks = self.layer_classes(model)
         whole = {p for p in model.parameters() if _packed_quantized(p)}
-        for module in list(model.modules()):
-            if isinstance(module, blocks):
-                fully_shard(module, **kwargs, ignored_params={p for p in module.parameters() if p in whole})
+        units = [module for module in model.modules() if isinstance(module, blocks)]
+        for module in units:
+            fully_shard(module, **kwargs, ignored_params={p for p in module.parameters() if p in whole})
         fully_shard(model, **kwargs, ignored_params=whole)  # the rest: embeddings, head, final norm
+        _set_prefetch(units, self.args.fsdp_prefetch)
         if callable(getattr(model, "generate", None)):
             # generate() calls submodules (e.g. the encoder) directly, not
             # model.forward: the root's parameters must be gathered around it
