@@ -118,6 +118,9 @@ def main() -> None:
                      f"{r['save_blocking_s'] / sync['save_blocking_s']:.2f}x | {r['train_wall_s']:.1f} | "
                      f"{r['load_s']:.2f} | {r['checkpoint_mib']:.0f} |")
     publish("checkpoint-cpu", lines, {"device": device, "rows": rows})
+    from plots import plot_checkpoint
+
+    plot_checkpoint({"device": device, "rows": rows})
 
 
 if __name__ == "__main__":

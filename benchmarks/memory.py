@@ -190,6 +190,9 @@ def main() -> None:
                      f"{math.ceil(math.log2(FINDER_RANGE)) + 2} | {r['per_device']} x {r['accumulation']} |")
     publish("memory-cpu", lines, {"device": device, "torch": torch.__version__, "activations": activations,
                                   "strategies": strategies, "finder": finder})
+    from plots import plot_memory
+
+    plot_memory({"device": device, "strategies": strategies})
 
 
 if __name__ == "__main__":

@@ -191,6 +191,9 @@ def main() -> None:
         lines.append(f"| {r['strategy']} | {r['world_size']} | {r['samples_per_s']:.2f} | {ratio} | "
                      f"{r['state_mib_per_rank']:.1f} | {r['peak_rss_mib']:.0f} |")
     publish("strategies-cpu", lines, {"device": device, "torch": torch.__version__, "steps": opts.steps, "rows": rows})
+    from plots import plot_strategies
+
+    plot_strategies({"device": device, "rows": rows})
 
 
 if __name__ == "__main__":
