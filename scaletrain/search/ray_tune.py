@@ -24,7 +24,7 @@ from ..checkpoint.manager import latest_checkpoint
 from ..errors import NotSupportedError
 from ..strategies import build_strategy
 from .errors import SearchConfigError
-from .trials import RecordingDict, check_names, check_reads, takes_trial, trial_arguments
+from .trials import RecordingDict, check_names, check_reads, read_objective, takes_trial, trial_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +107,7 @@ class RayTrials:
         return model
 
     def objective_of(self, metrics: dict[str, float]) -> float:
-        try:
-            return float(self.compute_objective(dict(metrics)))
-        except KeyError as exc:
-            raise SearchConfigError(f"compute_objective reads {exc}, which the evaluation does not produce (it "
-                                    f"gives {sorted(metrics)})") from exc
+        return float(read_objective(self.compute_objective, metrics))
 
 
 class RayReporter(TrainerCallback):

@@ -21,7 +21,8 @@ from ..trainer.preemption import Preempted
 from .errors import SearchAborted, SearchConfigError, TrialFailed
 from .settings import SearchSettings
 from .study import finished_trials, retried_number, stop_at
-from .trials import ObservedTrial, check_names, check_reads, shared_trial, takes_trial, trial_arguments
+from .trials import (ObservedTrial, check_names, check_reads, read_objective, shared_trial, takes_trial,
+                     trial_arguments)
 
 logger = logging.getLogger(__name__)
 
@@ -176,13 +177,7 @@ class DistributedSearch:
 
     # ---------------------------------------------------- during training
     def objective_of(self, metrics: dict[str, float]):
-        try:
-            value = self.compute_objective(dict(metrics))
-        except KeyError as exc:
-            raise SearchConfigError(
-                f"compute_objective reads {exc}, which the evaluation does not produce (it gives "
-                f"{sorted(metrics)}); pick one of those, or make compute_metrics return it") from exc
-        return _checked_objective(value, self.settings.directions)
+        return _checked_objective(read_objective(self.compute_objective, metrics), self.settings.directions)
 
     def report(self, trainer, step: int, metrics: dict[str, float]) -> None:
         """After each evaluation in training (HF's _report_to_hp_search): the objective to the study;

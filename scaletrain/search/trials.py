@@ -113,6 +113,16 @@ def check_reads(hp_params: dict[str, Any], observed: Any, args: Any) -> None:
         raise _empty_space()
 
 
+def read_objective(compute_objective: Callable, metrics: dict[str, float]) -> Any:
+    """compute_objective(metrics), with a metric the evaluation does not produce named as such."""
+    try:
+        return compute_objective(dict(metrics))
+    except KeyError as exc:
+        raise SearchConfigError(
+            f"compute_objective reads {exc}, which the evaluation does not produce (it gives "
+            f"{sorted(metrics)}); pick one of those, or make compute_metrics return it") from exc
+
+
 def _empty_space() -> SearchConfigError:
     return SearchConfigError("the search space is empty: hp_space returned no parameter and model_init sampled "
                              "none; return at least one, e.g. {'learning_rate': trial.suggest_float("
