@@ -6,9 +6,11 @@ in training forwards as both trainers do (it had been building one, which made a
 than the loop it wraps). Every runner is timed over the same steady-state window: the median step time
 after WARMUP steps, construction excluded. The runs are interleaved (order rotated) in every repetition
 so machine noise hits all of them alike; the table reports medians and ratios of medians. --compiled
-adds each runner under torch.compile (inductor).
+adds each runner under torch.compile (inductor). --world-size 2 runs each runner under torchrun on gloo
+(the plain loop wraps DDP itself); every runner uses find_unused_parameters=False there, the setting a
+hand-written loop would choose, so the rows compare loops rather than DDP settings.
 
-    python benchmarks/overhead.py [--steps 100] [--reps 5] [--threads N] [--compiled]
+    python benchmarks/overhead.py [--steps 100] [--reps 5] [--threads N] [--compiled] [--world-size 2]
 """
 from __future__ import annotations
 
@@ -56,9 +58,14 @@ class StepClock:
         return statistics.median(durations)
 
 
+def _distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun
+
+
 def plain_loop(data, batch: int, steps: int, lr: float, compiled: bool) -> float:
     """The best hand-written loop for the same math: no KV cache in training forwards (the trainers turn
-    it off too), torch's AdamW with the trainers' arguments, clipping, the same schedule and shuffling."""
+    it off too), torch's AdamW with the trainers' arguments, clipping, the same schedule and shuffling;
+    under torchrun DDP with a DistributedSampler."""
     from transformers import get_linear_schedule_with_warmup
 
     model = model_factory()
@@ -68,8 +75,15 @@ def plain_loop(data, batch: int, steps: int, lr: float, compiled: bool) -> float
         model.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     sched = get_linear_schedule_with_warmup(opt, 0, steps)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True,
-                                         generator=torch.Generator().manual_seed(0))
+    if _distributed():
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo")
+        sampler = torch.utils.data.DistributedSampler(data, shuffle=True, seed=0)
+        loader = torch.utils.data.DataLoader(data, batch_size=batch, sampler=sampler)
+        model = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+    else:
+        loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True,
+                                             generator=torch.Generator().manual_seed(0))
     clock, done = StepClock(), 0
     while done < steps:
         for b in loader:
@@ -105,8 +119,9 @@ def scaletrain_trainer(data, batch: int, steps: int, lr: float, compiled: bool, 
     clock = StepClock()
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=steps, learning_rate=lr,
                              optim="adamw_torch", logging_steps=50, save_strategy="no", disable_tqdm=True,
-                             report_to="none", strategy="single", torch_threads=torch.get_num_threads(),
-                             torch_compile=compiled)
+                             report_to="none", strategy="ddp" if _distributed() else "single",
+                             torch_threads=torch.get_num_threads(), torch_compile=compiled,
+                             ddp_find_unused_parameters=False)
     Trainer(model=model_factory(), args=args, train_dataset=data, callbacks=[_clock_callback(clock)]).train()
     return clock.median_step()
 
@@ -118,40 +133,87 @@ def hf_trainer(data, batch: int, steps: int, lr: float, compiled: bool, out: str
     args = transformers.TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=steps,
                                           learning_rate=lr, optim="adamw_torch", logging_steps=50, save_strategy="no",
                                           disable_tqdm=True, report_to="none", use_cpu=True,
-                                          dataloader_pin_memory=False, torch_compile=compiled)
+                                          dataloader_pin_memory=False, torch_compile=compiled,
+                                          ddp_find_unused_parameters=False)
     transformers.Trainer(model=model_factory(), args=args, train_dataset=data,
                          callbacks=[_clock_callback(clock)]).train()
     return clock.median_step()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--compiled", action="store_true", help="also each runner under torch.compile (inductor)")
-    parser.add_argument("--out", default=str(RESULTS / "overhead-cpu"))
-    opts = parser.parse_args()
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
+RUNNERS = {"plain PyTorch loop": plain_loop, "scaletrain Trainer": scaletrain_trainer, "HF Trainer": hf_trainer}
+SCRATCH = "/tmp/scaletrain-bench"
+
+
+def _run_here(name: str, compiled: bool, opts) -> float:
+    data = TokenData(opts.batch * opts.steps * opts.world_size, opts.seq, vocab=2048)
+    runner = RUNNERS[name]
+    if runner is plain_loop:
+        return plain_loop(data, opts.batch, opts.steps, 1e-4, compiled)
+    return runner(data, opts.batch, opts.steps, 1e-4, compiled, f"{SCRATCH}/{name.split()[0]}")
+
+
+def _run_torchrun(name: str, compiled: bool, opts) -> float:
+    """One runner under torchrun; rank 0's median step time comes back in a file."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "step.json"
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={opts.world_size}",
+                   "--master_port=29533", __file__, "--worker", name, "--result", str(result),
+                   "--steps", str(opts.steps), "--batch", str(opts.batch), "--seq", str(opts.seq),
+                   "--world-size", str(opts.world_size)] + (["--compiled"] if compiled else [])
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        return json.loads(result.read_text())["median_step_seconds"]
+
+
+def _worker(opts) -> None:
     warnings.filterwarnings("ignore")
     import transformers
 
     transformers.logging.set_verbosity_error()
-    data = TokenData(opts.batch * opts.steps, opts.seq, vocab=2048)
-    scratch = "/tmp/scaletrain-bench"
+    step = _run_here(opts.worker, opts.compiled, opts)
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(opts.result).write_text(json.dumps({"median_step_seconds": step}))
+
+
+def _options():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=8, help="per rank")
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--world-size", type=int, default=1, help="ranks per runner (torchrun, gloo) when > 1")
+    parser.add_argument("--compiled", action="store_true", help="also each runner under torch.compile (inductor)")
+    parser.add_argument("--out", default=None, help="default: results/overhead-cpu (-ddp2 for 2 ranks)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.out is None:
+        suffix = f"-ddp{opts.world_size}" if opts.world_size > 1 else ""
+        opts.out = str(RESULTS / f"overhead-cpu{suffix}")
+    return opts
+
+
+def main() -> None:
+    opts = _options()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    if opts.worker:
+        return _worker(opts)
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    run = _run_torchrun if opts.world_size > 1 else _run_here
     runners = {}
     for compiled in (False, True) if opts.compiled else (False,):
         tag = " (compiled)" if compiled else ""
-        runners[f"plain PyTorch loop{tag}"] = lambda c=compiled: plain_loop(data, opts.batch, opts.steps, 1e-4, c)
-        runners[f"scaletrain Trainer{tag}"] = lambda c=compiled: scaletrain_trainer(
-            data, opts.batch, opts.steps, 1e-4, c, scratch + "/st")
-        runners[f"HF Trainer{tag}"] = lambda c=compiled: hf_trainer(data, opts.batch, opts.steps, 1e-4, c,
-                                                                    scratch + "/hf")
-    for run in runners.values():  # warm-up: imports, allocator, kernels
-        run()
+        for name in RUNNERS:
+            runners[f"{name}{tag}"] = lambda n=name, c=compiled: run(n, c, opts)
+    for runner in runners.values():  # warm-up: imports, allocator, kernels, the compile cache
+        runner()
     times: dict[str, list[float]] = {name: [] for name in runners}
     names = list(runners)
     for rep in range(opts.reps):
@@ -160,32 +222,45 @@ def main() -> None:
             times[name].append(runners[name]())
         print(f"rep {rep + 1}/{opts.reps}: " + ", ".join(f"{n} {1e3 * t[-1]:.1f}ms" for n, t in times.items()),
               flush=True)
+    _report(opts, times)
 
-    med = {name: opts.batch / statistics.median(ts) for name, ts in times.items()}
+
+def _report(opts, times: dict[str, list[float]]) -> None:
+    import transformers
+
+    samples_per_step = opts.batch * opts.world_size
+    med = {name: samples_per_step / statistics.median(ts) for name, ts in times.items()}
     plain, ours, hf = med["plain PyTorch loop"], med["scaletrain Trainer"], med["HF Trainer"]
-    rows = [(name, med[name], med[name] / med[name.replace("scaletrain Trainer", "plain PyTorch loop").replace(
-        "HF Trainer", "plain PyTorch loop")]) for name in runners]
-    header = (f"GPT-2 2x128 (vocab 2048), batch {opts.batch} x seq {opts.seq}, {opts.steps} steps/run, "
-              f"median step time over steps {WARMUP + 1}-{opts.steps} (construction and warm-up excluded), median "
-              f"of {opts.reps} interleaved runs, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+
+    def vs_plain(name: str) -> float:
+        return med[name] / med[name.replace("scaletrain Trainer", "plain PyTorch loop").replace(
+            "HF Trainer", "plain PyTorch loop")]
+
+    ranks = f"{opts.world_size} ranks (torchrun, gloo, DDP), " if opts.world_size > 1 else "1 process, "
+    threads = "1 thread per rank" if opts.world_size > 1 else f"{torch.get_num_threads()} threads"
+    header = (f"GPT-2 2x128 (vocab 2048), {ranks}batch {opts.batch} per rank x seq {opts.seq}, {opts.steps} "
+              f"steps/run, median step time over steps {WARMUP + 1}-{opts.steps} (construction and warm-up "
+              f"excluded), median of {opts.reps} interleaved runs, {threads}, torch {torch.__version__}, "
               f"transformers {transformers.__version__}, {platform.processor() or platform.machine()}")
-    table = ["| runner | samples/s (median) | vs plain loop (same compile setting) |", "|---|---:|---:|"]
-    table += [f"| {name} | {sps:.1f} | {ratio:.3f}x |" for name, sps, ratio in rows]
+    table = ["| runner | samples/s (median, all ranks) | vs plain loop (same compile setting) |", "|---|---:|---:|"]
+    table += [f"| {name} | {sps:.1f} | {vs_plain(name):.3f}x |" for name, sps in med.items()]
     table.append(f"\nscaletrain / HF Trainer: **{ours / hf:.3f}x**")
     text = header + "\n\n" + "\n".join(table)
     print("\n" + text)
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(opts.out + ".md").write_text(f"# Trainer overhead (CPU)\n\n{text}\n")
+    title = "Trainer overhead (CPU" + (f", {opts.world_size} ranks)" if opts.world_size > 1 else ")")
+    Path(opts.out + ".md").write_text(f"# {title}\n\n{text}\n")
     Path(opts.out + ".json").write_text(json.dumps({
         "config": vars(opts), "threads": torch.get_num_threads(), "python": sys.version.split()[0],
         "torch": torch.__version__, "transformers": transformers.__version__,
         "step_seconds_median_per_rep": times, "samples_per_second_median": med,
-        "ratio_vs_plain": {name: med[name] / plain for name in med}, "scaletrain_vs_hf": ours / hf,
+        "ratio_vs_plain": {name: vs_plain(name) for name in med}, "scaletrain_vs_hf": ours / hf,
+        "plain_samples_per_second": plain,
     }, indent=2))
-    _plot(med, opts.out + ".png")
+    _plot(med, opts.out + ".png", title)
 
 
-def _plot(med: dict[str, float], path: str) -> None:
+def _plot(med: dict[str, float], path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,7 +270,7 @@ def _plot(med: dict[str, float], path: str) -> None:
     axes.bar(range(len(med)), list(med.values()), color=["tab:gray", "tab:blue", "tab:orange"] * 2)
     axes.set_xticks(range(len(med)), [n.replace(" (compiled)", "\n(compiled)") for n in med], fontsize=8)
     axes.set_ylabel("samples/s (steady state)")
-    axes.set_title("Trainer overhead vs a plain PyTorch loop, CPU")
+    axes.set_title(title.replace("Trainer overhead", "Trainer overhead vs a plain PyTorch loop"), fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
