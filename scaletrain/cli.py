@@ -1,4 +1,5 @@
 """`scaletrain train CONFIG [--field value ...]`, `scaletrain hpo CONFIG [--field value ...]`,
+`scaletrain eval CONFIG --checkpoint PATH`, `scaletrain predict CONFIG --checkpoint PATH [--output F]`,
 `scaletrain export CHECKPOINT OUT_DIR`, `scaletrain estimate CONFIG [--world-size N]` and
 `scaletrain bench CONFIG [--strategies ...] [--micro-batch ...]`.
 
@@ -21,7 +22,7 @@ from .config import ConfigError, ModelConfig, load_config, resolve_config_path
 from .trainer.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 
-def _prepare(config_name: str, overrides: list[str], command: str = "train"):
+def _prepare(config_name: str, overrides: list[str], command: str = "train", checkpoint: str | None = None):
     """Everything that can be wrong with the input, checked before any process group."""
     from .distributed import read_env
     from .strategies import build_strategy
@@ -45,6 +46,8 @@ def _prepare(config_name: str, overrides: list[str], command: str = "train"):
         cfg.search.check(cfg.training, [f.name for f in dataclasses.fields(ModelConfig)])
     elif cfg.search is not None:
         logging.getLogger(__name__).info("the search section is for `scaletrain hpo`; train runs the base config")
+    if command in ("eval", "predict"):
+        _point_model_at(cfg, checkpoint)
 
     from .tasks import build_task
 
@@ -58,18 +61,13 @@ def _train(cfg, env, strategy, task) -> int:
     from transformers.trainer_utils import set_seed
 
     from .checkpoint import CheckpointError
-    from .trainer import Trainer
 
     _rank_logging(env)
     wall_start = time.perf_counter()
     strategy.setup_environment()
     set_seed(cfg.training.seed)  # the model's random init (if any) is part of the run
     model = strategy.build_model(task.load_model, task.build_model_from_config)
-    trainer = Trainer(
-        model=model, args=cfg.training, train_dataset=task.train_dataset, eval_dataset=task.eval_dataset,
-        processing_class=task.tokenizer, compute_metrics=task.compute_metrics, strategy=strategy,
-        data_collator=task.data_collator,
-    )
+    trainer = _trainer_for(task, cfg, strategy, model)
     try:
         try:
             train_out = _preemptible(lambda: trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint),
@@ -79,17 +77,21 @@ def _train(cfg, env, strategy, task) -> int:
             return 1
         if train_out is None:
             return PREEMPTED_EXIT_CODE
-        eval_metrics = trainer.evaluate()
+        eval_metrics = trainer.evaluate() if task.eval_dataset is not None else {}
         final_dir = trainer.save_model(str(Path(cfg.training.output_dir) / "final"))
+        if task.test_dataset is not None:  # as the HF scripts' do_predict: the test file's predictions
+            _test_split(trainer, task, Path(cfg.training.output_dir))
         wall = time.perf_counter() - wall_start
         if trainer.is_world_process_zero():
             summary = {
                 "strategy": trainer.strategy.describe(),
                 "train_samples": len(task.train_dataset),
-                "eval_samples": len(task.eval_dataset),
+                "task": cfg.task,
+                "eval_samples": len(task.eval_dataset) if task.eval_dataset is not None else 0,
                 "eval_accuracy": eval_metrics.get("eval_accuracy"),
                 "eval_macro_f1": eval_metrics.get("eval_macro_f1"),
                 "eval_loss": eval_metrics.get("eval_loss"),
+                "eval_metrics": _with_perplexity(eval_metrics, cfg.task),
                 # with eval_on_start: the held-out loss before any training step
                 "eval_loss_before": next((e["eval_loss"] for e in trainer.state.log_history
                                           if "eval_loss" in e and e.get("step") == 0), None),
@@ -109,6 +111,26 @@ def _train(cfg, env, strategy, task) -> int:
         trainer.strategy.teardown()
         _KEEP_UNTIL_EXIT.append(trainer)
     return 0
+
+
+def _with_perplexity(metrics: dict, task: str) -> dict:
+    """run_clm reports exp(eval_loss) as perplexity for language models."""
+    import math
+
+    if task == "causal-lm" and metrics.get("eval_loss") is not None:
+        metrics = {**metrics, "eval_perplexity": math.exp(min(metrics["eval_loss"], 50.0))}
+    return metrics
+
+
+def _trainer_for(task, cfg, strategy, model):
+    from .seq2seq import Seq2SeqTrainer
+    from .trainer import Trainer
+
+    return (Seq2SeqTrainer if task.seq2seq else Trainer)(
+        model=model, args=cfg.training, train_dataset=task.train_dataset, eval_dataset=task.eval_dataset,
+        processing_class=task.tokenizer, compute_metrics=task.compute_metrics, strategy=strategy,
+        data_collator=task.data_collator,
+    )
 
 
 # The trainer (with DDP's reducer, which holds the gloo process group) stays
@@ -159,6 +181,99 @@ def _hpo(cfg, env, strategy, task) -> int:
     return 0
 
 
+EVAL_OPTIONS = {"--checkpoint": "checkpoint", "--output": "output", "--split": "split"}
+
+
+def _pop_eval_options(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
+    """--checkpoint / --output / --split of `scaletrain eval|predict`; the rest are config overrides."""
+    rest, options = _pop_flags(overrides, EVAL_OPTIONS)
+    if not options.get("checkpoint"):
+        raise ConfigError("--checkpoint PATH is required: an output_dir/checkpoint-<step> folder or an exported HF "
+                          "folder (e.g. output_dir/final)")
+    if options.get("split", "test") not in ("test", "validation"):
+        raise ConfigError(f"--split={options['split']!r} must be test or validation")
+    return rest, options
+
+
+def _point_model_at(cfg, checkpoint: str) -> None:
+    """An HF folder (config.json) is the model itself; a scaletrain checkpoint is loaded into the
+    configured model once the strategy has set it up."""
+    from .checkpoint.manager import is_committed
+
+    path = Path(checkpoint)
+    if _is_hf_folder(path):
+        cfg.model = dataclasses.replace(cfg.model, name_or_path=str(path), config_overrides=None, encoder_decoder=False)
+    elif not is_committed(path):
+        raise ConfigError(f"--checkpoint {checkpoint} is neither an HF folder (config.json) nor a committed "
+                          "scaletrain checkpoint (output_dir/checkpoint-<step> with COMMITTED)")
+
+
+def _is_hf_folder(path: Path) -> bool:
+    """An exported model (checkpoint folders carry a config.json too, beside their sharded state)."""
+    from .checkpoint.manager import is_committed
+
+    return (path / "config.json").is_file() and not is_committed(path)
+
+
+def _evaluate_checkpoint(cfg, env, strategy, task, options: dict[str, str], command: str) -> int:
+    """`scaletrain eval|predict`: the checkpoint's model on the config's validation (eval) or test
+    (predict; validation when there is no test file) data, under the launcher and strategy given."""
+    from .checkpoint.export import load_checkpoint_model
+    from .checkpoint.manager import CheckpointManager
+
+    _rank_logging(env)
+    strategy.setup_environment()
+    path = Path(options["checkpoint"])
+    # a checkpoint of any strategy is read whole (as export reads it) and handed to this run's strategy
+    load = task.load_model if _is_hf_folder(path) else lambda: load_checkpoint_model(
+        path, CheckpointManager.read_manifest(path))
+    trainer = _trainer_for(task, cfg, strategy, strategy.build_model(load, task.build_model_from_config))
+    try:
+        if command == "eval":
+            if task.eval_dataset is None:
+                raise ConfigError("scaletrain eval needs validation data: data.validation_file (or "
+                                  "validation_split_percentage)")
+            metrics = _with_perplexity(trainer.evaluate(), cfg.task)
+            if trainer.is_world_process_zero():
+                print(json.dumps(metrics, indent=2, default=str), flush=True)
+            return 0
+        split = options.get("split") or ("test" if task.test_dataset is not None else "validation")
+        output = Path(options.get("output") or Path(cfg.training.output_dir) / f"predictions-{split}.jsonl")
+        _write_predictions(trainer, task, split, output)
+        return 0
+    finally:
+        trainer.strategy.teardown()
+        _KEEP_UNTIL_EXIT.append(trainer)
+
+
+def _test_split(trainer, task, out: Path) -> None:
+    """Predictions of the test file, or for language models (no decoded prediction) its loss and perplexity."""
+    if task.decode_predictions is not None:
+        return _write_predictions(trainer, task, "test", out / "predictions.jsonl")
+    metrics = _with_perplexity({k.replace("test_", "eval_"): v for k, v in trainer.evaluate(
+        task.test_dataset, metric_key_prefix="test").items()}, "causal-lm")
+    if trainer.is_world_process_zero():
+        (out / "test_results.json").write_text(json.dumps(metrics, indent=2))
+
+
+def _write_predictions(trainer, task, split: str, output: Path) -> None:
+    """One JSON line per example of the split, in the user's terms (label names, tags, text); the
+    split's metrics (when it has labels) go to OUTPUT's .metrics.json."""
+    dataset = task.test_dataset if split == "test" else task.eval_dataset
+    if dataset is None:
+        raise ConfigError(f"no {split} data to predict: give data.{split if split == 'test' else 'validation'}_file")
+    if task.decode_predictions is None:
+        raise ConfigError("predictions are written for text-classification, token-classification and seq2seq; "
+                          "for causal-lm run scaletrain eval (loss and perplexity)")
+    result = trainer.predict(dataset, metric_key_prefix=split)
+    if trainer.is_world_process_zero():
+        output.parent.mkdir(parents=True, exist_ok=True)
+        rows = task.decode_predictions(result.predictions, split)
+        output.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        output.with_suffix(".metrics.json").write_text(json.dumps(result.metrics, indent=2, default=str))
+        print(f"scaletrain: {len(rows)} {split} predictions in {output}", flush=True)
+
+
 def _rank_logging(env) -> None:
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
                         format=f"[rank{env.rank}] %(levelname)s %(name)s: %(message)s")
@@ -192,16 +307,21 @@ def _print_search_summary(trainer, best, metrics: list[str]) -> None:
     print(f"trials: {out}/trials.csv, {out}/trials.json; plots: {out}/*.png", flush=True)
 
 
+_TIMING = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_loss", "epoch")
+
+
 def _print_summary(s: dict) -> None:
-    acc = s["eval_accuracy"]
+    quality = {k: v for k, v in s["eval_metrics"].items() if k not in _TIMING and isinstance(v, (int, float))}
+    loss = s["eval_loss"]
     lines = [
         "",
         "=== scaletrain run summary ===",
-        f"strategy          {s['strategy']}",
+        f"task / strategy   {s['task']} / {s['strategy']}",
         f"data              {s['train_samples']} train / {s['eval_samples']} held-out samples",
-        f"eval accuracy     {acc:.4f}" if acc is not None else "eval accuracy     n/a",
-        (f"eval loss         {s['eval_loss_before']:.4f} before -> {s['eval_loss']:.4f} after training"
-         if s.get("eval_loss_before") is not None else f"eval loss         {s['eval_loss']:.4f}"),
+        "eval              " + (", ".join(f"{k[5:]} {v:.4g}" for k, v in quality.items()) or "n/a"),
+        (f"eval loss         {s['eval_loss_before']:.4f} before -> {loss:.4f} after training"
+         if s.get("eval_loss_before") is not None else f"eval loss         {loss:.4f}" if loss is not None
+         else "eval loss         n/a (no validation data)"),
         f"train throughput  {s['train_samples_per_second']:.1f} samples/s, "
         f"{s['train_tokens_per_second'] or 0:.0f} tokens/s (non-padding input tokens)",
         f"middleware        {s['model']}",
@@ -252,17 +372,21 @@ _BENCH_OPTIONS = {"--strategies": "strategies", "--micro-batch": "micro_batch", 
 _VARIANTS = {"off": [False], "on": [True], "both": [False, True]}
 
 
-def _pop_bench_options(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
-    """bench's own flags, wherever they sit among the --field value overrides."""
+def _pop_flags(overrides: list[str], flags: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """A command's own flags ({flag: option name}), wherever they sit among the --field value overrides."""
     rest, options = [], {}
     items = iter(overrides)
     for item in items:
         name, _, value = item.partition("=")
-        if name in _BENCH_OPTIONS:
-            options[_BENCH_OPTIONS[name]] = value or next(items, "")
+        if name in flags:
+            options[flags[name]] = value or next(items, "")
         else:
             rest.append(item)
     return rest, options
+
+
+def _pop_bench_options(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
+    return _pop_flags(overrides, _BENCH_OPTIONS)
 
 
 def _bench_points(options: dict[str, str], cfg):
@@ -298,6 +422,14 @@ def _bench(cfg, env, strategy, task, options: dict[str, str]) -> int:
         print(table + f"\n\nwritten: {', '.join(str(p) for p in written.values())}", flush=True)
     _KEEP_UNTIL_EXIT.append(strategy)
     return 0
+
+
+def _pop_command_options(command: str, overrides: list[str]) -> tuple[list[str], dict[str, str]]:
+    if command == "bench":
+        return _pop_bench_options(overrides)
+    if command in ("eval", "predict"):
+        return _pop_eval_options(overrides)
+    return overrides, {}
 
 
 def _pop_world_size(overrides: list[str], world_size: int | None) -> tuple[list[str], int | None]:
@@ -344,6 +476,14 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("overrides", nargs=argparse.REMAINDER,
                        help="--strategies ddp,fsdp,zero3 --micro-batch 1,2,4 --steps 10 --warmup 3 --checkpointing "
                             "off|on|both --compile off|on|both, and --field value pairs")
+    for name, what in (("eval", "evaluate a checkpoint on the config's validation data"),
+                       ("predict", "write a checkpoint's predictions for the config's test (or validation) data")):
+        command = sub.add_parser(name, help=f"{what}, under any launcher and strategy")
+        command.add_argument("config", help="YAML file or built-in recipe")
+        command.add_argument("overrides", nargs=argparse.REMAINDER,
+                             help="--checkpoint PATH (checkpoint-<step> or an HF folder)"
+                             + (" --output preds.jsonl --split test|validation" if name == "predict" else "")
+                             + ", and --field value pairs")
     # the deepspeed launcher appends --local_rank=N; the environment says the same
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
     args = parser.parse_args(argv)
@@ -354,19 +494,25 @@ def main(argv: list[str] | None = None) -> int:
         return _estimate(args.config, world_size, overrides)
     from .checkpoint import CheckpointError
 
-    overrides, bench_options = _pop_bench_options(args.overrides) if args.command == "bench" else (args.overrides, {})
     try:
-        cfg, env, strategy, task = _prepare(args.config, overrides, args.command)
+        overrides, options = _pop_command_options(args.command, args.overrides)
+        cfg, env, strategy, task = _prepare(args.config, overrides, args.command, options.get("checkpoint"))
         if args.command == "bench":
-            _bench_points(bench_options, cfg)  # bad options fail here, before any process group
+            _bench_points(options, cfg)  # bad options fail here, before any process group
     except ConfigError as exc:
         _refuse(f"config error: {exc}")
         return 2
-    except (ValueError, FileNotFoundError, CheckpointError) as exc:  # NotSupportedError is a ValueError
+    except (ValueError, FileNotFoundError, CheckpointError, ModuleNotFoundError) as exc:  # NotSupportedError too
         _refuse(f"error: {exc}")
         return 2
     if args.command == "bench":
-        return _bench(cfg, env, strategy, task, bench_options)
+        return _bench(cfg, env, strategy, task, options)
+    if args.command in ("eval", "predict"):
+        try:
+            return _evaluate_checkpoint(cfg, env, strategy, task, options, args.command)
+        except (ConfigError, CheckpointError) as exc:
+            _refuse(f"error: {exc}")
+            return 2
     return (_hpo if args.command == "hpo" else _train)(cfg, env, strategy, task)
 
 

@@ -1,5 +1,7 @@
 """One config tree: dataclasses <- YAML <- command-line overrides.
 
+    task:     text-classification | causal-lm | seq2seq | token-classification
+              (default: the built-in dataset's task; required with the user's own files)
     model:    ModelConfig fields
     data:     DataConfig fields
     training: TrainingArguments fields (HF names)
@@ -21,7 +23,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .args import TrainingArguments
+from .args import Seq2SeqTrainingArguments, TrainingArguments
 from .errors import did_you_mean
 from .search.config import SearchConfig
 
@@ -38,27 +40,59 @@ class ModelConfig:
     # (e.g. a tiny model for tests) instead of loading pretrained weights
     config_overrides: Optional[dict] = None
     dropout: Optional[float] = None  # overrides hidden/attention dropout when set
+    # seq2seq: an EncoderDecoderModel whose encoder and decoder both start from name_or_path
+    # (BERT2BERT, as in HF's warm-starting guide); otherwise name_or_path is a seq2seq model folder
+    encoder_decoder: bool = False
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "trec"
-    label_granularity: str = "coarse"  # trec: 6 coarse or 50 fine classes
-    max_length: int = 64
-    eval_size: int = 1000
-    train_size: Optional[int] = None  # subsample the training split
+    # a built-in dataset (trec, sms-spam, moviedialog, gettext-fr); trec when no file or dataset_name is given
+    dataset: Optional[str] = None
+    label_granularity: Optional[str] = None  # trec: 6 "coarse" (default) or 50 "fine" classes
+    max_length: int = 64  # tokens per example (seq2seq: the source)
+    eval_size: Optional[int] = None  # built-in datasets: held-out rows (default 1000)
+    train_size: Optional[int] = None  # built-in datasets: subsample the training split
     split_seed: int = 0
+    # the user's own data, with the HF example scripts' names
+    train_file: Optional[str] = None  # csv, json/jsonl, parquet, txt, or a save_to_disk folder
+    validation_file: Optional[str] = None
+    test_file: Optional[str] = None
+    dataset_name: Optional[str] = None  # a save_to_disk folder, or a dataset in the local datasets cache
+    dataset_config_name: Optional[str] = None
+    validation_split_percentage: Optional[int] = None  # no validation file: hold out this % of training rows
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    max_predict_samples: Optional[int] = None
+    preprocessing_num_workers: Optional[int] = None
+    text_column: Optional[list[str]] = None  # text-classification: 2 columns make sentence pairs; causal-lm text
+    label_column: Optional[str] = None
+    source_column: Optional[str] = None  # seq2seq
+    target_column: Optional[str] = None
+    source_prefix: Optional[str] = None  # e.g. "translate English to French: " for T5
+    max_target_length: Optional[int] = None  # seq2seq targets (default max_length)
+    tokens_column: Optional[str] = None  # token-classification: a list of words per row
+    tags_column: Optional[str] = None  # its list of tags (names or ids)
+    messages_column: Optional[str] = None  # causal-lm chat: a list of {role, content}
+    prompt_column: Optional[str] = None  # causal-lm instruction pairs
+    response_column: Optional[str] = None
+    block_size: Optional[int] = None  # causal-lm raw text: tokens per packed block
+    pack: bool = False  # causal-lm chat: pack examples into max_length rows without crossing their attention
+
+
+TASKS = ("text-classification", "causal-lm", "seq2seq", "token-classification")
 
 
 @dataclass
 class RunConfig:
+    task: Optional[str] = None  # one of TASKS; settled by build_task when not given
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: Any = None  # TrainingArguments
     search: Optional[SearchConfig] = None  # what `scaletrain hpo` searches; `train` runs the base config
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
+        out = {"task": self.task, "model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
                "training": self.training.to_dict()}
         if self.search is not None:
             out["search"] = dataclasses.asdict(self.search)
@@ -164,15 +198,30 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def _task(raw: dict, overrides: list[str], path) -> Optional[str]:
+    """The top-level task key (a --task override wins), checked before the sections are built."""
+    task = raw.get("task")
+    for key, value in parse_overrides(overrides):
+        if key == "task":
+            task = value
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"task={task!r} in {path} is unknown; choose one of {', '.join(TASKS)}"
+                          f"{did_you_mean(str(task), TASKS)}")
+    return task
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     raw = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping with sections {sorted(SECTIONS)}")
+        raise ConfigError(f"{path}: the top level must be a mapping with sections {sorted(SECTIONS)} (and task)")
     for section in raw:
-        if section not in SECTIONS:
-            raise _unknown(section, list(SECTIONS), f"{path} (top-level sections)")
-    values = {name: dict(raw.get(name) or {}) for name in SECTIONS}
-    types_by_section = {name: _field_types(cls) for name, cls in SECTIONS.items()}
+        if section not in SECTIONS and section != "task":
+            raise _unknown(section, list(SECTIONS) + ["task"], f"{path} (top-level keys)")
+    task = _task(raw, overrides or [], path)
+    overrides = [o for pair in parse_overrides(overrides or []) if pair[0] != "task" for o in (f"--{pair[0]}", pair[1])]
+    sections = dict(SECTIONS, training=Seq2SeqTrainingArguments) if task == "seq2seq" else SECTIONS
+    values = {name: dict(raw.get(name) or {}) for name in sections}
+    types_by_section = {name: _field_types(cls) for name, cls in sections.items()}
     for name, section_values in values.items():
         for key in section_values:
             if key not in types_by_section[name]:
@@ -196,7 +245,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         values[owners[0]][key] = value
 
     built: dict[str, Any] = {}
-    for name, cls in SECTIONS.items():
+    for name, cls in sections.items():
         if name in OPTIONAL_SECTIONS and not values[name]:
             built[name] = None
             continue
@@ -207,4 +256,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             raise
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{path} section '{name}': {exc}") from exc
-    return RunConfig(**built)
+    return RunConfig(task=task, **built)

@@ -110,6 +110,19 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, merge: bool =
     if merge:
         raise CheckpointError(f"{checkpoint} holds a full model, not a LoRA adapter: there is nothing to merge; "
                               "export it without --merge")
+    model = load_checkpoint_model(checkpoint, manifest)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    _copy_tokenizer(checkpoint, out)
+    logger.info("exported %s (step %s, %s) to %s", checkpoint, manifest["step"], manifest["strategy"], out)
+    return out
+
+
+def load_checkpoint_model(checkpoint: Path, manifest: dict) -> torch.nn.Module:
+    """The checkpoint's full model with its fp32 weights, in this process, whatever strategy saved it."""
+    if (checkpoint / "adapter_config.json").is_file():
+        raise CheckpointError(f"{checkpoint} holds a LoRA adapter; write the full model first with scaletrain "
+                              f"export {checkpoint} OUT --merge, then use OUT")
     if not (checkpoint / "config.json").is_file():
         raise CheckpointError(f"{checkpoint} has no config.json (saved by an older scaletrain, or from a model "
                               "without an HF config); export needs the model's configuration")
@@ -123,11 +136,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, merge: bool =
     if set(missing) - tied or unexpected:
         raise CheckpointError(f"{checkpoint}: the saved weights do not fit {type(model).__name__}: missing "
                               f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
-    _copy_tokenizer(checkpoint, out)
-    logger.info("exported %s (step %s, %s) to %s", checkpoint, manifest["step"], manifest["strategy"], out)
-    return out
+    return model
 
 
 def _copy_tokenizer(checkpoint: Path, out: Path) -> None:

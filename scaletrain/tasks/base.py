@@ -29,6 +29,11 @@ class Task:
     labels: list[str]
     data_collator: Any = None  # None: pad with the tokenizer
     metric_names: tuple = ()  # what compute_metrics returns (evaluation adds the eval_ prefix and eval_loss)
+    test_dataset: Any = None  # data.test_file, for `scaletrain predict`
+    # (predictions as Trainer.predict returns them, split name) -> one JSON-able row per example, in the
+    # user's terms (label names, tags per word, text)
+    decode_predictions: Optional[Callable[[Any, str], list[dict]]] = None
+    seq2seq: bool = False  # trained by Seq2SeqTrainer (generate() for predictions)
 
 
 def package_dir(package: str, extra: str) -> Path:

