@@ -46,6 +46,15 @@ def check_options(args) -> None:
         raise ValueError("fsdp_reshard_after_forward=False only applies to strategy: fsdp")
 
 
+def _shares_parameters_outside(model: torch.nn.Module, prefix: str, module: torch.nn.Module) -> bool:
+    """A unit holding a parameter tied to one outside it (a BERT decoder's word embeddings and its LM
+    head, when _no_split_modules names the embeddings) cannot be an FSDP group of its own: it stays with
+    the root group, which holds both ends of the tie."""
+    inside = {id(p) for p in module.parameters()}
+    return any(id(p) in inside and not (name == prefix or name.startswith(prefix + "."))
+               for name, p in model.named_parameters(remove_duplicate=False))
+
+
 def _set_prefetch(units: list[torch.nn.Module], depth: Optional[int]) -> None:
     """fsdp_prefetch=N: each block's forward issues the all-gathers of the next N blocks, and its backward
     those of the N before it (torchtitan's explicit prefetching; FSDP2 alone overlaps one block, implicitly)."""
@@ -106,7 +115,8 @@ class FSDPStrategy(Strategy):
             kwargs["mp_policy"] = self.mixed_precision_policy
         blocks = self.layer_classes(model)
         whole = {p for p in model.parameters() if _packed_quantized(p)}
-        units = [module for module in model.modules() if isinstance(module, blocks)]
+        units = [module for name, module in model.named_modules()
+                 if isinstance(module, blocks) and not _shares_parameters_outside(model, name, module)]
         for module in units:
             fully_shard(module, **kwargs, ignored_params={p for p in module.parameters() if p in whole})
         fully_shard(model, **kwargs, ignored_params=whole)  # the rest: embeddings, head, final norm

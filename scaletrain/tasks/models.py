@@ -45,7 +45,7 @@ def _encoder_decoder(cfg, path: str, tokenizer: Any) -> tuple[Callable, Callable
     config = EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
 
     def from_config():
-        return _with_special_tokens(EncoderDecoderModel(config=config), tokenizer)
+        return _with_special_tokens(EncoderDecoderModel._from_config(config), tokenizer)  # zero3-aware init
 
     def from_pretrained():
         if cfg.model.config_overrides:
