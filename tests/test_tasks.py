@@ -88,13 +88,20 @@ def test_token_classification_from_jsonl_on_2_ranks_zero2(tmp_path):
     config = write_config(tmp_path, "token-classification",
                           {"name_or_path": "minilm", "config_overrides": TINY_BERT},
                           {"train_file": str(paths["train"]), "validation_file": str(paths["validation"]),
-                           "max_length": 24}, num_train_epochs=4, strategy="zero2")
+                           "max_length": 24}, num_train_epochs=4, strategy="zero2", save_strategy="epoch")
     scaletrain(["train", str(config)], tmp_path, ranks=2)
     result = summary(tmp_path)
     before, after = evaluations(tmp_path)[0], evaluations(tmp_path)[-1]
     assert before["step"] == 0 and before["eval_f1"] < 0.5
     assert after["eval_f1"] >= 0.9 and after["eval_precision"] >= 0.9 and after["eval_recall"] >= 0.9, after
     assert result["eval_metrics"]["eval_f1"] == after["eval_f1"]
+    # a ZeRO-2 checkpoint evaluated in one process: its weights read whole, the step's evaluation again
+    first = evaluations(tmp_path)[1]
+    proc = scaletrain(["eval", str(config), "--checkpoint", str(tmp_path / "out" / f"checkpoint-{first['step']}"),
+                       "--strategy", "single"], tmp_path)
+    again = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert again["eval_f1"] == pytest.approx(first["eval_f1"]) and again["eval_loss"] == pytest.approx(
+        first["eval_loss"], rel=1e-5)
     # words -> tags through the exported folder: one tag per word, in the user's tag names
     proc = scaletrain(["predict", str(config), "--checkpoint", str(tmp_path / "out" / "final"), "--split",
                        "validation", "--output", str(tmp_path / "tags.jsonl")], tmp_path)
@@ -197,6 +204,48 @@ def test_packed_chat_batches_give_the_padded_batches_loss(chat_task):
         crossing = model(input_ids=packed["input_ids"], labels=packed["labels"]).loss
     torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-6)
     assert abs(crossing.item() - padded_loss.item()) > 1e-3
+
+
+def test_every_file_format_gives_the_same_rows(tmp_path):
+    """csv, jsonl, parquet and a save_to_disk folder are the same data; max_train_samples and
+    validation_split_percentage cut it as the HF scripts do."""
+    import datasets
+
+    from scaletrain.config import load_config
+    from scaletrain.tasks import build_task
+
+    paths = task_data.write_classification_csv(tmp_path, n_train=40, n_eval=10)
+    rows = datasets.load_dataset("csv", data_files=str(paths["train"]), split="train")
+    rows.to_json(tmp_path / "train.jsonl")
+    rows.to_parquet(tmp_path / "train.parquet")
+    rows.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": rows, "validation": rows.select(range(10))}).save_to_disk(str(tmp_path / "dict"))
+    common = {"text_column": "sentence", "label_column": "sentiment", "max_length": 16}
+    built = {}
+    sources = {"csv": {"train_file": str(paths["train"])}, "jsonl": {"train_file": str(tmp_path / "train.jsonl")},
+               "parquet": {"train_file": str(tmp_path / "train.parquet")},
+               "save_to_disk": {"train_file": str(tmp_path / "saved")},
+               "dataset_name": {"dataset_name": str(tmp_path / "dict")}}
+    for name, source in sources.items():
+        config = write_config(tmp_path, "text-classification", {"name_or_path": "minilm",
+                                                                "config_overrides": TINY_BERT},
+                              {**source, **common, "max_train_samples": 30})
+        task = build_task(load_config(config))
+        built[name] = (list(task.train_dataset["input_ids"]), list(task.train_dataset["label"]), task.labels)
+    assert len(built["csv"][0]) == 30
+    assert all(value == built["csv"] for value in built.values())
+
+    def split(**data):
+        config = write_config(tmp_path, "text-classification", {"name_or_path": "minilm",
+                                                                "config_overrides": TINY_BERT},
+                              {"train_file": str(paths["train"]), **common, **data})
+        return build_task(load_config(config))
+
+    every_row = sorted(map(tuple, split().train_dataset["input_ids"]))
+    task = split(validation_split_percentage=25)
+    assert (len(task.train_dataset), len(task.eval_dataset)) == (30, 10)
+    # a partition of the training file: every row in exactly one of the two splits
+    assert sorted(map(tuple, list(task.train_dataset["input_ids"]) + list(task.eval_dataset["input_ids"]))) == every_row
 
 
 def _cli(args: list[str], capsys) -> tuple[int, str]:
