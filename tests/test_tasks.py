@@ -321,3 +321,18 @@ def test_exit_code_2_from_the_command_line(tmp_path):
     config = _bad_data_config(tmp_path, train_file="missing.csv")
     proc = scaletrain(["train", config], tmp_path, check=False)
     assert proc.returncode == 2 and "data.train_file='missing.csv' does not exist" in proc.stderr
+
+
+def test_float_labels_are_a_regression_target_as_in_run_glue(tmp_path):
+    from scaletrain.config import load_config
+    from scaletrain.tasks import build_task
+
+    (tmp_path / "scores.csv").write_text("sentence,score\ngreat film,4.5\nawful film,1.0\nfine film,3.0\n")
+    config = write_config(tmp_path, "text-classification", {"name_or_path": "minilm", "config_overrides": TINY_BERT},
+                          {"train_file": str(tmp_path / "scores.csv"), "text_column": "sentence",
+                           "label_column": "score"})
+    task = build_task(load_config(config))
+    model = task.build_model_from_config()
+    assert model.config.num_labels == 1 and model.config.problem_type == "regression"
+    assert list(task.train_dataset["label"]) == [4.5, 1.0, 3.0]
+    assert task.metric_names == ("mse", "num_samples")

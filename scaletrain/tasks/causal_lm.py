@@ -135,7 +135,10 @@ def _chat_splits(splits, data, tokenizer) -> dict:
 
 def _packed_text_splits(splits, data, tokenizer) -> dict:
     """run_clm's recipe: tokenize, concatenate, cut into block_size blocks (the remainder is dropped)."""
-    (column,) = data.text_column or [first_present(splits, ("text",)) or "text"]
+    columns = data.text_column or [first_present(splits, ("text",)) or "text"]
+    if len(columns) != 1:
+        raise ConfigError(f"data.text_column={columns}: causal-lm reads one text column")
+    column = columns[0]
     require_columns(splits, data, {"text_column": column})
     block = data.block_size or data.max_length
     end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

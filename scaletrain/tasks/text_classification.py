@@ -131,7 +131,7 @@ def _default_text_columns(splits) -> list[str]:
 
 def _label_names(splits, column: str, data) -> tuple[list, bool]:
     """Sorted label values of the training split (a ClassLabel keeps its names), and whether the
-    labels are real numbers (regression, as run_glue decides). A validation label training never saw
+    labels are real numbers (regression, as run_glue decides from a float column). A validation label training never saw
     is added with a warning, as run_glue does."""
     from datasets import ClassLabel
 
@@ -141,8 +141,8 @@ def _label_names(splits, column: str, data) -> tuple[list, bool]:
     for split in ("train", "validation"):
         if split in splits:
             check_row_values(splits[split], column, split, data, (str, int, float), "label_column")
-    values = splits["train"][column]
-    if isinstance(values[0], float) and not all(float(v).is_integer() for v in values):
+    values = list(splits["train"][column])
+    if any(isinstance(v, float) for v in values):  # run_glue: a float label column is a regression target
         return [], True
     names = sorted(set(values))
     unseen = sorted(set(splits["validation"][column]) - set(names)) if "validation" in splits else []
