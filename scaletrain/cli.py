@@ -113,12 +113,12 @@ def _train(cfg, env, strategy, task) -> int:
     return 0
 
 
-def _with_perplexity(metrics: dict, task: str) -> dict:
-    """run_clm reports exp(eval_loss) as perplexity for language models."""
+def _with_perplexity(metrics: dict, task: str, prefix: str = "eval") -> dict:
+    """run_clm reports exp(<prefix>_loss) as perplexity for language models."""
     import math
 
-    if task == "causal-lm" and metrics.get("eval_loss") is not None:
-        metrics = {**metrics, "eval_perplexity": math.exp(min(metrics["eval_loss"], 50.0))}
+    if task == "causal-lm" and metrics.get(f"{prefix}_loss") is not None:
+        metrics = {**metrics, f"{prefix}_perplexity": math.exp(min(metrics[f"{prefix}_loss"], 50.0))}
     return metrics
 
 
@@ -250,8 +250,7 @@ def _test_split(trainer, task, out: Path) -> None:
     """Predictions of the test file, or for language models (no decoded prediction) its loss and perplexity."""
     if task.decode_predictions is not None:
         return _write_predictions(trainer, task, "test", out / "predictions.jsonl")
-    metrics = _with_perplexity({k.replace("test_", "eval_"): v for k, v in trainer.evaluate(
-        task.test_dataset, metric_key_prefix="test").items()}, "causal-lm")
+    metrics = _with_perplexity(trainer.evaluate(task.test_dataset, metric_key_prefix="test"), "causal-lm", "test")
     if trainer.is_world_process_zero():
         (out / "test_results.json").write_text(json.dumps(metrics, indent=2))
 
