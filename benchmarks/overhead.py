@@ -249,7 +249,7 @@ def _report(opts, times: dict[str, list[float]]) -> None:
     plain, ours, hf = med[PLAIN], med["scaletrain Trainer"], med["HF Trainer"]
 
     def vs_plain(name: str) -> float:
-        return med[name] / med[PLAIN + (" (compiled)" if name.endswith(" (compiled)") else "")]
+        return _against(med, name, PLAIN)
 
     ranks = f"{opts.world_size} ranks (torchrun, gloo, DDP), " if opts.world_size > 1 else "1 process, "
     threads = "1 thread per rank" if opts.world_size > 1 else f"{torch.get_num_threads()} threads"
@@ -279,14 +279,16 @@ def _report(opts, times: dict[str, list[float]]) -> None:
     _plot(med, opts.out + ".png", title)
 
 
+def _against(med: dict[str, float], name: str, baseline: str) -> float:
+    """A runner's throughput over the baseline runner's with the same compile setting."""
+    return med[name] / med[baseline + (" (compiled)" if name.endswith(" (compiled)") else "")]
+
+
 def _vs_same_math_loop(med: dict[str, float]) -> dict[str, float]:
     """On several ranks each trainer against the loop that also normalises by the global target count."""
-    ratios = {}
-    for tag in ("", " (compiled)"):
-        if SYNCED + tag in med:
-            ratios.update({f"{name}{tag}": med[name + tag] / med[SYNCED + tag]
-                           for name in ("scaletrain Trainer", "HF Trainer") if name + tag in med})
-    return ratios
+    if SYNCED not in med:  # one process: no collective, so the plain loop already does the same math
+        return {}
+    return {name: _against(med, name, SYNCED) for name in med if not name.startswith((PLAIN, SYNCED))}
 
 
 def _plot(med: dict[str, float], path: str, title: str) -> None:
