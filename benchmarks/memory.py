@@ -5,7 +5,7 @@ Model: GPT-2-style, 4 layers, d=256, vocab 8192, seq 256 (~5M parameters),
 fp32, AdamW. Every configuration runs in its own processes (torchrun for 2
 ranks) through scaletrain's Trainer.
 
-How memory is measured (scaletrain/memory.py):
+How memory is measured (scaletrain/performance/memory.py):
 - CPU: a TorchDispatchMode sees every tensor an operator creates (forward,
   backward, gradients) and a weak reference sees its storage die, so the
   peak is the most tensor bytes alive at once, as CUDA's
@@ -70,8 +70,8 @@ def _trainer(tmp: str, strategy_name: str, callbacks=None, **kw):
 def worker(kind: str, name: str, out: str) -> None:
     from transformers import TrainerCallback
 
-    from scaletrain.estimate import ModelShape, estimate
-    from scaletrain.memory import live_tensor_bytes
+    from scaletrain.performance.estimate import ModelShape, estimate
+    from scaletrain.performance.memory import live_tensor_bytes
 
     result: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,7 +96,7 @@ def worker(kind: str, name: str, out: str) -> None:
             shape = ModelShape.of(trainer.model)
             trainer._setup_model()
             held = strategy.held_state_numel(trainer.model_wrapped, trainer.optimizer)["bytes"]
-            from scaletrain.memory import optimizer_state_bytes_to_come
+            from scaletrain.performance.memory import optimizer_state_bytes_to_come
 
             result["activations"] = trainer.measure_step_memory(MICRO) - held - optimizer_state_bytes_to_come(
                 trainer.optimizer)

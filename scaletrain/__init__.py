@@ -1,6 +1,6 @@
 """scaletrain: an HF-compatible Trainer whose backends are Strategy objects."""
 from .version import __version__
-from .args import NotSupportedError, Seq2SeqTrainingArguments, TrainingArguments
+from .args.training import NotSupportedError, Seq2SeqTrainingArguments, TrainingArguments
 from .callbacks import (
     DefaultFlowCallback,
     EarlyStoppingCallback,
@@ -11,7 +11,7 @@ from .callbacks import (
     TrainerState,
     WandbCallback,
 )
-from .seq2seq import Seq2SeqTrainer
+from .trainer.seq2seq_trainer import Seq2SeqTrainer
 from .trainer import Trainer
 
 __all__ = [

@@ -18,13 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, ModelConfig, load_config, resolve_config_path
+from .args.run_config import ConfigError, ModelConfig, load_config, resolve_config_path
 from .trainer.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 
 def _prepare(config_name: str, overrides: list[str], command: str = "train", checkpoint: str | None = None):
     """Everything that can be wrong with the input, checked before any process group."""
-    from .distributed import read_env
+    from .parallel.environment import read_env
     from .strategies import build_strategy
 
     from .checkpoint import resolve_resume_target
@@ -123,7 +123,7 @@ def _with_perplexity(metrics: dict, task: str, prefix: str = "eval") -> dict:
 
 
 def _trainer_for(task, cfg, strategy, model):
-    from .seq2seq import Seq2SeqTrainer
+    from .trainer.seq2seq_trainer import Seq2SeqTrainer
     from .trainer import Trainer
 
     return (Seq2SeqTrainer if task.seq2seq else Trainer)(
@@ -145,7 +145,7 @@ _KEEP_UNTIL_EXIT: list = []
 
 def _hpo(cfg, env, strategy, task) -> int:
     """The config's search: trials of the training section with the search section's values."""
-    from .search.config import model_values
+    from .search.search_section import model_values
     from .tasks import build_task
     from .trainer import Trainer
 
@@ -346,7 +346,7 @@ def _export(checkpoint: str, out_dir: str, merge: bool = False, base: str | None
 
 
 def _estimate(config_name: str, world_size: int | None, overrides: list[str]) -> int:
-    from .estimate import estimate_table, model_shape_from_config, world_sizes_for
+    from .performance.estimate import estimate_table, model_shape_from_config, world_sizes_for
 
     try:
         cfg = load_config(resolve_config_path(config_name), overrides)
@@ -389,7 +389,7 @@ def _pop_bench_options(overrides: list[str]) -> tuple[list[str], dict[str, str]]
 
 
 def _bench_points(options: dict[str, str], cfg):
-    from .bench import bench_points
+    from .performance.bench import bench_points
 
     try:
         strategies = [s for s in options.get("strategies", cfg.training.strategy).split(",") if s]
@@ -407,7 +407,7 @@ def _bench_points(options: dict[str, str], cfg):
 def _bench(cfg, env, strategy, task, options: dict[str, str]) -> int:
     import torch
 
-    from .bench import add_estimates, format_table, run_bench, write_results
+    from .performance.bench import add_estimates, format_table, run_bench, write_results
 
     points, steps, warmup = _bench_points(options, cfg)
     _rank_logging(env)
@@ -519,7 +519,7 @@ def _refuse(message: str) -> None:
     """Bad input is the same on every rank of a launch, so rank 0 says it. A launcher
     stops all ranks when the first one exits; the others wait, so rank 0's report
     is not cut off, and speak only if they are still running after that."""
-    from .distributed import launched_rank
+    from .parallel.environment import launched_rank
 
     if launched_rank() != 0:
         time.sleep(_OTHER_RANKS_WAIT_S)

@@ -70,9 +70,9 @@ def test_export_refuses_an_uncommitted_checkpoint(tmp_path):
 
 
 def test_estimate_prints_every_strategy_for_a_world_size_this_machine_cannot_run(tmp_path):
-    from scaletrain.config import load_config, resolve_config_path
-    from scaletrain.estimate import estimate, model_shape_from_config
-    from scaletrain.memory import format_bytes
+    from scaletrain.args.run_config import load_config, resolve_config_path
+    from scaletrain.performance.estimate import estimate, model_shape_from_config
+    from scaletrain.performance.memory import format_bytes
 
     proc = run([str(BIN / "scaletrain"), "estimate", "tiny-test", "--world-size", "64", "--bf16", "true",
                 "--activation_checkpointing", "true"], tmp_path)

@@ -7,8 +7,8 @@ import pytest
 import transformers
 
 from scaletrain import NotSupportedError, Trainer, TrainingArguments
-from scaletrain.config import ConfigError, load_config, resolve_config_path
-from scaletrain.distributed import DistEnv
+from scaletrain.args.run_config import ConfigError, load_config, resolve_config_path
+from scaletrain.parallel.environment import DistEnv
 from scaletrain.strategies import resolve_strategy_class
 
 

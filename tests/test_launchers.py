@@ -124,8 +124,8 @@ CLASSIFICATION_CONFIGS = [c for c in CONFIGS if c.stem not in EXPECTED_STRATEGY]
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_shipped_configs_load_and_validate(config, monkeypatch):
-    from scaletrain.config import load_config
-    from scaletrain.distributed import DistEnv
+    from scaletrain.args.run_config import load_config
+    from scaletrain.parallel.environment import DistEnv
     from scaletrain.strategies import build_strategy
 
     for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_MIXED_PRECISION"):

@@ -110,8 +110,8 @@ def _measured_model_state(out: str, big_pretrained: str, strategy: str) -> dict:
     optimizer state all allocated, activations freed) vs the estimator."""
     from transformers import TrainerCallback
 
-    from scaletrain.estimate import ModelShape, estimate
-    from scaletrain.memory import live_tensor_bytes
+    from scaletrain.performance.estimate import ModelShape, estimate
+    from scaletrain.performance.memory import live_tensor_bytes
 
     measured = {}
 

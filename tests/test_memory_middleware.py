@@ -15,8 +15,8 @@ from transformers import TrainerCallback
 
 from helpers import RaggedLM, losses_of, tiny_gpt2
 from scaletrain import NotSupportedError, Trainer, TrainingArguments
-from scaletrain.estimate import ModelShape, estimate
-from scaletrain.memory import TensorPeakTracker, parse_bytes
+from scaletrain.performance.estimate import ModelShape, estimate
+from scaletrain.performance.memory import TensorPeakTracker, parse_bytes
 from scaletrain.middleware.batch_finder import BatchSizeError, choose, search_capacity
 
 STEPS = 6
@@ -89,7 +89,7 @@ class InjectInf(TrainerCallback):
         module.register_forward_pre_hook(pre_forward)
 
     def on_step_end(self, args, state, control, **kwargs):
-        from scaletrain.memory import local_shard
+        from scaletrain.performance.memory import local_shard
 
         model = self.trainer.strategy.unwrap(self.trainer.model_wrapped)
         self.weights[state.global_step] = {n: local_shard(p).detach().clone() for n, p in model.named_parameters()}

@@ -9,9 +9,9 @@ import transformers
 
 from helpers import RaggedLM, run_ranks, tiny_gpt2, tiny_llama
 from scaletrain import NotSupportedError, Trainer, TrainingArguments
-from scaletrain.optimizers import CUDA_ONLY, LOW_RANK_OPTIMIZERS, SUPPORTED
+from scaletrain.optimizers.catalog import CUDA_ONLY, LOW_RANK_OPTIMIZERS, SUPPORTED
 
-# what each sharded strategy accepts, bitsandbytes included where it works (scaletrain/optimizers.py)
+# what each sharded strategy accepts, bitsandbytes included where it works (scaletrain/optimizers/catalog.py)
 SHARDED_SAMPLES = {"ddp": ("apollo_adamw", "schedule_free_sgd", "galore_adafactor"),
                    "fsdp": ("rmsprop", "adagrad", "sgd", "schedule_free_adamw", "galore_adamw", "grokadamw",
                             "stable_adamw"),

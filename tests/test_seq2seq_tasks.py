@@ -33,7 +33,7 @@ def tiny_bert(tmp_path_factory) -> str:
 def _warm_started(tiny_bert: str):
     from transformers import AutoTokenizer
 
-    from scaletrain.config import ModelConfig, RunConfig
+    from scaletrain.args.run_config import ModelConfig, RunConfig
     from scaletrain.tasks.models import model_builders
 
     cfg = RunConfig(task="seq2seq", model=ModelConfig(name_or_path=tiny_bert, encoder_decoder=True))

@@ -12,7 +12,7 @@ import torch
 
 from helpers import tiny_gpt2
 from scaletrain import NotSupportedError, TrainingArguments
-from scaletrain.distributed import DistEnv, read_env
+from scaletrain.parallel.environment import DistEnv, read_env
 from scaletrain.strategies import build_strategy
 from scaletrain.strategies.deepspeed import DeepSpeedConfigError, build_deepspeed_config
 from scaletrain.strategies.fsdp import FSDPStrategy

@@ -159,7 +159,7 @@ def _spans(ids: list[int], labels: list[int], tokenizer) -> list[str]:
 
 @pytest.fixture(scope="module")
 def chat_task(tmp_path_factory):
-    from scaletrain.config import load_config
+    from scaletrain.args.run_config import load_config
     from scaletrain.tasks import build_task
 
     folder = tmp_path_factory.mktemp("chat")
@@ -211,7 +211,7 @@ def test_every_file_format_gives_the_same_rows(tmp_path):
     validation_split_percentage cut it as the HF scripts do."""
     import datasets
 
-    from scaletrain.config import load_config
+    from scaletrain.args.run_config import load_config
     from scaletrain.tasks import build_task
 
     paths = task_data.write_classification_csv(tmp_path, n_train=40, n_eval=10)
@@ -303,7 +303,7 @@ def test_empty_split_mixed_labels_and_missing_labels_name_the_file_and_row(tmp_p
 
 
 def test_unseen_validation_label_is_added_with_a_warning_and_long_rows_are_counted(tmp_path, caplog):
-    from scaletrain.config import load_config
+    from scaletrain.args.run_config import load_config
     from scaletrain.tasks import build_task
 
     config = _bad_data_config(tmp_path, max_length=6)
@@ -324,7 +324,7 @@ def test_exit_code_2_from_the_command_line(tmp_path):
 
 
 def test_float_labels_are_a_regression_target_as_in_run_glue(tmp_path):
-    from scaletrain.config import load_config
+    from scaletrain.args.run_config import load_config
     from scaletrain.tasks import build_task
 
     (tmp_path / "scores.csv").write_text("sentence,score\ngreat film,4.5\nawful film,1.0\nfine film,3.0\n")

@@ -23,7 +23,6 @@ import errno
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import time
@@ -32,12 +31,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
-import numpy as np
 import torch
 import transformers
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..version import __version__
+from ..rng import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -138,33 +137,6 @@ def resolve_resume_target(value: Any, output_dir: str | os.PathLike) -> Optional
         )
     CheckpointManager.read_manifest(path)  # refuses an interrupted or damaged save
     return path
-
-
-# ------------------------------------------------------------------ RNG state
-def capture_rng_state() -> dict[str, Any]:
-    """RNG state as tensors and numbers only, so it loads with weights_only=True."""
-    py_version, py_state, py_gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {
-        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
-        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
-    npy = state["numpy"]
-    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _write_json(path: Path, obj: Any) -> None:

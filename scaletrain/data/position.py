@@ -7,7 +7,7 @@ from typing import Optional
 
 from torch.utils.data import DataLoader
 
-from ..checkpoint.manager import capture_rng_state, restore_rng_state
+from ..rng import capture_rng_state, restore_rng_state
 from .loaders import stream_replay_reason, training_stream
 from .samplers import ResumableShardedSampler
 

@@ -6,7 +6,7 @@ under FSDP or ZeRO-3 an OOM on one rank leaves the others waiting in a
 collective forever, and on CPU an overcommitted process is killed, not raised.
 So the finder measures instead of failing: every probe is a real forward and
 backward at the longest sequence length of the training set, its peak memory
-is measured (scaletrain.memory) and the maximum over ranks decides, so all
+is measured (scaletrain.performance.memory) and the maximum over ranks decides, so all
 ranks take the same path. Probes are chosen from a linear model of memory in
 the batch size (peak = fixed + per-row x rows, which is what a transformer's
 activations are), so no probe is expected to exceed the budget: growth stops
@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from ..memory import format_bytes, parse_bytes
+from ..performance.memory import format_bytes, parse_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import NotSupportedError
-from ..distributed import DistEnv, read_env
+from ..parallel.environment import DistEnv, read_env
 from .base import Strategy
 from .ddp import DDPStrategy
 from .deepspeed import DeepSpeedStrategy

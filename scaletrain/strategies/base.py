@@ -22,8 +22,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from ..distributed import DistEnv, process_device, read_env, start_process_group
-from ..memory import local_shard
+from ..parallel.environment import DistEnv, process_device, read_env, start_process_group
+from ..performance.memory import local_shard
 from .precision import Precision, apply_tf32
 
 OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..errors import NotSupportedError
-from ..distributed import DistEnv
+from ..parallel.environment import DistEnv
 from .base import OptimizerFactory, Strategy
 from .precision import check_full_eval
 

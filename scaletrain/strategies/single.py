@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import DistEnv
+from ..parallel.environment import DistEnv
 from .base import OptimizerFactory, Strategy
 
 

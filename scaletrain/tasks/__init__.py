@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from ..config import ConfigError, DataConfig
+from ..args.run_config import ConfigError, DataConfig
 from .base import Task, resolve_model_path
 from .causal_lm import CAUSAL_DATASETS, build_causal_task, build_file_causal_task
 from .models import build_on_meta

@@ -9,7 +9,7 @@ import random
 from typing import Any
 
 
-from ..config import ConfigError
+from ..args.run_config import ConfigError
 from .base import Task, package_dir, resolve_model_path
 from .models import model_builders
 from .user_data import OVERLENGTH, first_present, map_rows, report_truncated, require_columns, source_of

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ConfigError
+from ..args.run_config import ConfigError
 from .base import Task, resolve_model_path
 from .causal_lm import IGNORE_INDEX
 from .models import model_builders

@@ -12,7 +12,7 @@ import random
 
 import numpy as np
 
-from ..config import ConfigError
+from ..args.run_config import ConfigError
 from .base import Task, package_dir, resolve_model_path
 from .models import model_builders
 from .user_data import OVERLENGTH, check_row_values, first_present, map_rows, report_truncated, require_columns

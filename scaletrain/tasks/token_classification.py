@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import ConfigError
+from ..args.run_config import ConfigError
 from .base import Task, resolve_model_path
 from .models import model_builders
 from .causal_lm import IGNORE_INDEX

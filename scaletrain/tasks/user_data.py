@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from ..config import ConfigError
+from ..args.run_config import ConfigError
 from ..errors import did_you_mean
 
 logger = logging.getLogger(__name__)

@@ -7,9 +7,9 @@ from typing import Any, Callable
 
 from torch.utils.data import IterableDataset
 
-from ..checkpoint.manager import capture_rng_state, restore_rng_state
+from ..rng import capture_rng_state, restore_rng_state
 from ..data.samplers import ShardedIterable
-from ..memory import device_memory_capacity, parse_bytes
+from ..performance.memory import device_memory_capacity, parse_bytes
 from ..middleware.batch_finder import BatchSizeChoice, choose
 from .plan import BatchGeometry
 

@@ -15,7 +15,7 @@ from ..data.position import iter_keeping_rng, position_epoch
 from ..errors import NonFiniteLossError
 from .flops import peak_tflops
 from .metrics import LogWindow, RunTotals
-from .optim import current_lr, set_optimizer_mode
+from ..optimizers.factory import current_lr, set_optimizer_mode
 from .plan import RunPlan
 from .preemption import Preempted, PreemptionWatch
 from .progress import TrainProgress

@@ -15,7 +15,7 @@ from transformers import modelcard
 from transformers.trainer_pt_utils import log_metrics, metrics_format, save_metrics, save_state
 
 from ..errors import NotSupportedError
-from . import optim
+from ..optimizers import factory as optim
 
 StrList = Optional[Union[str, list[str]]]
 

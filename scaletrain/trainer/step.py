@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from ..modeling import label_shift
-from .optim import steps_on_metric
+from ..optimizers.factory import steps_on_metric
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100

@@ -33,7 +33,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import find_labels
 from transformers.utils import logging as hf_logging
 
-from ..args import NotSupportedError, TrainingArguments
+from ..args.training import NotSupportedError, TrainingArguments
 from ..callbacks import JsonlMetricsCallback, ProgressCallback
 from ..callbacks.reporters import reporter_callbacks
 from ..checkpoint import CheckpointManager, resolve_resume_target
@@ -41,16 +41,16 @@ from ..checkpoint.manager import PREFIX as CHECKPOINT_PREFIX
 from ..data.loaders import build_eval_dataloader, build_train_dataloader, prepare_dataset, signature_columns
 from ..data.loaders import training_lengths
 from ..data.position import stream_state
-from ..distributed import configure_threads
-from ..memory import PeakMemory, optimizer_state_bytes_to_come
+from ..parallel.environment import configure_threads
+from ..performance.memory import PeakMemory, optimizer_state_bytes_to_come
 from ..middleware import build_middleware
 from ..middleware.batch_finder import BatchSizeChoice
 from ..modeling import apply_use_cache, default_ignore_keys, library_model, without_tied_copies
 from ..strategies import Strategy, build_strategy
-from . import optim
+from ..optimizers import factory as optim
 from .accelerator_view import AcceleratorView
 from .batch_size import find_batch_size, longest_row
-from .checkpointing import ProgressFile, manifest_extra, model_files_writer, training_states
+from .checkpoint_states import ProgressFile, manifest_extra, model_files_writer, training_states
 from .evaluation import BatchMetrics, BestMetric, EvalResults, agreed_rounds, evaluation_metrics, is_tensor_tree
 from .evaluation import join_remaining_rounds
 from .loop import TrainLoop

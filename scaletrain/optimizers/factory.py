@@ -9,7 +9,7 @@ from transformers import get_scheduler
 from transformers.optimization import GreedyLR
 from transformers.trainer_pt_utils import get_parameter_names
 
-from ..optimizers import check_optimizer_name
+from .catalog import check_optimizer_name
 
 # transformers.Trainer.get_decay_parameter_names' patterns, searched in lower-cased parameter names
 NO_DECAY_NAME_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
@@ -34,7 +34,7 @@ def parameter_groups(model: torch.nn.Module, decay_names: list[str], weight_deca
 
 def optimizer_cls_and_kwargs_for(args, model: Optional[torch.nn.Module] = None) -> tuple[type, dict[str, Any]]:
     """The optimizer class and its arguments for `args.optim`: HF's own mapping, for the names
-    scaletrain builds (scaletrain/optimizers.py)."""
+    scaletrain builds (scaletrain/optimizers/catalog.py)."""
     check_optimizer_name(args.optim)
     return transformers.Trainer.get_optimizer_cls_and_kwargs(args, model)
 

@@ -17,7 +17,7 @@ import transformers
 from transformers.training_args import ParallelMode, trainer_log_levels
 from transformers.utils import logging as hf_logging
 
-from .distributed import process_device, read_env, start_process_group
+from ..parallel.environment import process_device, read_env, start_process_group
 
 _HF_SETTERS = ("set_training", "set_evaluate", "set_testing", "set_save", "set_logging", "set_optimizer",
                "set_lr_scheduler", "set_dataloader", "set_push_to_hub")

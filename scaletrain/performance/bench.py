@@ -72,8 +72,8 @@ def _point_args(cfg, point: BenchPoint, steps: int, out: str):
 
 
 def _run_point(cfg, env, task, point: BenchPoint, steps: int, warmup: int, out: str) -> dict[str, Any]:
-    from .strategies import build_strategy
-    from .trainer import Trainer
+    from ..strategies import build_strategy
+    from ..trainer import Trainer
 
     try:
         args = _point_args(cfg, point, steps, out)

@@ -7,7 +7,8 @@ import torch
 import transformers
 from transformers.trainer_pt_utils import nested_detach
 
-from .trainer import IGNORE_INDEX, Trainer
+from .step import IGNORE_INDEX
+from .trainer import Trainer
 
 
 class Seq2SeqTrainer(Trainer):

@@ -18,13 +18,13 @@ import transformers
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 from transformers.training_args import OptimizerNames
 
-from .args_process import ProcessFacts
-from .errors import NotSupportedError
-from .callbacks.reporters import check_reporters, installed_reporters
-from .optimizers import (SCHEDULE_FREE_OPTIMIZERS, check_optim_args, check_optimizer_for_strategy, check_optimizer_name,
-                         check_target_modules)
-from .middleware import check_middleware_options
-from .strategies.options import check_strategy_options
+from .process import ProcessFacts
+from ..errors import NotSupportedError
+from ..callbacks.reporters import check_reporters, installed_reporters
+from ..optimizers.catalog import (SCHEDULE_FREE_OPTIMIZERS, check_optim_args, check_optimizer_for_strategy,
+                                  check_optimizer_name, check_target_modules)
+from ..middleware import check_middleware_options
+from ..strategies.options import check_strategy_options
 
 STRATEGIES = ("auto", "single", "ddp", "fsdp", "zero1", "zero2", "zero3")
 _TOKEN_FIELDS = ("hub_token",)
@@ -201,7 +201,7 @@ class _ScaletrainArguments(ProcessFacts):
     # memory budget, keeping the global batch by raising accumulation
     auto_find_batch_size: bool = False
     # per-device budget, e.g. "6GiB" or "800MiB"; default on GPU: 90% of the
-    # device's memory; required on CPU (see scaletrain/memory.py)
+    # device's memory; required on CPU (see scaletrain/performance/memory.py)
     batch_finder_memory_budget: Optional[str] = None
     # LoRA through peft, applied before the strategy wraps the model: keys r,
     # alpha, dropout, target_modules (a list or "all-linear"), modules_to_save, bias

@@ -11,7 +11,7 @@ from typing import Optional
 
 from transformers.training_args import OptimizerNames
 
-from .errors import NotSupportedError
+from ..errors import NotSupportedError
 
 TORCH_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop")
 BITSANDBYTES_OPTIMIZERS = (

@@ -23,9 +23,9 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .args import Seq2SeqTrainingArguments, TrainingArguments
-from .errors import did_you_mean
-from .search.config import SearchConfig
+from .training import Seq2SeqTrainingArguments, TrainingArguments
+from ..errors import did_you_mean
+from ..search.search_section import SearchConfig
 
 
 class ConfigError(ValueError):

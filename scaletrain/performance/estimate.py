@@ -41,8 +41,8 @@ from typing import Optional
 import torch
 
 from .memory import format_bytes
-from .modeling import block_classes
-from .tasks import build_model_on_meta
+from ..modeling import block_classes
+from ..tasks import build_model_on_meta
 
 STRATEGY_NAMES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3")
 DEEPSPEED_DEFAULT_REDUCE_BUCKET = 500_000_000
