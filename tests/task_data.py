@@ -41,6 +41,35 @@ def write_classification_csv(folder: Path, n_train: int = 240, n_eval: int = 60,
     return paths
 
 
+def write_pair_csv(folder: Path, n_train: int = 320, n_eval: int = 80, seed: int = 0) -> dict[str, Path]:
+    """sentence pairs (premise, hypothesis) labelled "agree" when both carry a keyword of the same polarity:
+    the label depends on both columns, so a model that sees only one of them stays at chance (0.5)."""
+    rnd = random.Random(seed)
+    polarity = {"positive": SENTIMENT["positive"], "negative": SENTIMENT["negative"]}
+
+    def sentence(kind):
+        words = [rnd.choice(FILLER) for _ in range(rnd.randint(2, 5))]
+        words.insert(rnd.randrange(len(words) + 1), rnd.choice(polarity[kind]))
+        return " ".join(words)
+
+    def rows(n):
+        out = []
+        for _ in range(n):
+            first, second = rnd.choice(sorted(polarity)), rnd.choice(sorted(polarity))
+            out.append({"premise": sentence(first), "hypothesis": sentence(second),
+                        "relation": "agree" if first == second else "disagree"})
+        return out
+
+    paths = {}
+    for split, n in (("train", n_train), ("validation", n_eval)):
+        paths[split] = folder / f"pairs_{split}.csv"
+        with open(paths[split], "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["premise", "hypothesis", "relation"])
+            writer.writeheader()
+            writer.writerows(rows(n))
+    return paths
+
+
 def write_ner_jsonl(folder: Path, n_train: int = 240, n_eval: int = 60, seed: int = 0) -> dict[str, Path]:
     """words and B-PER / B-LOC / O tags; names and cities are fixed word lists."""
     rnd = random.Random(seed)

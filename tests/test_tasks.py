@@ -83,6 +83,35 @@ def test_text_classification_from_csv_on_2_ranks_fsdp(tmp_path):
     assert metrics["eval_accuracy"] == pytest.approx(result["eval_accuracy"])
 
 
+def test_sentence_pairs_from_yaml_train_on_both_columns_and_a_misspelled_column_is_refused(tmp_path, capsys):
+    from scaletrain.args.run_config import load_config
+    from scaletrain.tasks import build_task
+
+    paths = task_data.write_pair_csv(tmp_path)
+    data = {"train_file": str(paths["train"]), "validation_file": str(paths["validation"]),
+            "text_column": ["premise", "hypothesis"], "label_column": "relation", "max_length": 24}
+    model = {"name_or_path": "minilm"}  # pretrained: agreement of two sentences is beyond a tiny model in seconds
+    config = write_config(tmp_path, "text-classification", model, data, num_train_epochs=3, learning_rate=1e-4,
+                          per_device_train_batch_size=8, logging_steps=20)
+    task = build_task(load_config(config))
+    first = task.train_dataset[0]
+    # BERT's pair encoding: [CLS] premise [SEP] hypothesis [SEP], the second segment typed 1
+    assert first["input_ids"].count(task.tokenizer.sep_token_id) == 2 and 1 in first["token_type_ids"]
+    scaletrain(["train", str(config)], tmp_path)
+    before, after = evaluations(tmp_path)[0], evaluations(tmp_path)[-1]
+    # the label is agreement between the two sentences: one column alone cannot beat chance (0.5)
+    assert before["eval_accuracy"] < 0.7 and after["eval_accuracy"] >= 0.9, (before, after)
+
+    misspelled = ((["premis", "hypothesis"], "text_column[0]", "premise"),
+                  (["premise", "hypotesis"], "text_column[1]", "hypothesis"))
+    for columns, field, meant in misspelled:
+        bad = write_config(tmp_path, "text-classification", model, {**data, "text_column": columns})
+        code, err = _cli(["train", str(bad)], capsys)
+        assert code == 2 and f"(data.{field}) is not in the train split" in err, err
+        assert f"did you mean {meant!r}?" in err, err
+    assert not torch.distributed.is_initialized()
+
+
 def test_token_classification_from_jsonl_on_2_ranks_zero2(tmp_path):
     paths = task_data.write_ner_jsonl(tmp_path)
     config = write_config(tmp_path, "token-classification",

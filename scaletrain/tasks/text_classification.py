@@ -163,7 +163,9 @@ def build_file_classification_task(cfg, splits) -> Task:
     if len(text_columns) > 2:
         raise ConfigError(f"data.text_column={text_columns}: at most 2 columns (a sentence pair)")
     label_column = data.label_column or "label"
-    require_columns(splits, data, {"text_column": c for c in text_columns})
+    # one entry per column: a sentence pair's two columns are each checked (and named by position)
+    fields = ["text_column"] if len(text_columns) == 1 else [f"text_column[{i}]" for i in range(len(text_columns))]
+    require_columns(splits, data, dict(zip(fields, text_columns, strict=True)))
     require_columns({k: v for k, v in splits.items() if k != "test"}, data, {"label_column": label_column})
     names, regression = _label_names(splits, label_column, data)
     path = resolve_model_path(cfg.model.name_or_path)
@@ -184,9 +186,9 @@ def build_file_classification_task(cfg, splits) -> Task:
         return out
 
     encoded = {}
-    for split, ds in splits.items():
-        ds = map_rows(ds, encode, data, ds.column_names, f"tokenizing {split}")
-        encoded[split] = report_truncated(ds, split, data.max_length, "max_length")
+    for split, rows in splits.items():
+        tokenized = map_rows(rows, encode, data, rows.column_names, f"tokenizing {split}")
+        encoded[split] = report_truncated(tokenized, split, data.max_length, "max_length")
 
     metrics = (regression_metrics, ("mse", "num_samples")) if regression else \
         (classification_metrics, CLASSIFICATION_METRICS)
