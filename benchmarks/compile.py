@@ -8,6 +8,7 @@ the warm-up steps, which hold the compilation.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -54,7 +55,7 @@ def worker(strategy_name: str, compiled: bool, backend: str, steps: int, out: st
         trainer = Trainer(model=build_model(), args=args, callbacks=[timer], strategy=strategy,
                           train_dataset=TokenData(PER_RANK_BATCH * strategy.world_size * steps))
         metrics = trainer.train().metrics
-        step = statistics.median(b - a for a, b in zip(timer.times[WARMUP - 1:], timer.times[WARMUP:]))
+        step = statistics.median(b - a for a, b in itertools.pairwise(timer.times[WARMUP - 1:]))
         tokens = PER_RANK_BATCH * SEQ * strategy.world_size
         flops_per_rank = metrics["train_tflops_per_rank"] * metrics["train_runtime"] * 1e12 / steps  # per step
         if strategy.is_main:

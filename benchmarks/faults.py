@@ -184,7 +184,7 @@ def plot(results: list[dict]) -> Path:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(len(results), 1, figsize=(8, 2.4 * len(results)), squeeze=False)
-    for ax, r in zip(axes[:, 0], results):
+    for ax, r in zip(axes[:, 0], results, strict=True):
         ax.plot([t for t, _ in r["timeline"]], [s for _, s in r["timeline"]], drawstyle="steps-post")
         for event in r["events"]:
             ax.axvline(event["t"], color="red" if event["fault"] != "sigterm" else "orange", linestyle="--")

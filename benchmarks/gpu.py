@@ -11,6 +11,7 @@ MFU is against the device's dense bf16 peak (scaletrain/trainer/flops.py), or --
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -65,7 +66,7 @@ def worker(opts) -> None:
         trainer = Trainer(model=build_llama(shape), args=args, train_dataset=rows, callbacks=[timer])
         metrics = trainer.train().metrics
         warmup = max(2, opts.steps // 10)
-        step = statistics.median(b - a for a, b in zip(timer.times[warmup - 1:], timer.times[warmup:]))
+        step = statistics.median(b - a for a, b in itertools.pairwise(timer.times[warmup - 1:]))
         scale = metrics["train_runtime"] / opts.steps / step  # whole-run rates -> steady-state step rates
         Path(opts.out).write_text(json.dumps({
             "tokens_per_s": opts.micro_batch * opts.seq / step,

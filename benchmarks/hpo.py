@@ -30,7 +30,7 @@ def search(name: str, pruner: str | None, trials: int, work: Path) -> dict:
            f"sqlite:///{out}/study.db", "--study_name", name, "--n_trials", str(trials)]
     cmd += ["--pruner", pruner] if pruner else []
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")

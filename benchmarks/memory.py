@@ -170,7 +170,7 @@ def main() -> None:
         "| strategy | ranks | model state MiB | predicted | ratio | step peak MiB | predicted total | ratio |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for (name, world), r in zip(STRATEGY_ROWS, strategies.values()):
+    for (name, world), r in zip(STRATEGY_ROWS, strategies.values(), strict=True):
         lines.append(f"| {name} | {world} | {mib(r['state'])} | {mib(r['predicted_state'])} | "
                      f"{r['state'] / r['predicted_state']:.2f} | {mib(r['step_peak'])} | "
                      f"{mib(r['predicted_total'])} | {r['step_peak'] / r['predicted_total']:.2f} |")
@@ -185,7 +185,7 @@ def main() -> None:
     ]
     import math
 
-    for (name, world), r in zip(FINDER_ROWS, finder.values()):
+    for (name, world), r in zip(FINDER_ROWS, finder.values(), strict=True):
         lines.append(f"| {name} | {world} | {mib(r['budget'])} | {r['true_max']} | {r['capacity']} | {r['probes']} | "
                      f"{math.ceil(math.log2(FINDER_RANGE)) + 2} | {r['per_device']} x {r['accumulation']} |")
     publish("memory-cpu", lines, {"device": device, "torch": torch.__version__, "activations": activations,

@@ -15,6 +15,7 @@ hand-written loop would choose, so the rows compare loops rather than DDP settin
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -54,7 +55,7 @@ class StepClock:
         self.times.append(time.perf_counter())
 
     def median_step(self) -> float:
-        durations = [b - a for a, b in zip(self.times[WARMUP:], self.times[WARMUP + 1:])]
+        durations = [b - a for a, b in itertools.pairwise(self.times[WARMUP:])]
         return statistics.median(durations)
 
 
@@ -173,7 +174,7 @@ def _run_torchrun(name: str, compiled: bool, opts) -> float:
                    "--master_port=29533", __file__, "--worker", name, "--result", str(result),
                    "--steps", str(opts.steps), "--batch", str(opts.batch), "--seq", str(opts.seq),
                    "--world-size", str(opts.world_size)] + (["--compiled"] if compiled else [])
-        finished = subprocess.run(command, stdout=subprocess.DEVNULL)
+        finished = subprocess.run(command, stdout=subprocess.DEVNULL, check=False)
         if not result.exists():
             raise RuntimeError(f"{name}: torchrun exited with {finished.returncode} before rank 0 wrote its time")
         if finished.returncode:  # seen once: a compiled HF run aborting in a thread destructor at exit

@@ -298,7 +298,7 @@ def _print_search_summary(trainer, best, metrics: list[str]) -> None:
     print(format_table(trainer.search_study, int(runs[0].run_id)))
     for run in runs:
         objective = run.objective if isinstance(run.objective, list) else [run.objective]
-        shown = ", ".join(f"{m}={v:.5g}" for m, v in zip(metrics, objective))
+        shown = ", ".join(f"{m}={v:.5g}" for m, v in zip(metrics, objective, strict=True))
         print(f"best trial {run.run_id}: {shown} with {run.hyperparameters}")
         checkpoint = checkpoint_to_export(run)
         if checkpoint is not None:
@@ -445,7 +445,7 @@ def _pop_world_size(overrides: list[str], world_size: int | None) -> tuple[list[
     return rest, world_size
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaletrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train from a YAML config (a path or a built-in recipe name)")
@@ -483,6 +483,11 @@ def main(argv: list[str] | None = None) -> int:
                              help="--checkpoint PATH (checkpoint-<step> or an HF folder)"
                              + (" --output preds.jsonl --split test|validation" if name == "predict" else "")
                              + ", and --field value pairs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     # the deepspeed launcher appends --local_rank=N; the environment says the same
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
     args = parser.parse_args(argv)

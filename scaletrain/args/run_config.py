@@ -110,57 +110,80 @@ def _field_types(cls) -> dict[str, Any]:
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Turn a YAML/CLI value into the field's type (strings from the CLI)."""
-    origin = typing.get_origin(annotation)
     if annotation is Any or annotation is None:
         return value
+    origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
-        options = [a for a in typing.get_args(annotation) if a is not type(None)]
-        says_none = isinstance(value, str) and value.lower() in ("none", "null")
-        if value is None or (says_none and type(None) in typing.get_args(annotation)):
-            return None
-        for option in options:
-            try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}={value!r} does not fit {annotation}")
+        return _coerce_union(value, annotation, key)
     if origin in (list, tuple):
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} must be a list")
-        (inner,) = typing.get_args(annotation)[:1] or (Any,)
-        return [_coerce(v, inner, key) for v in value]
+        return _coerce_list(value, annotation, key)
     if origin is dict or annotation is dict:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}={value!r} must be a mapping")
-        return value
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{key}={value!r} must be true or false")
-    if annotation in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} must be a number")
+        return _coerce_dict(value, key)
+    scalar = _SCALARS.get(annotation)
+    return scalar(value, annotation, key) if scalar is not None else value
+
+
+def _coerce_union(value: Any, annotation: Any, key: str) -> Any:
+    """The first member type the value fits; None (or the words none/null) where the union allows it."""
+    members = typing.get_args(annotation)
+    says_none = isinstance(value, str) and value.lower() in ("none", "null")
+    if value is None or (says_none and type(None) in members):
+        return None
+    for option in (a for a in members if a is not type(None)):
         try:
-            number = float(value) if annotation is float else int(str(value), 10) if isinstance(value, str) else value
-        except (TypeError, ValueError):
-            kind = "a number" if annotation is float else "an integer"
-            raise ConfigError(f"{key}={value!r} must be {kind}") from None
-        if annotation is int and not isinstance(number, int):
-            if isinstance(number, float) and number.is_integer():
-                return int(number)
-            raise ConfigError(f"{key}={value!r} must be an integer")
-        return number
-    if annotation is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}={value!r} must be a string")
-        return str(value)
+            return _coerce(value, option, key)
+        except ConfigError:
+            continue
+    raise ConfigError(f"{key}={value!r} does not fit {annotation}")
+
+
+def _coerce_list(value: Any, annotation: Any, key: str) -> list:
+    if isinstance(value, str):  # the CLI's spelling: a,b,c
+        value = [v for v in value.split(",") if v]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}={value!r} must be a list")
+    (inner,) = typing.get_args(annotation)[:1] or (Any,)
+    return [_coerce(v, inner, key) for v in value]
+
+
+def _coerce_dict(value: Any, key: str) -> dict:
+    if isinstance(value, str):  # the CLI's spelling: a YAML/JSON mapping
+        value = yaml.safe_load(value)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}={value!r} must be a mapping")
     return value
+
+
+def _coerce_bool(value: Any, _annotation: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ConfigError(f"{key}={value!r} must be true or false")
+
+
+def _coerce_number(value: Any, annotation: type, key: str) -> Union[int, float]:
+    kind = "a number" if annotation is float else "an integer"
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be a number")
+    try:
+        number = float(value) if annotation is float else int(str(value), 10) if isinstance(value, str) else value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} must be {kind}") from None
+    if annotation is int and not isinstance(number, int):
+        if isinstance(number, float) and number.is_integer():
+            return int(number)
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    return number
+
+
+def _coerce_str(value: Any, _annotation: Any, key: str) -> str:
+    if isinstance(value, (dict, list)):
+        raise ConfigError(f"{key}={value!r} must be a string")
+    return str(value)
+
+
+_SCALARS = {bool: _coerce_bool, int: _coerce_number, float: _coerce_number, str: _coerce_str}
 
 
 def _unknown(key: str, known: list[str], where: str) -> ConfigError:
@@ -212,13 +235,8 @@ def _task(raw: dict, overrides: list[str], path) -> Optional[str]:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     raw = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping with sections {sorted(SECTIONS)} (and task)")
-    for section in raw:
-        if section not in SECTIONS and section != "task":
-            raise _unknown(section, list(SECTIONS) + ["task"], f"{path} (top-level keys)")
+    _check_top_level(raw, path)
     task = _task(raw, overrides or [], path)
-    overrides = [o for pair in parse_overrides(overrides or []) if pair[0] != "task" for o in (f"--{pair[0]}", pair[1])]
     sections = dict(SECTIONS, training=Seq2SeqTrainingArguments) if task == "seq2seq" else SECTIONS
     values = {name: dict(raw.get(name) or {}) for name in sections}
     types_by_section = {name: _field_types(cls) for name, cls in sections.items()}
@@ -226,34 +244,49 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         for key in section_values:
             if key not in types_by_section[name]:
                 raise _unknown(key, list(types_by_section[name]), f"{path} section '{name}'")
-
     for key, value in parse_overrides(overrides or []):
-        if "." in key:
-            section, _, fname = key.partition(".")
-            if section not in SECTIONS:
-                raise _unknown(section, list(SECTIONS), "override sections")
-            if fname not in types_by_section[section]:
-                raise _unknown(fname, list(types_by_section[section]), f"section '{section}'")
+        if key != "task":
+            section, fname = _override_target(key, types_by_section)
             values[section][fname] = value
-            continue
-        owners = [s for s, t in types_by_section.items() if key in t]
-        if not owners:
-            everything = [k for t in types_by_section.values() for k in t]
-            raise _unknown(key, everything, "overrides")
-        if len(owners) > 1:
-            raise ConfigError(f"--{key} exists in sections {owners}; write --{owners[0]}.{key}")
-        values[owners[0]][key] = value
-
-    built: dict[str, Any] = {}
-    for name, cls in sections.items():
-        if name in OPTIONAL_SECTIONS and not values[name]:
-            built[name] = None
-            continue
-        kwargs = {k: _coerce(v, types_by_section[name][k], f"{name}.{k}") for k, v in values[name].items()}
-        try:
-            built[name] = cls(**kwargs)
-        except ConfigError:
-            raise
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{path} section '{name}': {exc}") from exc
+    built = {name: _build_section(name, cls, values[name], types_by_section[name], path)
+             for name, cls in sections.items()}
     return RunConfig(task=task, **built)
+
+
+def _check_top_level(raw: Any, path) -> None:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with sections {sorted(SECTIONS)} (and task)")
+    for section in raw:
+        if section not in SECTIONS and section != "task":
+            raise _unknown(section, list(SECTIONS) + ["task"], f"{path} (top-level keys)")
+
+
+def _override_target(key: str, types_by_section: dict[str, dict[str, Any]]) -> tuple[str, str]:
+    """(section, field) that --key names: --section.field, or a field name unique across the sections."""
+    if "." in key:
+        section, _, fname = key.partition(".")
+        if section not in SECTIONS:
+            raise _unknown(section, list(SECTIONS), "override sections")
+        if fname not in types_by_section[section]:
+            raise _unknown(fname, list(types_by_section[section]), f"section '{section}'")
+        return section, fname
+    owners = [s for s, t in types_by_section.items() if key in t]
+    if not owners:
+        everything = [k for t in types_by_section.values() for k in t]
+        raise _unknown(key, everything, "overrides")
+    if len(owners) > 1:
+        raise ConfigError(f"--{key} exists in sections {owners}; write --{owners[0]}.{key}")
+    return owners[0], key
+
+
+def _build_section(name: str, cls: type, values: dict[str, Any], field_types: dict[str, Any], path) -> Any:
+    """The section's dataclass from its typed values (None for an optional section left out)."""
+    if name in OPTIONAL_SECTIONS and not values:
+        return None
+    kwargs = {k: _coerce(v, field_types[k], f"{name}.{k}") for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{path} section '{name}': {exc}") from exc

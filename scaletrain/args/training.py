@@ -18,6 +18,8 @@ import transformers
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 from transformers.training_args import OptimizerNames
 
+from .hf_sharding import apply_hf_sharding_fields
+from .json_options import read_json_option
 from .process import ProcessFacts
 from ..errors import NotSupportedError
 from ..callbacks.reporters import check_reporters, installed_reporters
@@ -231,7 +233,7 @@ class _ScaletrainArguments(ProcessFacts):
                     "set; keep one of them"
                 )
         self._normalise_report_to()
-        self._apply_hf_sharding_fields()
+        apply_hf_sharding_fields(self)
         self._apply_checkpointing_aliases()
         self._validate()
 
@@ -248,50 +250,6 @@ class _ScaletrainArguments(ProcessFacts):
         self.report_to = installed_reporters() if reports == ["all"] else reports
 
     # ------------------------------------------------------------------ checks
-    def _apply_hf_sharding_fields(self) -> None:
-        """Honour HF's `fsdp`/`fsdp_config`/`deepspeed` fields, or refuse what we cannot honour."""
-        if self.fsdp:
-            options = self.fsdp.split() if isinstance(self.fsdp, str) else list(self.fsdp)
-            unknown = [o for o in options if o not in _HF_FSDP_OPTIONS]
-            if unknown:
-                raise NotSupportedError(
-                    f"fsdp={self.fsdp!r}: {unknown} not supported; scaletrain's FSDP2 takes 'full_shard' or "
-                    "'shard_grad_op', plus 'offload' and 'auto_wrap' (per-block wrapping is always on)"
-                )
-            self._claim_strategy("fsdp", f"fsdp={self.fsdp!r}")
-            if "shard_grad_op" in options:
-                self.fsdp_reshard_after_forward = False
-            if "offload" in options:
-                self.fsdp_cpu_offload = True
-        if self.fsdp_config:
-            config = _read_json_option("fsdp_config", self.fsdp_config)
-            for key, value in config.items():
-                key = key[len("fsdp_"):] if key.startswith("fsdp_") else key
-                if key not in _HF_FSDP_CONFIG_KEYS:
-                    raise NotSupportedError(
-                        f"fsdp_config key {key!r} is not supported by scaletrain's FSDP2; supported keys: "
-                        f"{sorted(_HF_FSDP_CONFIG_KEYS)} (or the fsdp_* TrainingArguments fields)"
-                    )
-                if key == "version" and int(value) != 2:
-                    raise NotSupportedError(f"fsdp_config version={value}: only FSDP2 (fully_shard) is supported")
-                if _HF_FSDP_CONFIG_KEYS[key]:
-                    if key == "transformer_layer_cls_to_wrap" and isinstance(value, str):
-                        value = [v.strip() for v in value.split(",")]
-                    setattr(self, _HF_FSDP_CONFIG_KEYS[key], value)
-            self._claim_strategy("fsdp", "fsdp_config")
-        if self.deepspeed:
-            self.deepspeed = _read_json_option("deepspeed", self.deepspeed)
-            stage = self.deepspeed.get("zero_optimization", {}).get("stage")
-            if self.strategy == "auto":
-                if stage not in (1, 2, 3):
-                    raise ValueError(
-                        f"deepspeed config has zero_optimization.stage={stage!r}; set strategy: zero1, zero2 "
-                        "or zero3 (or a stage of 1-3 in the config)"
-                    )
-                self.strategy = f"zero{stage}"
-            elif not self.strategy.startswith("zero"):
-                raise ValueError(f"a deepspeed config was given but strategy={self.strategy!r}; use zero1|zero2|zero3")
-
     def _apply_checkpointing_aliases(self) -> None:
         """HF v5 renamed gradient_checkpointing* to activation_checkpointing*; both are accepted."""
         for old, new in (("gradient_checkpointing", "activation_checkpointing"),
@@ -301,15 +259,9 @@ class _ScaletrainArguments(ProcessFacts):
         self.activation_checkpointing = bool(self.activation_checkpointing)
         self.gradient_checkpointing = self.activation_checkpointing
         if self.activation_checkpointing_kwargs is not None:
-            kwargs = _read_json_option("activation_checkpointing_kwargs", self.activation_checkpointing_kwargs)
+            kwargs = read_json_option("activation_checkpointing_kwargs", self.activation_checkpointing_kwargs)
             self.activation_checkpointing_kwargs = kwargs
             self.gradient_checkpointing_kwargs = kwargs
-
-    def _claim_strategy(self, name: str, source: str) -> None:
-        if self.strategy == "auto":
-            self.strategy = name
-        elif self.strategy != name:
-            raise ValueError(f"{source} asks for {name} but strategy={self.strategy!r}; keep one of them")
 
     def _reject_unsupported_hf_fields(self) -> None:
         for name, default in _UNSUPPORTED_DEFAULTS.items():
@@ -332,7 +284,7 @@ class _ScaletrainArguments(ProcessFacts):
         self._validate_loading_and_reporting()
         for name in ("lora", "quantization", "liger_kernel_config"):
             if getattr(self, name) is not None:
-                setattr(self, name, _read_json_option(name, getattr(self, name)))
+                setattr(self, name, read_json_option(name, getattr(self, name)))
         check_strategy_options(self)
         check_optimizer_for_strategy(self.optim, self.strategy, self.device.type == "cuda")
         check_middleware_options(self)
@@ -376,18 +328,14 @@ class _ScaletrainArguments(ProcessFacts):
             raise ValueError(f"preemption_grace_period={self.preemption_grace_period} must be > 0 seconds")
 
     def _validate_lengths(self) -> None:
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name, bound, meaning in _LOWER_BOUNDS:
+            value = getattr(self, name)
+            if value is not None and value < bound:
+                raise ValueError(f"{name}={value} must be {meaning}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps={self.max_steps} must be a positive number of steps or -1 (use epochs)")
         if self.max_steps < 0 and self.num_train_epochs <= 0:
             raise ValueError(f"num_train_epochs={self.num_train_epochs} must be > 0 when max_steps is -1")
-        if self.learning_rate < 0:
-            raise ValueError(f"learning_rate={self.learning_rate} must be >= 0")
-        for name in ("eval_accumulation_steps", "torch_empty_cache_steps"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1 or None")
         unknown = set(self.include_for_metrics) - {"inputs", "loss"}
         if unknown:
             raise ValueError(f"include_for_metrics={self.include_for_metrics!r}: {sorted(unknown)} unknown; "
@@ -400,8 +348,6 @@ class _ScaletrainArguments(ProcessFacts):
                                  "if < 1)")
         if self.eval_steps is not None and self.eval_steps <= 0:
             raise ValueError(f"eval_steps={self.eval_steps} must be > 0")
-        if self.save_total_limit is not None and self.save_total_limit < 1:
-            raise ValueError(f"save_total_limit={self.save_total_limit} must be >= 1 or None (keep all)")
 
     def _validate_loading_and_reporting(self) -> None:
         if self.peak_tflops is not None and not self.peak_tflops > 0:
@@ -490,41 +436,18 @@ class _ScaletrainArguments(ProcessFacts):
         }
 
 
+# (field, smallest value, what the error says it must be); None is always allowed where the field may be None
+_LOWER_BOUNDS = (
+    ("per_device_train_batch_size", 1, ">= 1"), ("per_device_eval_batch_size", 1, ">= 1"),
+    ("gradient_accumulation_steps", 1, ">= 1"), ("learning_rate", 0, ">= 0"),
+    ("eval_accumulation_steps", 1, ">= 1 or None"), ("torch_empty_cache_steps", 1, ">= 1 or None"),
+    ("save_total_limit", 1, ">= 1 or None (keep all)"),
+)
+
 _UNSUPPORTED_HINTS = {
     "average_tokens_across_devices": "scaletrain always normalises the loss by the global token count",
     "push_to_hub": "export the saved folder and push it with huggingface_hub",
 }
-
-
-_HF_FSDP_OPTIONS = {"full_shard", "shard_grad_op", "offload", "auto_wrap"}
-# HF/accelerate fsdp_config keys -> the TrainingArguments field that implements them
-_HF_FSDP_CONFIG_KEYS = {
-    "transformer_layer_cls_to_wrap": "fsdp_layer_classes",
-    "reshard_after_forward": "fsdp_reshard_after_forward",
-    "offload_params": "fsdp_cpu_offload",
-    "cpu_ram_efficient_loading": "fsdp_low_memory_init",
-    "version": None,
-}
-
-
-def _read_json_option(name: str, value: Union[str, dict]) -> dict:
-    if isinstance(value, dict):
-        return dict(value)
-    if value.lstrip().startswith("{"):  # inline JSON, as HF's command line accepts
-        try:
-            return dict(json.loads(value))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{name}={value!r} is not valid JSON: {exc}") from exc
-    try:
-        with open(value) as fh:
-            loaded = json.load(fh)
-    except FileNotFoundError as exc:
-        raise ValueError(f"{name}={value!r}: no such file; pass a dict or the path of a JSON file") from exc
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{name}={value!r} is not valid JSON: {exc}") from exc
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{name}={value!r} must hold a JSON object")
-    return loaded
 
 
 def _hf_fields(hf_class: type) -> dict[str, dataclasses.Field]:

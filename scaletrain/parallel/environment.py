@@ -73,31 +73,9 @@ def _accelerate_settings() -> dict[str, Any]:
     settings: dict[str, Any] = {}
     refuse: list[str] = []
     if _flag("ACCELERATE_USE_FSDP"):
-        settings["strategy"] = "fsdp"
-        sharding = os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper()
-        if sharding in ("SHARD_GRAD_OP", "2") or os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "").lower() == "false":
-            settings["fsdp_reshard_after_forward"] = False
-        elif sharding not in ("FULL_SHARD", "1"):
-            refuse.append(f"FSDP_SHARDING_STRATEGY={sharding} (scaletrain's FSDP2 does FULL_SHARD or SHARD_GRAD_OP)")
-        if _flag("FSDP_OFFLOAD_PARAMS"):
-            settings["fsdp_cpu_offload"] = True
-        if os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP"):
-            settings["fsdp_layer_classes"] = [c.strip() for c in os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"].split(",")]
-        if _flag("FSDP_CPU_RAM_EFFICIENT_LOADING"):
-            settings["fsdp_low_memory_init"] = True
-        if _flag("FSDP_ACTIVATION_CHECKPOINTING"):
-            settings["activation_checkpointing"] = True
+        _accelerate_fsdp(settings, refuse)
     if _flag("ACCELERATE_USE_DEEPSPEED"):
-        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
-        if stage not in ("1", "2", "3"):
-            refuse.append(f"ACCELERATE_DEEPSPEED_ZERO_STAGE={stage} (use --zero_stage 1, 2 or 3)")
-        settings["strategy"] = f"zero{stage}"
-        if os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") == "cpu":
-            settings["offload_optimizer"] = True
-        if os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") == "cpu":
-            settings["offload_params"] = True
-        if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
-            settings["deepspeed"] = os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
+        _accelerate_deepspeed(settings, refuse)
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if precision in ("bf16", "fp16"):
         settings[precision] = True
@@ -107,6 +85,33 @@ def _accelerate_settings() -> dict[str, Any]:
     if refuse:
         settings["refuse"] = refuse
     return settings
+
+
+def _accelerate_fsdp(settings: dict[str, Any], refuse: list[str]) -> None:
+    settings["strategy"] = "fsdp"
+    sharding = os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper()
+    if sharding in ("SHARD_GRAD_OP", "2") or os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "").lower() == "false":
+        settings["fsdp_reshard_after_forward"] = False
+    elif sharding not in ("FULL_SHARD", "1"):
+        refuse.append(f"FSDP_SHARDING_STRATEGY={sharding} (scaletrain's FSDP2 does FULL_SHARD or SHARD_GRAD_OP)")
+    flags = {"FSDP_OFFLOAD_PARAMS": "fsdp_cpu_offload", "FSDP_CPU_RAM_EFFICIENT_LOADING": "fsdp_low_memory_init",
+             "FSDP_ACTIVATION_CHECKPOINTING": "activation_checkpointing"}
+    settings.update({field: True for name, field in flags.items() if _flag(name)})
+    if os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP"):
+        settings["fsdp_layer_classes"] = [c.strip() for c in os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"].split(",")]
+
+
+def _accelerate_deepspeed(settings: dict[str, Any], refuse: list[str]) -> None:
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    if stage not in ("1", "2", "3"):
+        refuse.append(f"ACCELERATE_DEEPSPEED_ZERO_STAGE={stage} (use --zero_stage 1, 2 or 3)")
+    settings["strategy"] = f"zero{stage}"
+    if os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") == "cpu":
+        settings["offload_optimizer"] = True
+    if os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") == "cpu":
+        settings["offload_params"] = True
+    if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        settings["deepspeed"] = os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
 
 
 def available_cores() -> int:

@@ -91,7 +91,7 @@ def _run_point(cfg, env, task, point: BenchPoint, steps: int, warmup: int, out: 
         metrics = trainer.train().metrics
     except torch.OutOfMemoryError as exc:  # the same shapes on every rank: each rank runs out at the same step
         return {"error": f"out of memory: {str(exc).splitlines()[0]}"}
-    step = statistics.median(b - a for a, b in zip(timer.times[warmup - 1:], timer.times[warmup:]))
+    step = statistics.median(b - a for a, b in itertools.pairwise(timer.times[warmup - 1:]))
     per_step = metrics["train_runtime"] / steps  # rates below are per steady-state step instead
     held = strategy.held_state_numel(trainer.model_wrapped, trainer.optimizer)["bytes"]
     result = {"step_s": step, "tokens_per_s": metrics["train_tokens_per_second"] * per_step / step,

@@ -165,8 +165,8 @@ def live_tensor_bytes(device: torch.device, model: Optional[torch.nn.Module] = N
     if model is not None:
         tensors += [p.grad for p in model.parameters() if p.grad is not None]
     storages: dict[int, int] = {}
-    for tensor in tensors:
-        tensor = local_shard(tensor)
+    for found in tensors:
+        tensor = local_shard(found)
         if tensor.device.type != device.type or tensor.device.type == "meta":
             continue
         try:

@@ -95,7 +95,7 @@ def format_table(study: optuna.Study, best_number: int) -> str:
         lines.append([f"{r['number']}{mark}", state, objective, str(r["steps"] if r["steps"] is not None else "-")]
                      + [_short(r["params"].get(n)) for n in names])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines)
 
 
 def _short(value: Any) -> str:

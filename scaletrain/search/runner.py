@@ -130,14 +130,7 @@ class DistributedSearch:
         self.followers_waiting = True
         if study_trial is None:
             return None
-        for key, value in summary.items():
-            study_trial.set_user_attr(key, value)
-        if errors:
-            reason = "; ".join(sorted(set(errors)))
-            study_trial.set_user_attr("error", reason)  # optuna keeps no reason for a failed trial
-            raise TrialFailed(reason)
-        if pruned:
-            raise optuna.TrialPruned(f"pruned at step {summary['global_step']}")
+        _record_outcome(study_trial, summary, errors, pruned)
         return trainer.objective
 
     def _begin_trial(self, message: dict[str, Any], study_trial: Optional[optuna.Trial]) -> ObservedTrial:
@@ -248,3 +241,15 @@ def checkpoint_to_export(best: BestRun) -> Optional[Path]:
     summary = best.run_summary or {}
     path = summary.get("best_checkpoint") or summary.get("last_checkpoint")
     return Path(path) if path else None
+
+
+def _record_outcome(study_trial: optuna.Trial, summary: dict[str, Any], errors: list[str], pruned: bool) -> None:
+    """Rank 0: the trial's summary on the study, and how it ended (TrialFailed / TrialPruned for optuna)."""
+    for key, value in summary.items():
+        study_trial.set_user_attr(key, value)
+    if errors:
+        reason = "; ".join(sorted(set(errors)))
+        study_trial.set_user_attr("error", reason)  # optuna keeps no reason for a failed trial
+        raise TrialFailed(reason)
+    if pruned:
+        raise optuna.TrialPruned(f"pruned at step {summary['global_step']}")

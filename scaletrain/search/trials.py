@@ -138,7 +138,6 @@ def trial_arguments(base: Any, params: dict[str, Any], output_dir: str) -> Any:
         if key not in fields:
             continue
         old = getattr(base, key)
-        if old is not None and not isinstance(old, (dict, list, tuple)) and not isinstance(value, type(old)):
-            value = type(old)(value)
-        changes[key] = value
+        retype = old is not None and not isinstance(old, (dict, list, tuple)) and not isinstance(value, type(old))
+        changes[key] = type(old)(value) if retype else value
     return dataclasses.replace(base, output_dir=output_dir, **changes)

@@ -53,6 +53,7 @@ class Strategy(abc.ABC):
     @classmethod
     def check_environment(cls, env: DistEnv) -> None:
         """Raise before any process group starts if this backend cannot run here."""
+        return  # a hook: torch's own backends run wherever torch runs
 
     def setup_environment(self) -> None:
         """Start the process group (if any) and pick this rank's device."""
@@ -206,6 +207,7 @@ class Strategy(abc.ABC):
         """Called before setup() when resuming: the checkpoint's world size and
         the accumulation that keeps its global batch here. DCP reshards at load
         by itself; backends with their own format adjust here."""
+        return  # a hook: nothing to adjust for DCP
 
     def save_state_async(self, directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
         """Stage a copy of the state in host memory and write it in a background

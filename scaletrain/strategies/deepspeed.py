@@ -138,23 +138,7 @@ def build_deepspeed_config(args, stage: int, world_size: int, on_cuda: bool = Fa
     user = copy.deepcopy(args.deepspeed or {})
     owned = _owned_values(args, stage, world_size)
     for path, (ours, argument) in owned.items():
-        theirs = _get_path(user, path)
-        if theirs is _MISSING:
-            continue
-        if theirs == _AUTO:  # HF-style placeholder: "fill it in for me" is what we do anyway
-            _drop_path(user, path)
-            continue
-        if ours is None:
-            raise DeepSpeedConfigError(
-                f"the deepspeed section sets {path!r}; scaletrain owns it, set {argument} instead and remove the key"
-            )
-        same_number = isinstance(ours, float) and isinstance(theirs, (int, float)) and float(theirs) == ours
-        if theirs != ours and not same_number:
-            raise DeepSpeedConfigError(
-                f"the deepspeed section sets {path}={theirs!r} but scaletrain derives {ours!r} from {argument}; "
-                f"set {argument} instead and remove the key (or write \"auto\")"
-            )
-        _drop_path(user, path)
+        _reconcile_user_value(user, path, ours, argument)
 
     config: dict[str, Any] = {
         "steps_per_print": 2**31 - 1,  # progress is the trainer's job
@@ -173,6 +157,26 @@ def build_deepspeed_config(args, stage: int, world_size: int, on_cuda: bool = Fa
         # host the torch optimizer does the same step
         config["zero_force_ds_cpu_optimizer"] = False
     return _merge(config, user)
+
+
+def _reconcile_user_value(user: dict, path: str, ours: Any, argument: str) -> None:
+    """A key scaletrain derives from `argument`: the user's value is dropped when it says the same (or
+    "auto"), refused when it differs, since two sources of one setting are how configs drift apart."""
+    theirs = _get_path(user, path)
+    if theirs is _MISSING:
+        return
+    if theirs != _AUTO:  # HF-style placeholder: "fill it in for me" is what we do anyway
+        if ours is None:
+            raise DeepSpeedConfigError(
+                f"the deepspeed section sets {path!r}; scaletrain owns it, set {argument} instead and remove the key"
+            )
+        same_number = isinstance(ours, float) and isinstance(theirs, (int, float)) and float(theirs) == ours
+        if theirs != ours and not same_number:
+            raise DeepSpeedConfigError(
+                f"the deepspeed section sets {path}={theirs!r} but scaletrain derives {ours!r} from {argument}; "
+                f"set {argument} instead and remove the key (or write \"auto\")"
+            )
+    _drop_path(user, path)
 
 
 def _merge(base: dict, extra: dict) -> dict:

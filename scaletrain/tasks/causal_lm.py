@@ -90,7 +90,7 @@ def _conversations(batch: dict, data, columns: dict) -> list[list[dict]]:
     if "messages_column" in columns:
         return batch[columns["messages_column"]]
     return [[{"role": "user", "content": p}, {"role": "assistant", "content": r}]
-            for p, r in zip(batch[columns["prompt_column"]], batch[columns["response_column"]])]
+            for p, r in zip(batch[columns["prompt_column"]], batch[columns["response_column"]], strict=True)]
 
 
 def _chat_columns(data, splits) -> dict:
@@ -119,13 +119,13 @@ def _chat_splits(splits, data, tokenizer) -> dict:
         return out
 
     encoded = {}
-    for split, ds in splits.items():
-        ds = report_truncated(map_rows(ds, encode, data, ds.column_names, f"rendering {split}"), split,
-                              data.max_length, "max_length")
-        kept = ds.filter(lambda row: any(t != IGNORE_INDEX for t in row["labels"]), keep_in_memory=True)
-        if len(kept) < len(ds):
+    for split, rows in splits.items():
+        rendered = report_truncated(map_rows(rows, encode, data, rows.column_names, f"rendering {split}"), split,
+                                    data.max_length, "max_length")
+        kept = rendered.filter(lambda row: any(t != IGNORE_INDEX for t in row["labels"]), keep_in_memory=True)
+        if len(kept) < len(rendered):
             logger.warning("%d %s conversations have no response token left within data.max_length=%d and were "
-                           "dropped", len(ds) - len(kept), split, data.max_length)
+                           "dropped", len(rendered) - len(kept), split, data.max_length)
         if len(kept) == 0:
             raise ConfigError(f"no {split} conversation keeps a response token within data.max_length="
                               f"{data.max_length}; raise it")

@@ -78,7 +78,7 @@ def generation_metrics(tokenizer):
     def compute(eval_pred) -> dict[str, float]:
         preds = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
         predicted, references = decode_pairs(tokenizer, preds, eval_pred.label_ids)
-        rouge = [scorer.score(r, p) for p, r in zip(predicted, references)]
+        rouge = [scorer.score(r, p) for p, r in zip(predicted, references, strict=True)]
         out = {"bleu": sacrebleu.corpus_bleu(predicted, [references]).score,
                "chrf": sacrebleu.corpus_chrf(predicted, [references]).score}
         for key in ("rouge1", "rouge2", "rougeL"):
@@ -125,7 +125,7 @@ def build_seq2seq_task(cfg, splits) -> Task:
             targets = [t or "" for t in batch[target]]
             out["labels"] = tokenizer(text_target=targets, truncation=True, max_length=target_length)["input_ids"]
             long_targets = tokenizer(text_target=targets)["input_ids"]
-            over = [o or len(ids) > target_length for o, ids in zip(over, long_targets)]
+            over = [o or len(ids) > target_length for o, ids in zip(over, long_targets, strict=True)]
         out[OVERLENGTH] = over
         return out
 

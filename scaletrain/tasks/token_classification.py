@@ -37,7 +37,8 @@ def _tag_names(splits, column: str, data) -> list[str]:
 
 
 def _check_rows(ds, split: str, data, tokens: str, tags: str) -> None:
-    for row, (words, row_tags) in enumerate(zip(ds[tokens], ds[tags] if tags in ds.column_names else ds[tokens])):
+    tag_rows = ds[tags] if tags in ds.column_names else ds[tokens]
+    for row, (words, row_tags) in enumerate(zip(ds[tokens], tag_rows, strict=True)):
         if not isinstance(words, list) or not isinstance(row_tags, list):
             raise ConfigError(f"row {row} of the {split} split ({source_of(data, split)}): data.tokens_column and "
                               "data.tags_column must hold lists (one entry per word)")
@@ -66,7 +67,7 @@ def seqeval_metrics(names: list[str]):
 def _aligned(preds, labels, names: list[str]) -> tuple[list[list[str]], list[list[str]]]:
     """Tag names at the labelled (first sub-token) positions only."""
     true, predicted = [], []
-    for row_preds, row_labels in zip(preds, labels):
+    for row_preds, row_labels in zip(preds, labels, strict=True):
         keep = row_labels != IGNORE_INDEX
         true.append([names[i] for i in row_labels[keep]])
         predicted.append([names[i] for i in row_preds[keep]])
@@ -110,7 +111,7 @@ def build_token_classification_task(cfg, splits) -> Task:
         words = splits[split][tokens]
         word_ids = [tokenizer(row, is_split_into_words=True, truncation=True, max_length=data.max_length).word_ids()
                     for row in words]
-        return [{"tags": _word_tags(p, ids, names)} for p, ids in zip(preds, word_ids)]
+        return [{"tags": _word_tags(p, ids, names)} for p, ids in zip(preds, word_ids, strict=True)]
 
     return Task(load, from_config, tokenizer, encoded["train"], encoded.get("validation"), seqeval_metrics(names),
                 names, data_collator=DataCollatorForTokenClassification(tokenizer), metric_names=METRICS,
