@@ -52,16 +52,12 @@ class ProcessFacts:
     @property
     def should_log(self) -> bool:
         """Whether this process logs: the main process, or each node's first with log_on_each_node."""
-        if self.log_on_each_node:
-            return self.local_process_index == 0
-        return self.process_index == 0
+        return read_env().logs(self.log_on_each_node)
 
     @property
     def should_save(self) -> bool:
         """Whether this process writes files: the main process, or each node's first with save_on_each_node."""
-        if self.save_on_each_node:
-            return self.local_process_index == 0
-        return self.process_index == 0
+        return read_env().writes_files(self.save_on_each_node)
 
     def get_process_log_level(self) -> int:
         """The log level for this process: log_level on the main one, log_level_replica elsewhere;

@@ -20,12 +20,14 @@ from transformers.training_args import OptimizerNames
 
 from .hf_sharding import apply_hf_sharding_fields
 from .json_options import read_json_option
+from .launcher import apply_launcher_settings
 from .process import ProcessFacts
 from ..errors import NotSupportedError
 from ..callbacks.reporters import check_reporters, installed_reporters
 from ..optimizers.catalog import (SCHEDULE_FREE_OPTIMIZERS, check_optim_args, check_optimizer_for_strategy,
                                   check_optimizer_name, check_target_modules)
 from ..middleware import check_middleware_options
+from ..parallel.environment import launcher_settings
 from ..strategies.options import check_strategy_options
 
 STRATEGIES = ("auto", "single", "ddp", "fsdp", "zero1", "zero2", "zero3")
@@ -233,6 +235,7 @@ class _ScaletrainArguments(ProcessFacts):
                     "set; keep one of them"
                 )
         self._normalise_report_to()
+        apply_launcher_settings(self, launcher_settings())
         apply_hf_sharding_fields(self)
         self._apply_checkpointing_aliases()
         self._validate()

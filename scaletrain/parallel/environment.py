@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,9 +20,6 @@ class DistEnv:
     world_size: int
     local_rank: int
     local_world_size: int
-    # what the launcher asked for (e.g. `accelerate launch --use_fsdp`), as
-    # TrainingArguments field -> value; applied by strategies.build_strategy
-    launcher_settings: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def is_distributed(self) -> bool:
@@ -31,6 +28,20 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+    def writes_files(self, save_on_each_node: bool) -> bool:
+        """Whether this process writes a run's files: the main process, or with save_on_each_node (nodes
+        without a shared filesystem) the first process of each node, as HF's should_save."""
+        return self.is_local_main if save_on_each_node else self.is_main
+
+    def logs(self, log_on_each_node: bool) -> bool:
+        """Whether this process logs at log_level (the others at log_level_replica): the main process,
+        or each node's first with log_on_each_node, as HF's should_log."""
+        return self.is_local_main if log_on_each_node else self.is_main
 
 
 def _int_env(name: str, default: int) -> int:
@@ -50,7 +61,7 @@ def read_env() -> DistEnv:
     local_world_size = _int_env("LOCAL_WORLD_SIZE", world_size)
     if not 0 <= rank < world_size:
         raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world_size}; check the launcher")
-    return DistEnv(rank, world_size, local_rank, local_world_size, _accelerate_settings())
+    return DistEnv(rank, world_size, local_rank, local_world_size)
 
 
 def launched_rank() -> int:
@@ -65,11 +76,11 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
-def _accelerate_settings() -> dict[str, Any]:
-    """`accelerate launch --use_fsdp/--use_deepspeed` exports its plugin
-    options as environment variables; translate the ones with an FSDP2 or
-    ZeRO meaning. Unsupported requests are returned under "refuse" so that
-    the caller can fail before any process group starts."""
+def launcher_settings() -> dict[str, Any]:
+    """What the launcher asked for, as TrainingArguments field -> value: `accelerate launch
+    --use_fsdp/--use_deepspeed` exports its plugin options as environment variables; the ones with an
+    FSDP2 or ZeRO meaning are translated. Unsupported requests are returned under "refuse" so that the
+    arguments fail when they are made, before any process group starts (args/launcher.py applies them)."""
     settings: dict[str, Any] = {}
     refuse: list[str] = []
     if _flag("ACCELERATE_USE_FSDP"):

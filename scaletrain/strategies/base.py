@@ -262,17 +262,17 @@ class Strategy(abc.ABC):
 
     @property
     def is_main(self) -> bool:
-        return self.env.rank == 0
+        return self.env.is_main
 
     @property
     def is_local_main(self) -> bool:
-        return self.env.local_rank == 0
+        return self.env.is_local_main
 
     @property
     def writes_files(self) -> bool:
-        """Whether this process writes checkpoints and saved models: the main one, or with save_on_each_node
-        (nodes without a shared filesystem) the first process of each node, as HF's should_save."""
-        return self.is_local_main if self.args.save_on_each_node else self.is_main
+        """Whether this process writes checkpoints and saved models (the environment decides, as for HF's
+        should_save)."""
+        return self.env.writes_files(self.args.save_on_each_node)
 
     def has_collectives(self) -> bool:
         """Whether collectives reach other ranks (a multi-rank run with its process group up)."""

@@ -127,8 +127,7 @@ class Trainer(ReportingMethods):
         if memory_stage is not None:
             self.memory_metrics.begin(memory_stage)
         self.strategy = strategy if strategy is not None else build_strategy(args)
-        # the launcher may have added settings (accelerate's --mixed_precision, --use_fsdp, ...)
-        self.args = args = self.strategy.args if strategy is None else args
+        self.args = args  # final: the launcher's requests were applied when they were made
         self.strategy.setup_environment()
         self.middleware = build_middleware(args, self.strategy)
         self.num_threads = configure_threads(self.strategy.env, args.torch_threads)
