@@ -22,7 +22,6 @@ from transformers.trainer_utils import BestRun
 from ..checkpoint.manager import PREFIX as CHECKPOINT_PREFIX
 from ..checkpoint.manager import latest_checkpoint
 from ..errors import NotSupportedError
-from ..strategies import build_strategy
 from .errors import SearchConfigError
 from .trials import RecordingDict, check_names, check_reads, read_objective, takes_trial, trial_arguments
 
@@ -78,9 +77,9 @@ class RayTrials:
     def __init__(self, trainer, compute_objective: Callable, hp_name: Optional[Callable]) -> None:
         trainer.model = trainer.model_wrapped = None
         self.trainer, self.compute_objective, self.hp_name = trainer, compute_objective, hp_name
-        self.base_args, self.env = trainer.args, trainer.strategy.env
+        self.base_args = trainer.args
         self.user_model_init = trainer.model_init
-        self.main_input_name = trainer.input_tokens.main_input_name
+        self.reporter: Optional[RayReporter] = None  # the running trial's
 
     def run_dir(self, config: dict[str, Any], trial_id: str) -> str:
         return trial_run_dir(self.base_args.output_dir, self.hp_name, config, trial_id)
@@ -92,11 +91,10 @@ class RayTrials:
         check_names(params, self.base_args, self.user_model_init)
         trial = RecordingDict(params)
         trainer = self.trainer
-        trainer.objective, trainer._trial, trainer._search = None, trial, RayReporter(self)
-        trainer.model_init = lambda _: self._observed_model_init(trial, params)
+        self.reporter = RayReporter(self)
         args = trial_arguments(self.base_args, params, run_dir)
-        trainer._rebind(build_strategy(args, self.env), self.main_input_name)
-        trainer.add_callback(trainer._search)
+        trainer.begin_search_trial(args, trial, self.reporter, lambda _: self._observed_model_init(trial, params))
+        trainer.add_callback(self.reporter)
         logger.info("trial %s: %s (output in %s)", trial, params, run_dir)
         return trial
 
@@ -177,9 +175,9 @@ def _train_trial(config: dict[str, Any], trials: RayTrials) -> None:
         trainer.train(trial=trial)
     if trainer.objective is None:
         metrics = trainer.evaluate()
-        trainer._search.pending = {**metrics, "objective": trials.objective_of(metrics)}
+        trials.reporter.pending = {**metrics, "objective": trials.objective_of(metrics)}
         trainer.checkpoints.finish_pending()
-        trainer._search.flush(latest_checkpoint(run_dir), done=True)
+        trials.reporter.flush(latest_checkpoint(run_dir), done=True)
 
 
 def trial_run_dir(output_dir: str, hp_name: Optional[Callable], config: dict[str, Any], trial_id: str) -> str:

@@ -3,7 +3,6 @@ parameters, every prune decision and every failure are agreed through collective
 train the same trial and leave it at the same point."""
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import os
@@ -12,11 +11,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import optuna
-from accelerate.utils.memory import clear_device_cache
 from transformers.trainer_utils import BestRun
 
 from ..checkpoint.manager import latest_checkpoint
-from ..strategies import build_strategy
 from ..trainer.preemption import Preempted
 from .errors import SearchAborted, SearchConfigError, TrialFailed
 from .settings import SearchSettings
@@ -34,7 +31,6 @@ class DistributedSearch:
         self.hp_name, self.settings, self.n_trials = hp_name, settings, n_trials
         self.base_args, self.base_strategy = trainer.args, trainer.strategy
         self.user_model_init = trainer.model_init
-        self.main_input_name = trainer.input_tokens.main_input_name
         self.study_trial: Optional[optuna.Trial] = None  # rank 0's, during a trial
         self.followers_waiting = True  # the other ranks wait for rank 0's next message
 
@@ -107,7 +103,6 @@ class DistributedSearch:
         or raises TrialPruned / TrialFailed for optuna to record."""
         trainer = self.trainer
         self.study_trial = study_trial
-        trainer.state = trainer._new_state()  # a trial whose arguments are refused reports no steps
         error, pruned = None, False
         try:
             model_init_trial = self._begin_trial(message, study_trial)
@@ -143,10 +138,8 @@ class DistributedSearch:
         else:
             trial = study_trial  # one process: model_init may draw more parameters, as under HF
         observed = ObservedTrial(trial, shared)
-        trainer.objective, trainer._trial, trainer._search = None, observed, self
-        trainer.model_init = lambda _: self._observed_model_init(observed, params)
         args = trial_arguments(self.base_args, params, message["run_dir"])
-        trainer._rebind(build_strategy(args, self.base_strategy.env), self.main_input_name)
+        trainer.begin_search_trial(args, observed, self, lambda _: self._observed_model_init(observed, params))
         logger.info("trial %d: %s (output in %s)", message["number"], params, message["run_dir"])
         return observed
 
@@ -158,15 +151,10 @@ class DistributedSearch:
     def _end_trial(self, run_dir: str) -> dict[str, Any]:
         """What the study keeps about the trial; the trial's model and optimizer freed, as HF frees them."""
         trainer = self.trainer
-        trainer.checkpoints.finish_pending()
+        trainer.end_search_trial()
         state = trainer.state
-        summary = {"global_step": state.global_step, "best_checkpoint": state.best_model_checkpoint,
-                   "last_checkpoint": str(latest_checkpoint(run_dir) or "") or None}
-        trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
-        trainer.train_loader = None
-        gc.collect()
-        clear_device_cache()
-        return summary
+        return {"global_step": state.global_step, "best_checkpoint": state.best_model_checkpoint,
+                "last_checkpoint": str(latest_checkpoint(run_dir) or "") or None}
 
     # ---------------------------------------------------- during training
     def objective_of(self, metrics: dict[str, float]):
@@ -190,9 +178,7 @@ class DistributedSearch:
     def restore(self) -> None:
         """The trainer as it was built: HF leaves the last trial's values in trainer.args; scaletrain gives
         back the arguments (and strategy) the trainer was constructed with."""
-        trainer = self.trainer
-        trainer.model_init, trainer._trial, trainer._search = self.user_model_init, None, None
-        trainer._rebind(self.base_strategy, self.main_input_name, self.base_args)
+        self.trainer.end_search(self.base_args, self.base_strategy, self.user_model_init)
 
 
 def _requeue(trial: optuna.Trial) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -24,9 +23,9 @@ from transformers import DataCollatorWithPadding, default_data_collator
 from transformers.trainer_callback import (
     CallbackHandler, DefaultFlowCallback, ExportableState, TrainerControl, TrainerState,
 )
-from transformers.trainer_pt_utils import LabelSmoother, nested_detach
+from transformers.trainer_pt_utils import LabelSmoother
 from transformers.trainer_utils import (
-    EvalLoopOutput, EvalPrediction, PredictionOutput, SaveStrategy, TrainOutput, enable_full_determinism, set_seed,
+    EvalPrediction, TrainOutput, enable_full_determinism, set_seed,
     speed_metrics,
 )
 from transformers.trainer import TRAINING_ARGS_NAME
@@ -45,27 +44,28 @@ from ..parallel.environment import configure_threads
 from ..performance.memory import PeakMemory, optimizer_state_bytes_to_come
 from ..middleware import build_middleware
 from ..middleware.batch_finder import BatchSizeChoice
-from ..modeling import apply_use_cache, default_ignore_keys, library_model, without_tied_copies
+from ..modeling import apply_use_cache, library_model, without_tied_copies
 from ..strategies import Strategy, build_strategy
 from ..optimizers import factory as optim
 from .accelerator_view import AcceleratorView
 from .batch_size import find_batch_size, longest_row
 from .checkpoint_states import ProgressFile, manifest_extra, model_files_writer, training_states
-from .evaluation import BatchMetrics, BestMetric, EvalResults, agreed_rounds, evaluation_metrics, is_tensor_tree
-from .evaluation import join_remaining_rounds
+from .evaluation import BestMetric
+from .evaluation_methods import EvaluationMethods
 from .loop import TrainLoop
 from .metrics import InputTokensSeen, MemoryMetrics
 from .plan import BatchGeometry, RunPlan, build_run_plan
 from .preemption import PreemptionWatch
 from .progress import TrainProgress
 from .reporting import ReportingMethods
+from .search_trials import SearchTrialMethods
 from .resume import ResumePoint, read_resume_point
-from .step import LossWeighting, StepRunner, batch_size
+from .step import LossWeighting, StepRunner
 
 logger = logging.getLogger(__name__)
 
 
-class Trainer(ReportingMethods):
+class Trainer(EvaluationMethods, SearchTrialMethods, ReportingMethods):
     """Drop-in for `transformers.Trainer` (same constructor and methods)."""
 
     def __init__(
@@ -150,14 +150,6 @@ class Trainer(ReportingMethods):
         self._train_batch_size = args.per_device_train_batch_size  # HF's name; the plan may change it
         self._longest_example = None  # (row, collator), for the batch finder's probes
 
-    def _rebind(self, strategy: Strategy, main_input_name: str, args: Optional[TrainingArguments] = None) -> None:
-        """A hyperparameter-search trial (or the end of the search): everything rebuilt from the arguments
-        (the strategy's unless given), a fresh state, and no optimizer yet (train() builds it for the model)."""
-        self._bind_args(args if args is not None else strategy.args, strategy)
-        self._bind_step_helpers(main_input_name)
-        self.state, self.control = self._new_state(), TrainerControl()
-        self.optimizer, self.lr_scheduler = None, None
-
     def _bind_step_helpers(self, main_input_name: str) -> None:
         """The loss weighting and token counting, which reduce over the strategy's ranks."""
         self.loss_weighting = LossWeighting(self.strategy, self.label_names, lambda: self.model)
@@ -215,17 +207,6 @@ class Trainer(ReportingMethods):
 
     def remove_callback(self, callback) -> None:
         self.callback_handler.remove_callback(callback)
-
-    def hyperparameter_search(self, hp_space: Optional[Callable] = None, compute_objective: Optional[Callable] = None,
-                              n_trials: int = 20, direction: Union[str, list[str]] = "minimize",
-                              backend: Optional[str] = None, hp_name: Optional[Callable] = None, **kwargs):
-        """HF's hyperparameter search on optuna, safe on several ranks: rank 0 owns the study and every
-        rank trains the same trial (see scaletrain/search). kwargs reach optuna.create_study and
-        Study.optimize; `sampler`/`pruner` may also be names ("tpe", "grid", "hyperband", ...)."""
-        from ..search import hyperparameter_search
-
-        return hyperparameter_search(self, hp_space, compute_objective, n_trials, direction, backend, hp_name,
-                                     **kwargs)
 
     # ------------------------------------------------------------- dataloaders
     def _columns(self) -> Optional[list[str]]:
@@ -467,31 +448,6 @@ class Trainer(ReportingMethods):
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self.fire("on_log", logs=logs)
 
-    def evaluate_and_track(self, ignore_keys: Optional[list[str]], step_schedule: bool = True) -> dict[str, float]:
-        """Evaluate every eval set during training; a new best metric may ask for a save, and a
-        metric schedule (reduce_lr_on_plateau, greedy) steps on it (not on the eval_on_start one, as in HF)."""
-        if isinstance(self.eval_dataset, dict):
-            metrics: dict[str, float] = {}
-            for name, dataset in self.eval_dataset.items():
-                metrics.update(self.evaluate(dataset, ignore_keys, metric_key_prefix=f"eval_{name}"))
-        else:
-            metrics = self.evaluate(ignore_keys=ignore_keys)
-        self._report_to_hp_search(self._trial, self.state.global_step, metrics)
-        if self.best_metric.update(self.state, metrics) and self.args.save_strategy == SaveStrategy.BEST:
-            self.control.should_save = True
-        if step_schedule and optim.steps_on_metric(self.lr_scheduler):
-            self.lr_scheduler.step(metrics[self.best_metric.key])
-        if self.model_wrapped is not None:
-            self.model_wrapped.train()
-            optim.set_optimizer_mode(self.optimizer, training=True)
-        return metrics
-
-    def _report_to_hp_search(self, trial, step: int, metrics: dict[str, float]) -> None:
-        """During a search trial (HF's hook): the evaluation's objective goes to the study, and a
-        trial the pruner stops ends here, on every rank at once (raises optuna.TrialPruned)."""
-        if self._search is not None and trial is not None:
-            self._search.report(self, step, metrics)
-
     def save_checkpoint(self) -> Path:
         step = self.state.global_step
         final = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}-{step}"
@@ -535,113 +491,6 @@ class Trainer(ReportingMethods):
             (out / "training_args.json").write_text(self.args.to_json_string())  # and readable without unpickling
         self.strategy.barrier()
         return out
-
-    # ------------------------------------------------------------- evaluation
-    def evaluate(self, eval_dataset: Optional[Union[Dataset, dict, str]] = None,
-                 ignore_keys: Optional[list[str]] = None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        if isinstance(eval_dataset, dict):
-            metrics = {}
-            for name, dataset in eval_dataset.items():
-                metrics.update(self.evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{name}"))
-            return metrics
-        self.memory_metrics.begin("eval")
-        loader = self.get_eval_dataloader(eval_dataset)
-        start = time.time()  # speed_metrics reads the wall clock
-        loss_only = True if self.compute_metrics is None else None
-        output = self.evaluation_loop(loader, "Evaluation", prediction_loss_only=loss_only, ignore_keys=ignore_keys,
-                                      metric_key_prefix=metric_key_prefix)
-        output.metrics.update(speed_metrics(metric_key_prefix, start, output.num_samples, len(loader)))
-        self.memory_metrics.end("eval", output.metrics)
-        self.log(output.metrics)
-        self.callback_handler.eval_dataloader = loader
-        self.fire("on_evaluate", metrics=output.metrics)
-        return output.metrics
-
-    def predict(self, test_dataset: Dataset, ignore_keys: Optional[list[str]] = None,
-                metric_key_prefix: str = "test") -> PredictionOutput:
-        self.memory_metrics.begin("test")
-        loader = self.get_test_dataloader(test_dataset)
-        start = time.time()
-        output = self.evaluation_loop(loader, "Prediction", ignore_keys=ignore_keys,
-                                      metric_key_prefix=metric_key_prefix)
-        output.metrics.update(speed_metrics(metric_key_prefix, start, output.num_samples, len(loader)))
-        self.memory_metrics.end("test", output.metrics)
-        self.fire("on_predict", metrics=output.metrics)
-        return PredictionOutput(predictions=output.predictions, label_ids=output.label_ids, metrics=output.metrics)
-
-    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
-                        ignore_keys: Optional[list[str]] = None):
-        """(loss, logits, labels) for one batch, as the HF Trainer returns them."""
-        has_labels = bool(self.label_names) and all(inputs.get(k) is not None for k in self.label_names)
-        inputs = self._prepare_inputs(inputs)
-        if ignore_keys is None:
-            ignore_keys = default_ignore_keys(self.strategy.unwrap(self.model))
-        labels = None
-        if has_labels:
-            labels = nested_detach(tuple(inputs[k] for k in self.label_names))
-            labels = labels[0] if len(labels) == 1 else labels
-        with torch.no_grad(), self.compute_loss_context_manager():
-            if has_labels:
-                loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
-                loss = loss.detach().mean()
-            else:
-                loss, outputs = None, model(**inputs)
-        if prediction_loss_only:
-            return loss, None, None
-        if isinstance(outputs, dict):
-            logits = tuple(v for k, v in outputs.items() if k not in ignore_keys + ["loss"] and is_tensor_tree(v))
-        else:
-            logits = tuple(v for v in (outputs[1:] if has_labels else outputs) if is_tensor_tree(v))
-        logits = nested_detach(logits)
-        if isinstance(logits, (tuple, list)) and len(logits) == 1:
-            logits = logits[0]
-        return loss, logits, labels
-
-    def evaluation_loop(self, dataloader: DataLoader, description: str, prediction_loss_only: Optional[bool] = None,
-                        ignore_keys: Optional[list[str]] = None, metric_key_prefix: str = "eval") -> EvalLoopOutput:
-        """Each rank evaluates its contiguous shard; results are gathered in
-        dataset order, every sample exactly once."""
-        args = self.args
-        loss_only = args.prediction_loss_only if prediction_loss_only is None else prediction_loss_only
-        model = self._evaluation_model()
-        per_batch = args.batch_eval_metrics and self.compute_metrics is not None and not loss_only
-        rounds = agreed_rounds(self.strategy, dataloader, always=per_batch)
-        batch_metrics = BatchMetrics(self.strategy, self.compute_metrics, args.include_for_metrics, rounds) \
-            if per_batch else None
-        # as HF: per-batch metrics keep no predictions while evaluating, but predict() returns them
-        results = EvalResults(keep=batch_metrics is None or description == "Prediction",
-                              concat_batches=args.eval_do_concat_batches, include=args.include_for_metrics)
-        main_input = getattr(self.strategy.unwrap(self.model), "main_input_name", "input_ids")
-        for inputs in dataloader:
-            items = self.loss_weighting.count_items(inputs)
-            loss, logits, labels = self.prediction_step(model, inputs, loss_only, ignore_keys)
-            if logits is not None and self.preprocess_logits_for_metrics is not None:
-                logits = self.preprocess_logits_for_metrics(logits, labels)
-            results.add(batch_size(inputs), loss, items, logits, labels, inputs.get(main_input))
-            if batch_metrics is not None:
-                batch_metrics.add(logits, labels, loss, inputs, batch_size(inputs))
-            self.fire("on_prediction_step")
-        join_remaining_rounds(self.strategy, rounds, results.batches, dataloader,
-                              lambda filler: self.prediction_step(model, filler, loss_only, ignore_keys),
-                              batch_metrics)
-        num_samples, losses, parts = results.gather(self.strategy)
-        metrics = evaluation_metrics(self.strategy, self.compute_metrics, parts, losses, metric_key_prefix,
-                                     batch_metrics)
-        return EvalLoopOutput(predictions=parts["preds"], label_ids=parts["labels"], metrics=metrics,
-                              num_samples=num_samples)
-
-    def _evaluation_model(self) -> torch.nn.Module:
-        if self.model_wrapped is None and self.strategy.eval_needs_all_ranks:
-            # evaluate/predict before (or without) train(): a sharding backend
-            # must still shard the model, or every rank would need all of it
-            self._setup_model()
-        model = self.strategy.eval_model(self.model_wrapped if self.model_wrapped is not None else self.model)
-        model.eval()
-        optim.set_optimizer_mode(self.optimizer, training=False)
-        full_eval = torch.float16 if self.args.fp16_full_eval else torch.bfloat16 if self.args.bf16_full_eval else None
-        if full_eval is not None and not self.is_in_train:
-            model.to(dtype=full_eval)  # as HF: outside training the model is cast in place, and stays cast
-        return model
 
 
 @contextlib.contextmanager
