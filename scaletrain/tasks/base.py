@@ -1,4 +1,6 @@
-"""What every built-in task provides, and the offline models tasks are built on."""
+"""What every built-in task provides, and the offline models tasks are built on. Every load passes
+local_files_only=True (rather than setting HF_HUB_OFFLINE for the whole process at import), so a task
+never waits for a hub and a user's own code that imports scaletrain keeps its hub access."""
 from __future__ import annotations
 
 import fcntl
@@ -11,7 +13,6 @@ from typing import Any, Callable, Optional
 
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub is reachable; never wait for one
 logger = logging.getLogger(__name__)
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -59,7 +60,8 @@ def smollm2_path() -> str:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             logger.info("converting %s to an HF folder at %s (once)", GGUF_FILE, cache)
-            model = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=GGUF_FILE, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=GGUF_FILE, dtype=torch.float32,
+                                                         local_files_only=True)
             # the weights are dequantized already: drop the GGUF quantizer marker so it saves as plain fp32
             model.hf_quantizer = None
             model.is_quantized = False
@@ -67,7 +69,8 @@ def smollm2_path() -> str:
                 del model.config.quantization_config
             tmp = cache.with_suffix(".tmp")
             model.save_pretrained(str(tmp))
-            AutoTokenizer.from_pretrained(str(source), gguf_file=GGUF_FILE).save_pretrained(str(tmp))
+            AutoTokenizer.from_pretrained(str(source), gguf_file=GGUF_FILE, local_files_only=True
+                                          ).save_pretrained(str(tmp))
             os.replace(tmp, cache)
     return str(cache)
 
