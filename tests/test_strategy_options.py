@@ -174,7 +174,7 @@ class _Payload:
 
 
 def test_deepspeed_file_loads_cannot_run_pickled_code(tmp_path):
-    from scaletrain.strategies.deepspeed import weights_only_loads
+    from scaletrain.checkpoint.state_formats import weights_only_loads
 
     marker = tmp_path / "code-ran"
     torch.save({"optimizer": _Payload(str(marker))}, tmp_path / "optim_states.pt")

@@ -3,9 +3,9 @@ from any strategy's checkpoint, in one CPU process, offline. A LoRA checkpoint
 exports its adapter in peft's format, or with --merge the base model with the
 adapter folded in.
 
-DCP checkpoints (single, ddp, fsdp) are resharded to one process by DCP itself;
-DeepSpeed checkpoints are consolidated from their fp32 partitions
-(zero_to_fp32), so a ZeRO-3 export holds the real weights.
+The state folder is read whole in this process by its format (checkpoint/state_formats.py): DCP
+checkpoints (single, ddp, fsdp) resharded by DCP itself, DeepSpeed ones consolidated from their fp32
+partitions, so a ZeRO-3 export holds the real weights.
 """
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from ..modeling import tied_copy_names
-from .manager import CheckpointError, CheckpointManager, _quiet_single_process_dcp
+from .manager import CheckpointError, CheckpointManager
+from .state_formats import state_format
 
 logger = logging.getLogger(__name__)
 
@@ -34,38 +34,15 @@ def _model_class(manifest: dict, checkpoint: Path):
     return cls
 
 
-def _zero_fp32_state(state_dir: Path, exclude_frozen_parameters: bool = False) -> dict[str, torch.Tensor]:
-    """fp32 weights consolidated from a DeepSpeed checkpoint's partitions (zero_to_fp32), read weights-only."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from ..strategies.deepspeed import CHECKPOINT_TAG, weights_only_loads
-
-    with weights_only_loads():
-        return get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag=CHECKPOINT_TAG,
-                                                        exclude_frozen_parameters=exclude_frozen_parameters)
-
-
 def consolidated_state_dict(checkpoint: Path, manifest: dict, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full, unsharded fp32 weights from the checkpoint's state folder."""
-    state_dir = checkpoint / "state"
-    if manifest.get("state_format", "dcp") == "deepspeed":
-        return _zero_fp32_state(state_dir)
-    state = {"model": model.state_dict()}
-    with _quiet_single_process_dcp():
-        dcp.load(state, checkpoint_id=str(state_dir))  # no process group: one process reads every shard
-    return state["model"]
+    """Full, unsharded fp32 weights from the checkpoint's state folder, whatever format it is in."""
+    return state_format(manifest).full_model(checkpoint / "state", model)
 
 
 def _adapter_state(checkpoint: Path, manifest: dict, adapted: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trained tensors of a LoRA checkpoint (its only model state), keyed as in `adapted`."""
     trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
-    if manifest.get("state_format", "dcp") == "deepspeed":
-        state = _zero_fp32_state(checkpoint / "state", exclude_frozen_parameters=True)
-        return {k: v for k, v in state.items() if k in trainable}
-    state = {"model": {k: v for k, v in adapted.state_dict().items() if k in trainable}}
-    with _quiet_single_process_dcp():
-        dcp.load(state, checkpoint_id=str(checkpoint / "state"))
-    return state["model"]
+    return state_format(manifest).full_model(checkpoint / "state", adapted, only=trainable)
 
 
 def export_adapter(checkpoint: Path, out: Path, manifest: dict, merge: bool, base: str | None) -> Path:

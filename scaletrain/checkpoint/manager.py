@@ -27,7 +27,6 @@ import re
 import shutil
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
@@ -173,15 +172,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-@contextmanager
-def _quiet_single_process_dcp():
-    """DCP warns that it assumes a single process when no process group exists;
-    without one that is exactly the intent."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        yield
-
-
 class Stateful(Protocol):
     """What the manager saves besides model and optimizer (torch.distributed.checkpoint's Stateful)."""
 
@@ -225,11 +215,10 @@ class CheckpointManager:
 
         state_optimizer = None if save_only_model else optimizer
         try:
-            with _quiet_single_process_dcp():
-                if asynchronous:
-                    future = strategy.save_state_async(tmp / "state", model, state_optimizer)
-                else:
-                    strategy.save_state(tmp / "state", model, state_optimizer)
+            if asynchronous:
+                future = strategy.save_state_async(tmp / "state", model, state_optimizer)
+            else:
+                strategy.save_state(tmp / "state", model, state_optimizer)
             torch.save(capture_rng_state(), tmp / f"rng_state_{strategy.rank}.pth")
             if strategy.writes_files:
                 for name, stateful in states.items():
@@ -340,8 +329,7 @@ class CheckpointManager:
         self._load_state(path, model, None)
 
     def _load_state(self, path: Path, model, optimizer) -> None:
-        with _quiet_single_process_dcp():
-            self.strategy.load_state(path / "state", model, optimizer)
+        self.strategy.load_state(path / "state", model, optimizer)
 
     @staticmethod
     def read_manifest(path: Path) -> dict[str, Any]:

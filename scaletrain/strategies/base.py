@@ -13,7 +13,6 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -22,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from ..checkpoint.state_formats import DCPState
 from ..parallel.environment import DistEnv, process_device, read_env, start_process_group
 from ..performance.memory import local_shard
 from .precision import Precision, apply_tf32
@@ -31,9 +31,9 @@ OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 
 class Strategy(abc.ABC):
     name: str = "base"
-    # how save_state writes: "dcp" (torch.distributed.checkpoint, reshardable)
-    # or a backend's own format; a checkpoint loads only into the same format
-    state_format: str = "dcp"
+    # how save_state writes (checkpoint/state_formats.py): "dcp" (torch.distributed.checkpoint,
+    # reshardable) or a backend's own format; a checkpoint loads only into the same format
+    state_format: str = DCPState.name
     # DDP/FSDP/DeepSpeed need a process group even in a world of one
     needs_process_group: bool = False
     # every forward is a collective (sharded parameters are gathered), so all
@@ -197,9 +197,9 @@ class Strategy(abc.ABC):
         (replicated state only: options.py) each node's first process writes all of it on its own disk."""
         if self.args.save_on_each_node:
             if self.writes_files:
-                dcp.save(self.state_dict(model, optimizer), checkpoint_id=str(directory), no_dist=True)
+                DCPState.save(self.state_dict(model, optimizer), directory, no_dist=True)
             return
-        dcp.save(self.state_dict(model, optimizer), checkpoint_id=str(directory))
+        DCPState.save(self.state_dict(model, optimizer), directory)
 
     supports_async_save: bool = True
 
@@ -215,13 +215,12 @@ class Strategy(abc.ABC):
         own, so they cannot interleave with the training loop's."""
         if self.has_collectives() and self._checkpoint_group is None:
             self._checkpoint_group = dist.new_group(backend="gloo")  # every rank reaches the first save
-        return dcp.async_save(self.state_dict(model, optimizer), checkpoint_id=str(directory),
-                              process_group=self._checkpoint_group)
+        return DCPState.save_async(self.state_dict(model, optimizer), directory, self._checkpoint_group)
 
     def load_state(self, directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         """DCP fills this rank's (possibly sharded) state in place, resharding if needed."""
         state = self.state_dict(model, optimizer)
-        dcp.load(state, checkpoint_id=str(directory))
+        DCPState.load(state, directory)
         self.load_state_dict(model, optimizer, state)
 
     def full_model_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -25,12 +25,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..checkpoint.state_formats import DEEPSPEED_TAG as CHECKPOINT_TAG
+from ..checkpoint.state_formats import DeepSpeedState, weights_only_loads
 from ..errors import NotSupportedError
 from ..parallel.environment import DistEnv
 from .base import OptimizerFactory, Strategy
 from .precision import check_full_eval
 
-CHECKPOINT_TAG = "zero"
 _AUTO = "auto"
 
 
@@ -52,30 +53,6 @@ def check_options(args) -> None:
 
 class DeepSpeedConfigError(ValueError):
     pass
-
-
-@contextlib.contextmanager
-def weights_only_loads() -> Iterator[None]:
-    """DeepSpeed reads its checkpoint files with torch.load(weights_only=False),
-    which would run any code pickled into them. Inside this context every
-    torch.load is weights-only, with the few DeepSpeed classes its files hold
-    (ZeRO stage enum, loss scalers, fragment addresses) allowed as plain data."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    real_load = torch.load
-
-    def load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        return real_load(*args, **kwargs)
-
-    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
-        torch.load = load
-        try:
-            yield
-        finally:
-            torch.load = real_load
 
 
 def _require_deepspeed() -> None:
@@ -191,7 +168,7 @@ def _merge(base: dict, extra: dict) -> dict:
 
 class DeepSpeedStrategy(Strategy):
     name = "zero"
-    state_format = "deepspeed"
+    state_format = DeepSpeedState.name
     supports_async_save = False  # the engine writes its own files, synchronously
     needs_process_group = True
 
