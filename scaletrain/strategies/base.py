@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..checkpoint.state_formats import DCPState
 from ..parallel.environment import DistEnv, process_device, read_env, start_process_group
+from ..parallel.layout import ParallelLayout
 from ..performance.memory import local_shard
 from .precision import Precision, apply_tf32
 
@@ -45,6 +46,7 @@ class Strategy(abc.ABC):
     def __init__(self, args, env: DistEnv | None = None) -> None:
         self.args = args
         self.env = env or read_env()
+        self.layout = ParallelLayout(self.env)  # the data-parallel degree and rank
         self.device = torch.device("cpu")
         self.precision = Precision()  # the configured one is made once the device is known
         self._checkpoint_group = None  # background saves' own process group, made at the first one

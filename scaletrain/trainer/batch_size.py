@@ -28,7 +28,7 @@ def find_batch_size(measure: Callable[[int], int], args, configured: BatchGeomet
         choice = choose(measure, memory_budget(args, device), configured.per_device, configured.accumulation)
     finally:
         restore_rng_state(rng)
-    logger.info(choice.summary(configured.per_device, configured.accumulation, configured.world_size))
+    logger.info(choice.summary(configured.per_device, configured.accumulation, configured.dp_size))
     return choice, configured.with_micro_batch(choice.per_device, choice.accumulation)
 
 

@@ -22,21 +22,21 @@ _DEFAULT_INTERVAL = 500  # the HF Trainer's logging_steps and save_steps default
 class BatchGeometry:
     per_device: int  # micro-batch rows per rank
     accumulation: int  # micro-batches per optimizer step
-    world_size: int
+    dp_size: int  # data-parallel ranks, each reading its own rows (parallel/layout.py)
 
     @classmethod
-    def configured(cls, args, world_size: int) -> "BatchGeometry":
-        return cls(args.per_device_train_batch_size, args.gradient_accumulation_steps, world_size)
+    def configured(cls, args, dp_size: int) -> "BatchGeometry":
+        return cls(args.per_device_train_batch_size, args.gradient_accumulation_steps, dp_size)
 
     @property
     def global_batch(self) -> int:
-        return self.per_device * self.accumulation * self.world_size
+        return self.per_device * self.accumulation * self.dp_size
 
     def with_micro_batch(self, per_device: int, accumulation: int) -> "BatchGeometry":
         return dataclasses.replace(self, per_device=per_device, accumulation=accumulation)
 
     def describe(self) -> str:
-        return (f"{self.world_size} ranks x {self.per_device} per device x {self.accumulation} accumulation "
+        return (f"{self.dp_size} data-parallel ranks x {self.per_device} per device x {self.accumulation} accumulation "
                 f"= global batch {self.global_batch}")
 
 

@@ -22,7 +22,7 @@ class TrainProgress:
 
     @property
     def samples_in_epoch(self) -> int:
-        return self.micro_batches_in_epoch * self.geometry.per_device * self.geometry.world_size
+        return self.micro_batches_in_epoch * self.geometry.per_device * self.geometry.dp_size
 
     def advance(self, epoch: int, micro_batches_done: int) -> None:
         self.epoch, self.micro_batches_in_epoch = epoch, micro_batches_done
@@ -46,10 +46,10 @@ class TrainProgress:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores the position for this run's geometry: on another world size the
         same global samples are consumed, and this rank's share of them differs."""
-        saved_world = state.get("world_size", self.geometry.world_size)
+        saved_world = state.get("world_size", self.geometry.dp_size)
         micro = int(state["micro_batches_in_epoch"])
-        if saved_world != self.geometry.world_size:
-            micro = int(state["samples_in_epoch"]) // (self.geometry.per_device * self.geometry.world_size)
+        if saved_world != self.geometry.dp_size:
+            micro = int(state["samples_in_epoch"]) // (self.geometry.per_device * self.geometry.dp_size)
         self.epoch, self.micro_batches_in_epoch = int(state["epoch"]), micro
         self.global_step = int(state.get("global_step", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))

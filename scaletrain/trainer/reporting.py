@@ -72,7 +72,7 @@ class ReportingMethods:
         if self.plan is not None:
             return self.plan.geometry.global_batch
         args = args if args is not None else self.args
-        return args.per_device_train_batch_size * args.gradient_accumulation_steps * self.strategy.world_size
+        return args.per_device_train_batch_size * args.gradient_accumulation_steps * self.strategy.layout.dp_size
 
     @staticmethod
     def get_optimizer_cls_and_kwargs(args, model: Optional[torch.nn.Module] = None) -> tuple[type, dict[str, Any]]:

@@ -49,7 +49,7 @@ def read_resume_point(path: Path, checkpoints, strategy, configured: BatchGeomet
     if auto_find_batch_size:
         configured = _found_batch_size(path, saved, configured)
     geometry = _geometry_for(path, saved, configured, "samples_in_epoch" in progress)
-    strategy.prepare_resume(saved.world_size, geometry.accumulation)
+    strategy.prepare_resume(saved.dp_size, geometry.accumulation)
     return ResumePoint(path, manifest, progress, geometry)
 
 
@@ -62,7 +62,7 @@ def _found_batch_size(path: Path, saved: BatchGeometry, configured: BatchGeometr
     if saved.global_batch != configured.global_batch:
         raise CheckpointError(f"{path} has a global batch of {saved.global_batch}; this run "
                               f"is configured for {configured.global_batch}. Keep the batch settings to resume")
-    if saved.world_size != configured.world_size:
+    if saved.dp_size != configured.dp_size:
         return configured
     logger.info("resuming with the batch finder's earlier choice: micro-batch %d x %d accumulation",
                 saved.per_device, saved.accumulation)
@@ -77,24 +77,24 @@ def _geometry_for(path: Path, saved: BatchGeometry, run: BatchGeometry, has_samp
             f"{path} was trained with per_device_train_batch_size={saved.per_device}, "
             f"this run uses {run.per_device}; keep it the same to resume"
         )
-    if saved.world_size == run.world_size:
+    if saved.dp_size == run.dp_size:
         if saved.accumulation != run.accumulation:
             raise CheckpointError(
                 f"{path} was trained with gradient_accumulation_steps={saved.accumulation}, this run uses "
                 f"{run.accumulation}; keep it the same to resume"
             )
         return run
-    if saved.global_batch % (run.per_device * run.world_size):
+    if saved.global_batch % (run.per_device * run.dp_size):
         raise CheckpointError(
-            f"{path} has a global batch of {saved.global_batch} ({saved.world_size} ranks x {saved.per_device} x "
-            f"{saved.accumulation} accumulation); {run.world_size} ranks x {run.per_device} cannot make it up. "
+            f"{path} has a global batch of {saved.global_batch} ({saved.dp_size} ranks x {saved.per_device} x "
+            f"{saved.accumulation} accumulation); {run.dp_size} ranks x {run.per_device} cannot make it up. "
             "Use a world size that divides it, or per_device_train_batch_size that does"
         )
     if not has_sample_position:
         raise CheckpointError(f"{path} does not record its data position in samples; it resumes on "
-                              f"{saved.world_size} ranks only")
-    accumulation = saved.global_batch // (run.per_device * run.world_size)
+                              f"{saved.dp_size} ranks only")
+    accumulation = saved.global_batch // (run.per_device * run.dp_size)
     logger.warning("resuming a %d-rank checkpoint on %d ranks: gradient_accumulation_steps %d -> %d keeps the "
-                   "global batch at %d; RNG streams start fresh", saved.world_size, run.world_size,
+                   "global batch at %d; RNG streams start fresh", saved.dp_size, run.dp_size,
                    saved.accumulation, accumulation, saved.global_batch)
     return run.with_micro_batch(run.per_device, accumulation)

@@ -71,15 +71,16 @@ class LossWeighting:
         return self.strategy.all_reduce_sum(torch.stack(counts).sum().reshape(1))[0]
 
     def weight(self, inputs: dict[str, Any], global_items: Union[int, torch.Tensor]) -> torch.Tensor:
-        """This micro-batch's share of the step: its targets over the global count, times the world
-        size (the strategy averages gradients over ranks). With no target anywhere it is 0."""
+        """This micro-batch's share of the step: its targets over the global count, times the
+        data-parallel degree (the strategy averages gradients over the replicas). With no target anywhere
+        it is 0."""
         count = self.count_items(inputs)
         if count is None:
             raise ValueError(f"num_items_in_batch is given but the batch has no countable labels "
                              f"({self.label_names}); pass num_items_in_batch=None to average micro-batch means")
         count = count.to(self.strategy.device, torch.float64, non_blocking=True)
         total = torch.as_tensor(global_items, dtype=torch.float64, device=self.strategy.device)
-        return count * self.strategy.world_size / total.clamp_min(1.0)
+        return count * self.strategy.layout.dp_size / total.clamp_min(1.0)
 
 
 class StepRunner:

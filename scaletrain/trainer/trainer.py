@@ -222,7 +222,8 @@ class Trainer(EvaluationMethods, SearchTrialMethods, ReportingMethods):
         if self.args.train_sampling_strategy == "group_by_length" and not isinstance(dataset, IterableDataset):
             input_names = getattr(self.processing_class, "model_input_names", None)
             lengths = training_lengths(self.train_dataset, dataset, self.args, input_names[0] if input_names else None)
-        return build_train_dataloader(dataset, collator, self.args, self.strategy.rank, self.strategy.world_size,
+        layout = self.strategy.layout
+        return build_train_dataloader(dataset, collator, self.args, layout.dp_rank, layout.dp_size,
                                       self.strategy.device, batch_size=self._train_batch_size, lengths=lengths)
 
     def get_eval_dataloader(self, eval_dataset: Optional[Union[str, Dataset]] = None) -> DataLoader:
@@ -238,7 +239,8 @@ class Trainer(EvaluationMethods, SearchTrialMethods, ReportingMethods):
 
     def _sharded_eval_loader(self, dataset: Dataset, description: str) -> DataLoader:
         dataset, collator = prepare_dataset(dataset, self.data_collator, self._columns(), description)
-        return build_eval_dataloader(dataset, collator, self.args, self.strategy.rank, self.strategy.world_size,
+        layout = self.strategy.layout
+        return build_eval_dataloader(dataset, collator, self.args, layout.dp_rank, layout.dp_size,
                                      self.strategy.device)
 
     # ------------------------------------------------------ optimizer / sched
@@ -348,7 +350,7 @@ class Trainer(EvaluationMethods, SearchTrialMethods, ReportingMethods):
             _seed(self.args)
             self.model = self._initial_model(None, self.model_init, trial)
             self.optimizer, self.lr_scheduler = None, None
-        geometry = BatchGeometry.configured(self.args, self.strategy.world_size)
+        geometry = BatchGeometry.configured(self.args, self.strategy.layout.dp_size)
         point = None
         if resume_path is not None:
             point = read_resume_point(resume_path, self.checkpoints, self.strategy, geometry,
