@@ -135,6 +135,16 @@ class Strategy(abc.ABC):
     def backward(self, loss: torch.Tensor) -> None:
         self.precision.scale_loss(loss).backward()
 
+    def finish_backward(self, model: torch.nn.Module) -> None:
+        """Once per step, after the last micro-batch's backward and before the gradients are read: a
+        backend that deferred their reduction completes it here."""
+        return  # a hook: torch's wrappers reduce inside backward
+
+    def settled_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model to train with from the next step on: a backend may re-wrap it once it has seen a
+        step (DDP stops searching for unused parameters when there are none)."""
+        return model
+
     def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         """After the last backward of a step, before clipping: true gradients (fp16 loss scaling)."""
         self.precision.unscale_gradients(optimizer)

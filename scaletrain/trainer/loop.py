@@ -71,6 +71,7 @@ class TrainLoop:
                 trainer.input_tokens.add(micro_batches)
                 result = self.runner.run(trainer.model_wrapped, trainer.optimizer, trainer.lr_scheduler,
                                          micro_batches)
+                trainer.model_wrapped = trainer.strategy.settled_model(trainer.model_wrapped)
                 micro_done += len(micro_batches)
                 totals.add(result)
                 self._after_step(epoch, micro_done, result)

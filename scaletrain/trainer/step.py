@@ -101,6 +101,7 @@ class StepRunner:
 
     def run(self, model, optimizer, scheduler, micro_batches: list[dict[str, Any]]) -> StepResult:
         loss, samples, tokens = self._accumulate(model, micro_batches)
+        self.strategy.finish_backward(model)
         flos = float(sum(self.hooks.floating_point_ops(batch) for batch in micro_batches))
         model_flops = flos + sum(self.hooks.attention_flops(batch) for batch in micro_batches)
         finite = torch.isfinite(loss)
