@@ -8,6 +8,9 @@ PY          ?= python3
 VENV        ?= .venv
 TORCH_PIN   ?= torch==2.13.0
 NPROC       ?= 2
+# threads per rank: the cores shared among the ranks (torchrun would pick 1 and print a banner about it)
+THREADS     ?= $(shell t=$$(( $$(nproc) / $(NPROC) )); [ $$t -gt 0 ] && echo $$t || echo 1)
+RUN          = GLOO_SOCKET_IFNAME=lo OMP_NUM_THREADS=$(THREADS) $(BIN)/torchrun --standalone --nproc_per_node $(NPROC)
 CONSTRAINTS ?= constraints.txt
 PIP_FLAGS   ?=
 BIN          = $(VENV)/bin
@@ -29,13 +32,13 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 venv: $(STAMP)
 
 demo: $(STAMP)
-	GLOO_SOCKET_IFNAME=lo $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m scaletrain train trec-minilm
+	$(RUN) -m scaletrain train trec-minilm
 
 lora: $(STAMP)
-	GLOO_SOCKET_IFNAME=lo $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m scaletrain train configs/lora-smollm2.yaml
+	$(RUN) -m scaletrain train configs/lora-smollm2.yaml
 
 qlora: $(STAMP)
-	GLOO_SOCKET_IFNAME=lo $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m scaletrain train configs/qlora-smollm2.yaml
+	$(RUN) -m scaletrain train configs/qlora-smollm2.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check scaletrain tests benchmarks

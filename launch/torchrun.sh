@@ -19,6 +19,9 @@ shift
 python=${PYTHON:-python}
 nproc=${NPROC:-$("$python" -c 'import torch; print(torch.cuda.device_count() or 2)')}
 nnodes=${NNODES:-1}
+# each rank gets its share of this node's cores (torchrun would pick 1 thread and print a banner about it)
+cores=$(nproc)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / nproc > 0 ? cores / nproc : 1 ))}
 restarts=${MAX_RESTARTS:-0}
 resume=()
 if [[ $restarts != 0 && $command == train ]]; then

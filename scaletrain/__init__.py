@@ -1,4 +1,8 @@
 """scaletrain: an HF-compatible Trainer whose backends are Strategy objects."""
+from .parallel.console import quiet_optional_imports
+
+quiet_optional_imports()  # before the first import of transformers below
+
 from .version import __version__
 from .args.training import NotSupportedError, Seq2SeqTrainingArguments, TrainingArguments
 from .callbacks import (

@@ -24,6 +24,7 @@ from .trainer.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 def _prepare(config_name: str, overrides: list[str], command: str = "train", checkpoint: str | None = None):
     """Everything that can be wrong with the input, checked before any process group."""
+    from .parallel.console import configure_console
     from .parallel.environment import read_env
     from .strategies import build_strategy
 
@@ -32,6 +33,7 @@ def _prepare(config_name: str, overrides: list[str], command: str = "train", che
     cfg = load_config(resolve_config_path(config_name), overrides)
     env = read_env()
     strategy = build_strategy(cfg.training, env)  # validates; starts no process group
+    configure_console(env, cfg.training)  # before data preparation: its progress shows once
     # 'latest'/'true' is pinned to one folder here, so every rank resumes the same checkpoint
     target = resolve_resume_target(cfg.training.resume_from_checkpoint, cfg.training.output_dir)
     cfg.training.resume_from_checkpoint = str(target) if target is not None else None
@@ -62,7 +64,6 @@ def _train(cfg, env, strategy, task) -> int:
 
     from .checkpoint import CheckpointError
 
-    _rank_logging(env)
     wall_start = time.perf_counter()
     strategy.setup_environment()
     set_seed(cfg.training.seed)  # the model's random init (if any) is part of the run
@@ -102,6 +103,9 @@ def _train(cfg, env, strategy, task) -> int:
                 "train_runtime_s": train_out.metrics["train_runtime"],
                 "wall_time_s": round(wall, 2),
                 "final_model": str(final_dir),
+                "best_checkpoint": trainer.state.best_model_checkpoint,
+                "best_metric": [cfg.training.metric_for_best_model, trainer.state.best_metric],
+                "best_loaded_at_end": bool(cfg.training.load_best_model_at_end),
                 "metrics_file": str(Path(cfg.training.output_dir) / "metrics.jsonl"),
                 "config": cfg.to_dict(),
             }
@@ -149,7 +153,6 @@ def _hpo(cfg, env, strategy, task) -> int:
     from .tasks import build_task
     from .trainer import Trainer
 
-    _rank_logging(env)
     strategy.setup_environment()
     search = cfg.search
     built: dict = {}
@@ -221,7 +224,6 @@ def _evaluate_checkpoint(cfg, env, strategy, task, options: dict[str, str], comm
     from .checkpoint.export import load_checkpoint_model
     from .checkpoint.manager import CheckpointManager
 
-    _rank_logging(env)
     strategy.setup_environment()
     path = Path(options["checkpoint"])
     # a checkpoint of any strategy is read whole (as export reads it) and handed to this run's strategy
@@ -273,11 +275,6 @@ def _write_predictions(trainer, task, split: str, output: Path) -> None:
         print(f"scaletrain: {len(rows)} {split} predictions in {output}", flush=True)
 
 
-def _rank_logging(env) -> None:
-    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
-                        format=f"[rank{env.rank}] %(levelname)s %(name)s: %(message)s")
-
-
 def _preemptible(run, how_to_continue: str):
     """run()'s result, or None after a preemption (its checkpoint committed; for a search, the trial
     queued again)."""
@@ -326,9 +323,19 @@ def _print_summary(s: dict) -> None:
         f"middleware        {s['model']}",
         f"train time        {s['train_runtime_s']:.1f} s (wall {s['wall_time_s']:.1f} s incl. eval and save)",
         f"final model       {s['final_model']}  (HF folder, safetensors)",
+        *_best_checkpoint_line(s),
         f"metrics           {s['metrics_file']}",
     ]
     print("\n".join(lines), flush=True)
+
+
+def _best_checkpoint_line(s: dict) -> list[str]:
+    if not s.get("best_checkpoint"):
+        return []
+    metric, value = s["best_metric"]
+    score = f"{metric} {value:.4g}" if value is not None else metric
+    loaded = ", its weights are the final model's" if s["best_loaded_at_end"] else ""
+    return [f"best checkpoint   {s['best_checkpoint']} ({score}{loaded})"]
 
 
 def _export(checkpoint: str, out_dir: str, merge: bool = False, base: str | None = None) -> int:
@@ -410,7 +417,6 @@ def _bench(cfg, env, strategy, task, options: dict[str, str]) -> int:
     from .performance.bench import add_estimates, format_table, run_bench, write_results
 
     points, steps, warmup = _bench_points(options, cfg)
-    _rank_logging(env)
     strategy.setup_environment()
     rows = run_bench(cfg, env, task, points, steps, warmup)
     if env.is_main:

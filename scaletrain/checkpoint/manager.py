@@ -246,7 +246,7 @@ class CheckpointManager:
             return final
         self._commit(tmp, final, manifest)
         self.last_save_blocking_s = time.perf_counter() - started
-        logger.info("saved %s in %.2fs", final, time.perf_counter() - started)
+        logger.debug("saved %s in %.2fs", final, time.perf_counter() - started)
         return final
 
     def _agree_written(self, error: Optional[BaseException], tmp: Path, final: Path) -> None:
@@ -363,7 +363,7 @@ class CheckpointManager:
         excess = len(found) - budget
         deleted = []
         for path in removable[: max(0, excess)]:
-            logger.info("deleting %s (save_total_limit=%s)", path, limit)
+            logger.debug("deleting %s (save_total_limit=%s)", path, limit)
             shutil.rmtree(path)
             deleted.append(path)
         return deleted

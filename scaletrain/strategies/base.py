@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -60,6 +61,10 @@ class Strategy(abc.ABC):
     def setup_environment(self) -> None:
         """Start the process group (if any) and pick this rank's device."""
         self.device = self._pick_device()
+        if self.device.type == "cpu":
+            # DeepSpeed, imported by save_pretrained's unwrapping whenever it is installed, would detect
+            # the accelerator itself and warn that it fell back to the CPU: tell it what this run uses
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         if self.env.is_distributed:
             start_process_group(self.env, self.device, self.args.ddp_backend, self.args.ddp_timeout)
         elif self.needs_process_group and not dist.is_initialized():

@@ -2,11 +2,15 @@
 model.encoder_decoder a BERT2BERT EncoderDecoderModel warm-started from it (HF's warm-starting recipe)."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import torch
 
+from ..parallel.console import transformers_quiet
 from .base import model_config
+
+logger = logging.getLogger(__name__)
 
 HEADS = {"text-classification": "AutoModelForSequenceClassification",
          "token-classification": "AutoModelForTokenClassification",
@@ -31,9 +35,36 @@ def model_builders(cfg, path: str, tokenizer: Any = None, **config_kwargs) -> tu
     def from_pretrained():
         if cfg.model.config_overrides:
             return from_config()
-        return head.from_pretrained(path, config=config, dtype=torch.float32, local_files_only=True)
+        with transformers_quiet():  # its load report, once per rank, is replaced by report_loading's lines
+            model, info = head.from_pretrained(path, config=config, dtype=torch.float32, local_files_only=True,
+                                               output_loading_info=True)
+        report_loading(model, info, path)
+        return model
 
     return from_pretrained, from_config
+
+
+def report_loading(model: Any, info: dict[str, list], path: str) -> None:
+    """What loading the checkpoint into the task's model left out, said once and in proportion: the task
+    head a fine-tune adds is expected (info, main process); weights of the model's body missing from the
+    checkpoint or of another shape are a warning, since they start from random values."""
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    missing = list(info.get("missing_keys") or [])
+    head = sorted({key.rsplit(".", 1)[0] for key in missing if not key.startswith(prefix)})
+    body = [key for key in missing if key.startswith(prefix)]
+    mismatched = [str(entry[0] if isinstance(entry, (list, tuple)) else entry)
+                  for entry in info.get("mismatched_keys") or []]
+    if head:
+        logger.info("%s: new task head %s, initialised at random (not in the checkpoint)", type(model).__name__,
+                    ", ".join(head))
+    if body or mismatched:
+        logger.warning("%s from %s: %d weights missing from the checkpoint and %d of another shape start from "
+                       "random values: %s", type(model).__name__, path, len(body), len(mismatched),
+                       ", ".join((body + mismatched)[:8]))
+    unused = info.get("unexpected_keys") or []
+    if unused:
+        logger.info("%d weights of %s are not used by %s (e.g. %s)", len(unused), path, type(model).__name__,
+                    ", ".join(sorted(unused)[:3]))
 
 
 def _encoder_decoder(cfg, path: str, tokenizer: Any) -> tuple[Callable, Callable]:

@@ -93,12 +93,13 @@ def build_classification_task(cfg) -> Task:
     from_pretrained, from_config = model_builders(cfg, path, tokenizer, num_labels=len(labels),
                                                   id2label=dict(enumerate(labels)), label2id=label_id)
 
-    def to_dataset(rows):
+    def to_dataset(rows, split: str):
         ds = Dataset.from_dict({"text": [t for t, _ in rows], "label": [label_id[lbl] for _, lbl in rows]})
         return ds.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=data.max_length),
-                      batched=True, remove_columns=["text"])
+                      batched=True, remove_columns=["text"], desc=f"tokenizing {split}")
 
-    return Task(from_pretrained, from_config, tokenizer, to_dataset(train_rows), to_dataset(eval_rows),
+    return Task(from_pretrained, from_config, tokenizer, to_dataset(train_rows, "train"),
+                to_dataset(eval_rows, "validation"),
                 classification_metrics, labels, metric_names=CLASSIFICATION_METRICS,
                 decode_predictions=label_decoder(labels))
 

@@ -188,7 +188,7 @@ class TrainLoop:
         metrics["epoch"] = trainer.state.epoch
         best = trainer.state.best_model_checkpoint
         if trainer.args.load_best_model_at_end and best is not None:
-            logger.info("loading best model from %s (%s=%s)", best, trainer.args.metric_for_best_model,
+            logger.debug("loading best model from %s (%s=%s)", best, trainer.args.metric_for_best_model,
                         trainer.state.best_metric)
             trainer.checkpoints.load_model(best, trainer.model_wrapped)
         # checkpoints hold a schedule-free optimizer's training point (exact resume); the trained model
