@@ -8,13 +8,17 @@ after WARMUP steps, construction excluded. The runs are interleaved (order rotat
 so machine noise hits all of them alike; the table reports medians and ratios of medians. --compiled
 adds each runner under torch.compile (inductor). --world-size 2 runs each runner under torchrun on gloo
 (the plain loop wraps DDP itself); every runner uses find_unused_parameters=False there, the setting a
-hand-written loop would choose, so the rows compare loops rather than DDP settings.
+hand-written loop would choose, so the rows compare loops rather than DDP settings. Two more rows show
+what the DDP default costs: scaletrain with ddp_find_unused_parameters unset (it finds out from the first
+step that nothing is unused and drops DDP's search) and with the search forced on (HF's default for a
+model without activation checkpointing, and scaletrain's before it decided from the first step).
 
     python benchmarks/overhead.py [--steps 100] [--reps 5] [--threads N] [--compiled] [--world-size 2]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -24,6 +28,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -121,7 +126,8 @@ def _clock_callback(clock: StepClock):
     return Clock()
 
 
-def scaletrain_trainer(data, batch: int, steps: int, lr: float, compiled: bool, out: str) -> float:
+def scaletrain_trainer(data, batch: int, steps: int, lr: float, compiled: bool, out: str,
+                       find_unused: Optional[bool] = False) -> float:
     from scaletrain import Trainer, TrainingArguments
 
     clock = StepClock()
@@ -129,7 +135,7 @@ def scaletrain_trainer(data, batch: int, steps: int, lr: float, compiled: bool, 
                              optim="adamw_torch", logging_steps=50, save_strategy="no", disable_tqdm=True,
                              report_to="none", strategy="ddp" if _distributed() else "single",
                              torch_threads=torch.get_num_threads(), torch_compile=compiled,
-                             ddp_find_unused_parameters=False)
+                             ddp_find_unused_parameters=find_unused)
     Trainer(model=model_factory(), args=args, train_dataset=data, callbacks=[_clock_callback(clock)]).train()
     return clock.median_step()
 
@@ -150,8 +156,12 @@ def hf_trainer(data, batch: int, steps: int, lr: float, compiled: bool, out: str
 
 PLAIN = "plain PyTorch loop"
 SYNCED = "plain loop + global token count"  # 2 ranks only: the trainers' loss normalisation, by hand
+# 2 ranks only: scaletrain with DDP's unused-parameter search decided by the first step / forced on
+DDP_DEFAULT, DDP_SEARCH = "scaletrain, ddp default", "scaletrain, unused-param search on"
 RUNNERS = {PLAIN: plain_loop, SYNCED: plain_loop, "scaletrain Trainer": scaletrain_trainer,
-           "HF Trainer": hf_trainer}
+           "HF Trainer": hf_trainer, DDP_DEFAULT: functools.partial(scaletrain_trainer, find_unused=None),
+           DDP_SEARCH: functools.partial(scaletrain_trainer, find_unused=True)}
+RANKS_ONLY = (SYNCED, DDP_DEFAULT, DDP_SEARCH)
 SCRATCH = "/tmp/scaletrain-bench"
 
 
@@ -160,7 +170,7 @@ def _run_here(name: str, compiled: bool, opts) -> float:
     runner = RUNNERS[name]
     if runner is plain_loop:
         return plain_loop(data, opts.batch, opts.steps, 1e-4, compiled, token_sync=name == SYNCED)
-    return runner(data, opts.batch, opts.steps, 1e-4, compiled, f"{SCRATCH}/{name.split()[0]}")
+    return runner(data, opts.batch, opts.steps, 1e-4, compiled, f"{SCRATCH}/{name.split()[0].strip(',')}")
 
 
 def _run_torchrun(name: str, compiled: bool, opts) -> float:
@@ -171,7 +181,7 @@ def _run_torchrun(name: str, compiled: bool, opts) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "step.json"
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={opts.world_size}",
-                   "--master_port=29533", __file__, "--worker", name, "--result", str(result),
+                   f"--master_port={_free_port()}", __file__, "--worker", name, "--result", str(result),
                    "--steps", str(opts.steps), "--batch", str(opts.batch), "--seq", str(opts.seq),
                    "--world-size", str(opts.world_size)] + (["--compiled"] if compiled else [])
         finished = subprocess.run(command, stdout=subprocess.DEVNULL, check=False)
@@ -180,6 +190,15 @@ def _run_torchrun(name: str, compiled: bool, opts) -> float:
         if finished.returncode:  # seen once: a compiled HF run aborting in a thread destructor at exit
             print(f"{name}: timed, then torchrun exited with {finished.returncode} at teardown", flush=True)
         return json.loads(result.read_text())["median_step_seconds"]
+
+
+def _free_port() -> int:
+    """A port nobody listens on: a fixed one collides with the previous run's socket in TIME_WAIT."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _worker(opts) -> None:
@@ -226,7 +245,7 @@ def main() -> None:
     for compiled in (False, True) if opts.compiled else (False,):
         tag = " (compiled)" if compiled else ""
         for name in RUNNERS:
-            if name == SYNCED and opts.world_size == 1:
+            if name in RANKS_ONLY and opts.world_size == 1:
                 continue
             runners[f"{name}{tag}"] = lambda n=name, c=compiled: run(n, c, opts)
     for runner in runners.values():  # warm-up: imports, allocator, kernels, the compile cache
@@ -261,6 +280,9 @@ def _report(opts, times: dict[str, list[float]]) -> None:
     table = ["| runner | samples/s (median, all ranks) | vs plain loop (same compile setting) |", "|---|---:|---:|"]
     table += [f"| {name} | {sps:.1f} | {vs_plain(name):.3f}x |" for name, sps in med.items()]
     table.append(f"\nscaletrain / HF Trainer: **{ours / hf:.3f}x**")
+    if DDP_DEFAULT in med:
+        table.append(f"\nDDP default (search decided by the first step) / search on: "
+                     f"**{_against(med, DDP_DEFAULT, DDP_SEARCH):.3f}x**")
     same_math = _vs_same_math_loop(med)
     if same_math:
         table.append("\nvs the plain loop with the trainers' global token count (the same loss math): " + ", ".join(
@@ -299,7 +321,8 @@ def _plot(med: dict[str, float], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(max(5, 1.1 * len(med) + 1), 3.6))
-    colours = {PLAIN: "tab:gray", SYNCED: "silver", "scaletrain Trainer": "tab:blue", "HF Trainer": "tab:orange"}
+    colours = {PLAIN: "tab:gray", SYNCED: "silver", "scaletrain Trainer": "tab:blue", "HF Trainer": "tab:orange",
+               DDP_DEFAULT: "tab:cyan", DDP_SEARCH: "tab:purple"}
     axes.bar(range(len(med)), list(med.values()), color=[colours[n.replace(" (compiled)", "")] for n in med])
     axes.set_xticks(range(len(med)), [n.replace(" (compiled)", "\n(compiled)").replace(" + ", "\n+ ") for n in med],
                     fontsize=7)
