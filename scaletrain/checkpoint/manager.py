@@ -191,12 +191,14 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, model, optimizer, states: dict[str, Stateful], manifest_extra: dict[str, Any],
-             save_only_model: bool = False, write_model_files=None, asynchronous: bool = False) -> Path:
+             save_only_model: bool = False, write_model_files=None, asynchronous: bool = False,
+             write_weights=None) -> Path:
         """Every rank calls this. `states` maps a file name to a Stateful object
         (state_dict/load_state_dict) the main rank writes beside the model and
         optimizer state: `.json` files as JSON, `.pt` files with torch.save.
         `write_model_files(folder)` runs on the main rank and adds what an
-        offline export needs (model config, tokenizer).
+        offline export needs (model config, tokenizer). `write_weights(folder)` runs on every rank and
+        writes the model in HF's layout (a sharded model is gathered one tensor at a time).
 
         With `asynchronous`, the (DCP) state is staged in host memory and written
         in the background; the checkpoint is committed by `finish_pending()`,
@@ -219,6 +221,8 @@ class CheckpointManager:
                 future = strategy.save_state_async(tmp / "state", model, state_optimizer)
             else:
                 strategy.save_state(tmp / "state", model, state_optimizer)
+            if write_weights is not None:
+                write_weights(tmp)
             torch.save(capture_rng_state(), tmp / f"rng_state_{strategy.rank}.pth")
             if strategy.writes_files:
                 for name, stateful in states.items():
@@ -278,7 +282,7 @@ class CheckpointManager:
         future, tmp, final, manifest, started = pending
         future.result()  # raises if this rank's write failed: then nothing is committed
         self._commit(tmp, final, manifest)
-        logger.info("saved %s in the background (%.2fs after the save began)", final, time.perf_counter() - started)
+        logger.debug("saved %s in the background (%.2fs after the save began)", final, time.perf_counter() - started)
         return final
 
     def _commit(self, tmp: Path, final: Path, manifest: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ import contextlib
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -245,6 +245,16 @@ class Strategy(abc.ABC):
         since torch hands a CPU-offloaded full state dict to rank 0 only), for HF export."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=not self.args.save_on_each_node)
         return get_model_state_dict(self.unwrap(model), options=options)
+
+    def full_model_tensors(self, model: torch.nn.Module, only: Optional[set[str]] = None
+                           ) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+        """The model's state dict (the names in `only`, if given) one whole tensor at a time, in the same
+        order on every rank (a sharding backend gathers each in turn, a collective): on CPU for the rank
+        that writes files, None elsewhere. HF-format weights are written from it without the whole model
+        on one rank."""
+        for name, tensor in self.unwrap(model).state_dict().items():
+            if only is None or name in only:
+                yield name, (tensor.detach().cpu() if self.writes_files else None)
 
     def held_state_numel(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
         """What this rank actually stores, counted from the tensors themselves:

@@ -21,7 +21,7 @@ import importlib.util
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -434,6 +434,23 @@ class DeepSpeedStrategy(Strategy):
 
     def state_dict(self, model, optimizer):
         raise NotSupportedError("DeepSpeed state is saved through the engine (save_state), not as a state dict")
+
+    def full_model_tensors(self, model: torch.nn.Module, only: Optional[set[str]] = None
+                           ) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+        if self.stage != 3:
+            yield from super().full_model_tensors(model, only)
+            return
+        import deepspeed
+
+        for name, tensor in self.unwrap(model).state_dict(keep_vars=True).items():
+            if only is not None and name not in only:
+                continue
+            if hasattr(tensor, "ds_id"):  # a ZeRO-3 partition: gathered for this tensor only
+                with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+                    whole = tensor.detach().cpu().clone() if self.writes_files else None
+            else:
+                whole = tensor.detach().cpu() if self.writes_files else None
+            yield name, whole
 
     def full_model_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         if self.stage == 3:

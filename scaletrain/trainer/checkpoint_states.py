@@ -5,10 +5,14 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import TrainerState
 
+from ..checkpoint.hf_weights import write_adapter_weights, write_hf_weights
+
 from ..checkpoint.compatibility import model_fingerprint
-from ..modeling import adapter_config, model_class_name
+from ..modeling import adapter_config, model_class_name, tied_copy_names
 from .progress import TrainProgress
 from .resume import PROGRESS_FILE
 
@@ -69,11 +73,13 @@ def manifest_extra(model) -> dict[str, Any]:
             "model_class": model_class_name(model)}
 
 
-def model_files_writer(model, processing_class: Optional[Any]):
-    """Config and tokenizer beside the state, so `scaletrain export` needs nothing else.
-    An adapted (LoRA) model adds its adapter config, which names the base
-    model the frozen weights come from."""
+def model_files_writer(model, processing_class: Optional[Any], args: Any = None):
+    """Config, tokenizer and training arguments (HF's training_args.bin) beside the state, so `scaletrain
+    export` needs nothing else and HF's tooling finds its files. An adapted (LoRA) model adds its adapter
+    config, which names the base model the frozen weights come from."""
     def write(folder: Path) -> None:
+        if args is not None:
+            torch.save(args, folder / TRAINING_ARGS_NAME)
         adapter = adapter_config(model)
         if adapter is not None:
             adapter.save_pretrained(str(folder))
@@ -82,4 +88,19 @@ def model_files_writer(model, processing_class: Optional[Any]):
             config.save_pretrained(str(folder))
         if processing_class is not None and hasattr(processing_class, "save_pretrained"):
             processing_class.save_pretrained(str(folder))
+    return write
+
+
+def hf_weights_writer(strategy, model_wrapped, model):
+    """The checkpoint's model in HF's layout, written by every rank: the full weights (model.safetensors,
+    sharded with an index when large), or a LoRA model's adapter (adapter_model.safetensors). `model` is
+    unwrapped."""
+    def write(folder: Path) -> None:
+        if adapter_config(model) is not None:
+            trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+            write_adapter_weights(folder, model, strategy.full_model_tensors(model_wrapped, trainable),
+                                  strategy.writes_files)
+        else:
+            write_hf_weights(folder, strategy.full_model_tensors(model_wrapped), strategy.writes_files,
+                             skip=frozenset(tied_copy_names(model)))
     return write

@@ -49,7 +49,7 @@ from ..strategies import Strategy, build_strategy
 from ..optimizers import factory as optim
 from .accelerator_view import AcceleratorView
 from .batch_size import find_batch_size, longest_row
-from .checkpoint_states import ProgressFile, manifest_extra, model_files_writer, training_states
+from .checkpoint_states import ProgressFile, hf_weights_writer, manifest_extra, model_files_writer, training_states
 from .evaluation import BestMetric
 from .evaluation_methods import EvaluationMethods
 from .loop import TrainLoop
@@ -465,7 +465,9 @@ class Trainer(EvaluationMethods, SearchTrialMethods, ReportingMethods):
             step, self.model_wrapped, self.optimizer,
             training_states(self.state, progress, self.lr_scheduler, with_scheduler=not self.args.save_only_model),
             manifest_extra(unwrapped), save_only_model=self.args.save_only_model,
-            write_model_files=model_files_writer(unwrapped, self.processing_class), asynchronous=self.args.save_async,
+            write_model_files=model_files_writer(unwrapped, self.processing_class, self.args),
+            write_weights=hf_weights_writer(self.strategy, self.model_wrapped, unwrapped),
+            asynchronous=self.args.save_async,
         )
         best = Path(self.state.best_model_checkpoint) if self.state.best_model_checkpoint else None
         self.checkpoints.rotate(self.args.save_total_limit, keep={best} if best else set())
