@@ -61,6 +61,16 @@ class ReportingMethods:
             raise ValueError("the optimizer is not set up yet: call after train() starts, or create_optimizer()")
         return [group["lr"] for group in self.optimizer.param_groups]
 
+    def get_optimizer_group(self, param: Union[str, torch.nn.Parameter, None] = None):
+        """HF's helper: the optimizer group holding `param`, else every group's parameter list."""
+        if self.optimizer is None:
+            raise ValueError("the optimizer is not set up yet: call after train() starts, or create_optimizer()")
+        if param is not None:
+            for group in self.optimizer.param_groups:
+                if any(param is p for p in group["params"]):
+                    return group
+        return [group["params"] for group in self.optimizer.param_groups]
+
     def num_examples(self, dataloader: DataLoader) -> int:
         try:
             return len(dataloader.dataset)
