@@ -82,6 +82,26 @@ def test_sigterm_commits_a_checkpoint_at_the_step_reached_and_the_rerun_is_bit_i
         assert torch.equal(_weights(again)[name], value), name
 
 
+@pytest.mark.parametrize("signals", [["SIGTERM", "SIGUSR1"], []])
+def test_jit_checkpoint_commits_on_sigterm_and_train_returns_as_hf_does(tmp_path, signals):
+    """HF's enable_jit_checkpoint: the checkpoint of the step reached, then training stops and train()
+    returns (no exit); SIGTERM is watched even when preemption_signals leaves it out."""
+    whole = Trainer(model=tiny_gpt2(), args=_args(tmp_path / "whole"), train_dataset=RaggedLM(32))
+    whole.train()
+    out = tmp_path / "jit"
+    trainer = Trainer(model=tiny_gpt2(), args=_args(out, enable_jit_checkpoint=True, preemption_signals=signals),
+                      train_dataset=RaggedLM(32), callbacks=[SignalAt(3)])
+    result = trainer.train()
+    assert result.global_step == trainer.state.global_step == 3
+    assert (out / "checkpoint-3" / COMMIT_MARKER).is_file() and not (out / "checkpoint-4").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers given back
+    again = Trainer(model=tiny_gpt2(), args=_args(out), train_dataset=RaggedLM(32))
+    again.train(resume_from_checkpoint="auto")
+    assert again.state.global_step == 8
+    for name, value in _weights(whole).items():
+        assert torch.equal(_weights(again)[name], value), name
+
+
 def _script(out: Path, signals: str, grace: str = "30") -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent), SIGNALS=signals, GRACE=grace)
     return subprocess.run([sys.executable, str(SCRIPTS / "preemption_job.py"), str(out)], env=env,

@@ -183,6 +183,10 @@ class _ScaletrainArguments(ProcessFacts):
     # running out, exits at once (the last committed checkpoint stays the resume target). [] disables.
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     preemption_grace_period: float = 30.0
+    # HF's just-in-time checkpoint: on SIGTERM the checkpoint at the step reached is committed and training
+    # stops, train() returning as after its last step (instead of raising Preempted). The ranks agree on the
+    # step as above; saves are atomic, so HF's 3 s wait for a SIGKILL that may follow is not needed
+    enable_jit_checkpoint: bool = False
     # a NaN/inf training loss: "stop" (every rank raises NonFiniteLossError at the next log or save, and no
     # checkpoint of the poisoned state is written), "skip" (the step is not taken and is counted in
     # skipped_steps; costs one host read per step), or "continue" (HF's behaviour, with a warning per log)

@@ -153,13 +153,17 @@ class TrainLoop:
 
     def _stop_preempted(self) -> None:
         """Every rank agreed to stop after this step: commit a checkpoint here (unless one was just
-        written) and leave train() with Preempted."""
+        written) and leave train() with Preempted, or with enable_jit_checkpoint end training (HF's)."""
         trainer = self.trainer
         step = trainer.state.global_step
         if self.saved is None or self.saved[0] != step:
             self._save()
         trainer.checkpoints.finish_pending()
         path = self.saved[1]
+        if trainer.args.enable_jit_checkpoint:
+            logger.warning("checkpoint %s committed at step %d on a signal; training stops", path, step)
+            trainer.control.should_training_stop = True
+            return
         logger.warning("preempted: checkpoint %s committed at step %d; exiting", path, step)
         raise Preempted(step, str(path))
 

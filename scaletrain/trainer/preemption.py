@@ -43,8 +43,8 @@ class PreemptionWatch:
     step by every rank: each rank's 'signal seen' flag is summed over ranks in the background and read one
     step later, so all ranks stop after the same step without waiting on the device."""
 
-    def __init__(self, strategy, signal_names: list[str], grace_s: float) -> None:
-        self.strategy, self.grace_s = strategy, grace_s
+    def __init__(self, strategy, signal_names: list[str], grace_s: float, exits: bool = True) -> None:
+        self.strategy, self.grace_s, self.exits = strategy, grace_s, exits
         self.signals = [getattr(signal, name) for name in signal_names]
         self.requested_at: Optional[float] = None
         self._previous: dict[int, object] = {}
@@ -77,8 +77,9 @@ class PreemptionWatch:
                   file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.requested_at = time.monotonic()
-        print(f"scaletrain: {name}: finishing this step, then saving a checkpoint and exiting with "
-              f"{PREEMPTED_EXIT_CODE} (within {self.grace_s:.0f} s)", file=sys.stderr, flush=True)
+        then = f"exiting with {PREEMPTED_EXIT_CODE}" if self.exits else "ending training"
+        print(f"scaletrain: {name}: finishing this step, then saving a checkpoint and {then} "
+              f"(within {self.grace_s:.0f} s)", file=sys.stderr, flush=True)
         threading.Thread(target=self._deadline, args=(signum,), daemon=True).start()
 
     def _deadline(self, signum: int) -> None:

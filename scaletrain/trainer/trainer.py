@@ -377,8 +377,8 @@ class Trainer(EvaluationMethods, SearchTrialMethods, ReportingMethods):
         runner = StepRunner(self, self.loss_weighting, self.args.max_grad_norm)
         self.is_in_train = True
         try:
-            with PreemptionWatch(self.strategy, self.args.preemption_signals,
-                                 self.args.preemption_grace_period) as watch:
+            with PreemptionWatch(self.strategy, _watched_signals(self.args), self.args.preemption_grace_period,
+                                 exits=not self.args.enable_jit_checkpoint) as watch:
                 return TrainLoop(self, plan, self.progress, runner, ignore_keys_for_eval, watch).run()
         finally:
             self.is_in_train = False
@@ -535,6 +535,12 @@ def _checked_metrics(compute_metrics: Optional[Callable], batch_eval_metrics: bo
         raise ValueError("batch_eval_metrics=True calls compute_metrics(eval_pred, compute_result=...) after every "
                          "batch: add a `compute_result` argument (True on the last batch: return the metrics then)")
     return compute_metrics
+
+
+def _watched_signals(args) -> list[str]:
+    """preemption_signals, plus SIGTERM with HF's enable_jit_checkpoint (which asks for it by name)."""
+    signals = list(args.preemption_signals)
+    return signals + ["SIGTERM"] if args.enable_jit_checkpoint and "SIGTERM" not in signals else signals
 
 
 def _seed(args) -> None:
