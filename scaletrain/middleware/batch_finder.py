@@ -25,7 +25,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 
 from ..performance.memory import format_bytes, parse_bytes
 
@@ -42,11 +41,6 @@ def check_options(args) -> None:
             raise ValueError(f"batch_finder_memory_budget={args.batch_finder_memory_budget!r} is set but "
                              "auto_find_batch_size is False; set auto_find_batch_size: true or drop the budget")
         parse_bytes(args.batch_finder_memory_budget, "batch_finder_memory_budget")
-    on_gpu = torch.cuda.is_available() and not args.use_cpu
-    if args.auto_find_batch_size and args.batch_finder_memory_budget is None and not on_gpu:
-        raise ValueError("auto_find_batch_size on CPU needs batch_finder_memory_budget (e.g. '4GiB'): there is "
-                         "no device memory to size against, and a CPU out-of-memory kills the process instead "
-                         "of raising")
 
 
 class BatchSizeError(RuntimeError):

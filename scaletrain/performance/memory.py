@@ -13,9 +13,11 @@ is counted separately by `Strategy.held_state_numel`.
 from __future__ import annotations
 
 import gc
+import os
 import re
 import warnings
 import weakref
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -124,6 +126,38 @@ def device_memory_capacity(device: torch.device) -> Optional[int]:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return None
+
+
+def host_memory_available() -> int:
+    """Bytes this process can still allocate on the host: the kernel's MemAvailable, lowered to what the
+    process's cgroup (a container, a SLURM job) has left under its limit."""
+    available = _meminfo_available()
+    limit = _cgroup_room()
+    return min(available, limit) if limit is not None else available
+
+
+def _meminfo_available() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _cgroup_room() -> Optional[int]:
+    """cgroup v2: memory.max - memory.current of this process's group; None without a limit."""
+    try:
+        group = Path("/proc/self/cgroup").read_text().strip().split("::")[-1]
+        folder = Path("/sys/fs/cgroup") / group.lstrip("/")
+        limit = (folder / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int((folder / "memory.current").read_text()))
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:

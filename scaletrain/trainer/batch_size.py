@@ -9,36 +9,46 @@ from torch.utils.data import IterableDataset
 
 from ..rng import capture_rng_state, restore_rng_state
 from ..data.samplers import ShardedIterable
-from ..performance.memory import device_memory_capacity, parse_bytes
+from ..performance.memory import device_memory_capacity, format_bytes, host_memory_available, parse_bytes
 from ..middleware.batch_finder import BatchSizeChoice, choose
 from .plan import BatchGeometry
 
 logger = logging.getLogger(__name__)
 _DEVICE_MEMORY_SHARE = 0.9  # headroom for the allocator's fragmentation and communication buffers
+# on a CPU the ranks of a node share the host memory that is free when training starts; half of each one's
+# share leaves room for data loader workers, the page cache and what the measurement cannot see (a host
+# out-of-memory kills the process instead of raising)
+_HOST_MEMORY_SHARE = 0.5
 _ROWS_SCANNED = 10_000  # of an iterable dataset, for its longest row
 
 
-def find_batch_size(measure: Callable[[int], int], args, configured: BatchGeometry, device
+def find_batch_size(measure: Callable[[int], int], args, configured: BatchGeometry, device, local_ranks: int = 1
                     ) -> tuple[BatchSizeChoice, BatchGeometry]:
     """Measure real training micro-steps at the longest sequence, pick the
     micro-batch, keep the global batch. Leaves no trace in the RNG streams
     (`measure` drops its gradients)."""
     rng = capture_rng_state()
     try:
-        choice = choose(measure, memory_budget(args, device), configured.per_device, configured.accumulation)
+        choice = choose(measure, memory_budget(args, device, local_ranks), configured.per_device,
+                        configured.accumulation)
     finally:
         restore_rng_state(rng)
     logger.info(choice.summary(configured.per_device, configured.accumulation, configured.dp_size))
     return choice, configured.with_micro_batch(choice.per_device, choice.accumulation)
 
 
-def memory_budget(args, device) -> int:
+def memory_budget(args, device, local_ranks: int = 1) -> int:
+    """Bytes one rank may fill: batch_finder_memory_budget if set, else 90% of the accelerator's memory,
+    or on a CPU half of this rank's share of the host memory free now (the same on every rank of a node
+    up to timing: the finder follows the worst rank's measurement anyway)."""
     if args.batch_finder_memory_budget is not None:
         return parse_bytes(args.batch_finder_memory_budget, "batch_finder_memory_budget")
     capacity = device_memory_capacity(device)
     if capacity is None:
-        raise ValueError("auto_find_batch_size on CPU needs batch_finder_memory_budget (e.g. '4GiB'): a CPU "
-                         "has no device memory to fill")
+        budget = int(host_memory_available() * _HOST_MEMORY_SHARE / max(1, local_ranks))
+        logger.info("batch finder: %s of host memory per rank (half of %d rank(s)' share of what is free; set "
+                    "batch_finder_memory_budget to choose)", format_bytes(budget), local_ranks)
+        return budget
     return int(capacity * _DEVICE_MEMORY_SHARE)
 
 

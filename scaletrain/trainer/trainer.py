@@ -360,7 +360,7 @@ class Trainer(EvaluationMethods, SearchTrialMethods, ReportingMethods):
         self._setup_model()
         if self.args.auto_find_batch_size and point is None:
             self.batch_size_choice, geometry = find_batch_size(self.measure_step_memory, self.args, geometry,
-                                                               self.strategy.device)
+                                                               self.strategy.device, self.strategy.env.local_world_size)
             plan = self._plan(geometry)
         self.create_scheduler(plan.max_steps, self.optimizer)
         self.state, self.progress = self._new_state(plan), TrainProgress(plan.geometry)
