@@ -60,3 +60,13 @@ def test_both_trainers_group_the_same_parameters(tmp_path):
                                for g in trainer.optimizer.param_groups)
     assert grouped["scaletrain"] == grouped["hf"]
     assert len(grouped["hf"]) == 2 and all(names for _, names in grouped["hf"])  # a decay and a no-decay group
+
+
+@pytest.mark.parametrize("kind", sorted(TRAINERS))
+def test_save_strategy_best_without_a_metric_is_refused_by_the_trainer_not_the_arguments(kind, tmp_path):
+    trainer_cls, args_cls = TRAINERS[kind]
+    kwargs = {"use_cpu": True} if kind == "hf" else {}
+    args = args_cls(output_dir=str(tmp_path), save_strategy="best", eval_strategy="no", report_to="none", **kwargs)
+    assert args.metric_for_best_model is None  # the arguments stand on their own
+    with pytest.raises(ValueError, match="metric_for_best_model"):
+        trainer_cls(model=tiny_llama(), args=args)

@@ -368,8 +368,6 @@ class _ScaletrainArguments(ProcessFacts):
         check_reporters(self.report_to)
 
     def _validate_best_model(self) -> None:
-        if self.save_strategy == SaveStrategy.BEST and self.metric_for_best_model is None:
-            raise ValueError("save_strategy='best' needs metric_for_best_model")
         metric_schedule = self.lr_scheduler_type in (SchedulerType.REDUCE_ON_PLATEAU, SchedulerType.GREEDY)
         if metric_schedule and self.eval_strategy == IntervalStrategy.NO:
             raise ValueError(f"lr_scheduler_type={self.lr_scheduler_type.value!r} steps on an evaluation metric: "

@@ -25,8 +25,7 @@ from transformers.trainer_callback import (
 )
 from transformers.trainer_pt_utils import LabelSmoother
 from transformers.trainer_utils import (
-    EvalPrediction, TrainOutput, enable_full_determinism, set_seed,
-    speed_metrics,
+    EvalPrediction, SaveStrategy, TrainOutput, enable_full_determinism, set_seed, speed_metrics,
 )
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import find_labels
@@ -526,6 +525,10 @@ def _checked_args(args, compute_loss_func, optimizers, optimizer_cls_and_kwargs)
         )
     if optimizer_cls_and_kwargs is not None and optimizers[0] is not None:
         raise ValueError("pass either optimizers or optimizer_cls_and_kwargs, not both")
+    if args.save_strategy == SaveStrategy.BEST and args.metric_for_best_model is None:
+        # where HF checks it (the Trainer, not the arguments), so arguments made first stay valid
+        raise ValueError("save_strategy='best' needs metric_for_best_model (e.g. 'eval_loss', or a metric "
+                         "compute_metrics returns)")
     return args
 
 
