@@ -3,6 +3,7 @@ side by side: the same answers from the same model and arguments."""
 from __future__ import annotations
 
 import pytest
+import torch
 import transformers
 
 from helpers import tiny_llama
@@ -70,3 +71,65 @@ def test_save_strategy_best_without_a_metric_is_refused_by_the_trainer_not_the_a
     assert args.metric_for_best_model is None  # the arguments stand on their own
     with pytest.raises(ValueError, match="metric_for_best_model"):
         trainer_cls(model=tiny_llama(), args=args)
+
+
+class _CheckpointingConfig(transformers.PretrainedConfig):
+    model_type = "checkpointing-in-forward"
+
+    def __init__(self, hidden: int = 8, layers: int = 3, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.hidden, self.layers = hidden, layers
+
+
+class _CheckpointsInItsForward(transformers.PreTrainedModel):
+    """A custom model that checkpoints in its own forward (the style of models written before
+    GradientCheckpointingLayer): transformers' hook flags the model itself, no layer."""
+    config_class = _CheckpointingConfig
+    supports_gradient_checkpointing = True
+
+    def __init__(self, config: _CheckpointingConfig) -> None:
+        super().__init__(config)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(config.hidden, config.hidden) for _ in range(config.layers))
+        self.gradient_checkpointing = False
+        self.recomputed = 0
+        self.post_init()
+
+    def forward(self, inputs, labels=None):
+        hidden = inputs
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                self.recomputed += 1
+                hidden = self._gradient_checkpointing_func(layer.__call__, hidden)
+            else:
+                hidden = layer(hidden)
+        return {"loss": ((hidden.sum(-1) - labels) ** 2).mean(), "logits": hidden}
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(16, 8, generator=generator), torch.randn(16, generator=generator)
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> dict:
+        return {"inputs": self.x[i], "labels": self.y[i]}
+
+
+@pytest.mark.parametrize("kind", sorted(TRAINERS))
+def test_gradient_checkpointing_on_a_model_that_checkpoints_in_its_own_forward(kind, tmp_path):
+    trainer_cls, args_cls = TRAINERS[kind]
+    losses = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = _CheckpointsInItsForward(_CheckpointingConfig())
+        kwargs = {"use_cpu": True} if kind == "hf" else {}
+        args = args_cls(output_dir=str(tmp_path / str(checkpointing)), gradient_checkpointing=checkpointing,
+                        per_device_train_batch_size=4, max_steps=4, logging_steps=1, save_strategy="no",
+                        report_to="none", disable_tqdm=True, learning_rate=1e-2, **kwargs)
+        trainer = trainer_cls(model=model, args=args, train_dataset=_Rows())
+        trainer.train()
+        losses[checkpointing] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        assert (model.recomputed > 0) is checkpointing  # the model's own checkpointed path ran
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)  # recomputation changes no number

@@ -64,8 +64,10 @@ class ActivationCheckpointing(Middleware):
             # transformers' own layer hook: handles use_cache and input grads
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=self.checkpoint_kwargs,
                                                   every_n_layers=self.every_n_layers, offload=self.offload)
-            self.checkpointed = sum(1 for m in model.modules() if getattr(m, "gradient_checkpointing", False)
-                                    and type(m).__name__ != type(model).__name__)
+            flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+            # layers that checkpoint themselves, or (a model that checkpoints in its own forward, as custom
+            # PreTrainedModels written before GradientCheckpointingLayer do) the model itself
+            self.checkpointed = sum(1 for m in flagged if type(m).__name__ != type(model).__name__) or len(flagged)
         else:
             if self.offload:
                 raise ValueError(f"activation checkpointing offload needs a transformers model; "
