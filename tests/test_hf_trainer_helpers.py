@@ -2,6 +2,8 @@
 side by side: the same answers from the same model and arguments."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import transformers
@@ -133,3 +135,37 @@ def test_gradient_checkpointing_on_a_model_that_checkpoints_in_its_own_forward(k
         losses[checkpointing] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         assert (model.recomputed > 0) is checkpointing  # the model's own checkpointed path ran
     assert losses[True] == pytest.approx(losses[False], rel=1e-6)  # recomputation changes no number
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.mark.parametrize("kind", sorted(TRAINERS))
+def test_running_training_block_on_hfs_trainer_logger(kind, tmp_path):
+    from transformers.utils import logging as hf_logging
+
+    trainer_cls, args_cls = TRAINERS[kind]
+    kwargs = {"use_cpu": True} if kind == "hf" else {}
+    args = args_cls(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                    num_train_epochs=2, save_strategy="no", report_to="none", disable_tqdm=True, **kwargs)
+    handler, verbosity = _Lines(), hf_logging.get_verbosity()
+    logging.getLogger("transformers.trainer").addHandler(handler)
+    hf_logging.set_verbosity_info()
+    try:
+        trainer_cls(model=_CheckpointsInItsForward(_CheckpointingConfig()), args=args, train_dataset=_Rows()).train()
+    finally:
+        logging.getLogger("transformers.trainer").removeHandler(handler)
+        hf_logging.set_verbosity(verbosity)
+    start = handler.lines.index("***** Running training *****")
+    block = dict(line.strip().split(" = ") for line in handler.lines[start + 1:start + 9] if " = " in line)
+    # 16 rows, 4 per micro-batch, 2 micro-batches per step: 2 steps an epoch, 4 in 2 epochs
+    assert block["Num examples"] == "16" and block["Num Epochs"] == "2"
+    assert block["Total train batch size (w. parallel, distributed & accumulation)"] == "8"
+    assert block["Total optimization steps"] == "4" and block["Num update steps per epoch"] == "2"
+    assert block["Number of trainable parameters"] == str(3 * (8 * 8 + 8))

@@ -45,8 +45,9 @@ _STEP_RE = re.compile(rf"^{PREFIX}-(\d+)$")
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(RuntimeError, ValueError):
+    """A checkpoint that cannot be written or resumed from. Also a ValueError, the type the HF Trainer
+    raises for a checkpoint it cannot find, so scripts written for it catch this one too."""
 
 
 def checkpoint_step(path: Path) -> Optional[int]:
@@ -124,15 +125,16 @@ def resolve_resume_target(value: Any, output_dir: str | os.PathLike) -> Optional
         found = latest_checkpoint(output_dir)
         if found is None:
             raise CheckpointError(
-                f"resume_from_checkpoint={value!r} asks for the newest checkpoint, but output_dir {output_dir} holds "
-                "no committed checkpoint; drop resume_from_checkpoint to start fresh, or pass a checkpoint path"
+                f"No valid checkpoint found in output directory ({output_dir}): resume_from_checkpoint={value!r} "
+                "asks for the newest checkpoint, but it holds no committed checkpoint; drop resume_from_checkpoint "
+                "to start fresh, or pass a checkpoint path"
             )
         return found
     path = Path(value)
     if not path.is_dir():
         raise CheckpointError(
-            f"resume_from_checkpoint={str(value)!r}: no such checkpoint folder; pass an output_dir/checkpoint-<step> "
-            "folder, or 'latest' for the newest committed one in output_dir"
+            f"Can't find a valid checkpoint at {value} (resume_from_checkpoint={str(value)!r}: no such checkpoint "
+            "folder); pass an output_dir/checkpoint-<step> folder, or 'latest' for the newest committed one"
         )
     CheckpointManager.read_manifest(path)  # refuses an interrupted or damaged save
     return path

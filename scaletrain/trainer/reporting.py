@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from .flops import attention_flops
 from huggingface_hub import ModelCard
@@ -60,6 +61,23 @@ class ReportingMethods:
         if self.optimizer is None:
             raise ValueError("the optimizer is not set up yet: call after train() starts, or create_optimizer()")
         return [group["lr"] for group in self.optimizer.param_groups]
+
+    def _log_hf_run_start(self, plan) -> None:
+        """HF's "Running training" block, on HF's trainer logger at info level (scripts and tooling written
+        for HF read it there; transformers' default verbosity keeps it out of the console)."""
+        hf_logger = hf_logging.get_logger("transformers.trainer")
+        per_epoch = plan.micro_batches_per_epoch
+        lines = ["***** Running training *****",
+                 f"  Num examples = {self.num_examples(self.train_loader):,}",
+                 f"  Num Epochs = {plan.num_epochs:,}",
+                 f"  Num update steps per epoch = {max(1, -(-per_epoch // plan.accumulation)) if per_epoch else '?'}",
+                 f"  Instantaneous batch size per device = {plan.per_device:,}",
+                 f"  Total train batch size (w. parallel, distributed & accumulation) = {plan.geometry.global_batch:,}",
+                 f"  Gradient Accumulation steps = {plan.accumulation}",
+                 f"  Total optimization steps = {plan.max_steps:,}",
+                 f"  Number of trainable parameters = {self.get_num_trainable_parameters():,}"]
+        for line in lines:
+            hf_logger.info(line)
 
     def get_optimizer_group(self, param: Union[str, torch.nn.Parameter, None] = None):
         """HF's helper: the optimizer group holding `param`, else every group's parameter list."""

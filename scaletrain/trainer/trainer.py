@@ -373,6 +373,7 @@ class Trainer(EvaluationMethods, SearchTrialMethods, ReportingMethods):
         handler.train_dataloader = self.train_loader
         logger.info("training with %s, %d threads/rank, %d steps (%s)", self.strategy.describe(), self.num_threads,
                     plan.max_steps, plan.geometry.describe())
+        self._log_hf_run_start(plan)
         runner = StepRunner(self, self.loss_weighting, self.args.max_grad_norm)
         self.is_in_train = True
         try:
