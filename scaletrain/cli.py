@@ -130,11 +130,27 @@ def _trainer_for(task, cfg, strategy, model):
     from .trainer.seq2seq_trainer import Seq2SeqTrainer
     from .trainer import Trainer
 
-    return (Seq2SeqTrainer if task.seq2seq else Trainer)(
+    return _cli_voice((Seq2SeqTrainer if task.seq2seq else Trainer)(
         model=model, args=cfg.training, train_dataset=task.train_dataset, eval_dataset=task.eval_dataset,
         processing_class=task.tokenizer, compute_metrics=task.compute_metrics, strategy=strategy,
-        data_collator=task.data_collator,
-    )
+        data_collator=task.data_collator, callbacks=_metrics_file(cfg.training),
+    ))
+
+
+def _metrics_file(args) -> list:
+    """The CLI always writes output_dir/metrics.jsonl (its summary points there), whatever report_to says."""
+    from .callbacks import JsonlMetricsCallback
+
+    return [] if "jsonl" in args.report_to else [JsonlMetricsCallback()]
+
+
+def _cli_voice(trainer):
+    """Without a progress bar (disable_tqdm) HF's PrinterCallback prints every log dict to stdout; the CLI
+    speaks through its own lines and summary (and eval/predict print JSON there), so it drops it."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 # The trainer (with DDP's reducer, which holds the gloo process group) stays
@@ -164,10 +180,10 @@ def _hpo(cfg, env, strategy, task) -> int:
         trainer_strategy = built["trainer"].strategy if "trainer" in built else strategy
         return trainer_strategy.build_model(source.load_model, source.build_model_from_config)
 
-    built["trainer"] = trainer = Trainer(
+    built["trainer"] = trainer = _cli_voice(Trainer(
         model_init=model_init, args=cfg.training, train_dataset=task.train_dataset, eval_dataset=task.eval_dataset,
         processing_class=task.tokenizer, compute_metrics=task.compute_metrics, strategy=strategy,
-        data_collator=task.data_collator)
+        data_collator=task.data_collator, callbacks=_metrics_file(cfg.training)))
     metrics = search.metrics
     try:
         best = _preemptible(lambda: trainer.hyperparameter_search(

@@ -22,7 +22,8 @@ def _job(rank: int, out: str) -> None:
     os.environ["TENSORBOARD_LOGGING_DIR"] = f"{out}/tb-rank{rank}"
     args = TrainingArguments(output_dir=f"{out}/run", strategy="ddp", max_steps=4, logging_steps=1,
                              per_device_train_batch_size=4, eval_strategy="steps", eval_steps=2, save_strategy="no",
-                             disable_tqdm=True, run_name="two-ranks", report_to=["tensorboard", "mlflow"])
+                             disable_tqdm=True, run_name="two-ranks",
+                             report_to=["tensorboard", "mlflow", "jsonl"])
     Trainer(model=tiny_llama(), args=args, train_dataset=RaggedLM(32), eval_dataset=RaggedLM(8, seed=2)).train()
 
 

@@ -84,7 +84,7 @@ class RecordArgs(TrainerCallback):
 
 def _gpt2_trainer(tmp_path, record: RecordArgs | None = None, model_init=None, **overrides) -> Trainer:
     args = dict(output_dir=str(tmp_path / "out"), max_steps=6, per_device_train_batch_size=4, eval_strategy="steps",
-                eval_steps=2, save_steps=3, logging_steps=1, disable_tqdm=True, learning_rate=1e-3)
+                eval_steps=2, save_steps=3, logging_steps=1, disable_tqdm=True, learning_rate=1e-3, report_to="jsonl")
     args.update(overrides)
     return Trainer(model_init=model_init or (lambda: tiny_gpt2()), args=TrainingArguments(**args),
                    train_dataset=RaggedLM(32), eval_dataset=RaggedLM(8, seed=5),

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from transformers.trainer_callback import ProgressCallback as HFProgressCallback
 from transformers.trainer_callback import TrainerCallback
 
 _SHOWN = (("loss", "loss", "{:.4f}"), ("learning_rate", "lr", "{:.2e}"),
@@ -15,12 +16,24 @@ _SHOWN = (("loss", "loss", "{:.4f}"), ("learning_rate", "lr", "{:.2e}"),
           ("train_tflops_per_rank", "TFLOP/s/rank", "{:.3g}"), ("train_mfu", "MFU%", "{:.1f}"))
 
 
-class ProgressCallback(TrainerCallback):
-    """A tqdm bar on the main rank: loss, lr, samples/s, tokens/s, ETA."""
+class ProgressCallback(HFProgressCallback):
+    """A tqdm bar on the main rank: loss, lr, samples/s, tokens/s, ETA. Takes the place of HF's
+    ProgressCallback (a subclass, so code looking for HF's finds it); evaluation draws no bar of its own,
+    its results show in the training bar and the logs."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.bar = None
         self.postfix: dict[str, str] = {}
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        return None
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        return None
+
+    def on_predict(self, args, state, control, **kwargs):
+        return None
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:

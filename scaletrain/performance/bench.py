@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ def _run_point(cfg, env, task, point: BenchPoint, steps: int, warmup: int, out: 
     model = strategy.build_model(task.load_model, task.build_model_from_config)
     trainer = Trainer(model=model, args=args, train_dataset=task.train_dataset, processing_class=task.tokenizer,
                       data_collator=task.data_collator, strategy=strategy, callbacks=[timer])
+    trainer.remove_callback(PrinterCallback)  # the bench prints its own table
     try:
         metrics = trainer.train().metrics
     except torch.OutOfMemoryError as exc:  # the same shapes on every rank: each rank runs out at the same step

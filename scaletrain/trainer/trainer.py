@@ -21,7 +21,7 @@ from safetensors.torch import save_model as save_safetensors
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from transformers import DataCollatorWithPadding, default_data_collator
 from transformers.trainer_callback import (
-    CallbackHandler, DefaultFlowCallback, ExportableState, TrainerControl, TrainerState,
+    CallbackHandler, DefaultFlowCallback, ExportableState, PrinterCallback, TrainerControl, TrainerState,
 )
 from transformers.trainer_pt_utils import LabelSmoother
 from transformers.trainer_utils import (
@@ -32,7 +32,7 @@ from transformers.utils import find_labels
 from transformers.utils import logging as hf_logging
 
 from ..args.training import NotSupportedError, TrainingArguments
-from ..callbacks import JsonlMetricsCallback, ProgressCallback
+from ..callbacks import ProgressCallback
 from ..callbacks.reporters import reporter_callbacks
 from ..checkpoint import CheckpointManager, resolve_resume_target
 from ..checkpoint.manager import PREFIX as CHECKPOINT_PREFIX
@@ -166,10 +166,10 @@ class Trainer(EvaluationMethods, SearchTrialMethods, ReportingMethods):
         return model
 
     def _default_callbacks(self) -> list:
-        callbacks: list = [DefaultFlowCallback, JsonlMetricsCallback()]
-        if not self.args.disable_tqdm:
-            callbacks.append(ProgressCallback())
-        return callbacks + reporter_callbacks(self.args.report_to)
+        """HF's default list: the flow, the report_to integrations, then the progress bar (HF's
+        PrinterCallback with disable_tqdm)."""
+        progress = PrinterCallback() if self.args.disable_tqdm else ProgressCallback()
+        return [DefaultFlowCallback, *reporter_callbacks(self.args.report_to), progress]
 
     def _new_state(self, plan: Optional[RunPlan] = None) -> TrainerState:
         state = TrainerState(is_local_process_zero=self.strategy.is_local_main,
