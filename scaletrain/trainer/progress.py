@@ -44,11 +44,12 @@ class TrainProgress:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores the position for this run's geometry: on another world size the
-        same global samples are consumed, and this rank's share of them differs."""
+        """Restores the position for this run's geometry: on another world size, or with another micro-batch,
+        the same global samples are consumed, and this rank's share of them differs."""
         saved_world = state.get("world_size", self.geometry.dp_size)
+        saved_micro_batch = state.get("per_device_train_batch_size", self.geometry.per_device)
         micro = int(state["micro_batches_in_epoch"])
-        if saved_world != self.geometry.dp_size:
+        if saved_world != self.geometry.dp_size or saved_micro_batch != self.geometry.per_device:
             micro = int(state["samples_in_epoch"]) // (self.geometry.per_device * self.geometry.dp_size)
         self.epoch, self.micro_batches_in_epoch = int(state["epoch"]), micro
         self.global_step = int(state.get("global_step", 0))

@@ -71,19 +71,25 @@ def _found_batch_size(path: Path, saved: BatchGeometry, configured: BatchGeometr
 
 def _geometry_for(path: Path, saved: BatchGeometry, run: BatchGeometry, has_sample_position: bool
                   ) -> BatchGeometry:
-    """The same micro-batch, and the accumulation that keeps the saved global batch on this world size."""
-    if saved.per_device != run.per_device:
-        raise CheckpointError(
-            f"{path} was trained with per_device_train_batch_size={saved.per_device}, "
-            f"this run uses {run.per_device}; keep it the same to resume"
-        )
-    if saved.dp_size == run.dp_size:
-        if saved.accumulation != run.accumulation:
-            raise CheckpointError(
-                f"{path} was trained with gradient_accumulation_steps={saved.accumulation}, this run uses "
-                f"{run.accumulation}; keep it the same to resume"
-            )
-        return run
+    """The geometry a resume continues with. Another world size with the same micro-batch keeps the saved
+    global batch (the accumulation adapts); a batch setting the user changed is followed, as HF's Trainer
+    follows it, with a warning when the global batch changes (the data position is kept in samples)."""
+    if saved.per_device == run.per_device and saved.dp_size != run.dp_size:
+        return _same_global_batch(path, saved, run, has_sample_position)
+    if saved.per_device != run.per_device and not has_sample_position:
+        raise CheckpointError(f"{path} does not record its data position in samples; it resumes with "
+                              f"per_device_train_batch_size={saved.per_device} only")
+    if saved.global_batch != run.global_batch:
+        logger.warning("resuming %s with another batch: %d data-parallel ranks x %d per device x %d accumulation = "
+                       "%d per step (the checkpoint was trained with %d); the schedule continues by steps and the "
+                       "data by samples", path, run.dp_size, run.per_device, run.accumulation, run.global_batch,
+                       saved.global_batch)
+    return run
+
+
+def _same_global_batch(path: Path, saved: BatchGeometry, run: BatchGeometry, has_sample_position: bool
+                       ) -> BatchGeometry:
+    """Another world size, the same micro-batch: the accumulation that keeps the saved global batch."""
     if saved.global_batch % (run.per_device * run.dp_size):
         raise CheckpointError(
             f"{path} has a global batch of {saved.global_batch} ({saved.dp_size} ranks x {saved.per_device} x "
