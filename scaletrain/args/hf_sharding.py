@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..errors import NotSupportedError
 from .json_options import read_json_option
 
-_HF_FSDP_OPTIONS = {"full_shard", "shard_grad_op", "offload", "auto_wrap"}
+_HF_FSDP_OPTIONS = {"full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "offload", "auto_wrap"}
 # HF/accelerate fsdp_config keys -> the TrainingArguments field that implements them
 _HF_FSDP_CONFIG_KEYS = {
     "transformer_layer_cls_to_wrap": "fsdp_layer_classes",
@@ -41,14 +41,28 @@ def _apply_fsdp_options(args) -> None:
     unknown = [o for o in options if o not in _HF_FSDP_OPTIONS]
     if unknown:
         raise NotSupportedError(
-            f"fsdp={args.fsdp!r}: {unknown} not supported; scaletrain's FSDP2 takes 'full_shard' or "
-            "'shard_grad_op', plus 'offload' and 'auto_wrap' (per-block wrapping is always on)"
+            f"fsdp={args.fsdp!r}: {unknown} not supported; scaletrain's FSDP2 takes 'full_shard', "
+            "'shard_grad_op', 'hybrid_shard' or 'hybrid_shard_zero2', plus 'offload' and 'auto_wrap' (per-block "
+            "wrapping is always on)"
         )
     claim_strategy(args, "fsdp", f"fsdp={args.fsdp!r}")
-    if "shard_grad_op" in options:
+    if "shard_grad_op" in options or "hybrid_shard_zero2" in options:
         args.fsdp_reshard_after_forward = False
+    if "hybrid_shard" in options or "hybrid_shard_zero2" in options:
+        _hybrid_shard(args)
     if "offload" in options:
         args.fsdp_cpu_offload = True
+
+
+def _hybrid_shard(args) -> None:
+    """HF's hybrid_shard: shard within each node, replicate across nodes (HSDP)."""
+    from ..parallel.config import ParallelismConfig
+    from ..parallel.environment import read_env
+
+    if args.parallelism_config is not None:
+        raise ValueError(f"fsdp={args.fsdp!r} and parallelism_config both choose the layout; keep "
+                         "parallelism_config (dp_replicate_size, dp_shard_size)")
+    args.parallelism_config = ParallelismConfig(dp_replicate_size=-1, dp_shard_size=read_env().local_world_size)
 
 
 def _apply_fsdp_config_key(args, key: str, value) -> None:

@@ -27,6 +27,7 @@ from ..callbacks.reporters import check_reporters, installed_reporters
 from ..optimizers.catalog import (SCHEDULE_FREE_OPTIMIZERS, check_optim_args, check_optimizer_for_strategy,
                                   check_optimizer_name, check_target_modules)
 from ..middleware import check_middleware_options
+from ..parallel.config import parallelism_settings
 from ..parallel.environment import launcher_settings
 from ..strategies.options import check_strategy_options
 
@@ -157,6 +158,9 @@ class _ScaletrainArguments(ProcessFacts):
     fsdp: Union[None, str, list] = None
     fsdp_config: Union[None, str, dict] = None
     deepspeed: Union[None, str, dict] = None  # extra DeepSpeed config keys (dict or JSON file)
+    # how the ranks divide the work (HF's field: accelerate's ParallelismConfig, or a dict / JSON with its keys):
+    # dp_replicate_size x dp_shard_size (HSDP under fsdp; -1 = the rest of the ranks) x tp_size
+    parallelism_config: Union[None, str, dict] = None
 
     # scaletrain's own.
     strategy: str = "auto"
@@ -240,6 +244,7 @@ class _ScaletrainArguments(ProcessFacts):
                 )
         self._normalise_report_to()
         apply_launcher_settings(self, launcher_settings())
+        self._apply_parallelism_config()
         apply_hf_sharding_fields(self)
         self._apply_checkpointing_aliases()
         self._validate()
@@ -257,6 +262,17 @@ class _ScaletrainArguments(ProcessFacts):
         self.report_to = installed_reporters() if reports == ["all"] else reports
 
     # ------------------------------------------------------------------ checks
+    def _apply_parallelism_config(self) -> None:
+        value = self.parallelism_config
+        if isinstance(value, str):
+            value = read_json_option("parallelism_config", value)
+        self.parallelism_config = config = parallelism_settings(value)
+        if config is None:
+            return
+        config.check_supported()
+        if self.strategy == "auto" and config.dp_shard_size != 1:
+            self.strategy = "fsdp"  # sharding asked for: FSDP2 (with dp_replicate_size: HSDP)
+
     def _apply_checkpointing_aliases(self) -> None:
         """HF v5 renamed gradient_checkpointing* to activation_checkpointing*; both are accepted."""
         for old, new in (("gradient_checkpointing", "activation_checkpointing"),
@@ -427,6 +443,9 @@ class _ScaletrainArguments(ProcessFacts):
                 value = "<redacted>" if value else value
             if hasattr(value, "value"):  # enums
                 value = value.value
+            if f.name == "parallelism_config" and value is not None:  # as a dict: it loads back as one
+                value = {k: getattr(value, k) for k in ("dp_replicate_size", "dp_shard_size", "tp_size", "cp_size",
+                                                         "sp_size", "pp_size")}
             out[f.name] = value
         return out
 

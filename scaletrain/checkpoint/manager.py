@@ -241,6 +241,7 @@ class CheckpointManager:
             "strategy": strategy.name,
             "state_format": strategy.state_format,
             "world_size": strategy.world_size,
+            "layout": strategy.layout.as_dict(),  # DCP reshards to any other one at load
             "includes_optimizer": not save_only_model,
             "versions": _library_versions(),
             "created_unix": time.time(),

@@ -1,13 +1,16 @@
-"""How a run's ranks divide the work: the one owner of the data-parallel degree and rank.
+"""How a run's ranks divide the work: the one owner of the layout (torchtitan's ParallelDims).
 
-Everything that shards data or normalises by the number of data-parallel replicas asks this object
-(sampler and evaluation sharding, batch geometry, loss weights), never the world size: the two differ
-as soon as ranks also split the model (tensor, sequence or pipeline parallelism), and then only this
-object changes. Today every rank is one data-parallel rank.
+Built from TrainingArguments.parallelism_config and the launch before any process group: the sizes of
+dp_replicate (replicas of the model), dp_shard (ranks a replica's state is sharded over) and tp (ranks a
+layer is split over), validated against the world size. Everything that shards data or normalises by the
+number of data-parallel replicas asks this object (sampler and evaluation sharding, batch geometry, loss
+weights), never the world size; the strategies ask it for their device mesh. Ranks are laid out with tp
+innermost (a layer's ranks stay inside a node) and dp_replicate outermost (replicas span nodes).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from .environment import DistEnv
 
@@ -15,16 +18,62 @@ from .environment import DistEnv
 @dataclass(frozen=True)
 class ParallelLayout:
     env: DistEnv
+    dp_replicate: int = 1
+    dp_shard: int = 0  # 0: every rank (no parallelism_config)
+    tp: int = 1
+
+    @classmethod
+    def resolve(cls, env: DistEnv, config) -> "ParallelLayout":
+        """The layout `config` (a scaletrain ParallelismConfig, or None: every rank one data-parallel rank)
+        asks for on this launch; a product that is not the world size is refused naming every size."""
+        world = env.world_size
+        if config is None:
+            return cls(env, 1, world, 1)
+        sizes = {"dp_replicate_size": config.dp_replicate_size, "dp_shard_size": config.dp_shard_size,
+                 "tp_size": config.tp_size}
+        known = 1
+        for value in sizes.values():
+            known *= value if value != -1 else 1
+        free = [name for name, value in sizes.items() if value == -1]
+        if free:
+            if world % known:
+                raise ValueError(f"parallelism_config {_spelled(sizes)}: {world} ranks are not a multiple of "
+                                 f"{known}; launch a multiple of {known} ranks or set every size")
+            sizes[free[0]] = world // known
+        product = sizes["dp_replicate_size"] * sizes["dp_shard_size"] * sizes["tp_size"]
+        if product != world:
+            raise ValueError(f"parallelism_config {_spelled(sizes)} lays out {product} ranks, but this launch has "
+                             f"{world}; make the product {world} (or set one data-parallel size to -1: the rest)")
+        return cls(env, sizes["dp_replicate_size"], sizes["dp_shard_size"], sizes["tp_size"])
 
     @property
     def dp_size(self) -> int:
         """Data-parallel replicas: each reads its own shard of every batch."""
-        return self.env.world_size
+        return self.dp_replicate * self.dp_shard
 
     @property
     def dp_rank(self) -> int:
-        """This process's data-parallel index (which shard of the data it reads)."""
-        return self.env.rank
+        """This process's data-parallel index (which shard of the data it reads); tp ranks share one."""
+        return self.env.rank // self.tp
+
+    def fsdp_mesh(self, device_type: str):
+        """The mesh FSDP2 shards over: (dp_shard,) or, with replicas, (dp_replicate, dp_shard): HSDP."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if self.tp != 1:
+            raise ValueError("tensor parallelism is not built yet: its mesh is not available")
+        if self.dp_replicate == 1:
+            return init_device_mesh(device_type, (self.dp_shard,), mesh_dim_names=("dp_shard",))
+        return init_device_mesh(device_type, (self.dp_replicate, self.dp_shard),
+                                mesh_dim_names=("dp_replicate", "dp_shard"))
+
+    def as_dict(self) -> dict[str, int]:
+        return {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp}
 
     def describe(self) -> str:
-        return f"{self.dp_size} data-parallel rank(s)"
+        parts = [f"{size} {name}" for name, size in self.as_dict().items() if size > 1]
+        return " x ".join(parts) if parts else "1 rank"
+
+
+def _spelled(sizes: dict[str, Optional[int]]) -> str:
+    return " x ".join(f"{name}={value}" for name, value in sizes.items())

@@ -47,7 +47,8 @@ class Strategy(abc.ABC):
     def __init__(self, args, env: DistEnv | None = None) -> None:
         self.args = args
         self.env = env or read_env()
-        self.layout = ParallelLayout(self.env)  # the data-parallel degree and rank
+        # the data-parallel degree and rank, and the mesh sizes; refuses a layout the launch cannot hold
+        self.layout = ParallelLayout.resolve(self.env, getattr(args, "parallelism_config", None))
         self.device = torch.device("cpu")
         self.precision = Precision()  # the configured one is made once the device is known
         self._checkpoint_group = None  # background saves' own process group, made at the first one
@@ -334,7 +335,9 @@ class Strategy(abc.ABC):
             dist.barrier()
 
     def describe(self) -> str:
-        return f"{self.name} (world size {self.world_size}, device {self.device})"
+        layout = self.layout
+        mesh = f", {layout.describe()}" if layout.dp_replicate > 1 or layout.tp > 1 else ""
+        return f"{self.name} (world size {self.world_size}, device {self.device}{mesh})"
 
 
 def _without_frozen(module: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:

@@ -94,7 +94,6 @@ class FSDPStrategy(Strategy):
         return block_classes(model, self.args.fsdp_layer_classes)
 
     def setup(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory):
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard, register_fsdp_forward_method
 
         on_meta = any(p.is_meta for p in model.parameters())
@@ -106,7 +105,7 @@ class FSDPStrategy(Strategy):
         if not on_meta:
             model.to(self.device)
 
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        mesh = self.layout.fsdp_mesh(self.device.type)  # (dp_replicate, dp_shard): HSDP
         kwargs = {"mesh": mesh, "reshard_after_forward": self.args.fsdp_reshard_after_forward}
         if self.args.fsdp_cpu_offload:
             # pinned memory needs an accelerator; on a CPU-only host it fails

@@ -9,8 +9,36 @@ from .precision import check_options as check_precision_options
 
 def check_strategy_options(args) -> None:
     """Raise for an option of one backend set under another (it would be ignored) or an invalid one."""
-    for check in (check_fsdp_options, check_deepspeed_options, check_precision_options, check_node_local_saves):
+    for check in (check_fsdp_options, check_deepspeed_options, check_precision_options, check_node_local_saves,
+                  check_layout):
         check(args)
+
+
+# strategy -> the parallelism_config sizes it can run above 1, and what to use for the others
+_LAYOUTS = {
+    "ddp": ({"dp_replicate_size"}, "DDP replicates the whole model: use dp_replicate_size, or strategy fsdp "
+                                   "to shard (dp_shard_size)"),
+    "fsdp": ({"dp_replicate_size", "dp_shard_size"}, "FSDP2 shards over dp_shard_size and replicates over "
+                                                     "dp_replicate_size (HSDP)"),
+    **{f"zero{stage}": ({"dp_shard_size"}, "DeepSpeed ZeRO partitions over every rank: use dp_shard_size only, "
+                                           "or strategy fsdp for HSDP") for stage in (1, 2, 3)},
+    "single": (set(), "one process has nothing to divide"),
+}
+
+
+def check_layout(args) -> None:
+    """A parallelism_config size the strategy cannot honour is refused (tensor parallelism is not built yet)."""
+    config = args.parallelism_config
+    if config is None or args.strategy == "auto":
+        return
+    allowed, hint = _LAYOUTS[args.strategy]
+    for name in ("dp_replicate_size", "dp_shard_size", "tp_size"):
+        value = getattr(config, name)
+        if value != 1 and name not in allowed:
+            if name == "tp_size":
+                raise NotSupportedError(f"parallelism_config tp_size={value}: tensor parallelism is not supported "
+                                        "yet; use dp_replicate_size and dp_shard_size")
+            raise ValueError(f"parallelism_config {name}={value} with strategy {args.strategy!r}: {hint}")
 
 
 def check_node_local_saves(args) -> None:
