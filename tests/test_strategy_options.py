@@ -71,7 +71,7 @@ def test_a_deepspeed_config_picks_the_stage_when_strategy_is_auto(tmp_path):
     ({"strategy": "ddp", "offload_optimizer": True}, "offload_optimizer=True needs strategy zero1"),
     ({"strategy": "zero3", "fsdp_cpu_offload": True}, "only applies to strategy: fsdp"),
     ({"strategy": "ddp", "fsdp_reshard_after_forward": False}, "only applies to strategy: fsdp"),
-    ({"fsdp": "hybrid_shard"}, "not supported"),
+    ({"fsdp": "no_shard"}, "not supported"),  # hybrid_shard is HSDP (test_parallel_layout.py)
     ({"fsdp": "full_shard", "strategy": "zero2"}, "keep one of them"),
     ({"fsdp_config": {"min_num_params": 1000}}, "min_num_params"),
     ({"fsdp_config": {"version": 1}}, "only FSDP2"),

@@ -112,6 +112,18 @@ def test_sentence_pairs_from_yaml_train_on_both_columns_and_a_misspelled_column_
     assert not torch.distributed.is_initialized()
 
 
+def test_string_labels_under_the_default_label_column_become_ids(tmp_path):
+    """A column named `label` (data.label_column's default) with string labels: the ids are integers."""
+    from scaletrain.args.run_config import load_config
+    from scaletrain.tasks import build_task
+
+    (tmp_path / "train.csv").write_text("text,label\ngreat film,positive\nawful film,negative\nlovely day,positive\n")
+    config = write_config(tmp_path, "text-classification", {"name_or_path": "minilm", "config_overrides": TINY_BERT},
+                          {"train_file": str(tmp_path / "train.csv"), "max_length": 16})
+    task = build_task(load_config(config))
+    assert list(task.train_dataset["labels"]) == [1, 0, 1] and task.labels == ["negative", "positive"]
+
+
 def test_token_classification_from_jsonl_on_2_ranks_zero2(tmp_path):
     paths = task_data.write_ner_jsonl(tmp_path)
     config = write_config(tmp_path, "token-classification",
@@ -260,7 +272,7 @@ def test_every_file_format_gives_the_same_rows(tmp_path):
                                                                 "config_overrides": TINY_BERT},
                               {**source, **common, "max_train_samples": 30})
         task = build_task(load_config(config))
-        built[name] = (list(task.train_dataset["input_ids"]), list(task.train_dataset["label"]), task.labels)
+        built[name] = (list(task.train_dataset["input_ids"]), list(task.train_dataset["labels"]), task.labels)
     assert len(built["csv"][0]) == 30
     assert all(value == built["csv"] for value in built.values())
 
@@ -363,5 +375,5 @@ def test_float_labels_are_a_regression_target_as_in_run_glue(tmp_path):
     task = build_task(load_config(config))
     model = task.build_model_from_config()
     assert model.config.num_labels == 1 and model.config.problem_type == "regression"
-    assert list(task.train_dataset["label"]) == [4.5, 1.0, 3.0]
+    assert list(task.train_dataset["labels"]) == [4.5, 1.0, 3.0]
     assert task.metric_names == ("mse", "num_samples")

@@ -183,7 +183,9 @@ def build_file_classification_task(cfg, splits) -> Task:
         full = tokenizer(*texts)["input_ids"]
         out[OVERLENGTH] = [len(ids) > data.max_length for ids in full]
         if label_column in batch:
-            out["label"] = [float(v) if regression else label_id.get(v, v) for v in batch[label_column]]
+            # "labels", not "label": a map that returns a removed column's name keeps that column's type, so
+            # the ids of string labels stayed strings under the default label_column
+            out["labels"] = [float(v) if regression else label_id.get(v, v) for v in batch[label_column]]
         return out
 
     encoded = {}
