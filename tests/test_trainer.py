@@ -210,6 +210,22 @@ def test_ignore_data_skip_restarts_the_epoch_on_resume(tmp_path, ignore_data_ski
     assert resumed_rows.seen == full_rows.seen[start:start + 3 * rows_per_step]
 
 
+def _timed(owner, method: str, read_after=lambda: None) -> list[tuple[float, object]]:
+    """Wrap owner.method; each call appends (its duration, read_after() once it returned)."""
+    import time
+
+    real, calls = getattr(owner, method), []
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        result = real(*args, **kwargs)
+        calls.append((time.perf_counter() - started, read_after()))
+        return result
+
+    setattr(owner, method, timed)
+    return calls
+
+
 def test_async_save_commits_later_and_resumes_exactly(tmp_path):
     """The background write holds the state as it was at the save, although
     training changes the weights meanwhile; the commit waits for the write."""
@@ -220,9 +236,15 @@ def test_async_save_commits_later_and_resumes_exactly(tmp_path):
     full.add_callback(type("Snapshot", (transformers.TrainerCallback,), {
         "on_save": lambda self, a, state, control, **kw: saved_at_4.update(
             weights(full.model) if state.global_step == 4 else {})})())
+    staging = _timed(full.strategy, "save_state_async")
+    saves = _timed(full.checkpoints, "save", lambda: full.checkpoints.last_save_blocking_s)
     full.train()
     assert [p.name for p in sorted(tmp_path.glob("checkpoint-*"))] == ["checkpoint-4", "checkpoint-8"]
-    assert full.checkpoints.last_save_blocking_s > 0
+    # the time training waited, per save, is at least the staging copy and at most the whole call (which also
+    # waits for the previous background write), both timed from outside
+    assert len(saves) == len(staging) == 2
+    for staged, (called, blocking) in zip(staging, saves, strict=True):
+        assert staged[0] <= blocking <= called, (staged, called, blocking)
 
     from scaletrain.checkpoint.export import consolidated_state_dict
 
@@ -260,6 +282,74 @@ def test_resume_rejects_a_different_model(tmp_path):
     with pytest.raises(CheckpointError, match="different model configuration"):
         Trainer(model=other, args=make_args(tmp_path, max_steps=4), train_dataset=RaggedLM(16)).train(
             resume_from_checkpoint=True)
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _state_sections(checkpoint) -> set[str]:
+    """The top-level entries of a checkpoint's DCP state (model, optimizer), from its metadata alone."""
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.FileSystemReader(str(checkpoint / "state")).read_metadata()
+    return {key.split(".")[0] for key in metadata.state_dict_metadata}
+
+
+def test_save_only_model_checkpoints_export_and_evaluate_the_trained_weights_but_do_not_resume(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    from scaletrain.checkpoint.export import export_checkpoint
+
+    def run(out, **kw):
+        trainer = Trainer(model=tiny_gpt2(), args=make_args(out, max_steps=4, save_strategy="steps", save_steps=4,
+                                                              **kw), train_dataset=RaggedLM(32))
+        trainer.train()
+        return trainer, out / "checkpoint-4"
+
+    trained, checkpoint = run(tmp_path / "only-model", save_only_model=True)
+    _, full = run(tmp_path / "full")
+    # the model alone: no optimizer section (a full checkpoint has one), no scheduler, and the manifest says so
+    assert _state_sections(checkpoint) == {"model"} and _state_sections(full) > {"model"}
+    assert not (checkpoint / "scheduler.pt").exists() and (full / "scheduler.pt").is_file()
+    assert json.loads((checkpoint / "manifest.json").read_text())["includes_optimizer"] is False
+    assert sum(len(b) for b in _files(checkpoint).values()) < 0.6 * sum(len(b) for b in _files(full).values())
+
+    # its weights are the trained model's, bit for bit, and evaluate as it does
+    model = GPT2LMHeadModel.from_pretrained(export_checkpoint(checkpoint, tmp_path / "export"))
+    assert max_diff(weights(model), weights(trained.model)) == 0.0
+    evaluated = Trainer(model=model, args=make_args(tmp_path / "eval"), eval_dataset=RaggedLM(8, seed=3)).evaluate()
+    trained.eval_dataset = RaggedLM(8, seed=3)
+    assert evaluated["eval_loss"] == trained.evaluate()["eval_loss"]
+
+    # resuming needs the optimizer state it does not hold: refused, the checkpoint left as it was
+    before = _files(checkpoint)
+    with pytest.raises(CheckpointError, match="saved with save_only_model=True and holds no optimizer state"):
+        Trainer(model=tiny_gpt2(), args=make_args(tmp_path / "only-model", max_steps=8, save_strategy="steps",
+                                                  save_steps=4), train_dataset=RaggedLM(32)).train(
+            resume_from_checkpoint=str(checkpoint))
+    assert _files(checkpoint) == before
+
+
+def test_a_checkpoint_of_another_format_version_is_refused_by_number_and_left_on_disk(tmp_path):
+    from scaletrain.checkpoint.export import export_checkpoint
+
+    args = lambda: make_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)  # noqa: E731
+    Trainer(model=tiny_gpt2(), args=args(), train_dataset=RaggedLM(32)).train()
+    checkpoint = tmp_path / "checkpoint-4"
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    ours = manifest["format_version"]
+    for theirs in (ours + 1, "2.0-beta"):  # written by a newer scaletrain; not a number this one knows
+        (checkpoint / "manifest.json").write_text(json.dumps({**manifest, "format_version": theirs}))
+        before = _files(tmp_path)
+        for target in (str(checkpoint), "latest"):
+            with pytest.raises(CheckpointError, match=rf"checkpoint-4 has checkpoint format {theirs}, this "
+                                                       rf"scaletrain reads {ours}"):
+                Trainer(model=tiny_gpt2(), args=args(), train_dataset=RaggedLM(32)).train(
+                    resume_from_checkpoint=target)
+        with pytest.raises(CheckpointError, match=rf"format {theirs}"):
+            export_checkpoint(checkpoint, tmp_path / "export")
+        assert _files(tmp_path) == before  # nothing rewritten, removed or added
 
 
 # ------------------------------------------------------------------- data
@@ -350,7 +440,7 @@ def test_a_stream_position_is_the_same_on_every_rank_and_restores_beneath_the_sh
     training_stream(second).load_state_dict(state)
     rest = [b["input_ids"] for b in second]
     assert len(whole) == 4 and len(head + rest) == 4
-    assert all(torch.equal(a, b) for a, b in zip(whole, head + rest))
+    assert all(torch.equal(a, b) for a, b in zip(whole, head + rest, strict=True))
 
 
 def test_hf_dataset_unused_columns_are_dropped_and_save_model_round_trips(tmp_path):
@@ -427,9 +517,91 @@ def test_full_determinism_switches_torch_to_deterministic_kernels(tmp_path):
         torch.use_deterministic_algorithms(False)  # a process-wide switch: the other tests run without it
 
 
+def test_disable_tqdm_turns_the_progress_bar_off(tmp_path, capfd):
+    bars = {}
+    for disable in (False, True):
+        Trainer(model=tiny_gpt2(), args=make_args(tmp_path / str(disable), max_steps=3, disable_tqdm=disable),
+                train_dataset=RaggedLM(16)).train()
+        bars[disable] = capfd.readouterr().err.count("3/3 [")  # the bar's last draw: 3 of 3 steps
+    assert bars == {False: 1, True: 0}, bars
+
+
+@pytest.mark.gpu
+def test_use_cpu_trains_on_the_cpu_of_a_gpu_host(tmp_path):
+    runs = {}
+    for use_cpu in (True, False):
+        trainer = Trainer(model=tiny_gpt2(), args=make_args(tmp_path / str(use_cpu), max_steps=2, use_cpu=use_cpu),
+                          train_dataset=RaggedLM(16))
+        allocated = torch.cuda.memory_allocated()
+        trainer.train()
+        runs[use_cpu] = ({p.device.type for p in trainer.model.parameters()}, trainer.strategy.device.type,
+                         torch.cuda.memory_allocated() - allocated, losses_of(trainer))
+        del trainer
+    assert runs[True][:3] == ({"cpu"}, "cpu", 0)  # not a byte on the GPU
+    assert runs[False][:2] == ({"cuda"}, "cuda") and runs[False][2] > 0
+    np.testing.assert_allclose(runs[True][3], runs[False][3], rtol=1e-3)  # the same run (TF32 may be on)
+
+
 def test_tf32_is_refused_where_the_hardware_has_none(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(ValueError, match="tf32=True needs an Ampere"):
         make_args(tmp_path, tf32=True)
     assert make_args(tmp_path, tf32=False).tf32 is False  # nothing to switch off on a CPU
+
+
+@pytest.fixture
+def tf32_hardware(monkeypatch):
+    """This CPU answering as an Ampere GPU would: the switch the trainer flips is torch's process-wide
+    fp32 precision setting, which a CPU build has too. Put back afterwards."""
+    from scaletrain.strategies import precision
+
+    monkeypatch.setattr(precision, "is_torch_tf32_available", lambda: True)
+    before = torch.backends.fp32_precision
+    yield precision
+    torch.backends.fp32_precision = before
+
+
+def _matmul_precision_after_a_trainer(out, tf32) -> tuple[str, str]:
+    Trainer(model=tiny_gpt2(), args=make_args(out, tf32=tf32), train_dataset=RaggedLM(8))
+    return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+
+
+def test_tf32_switches_torch_fp32_matmuls_as_hf_does(tmp_path, tf32_hardware):
+    torch.backends.fp32_precision = "none"
+    default = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    assert _matmul_precision_after_a_trainer(tmp_path, None) == default  # None: torch's defaults stay
+    assert _matmul_precision_after_a_trainer(tmp_path, True) == ("tf32", "tf32")
+    assert _matmul_precision_after_a_trainer(tmp_path, None) == ("tf32", "tf32")  # None changes nothing
+    assert _matmul_precision_after_a_trainer(tmp_path, False) == ("ieee", "ieee")
+
+
+# transformers' enable_tf32 is lru_cache'd: going through it, a setting applied once in a process was not
+# applied again, so a Trainer with tf32=True after one with tf32=False kept IEEE matmuls
+def test_tf32_is_applied_by_every_trainer_not_only_the_first_with_that_setting(tmp_path, tf32_hardware):
+    for tf32 in (True, False, True):
+        assert _matmul_precision_after_a_trainer(tmp_path, tf32)[0] == ("tf32" if tf32 else "ieee"), tf32
+
+
+@pytest.mark.gpu
+def test_tf32_makes_cuda_fp32_matmuls_use_tensor_float_32(tmp_path):
+    """On an Ampere or newer GPU, against float64: the same fp32 matmul rounds its inputs to 10 mantissa bits
+    with TF32 (errors ~2^13 times IEEE fp32's 23-bit ones); with IEEE fp32 it stays within ~1e-6."""
+    from scaletrain.strategies import precision
+
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("TF32 needs compute capability 8.0 (Ampere) or newer")
+    before = torch.backends.fp32_precision
+    precision.enable_tf32.cache_clear()  # each setting below is then the first of its kind (see the xfail above)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a, b = (torch.randn(2048, 2048, device="cuda", generator=g) for _ in range(2))
+    exact = a.double() @ b.double()
+    errors = {}
+    try:
+        for tf32 in (True, False):
+            assert _matmul_precision_after_a_trainer(tmp_path, tf32)[0] == ("tf32" if tf32 else "ieee")
+            errors[tf32] = ((a @ b).double() - exact).abs().max().item() / exact.abs().max().item()
+    finally:
+        torch.backends.fp32_precision = before
+        precision.enable_tf32.cache_clear()
+    assert errors[False] < 1e-5 and errors[True] > 30 * errors[False], errors

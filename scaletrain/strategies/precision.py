@@ -19,7 +19,7 @@ import contextlib
 from typing import Any, Optional
 
 import torch
-from transformers.utils.import_utils import enable_tf32, is_torch_tf32_available
+from transformers.utils.import_utils import is_torch_tf32_available
 
 from ..errors import NotSupportedError
 
@@ -43,9 +43,16 @@ def check_full_eval(args, owner: str) -> None:
 
 
 def apply_tf32(setting: Optional[bool]) -> None:
-    """HF's meaning: True/False switch TF32 matmuls where the hardware has them; None leaves torch's default."""
-    if setting is not None and is_torch_tf32_available():
-        enable_tf32(setting)
+    """HF's meaning: True/False switch TF32 matmuls where the hardware has them; None leaves torch's default.
+    Set on torch directly: transformers' enable_tf32 is lru_cache'd, so a setting it applied once in a process
+    was not applied again (a Trainer with tf32=True after one with tf32=False kept IEEE matmuls)."""
+    if setting is None or not is_torch_tf32_available():
+        return
+    if hasattr(torch.backends, "fp32_precision"):  # torch >= 2.9
+        torch.backends.fp32_precision = "tf32" if setting else "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = setting
+        torch.backends.cudnn.allow_tf32 = setting
 
 
 class Precision:
