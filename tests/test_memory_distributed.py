@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from helpers import RaggedLM, losses_of, run_ranks
 from scaletrain import Trainer, TrainingArguments
-from scaletrain.strategies import build_strategy
+from scaletrain.strategies import Strategy, build_strategy
 from test_memory_middleware import PRECISION_RTOL, STEPS, InjectInf, check_overflow_step_was_skipped
 
 FINDER_RANGE = 32  # per-rank batch the finder may split: per_device 32 x accumulation 1
@@ -202,7 +203,7 @@ def test_memory_middleware_on_two_ranks(strategy, tmp_path, pretrained, big_pret
 
     # bf16 through this strategy's own mechanism tracks fp32 (see PRECISION_RTOL)
     np.testing.assert_allclose(got["bf16"]["losses"], reference["losses"], rtol=PRECISION_RTOL)
-    assert max(abs(a - b) for a, b in zip(got["bf16"]["losses"], reference["losses"])) > 1e-6
+    assert max(abs(a - b) for a, b in zip(got["bf16"]["losses"], reference["losses"], strict=True)) > 1e-6
 
     if strategy in FP16_STRATEGIES:
         assert ranks[0]["fp16"]["losses"] == ranks[1]["fp16"]["losses"]  # both ranks took the same steps
@@ -237,3 +238,134 @@ def test_single_process_model_state_matches_the_estimate(tmp_path, big_pretraine
 
 def _single_state_job(rank: int, out: str, big_pretrained: str) -> None:
     Path(out, "state.json").write_text(json.dumps(_measured_model_state(out, big_pretrained, "single")))
+
+
+# ------------------------------------------------ the batch finder under ZeRO-1/2
+# DeepSpeedStrategy.discard_gradients has a branch per ZeRO optimizer; each run reaches one. name ->
+# (arguments, the optimizer DeepSpeed wraps the model's in, whether the generic zero_grad is shown to fail there)
+ZERO_FINDER_RUNS = {
+    "zero1": ({"strategy": "zero1"}, "DeepSpeedZeroOptimizer", False),
+    "zero2": ({"strategy": "zero2"}, "DeepSpeedZeroOptimizer", False),
+    # ZeRO-1 with bf16 weights and fp32 gradient accumulation is DeepSpeed's BF16_Optimizer
+    "zero1-bf16": ({"strategy": "zero1", "bf16": True, "deepspeed": {"data_types": {"grad_accum_dtype": "fp32"}}},
+                   "BF16_Optimizer", True),
+    "zero2-bf16": ({"strategy": "zero2", "bf16": True}, "DeepSpeedZeroOptimizer", False),
+}
+# offloaded, stage 1/2 add each backward into host buffers while the micro-step count is > 0: a count the
+# probes left behind would add the next step's gradients to theirs
+# no generic-discard guard here: the generic zero_grad(set_to_none=True) drops the offloaded partitions'
+# gradient buffers, which fails outright rather than leaving a probe's gradients in
+ZERO_OFFLOAD_FINDER_RUNS = {
+    "zero1-offload": ({"strategy": "zero1", "offload_optimizer": True}, "DeepSpeedZeroOptimizer", False),
+    "zero2-offload": ({"strategy": "zero2", "offload_optimizer": True}, "DeepSpeedZeroOptimizer", False),
+}
+ZERO_FINDER_BATCH = 8  # per rank; the budget below lets 4 rows fit and not 5, so 4 x 2 accumulation is chosen
+
+
+class _GradientsAtTrainBegin(TrainerCallback):
+    """What the ZeRO optimizer holds when training begins, i.e. right after the finder's probes: any
+    gradient left in its buffers would be added into the first real step."""
+
+    def __init__(self) -> None:
+        self.trainer, self.seen = None, {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+        from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+        zero = self.trainer.strategy.engine.optimizer
+        params = [p for group in getattr(zero, "bf16_groups", None) or zero.bit16_groups for p in group]
+        self.seen = {"optimizer": type(zero).__name__, "param_grads": sum(p.grad is not None for p in params)}
+        if isinstance(zero, BF16_Optimizer):
+            self.seen["buffered"] = sum(float(f.abs().sum()) for f in zero.fp32_groups_gradients_flat) + \
+                sum(any(has) for has in zero.fp32_groups_has_gradients)
+        else:
+            self.seen["buffered"] = sum(v is not None for v in zero.averaged_gradients.values()) + \
+                sum(v is not None for v in zero.all_grad_tensors.values())
+            self.seen["micro_step_reset"] = zero.micro_step_id == INITIAL_MICRO_STEP_ID
+
+
+def _zero_finder_run(out: str, pretrained: str, extra: dict, guard: bool) -> dict:
+    """Probe budget -> finder run -> a run configured with its choice (-> with `guard`, a finder run whose
+    probes are dropped the generic way, by optimizer.zero_grad)."""
+    # SGD: the update is linear in the gradient, so a stray probe gradient shows in the weights as it is
+    common = dict(optim="sgd", learning_rate=0.5, max_steps=3, dataset_size=128, **extra)
+    probe = _trainer(f"{out}/probe", pretrained, per_device_train_batch_size=ZERO_FINDER_BATCH, **common)
+    probe._setup_model()
+    budget = (probe.measure_step_memory(4) + probe.measure_step_memory(5)) // 2
+
+    def run(name, finder: bool, generic_discard: bool = False, **kw):
+        trace = _GradientsAtTrainBegin()
+        finder_kw = dict(auto_find_batch_size=True, batch_finder_memory_budget=str(budget)) if finder else {}
+        trainer = _trainer(f"{out}/{name}", pretrained, callbacks=[trace], **common, **kw, **finder_kw)
+        trace.trainer = trainer
+        if generic_discard:
+            trainer.strategy.discard_gradients = lambda model, optimizer: Strategy.discard_gradients(
+                trainer.strategy, model, optimizer)
+        trainer.train()
+        weights = trainer.strategy.full_model_state_dict(trainer.model_wrapped)
+        return trainer, {"losses": losses_of(trainer), "grad_norms": _grad_norms(trainer), "trace": trace.seen}, weights
+
+    found, result, found_weights = run("found", True, per_device_train_batch_size=ZERO_FINDER_BATCH)
+    choice = found.batch_size_choice
+    result.update(capacity=choice.capacity, per_device=choice.per_device, accumulation=choice.accumulation,
+                  probes=[b for b, _ in choice.probes])
+    _, result["direct"], direct_weights = run("direct", False, per_device_train_batch_size=choice.per_device,
+                                              gradient_accumulation_steps=choice.accumulation)
+    result["weight_diff"] = _max_diff(found_weights, direct_weights)
+    if guard:
+        _, result["generic"], generic_weights = run("generic", True, generic_discard=True,
+                                                    per_device_train_batch_size=ZERO_FINDER_BATCH)
+        result["generic_weight_diff"] = _max_diff(generic_weights, direct_weights)
+    return result
+
+
+def _zero_finder_job(rank: int, out: str, pretrained: str, runs: dict) -> None:
+    result = {name: _zero_finder_run(f"{out}/{name}", pretrained, extra, guard)
+              for name, (extra, _, guard) in runs.items()}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    torch.distributed.barrier()
+
+
+def _zero_finder_results(out: Path, pretrained: str, runs: dict) -> list[dict]:
+    """One 2-rank job for all of `runs`; each rank's results."""
+    run_ranks(_zero_finder_job, str(out), pretrained, runs, timeout=300)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def _check_zero_finder_run(ranks: list[dict], runs: dict, name: str) -> None:
+    """After the probes the ZeRO optimizer holds nothing, and the first real step (and every later one)
+    is the step of a run configured with the chosen sizes, to the bit: the same ops on the same data."""
+    _, optimizer, guard = runs[name]
+    got = ranks[0][name]
+    assert got["trace"]["optimizer"] == optimizer, name  # the branch this run is meant to reach
+    assert got["trace"]["param_grads"] == 0 and got["trace"]["buffered"] == 0, (name, got["trace"])
+    assert got["trace"].get("micro_step_reset", True), name
+    # peak(4) < budget < peak(5): capacity 4, and 4 x 2 keeps the per-rank batch of 8
+    assert (got["capacity"], got["per_device"], got["accumulation"]) == (4, 4, 2), (name, got)
+    assert len(got["probes"]) > 1 and max(got["probes"]) >= 5, got["probes"]  # real backwards ran first
+    assert got["losses"] == got["direct"]["losses"], name
+    assert got["grad_norms"] == got["direct"]["grad_norms"], name
+    assert got["weight_diff"] == 0.0, name
+    assert ranks[1][name]["losses"] == got["losses"], name  # both ranks report the global loss
+    if guard:  # the comparison can fail: the generic zero_grad leaves a probe's gradients in the first step
+        assert got["generic"]["trace"]["buffered"] > 0, name
+        assert got["generic"]["grad_norms"][0] > 1.5 * got["direct"]["grad_norms"][0], name
+        assert got["generic_weight_diff"] > 1e-3, name
+
+
+def test_batch_finder_drops_probe_gradients_under_zero1_and_zero2(tmp_path, pretrained):
+    """The finder's probes run real backwards through the ZeRO-1/2 optimizers (and DeepSpeed's BF16_Optimizer);
+    DeepSpeedStrategy.discard_gradients must leave the next step exactly as if they had not run."""
+    ranks = _zero_finder_results(tmp_path, pretrained, ZERO_FINDER_RUNS)
+    for name in ZERO_FINDER_RUNS:
+        _check_zero_finder_run(ranks, ZERO_FINDER_RUNS, name)
+
+
+# ZeRO-1/2 with the optimizer offloaded: the torch optimizer's parameters are DeepSpeed's fp32 partitions,
+# whose .grad DeepSpeed allocates once and copies into every backward; a zero_grad(set_to_none=True) after
+# the step (as the trainer does for the other backends) broke the second step here
+def test_batch_finder_drops_probe_gradients_with_the_optimizer_offloaded(tmp_path, pretrained):
+    ranks = _zero_finder_results(tmp_path, pretrained, ZERO_OFFLOAD_FINDER_RUNS)
+    for name in ZERO_OFFLOAD_FINDER_RUNS:
+        _check_zero_finder_run(ranks, ZERO_OFFLOAD_FINDER_RUNS, name)

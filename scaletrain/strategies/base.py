@@ -158,6 +158,10 @@ class Strategy(abc.ABC):
     def clip_grad_norm_(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(self.unwrap(model).parameters(), max_norm)
 
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """After a step: gradients dropped (their memory freed until the next backward)."""
+        optimizer.zero_grad(set_to_none=True)
+
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
         """Step; False if it was skipped (inf/NaN gradients under fp16 loss scaling)."""
         return self.precision.optimizer_step(optimizer)

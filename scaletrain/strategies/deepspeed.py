@@ -305,6 +305,11 @@ class DeepSpeedStrategy(Strategy):
         self.engine.step()
         return self.engine.was_step_applied()  # False after an fp16 overflow
 
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """engine.step() zeroed the gradients its own way; zero_grad(set_to_none=True) on top dropped the fp32
+        partitions' gradients, which ZeRO-1/2 with optimizer offload allocates once and copies into."""
+        return
+
     def enable_mixed_precision(self, dtype: torch.dtype) -> bool:
         # the bf16/fp16 block was generated from the same arguments
         return True

@@ -119,7 +119,7 @@ class StepRunner:
         if stepped and not steps_on_metric(scheduler):  # those step after an evaluation
             scheduler.step()
         # else an fp16 overflow: the weights did not move, so neither does the schedule
-        optimizer.zero_grad(set_to_none=True)
+        self.strategy.zero_grad(optimizer)
         return StepResult(loss / self.strategy.world_size, samples, tokens, grad_norm, stepped, finite, flos,
                           model_flops)
 
