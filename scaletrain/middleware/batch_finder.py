@@ -83,7 +83,7 @@ def search_capacity(measure: Callable[[int], int], budget: int, upper: int) -> t
             f"{format_bytes(budget)}; raise batch_finder_memory_budget, or save memory with bf16, "
             "activation_checkpointing or a sharded strategy (fsdp, zero3)")
     lo, hi = 1, upper + 1  # lo fits; hi is the smallest known not to fit (upper + 1: none known)
-    # grow: aim at the predicted largest fitting size, at least doubling while predictions undershoot
+    # grow: aim at the predicted largest fitting size, one row more at least when the prediction undershoots
     while lo < upper and hi == upper + 1:
         guess = min(upper, max(lo + 1, _predict(cache, budget, lo)))
         if probe(guess):

@@ -67,8 +67,12 @@ class ReportingMethods:
         for HF read it there; transformers' default verbosity keeps it out of the console)."""
         hf_logger = hf_logging.get_logger("transformers.trainer")
         per_epoch = plan.micro_batches_per_epoch
+        try:
+            examples = self.num_examples(self.train_loader)
+        except TypeError:  # a stream: HF counts the samples the run will read
+            examples = plan.geometry.global_batch * plan.max_steps
         lines = ["***** Running training *****",
-                 f"  Num examples = {self.num_examples(self.train_loader):,}",
+                 f"  Num examples = {examples:,}",
                  f"  Num Epochs = {plan.num_epochs:,}",
                  f"  Num update steps per epoch = {max(1, -(-per_epoch // plan.accumulation)) if per_epoch else '?'}",
                  f"  Instantaneous batch size per device = {plan.per_device:,}",
