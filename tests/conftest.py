@@ -17,3 +17,15 @@ def pretrained(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("pretrained")
     tiny_gpt2(seed=0).save_pretrained(folder)
     return str(folder)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a CUDA device: skipped (with the reason) where torch sees none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu); run `make test-gpu` on a GPU host")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -84,6 +84,24 @@ def test_compile_options_follow_hf_and_deepspeed_is_refused(tmp_path):
         TrainingArguments(output_dir=str(tmp_path), torch_compile=True, strategy="zero2")
 
 
+def test_compile_mode_and_backend_reach_torch_compile(tmp_path, monkeypatch):
+    """What Module.compile is called with (compiling is lazy: nothing is compiled here); the numerics of a
+    compiled run are the tests above."""
+    calls, real = [], torch.nn.Module.compile
+
+    def compile_spy(module, *args, **kwargs):
+        calls.append((type(module).__name__, args, kwargs))
+        return real(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_spy)
+    for options in ({"torch_compile_mode": "max-autotune-no-cudagraphs"}, {"torch_compile_backend": "aot_eager"}):
+        args = TrainingArguments(output_dir=str(tmp_path), strategy="single", report_to="none", **options)
+        Trainer(model=tiny_llama(), args=args, train_dataset=FixedLength())._setup_model()
+    # either one implies torch_compile (HF's rule); the default backend is inductor, the default mode None
+    assert calls == [("LlamaForCausalLM", (), {"backend": "inductor", "mode": "max-autotune-no-cudagraphs"}),
+                     ("LlamaForCausalLM", (), {"backend": "aot_eager", "mode": None})]
+
+
 def _prefetch_job(rank: int, out: str) -> None:
     plain = _train(f"{out}/plain", strategy="fsdp")
     ahead = _train(f"{out}/ahead", strategy="fsdp", fsdp_prefetch=1)

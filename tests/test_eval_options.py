@@ -133,7 +133,7 @@ def test_unconcatenated_batches_and_accumulation_steps_give_hf_predictions(tmp_p
     outputs = {name: trainer.predict(RaggedLM(EVAL_ROWS, seed=4)) for name, trainer in lists.items()}
     ours, hf = outputs["ours"].predictions, outputs["hf"].predictions
     assert isinstance(ours, list) and [p.shape[0] for p in ours] == [p.shape[0] for p in hf] == [8, 8, 4]
-    for mine, theirs in zip(ours, hf):
+    for mine, theirs in zip(ours, hf, strict=True):
         np.testing.assert_allclose(mine, theirs, atol=1e-5, rtol=0)
     assert [len(p) for p in outputs["ours"].label_ids] == [8, 8, 4]
     accumulated = both_trainers(tmp_path / "accumulated", {"eval_accumulation_steps": 2})["ours"]

@@ -130,6 +130,28 @@ def test_process_facts_and_log_levels_follow_the_launcher(monkeypatch, rank, loc
     assert ours.should_log == (expected == "info")
 
 
+def test_local_rank_from_an_old_launcher_is_parsed_and_the_environment_decides(monkeypatch, tmp_path):
+    """torch.distributed.launch and the deepspeed launcher append --local_rank=N to a script's arguments: HF's
+    parser needs the field to accept it, and HF reads the process's local rank elsewhere (local_process_index,
+    from the launcher's environment). Here the field says 1 and the environment 0: the environment decides."""
+    argv = ["--output_dir", "OUT", "--use_cpu", "--local_rank=1"]
+    # HF's class, before the environment below (with it, HF's would start a 4-rank process group)
+    theirs, = _parse((transformers.TrainingArguments,), argv, tmp_path)
+    hf_default = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True).local_rank
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    ours, = _parse((scaletrain.TrainingArguments,), argv, tmp_path)
+    assert ours.local_rank == theirs.local_rank == 1  # kept as passed, as HF keeps it
+    assert (ours.local_process_index, ours.process_index, ours.world_size) == (0, 2, 4)
+    # a node's first process (local rank 0 by the environment; 1 by the field) logs with log_on_each_node,
+    # and only the global rank 0 writes files
+    assert ours.should_log and not ours.should_save
+    default, = _parse((scaletrain.TrainingArguments,), ["--output_dir", "OUT", "--use_cpu"], tmp_path)
+    assert default.local_rank == hf_default == -1  # not given: the environment alone says
+
+
 def test_set_helpers_change_fields_as_hf_does_and_are_checked_again():
     ours = scaletrain.TrainingArguments(output_dir="out", use_cpu=True)
     theirs = transformers.TrainingArguments(output_dir="out", use_cpu=True)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from helpers import RaggedLM, losses_of, tiny_llama
+from helpers import RaggedLM, losses_of, tiny_gpt2, tiny_llama
 from scaletrain import NotSupportedError, Trainer, TrainingArguments
 
 
@@ -106,6 +106,71 @@ def test_data_seed_orders_the_data_and_seed_does_not(tmp_path):
     torch.testing.assert_close(first_batches[0, 11], torch.stack([rows[i]["input_ids"] for i in order]))
     torch.testing.assert_close(first_batches[5, 11], first_batches[0, 11])
     assert not torch.equal(first_batches[0, 12], first_batches[0, 11])
+
+
+def test_per_device_eval_batch_size_batches_evaluation_as_hf_does(tmp_path):
+    steps = {}
+
+    class CountBatches(transformers.TrainerCallback):
+        def on_prediction_step(self, args, state, control, **kwargs):
+            steps[name] += 1
+
+    rows = RaggedLM(10, seed=4)
+    for name, trainer in pair(tmp_path, dict(per_device_eval_batch_size=3), eval_dataset=rows).items():
+        assert [len(b["input_ids"]) for b in trainer.get_eval_dataloader()] == [3, 3, 3, 1], name
+        steps[name] = 0
+        trainer.add_callback(CountBatches())
+        trainer.evaluate()
+        assert steps[name] == 4, name  # ceil(10 / 3) forwards, the last one short
+        assert trainer.predict(rows).predictions.shape[0] == 10, name
+
+
+def test_remove_unused_columns_drops_what_the_model_does_not_take_as_hf_does(tmp_path):
+    """A column forward() has no argument for (`idx`) reaches the collator only with remove_unused_columns=False,
+    for a plain list of rows (HF drops it in a collator) and a datasets.Dataset (HF drops the column)."""
+    import datasets
+
+    rows = [{**row, "idx": i} for i, row in enumerate(RaggedLM(16).rows)]
+    table = datasets.Dataset.from_list([{k: v.tolist() if torch.is_tensor(v) else v for k, v in r.items()}
+                                        for r in rows])
+    model_columns = ["attention_mask", "input_ids", "labels"]
+    for data in (rows, table):
+        for remove in (True, False):
+            for name, trainer in pair(tmp_path / str(remove), dict(remove_unused_columns=remove), train=data).items():
+                seen = []
+
+                def collate(batch, seen=seen):
+                    seen.append(sorted(batch[0]))
+                    return transformers.default_data_collator([{k: r[k] for k in model_columns} for r in batch])
+
+                trainer.data_collator = collate
+                expected = model_columns if remove else sorted([*model_columns, "idx"])
+                for loader in (trainer.get_train_dataloader(), trainer.get_eval_dataloader(data)):
+                    seen.clear()
+                    next(iter(loader))
+                    assert seen and all(keys == expected for keys in seen), (type(data).__name__, remove, name)
+
+
+def test_seed_seeds_the_model_that_model_init_builds_as_hf_does(tmp_path):
+    """HF seeds before calling model_init, so `seed` decides its random initial weights (unlike data_seed)."""
+    from transformers import GPT2LMHeadModel
+
+    config = tiny_gpt2().config
+    built = {}
+    for seed in (3, 3, 4):
+        for name, trainer_cls, args_cls, extra in (
+                ("hf", transformers.Trainer, transformers.TrainingArguments, {"use_cpu": True}),
+                ("ours", Trainer, TrainingArguments, {"strategy": "single"})):
+            torch.manual_seed(1234)  # whatever the process's RNG holds before: the seed decides
+            args = args_cls(output_dir=str(tmp_path / name), seed=seed, report_to="none", **extra)
+            trainer = trainer_cls(model_init=lambda: GPT2LMHeadModel(config), args=args)
+            built.setdefault((name, seed), []).append(trainer.model.state_dict())
+    for seed in (3, 4):
+        for ours, theirs in zip(built["ours", seed], built["hf", seed], strict=True):
+            assert all(torch.equal(ours[k], theirs[k]) for k in ours), seed
+    first, again = built["ours", 3]
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["transformer.wte.weight"], built["ours", 4][0]["transformer.wte.weight"])
 
 
 class TargetLM(torch.nn.Module):

@@ -130,10 +130,9 @@ def _job(rank: int, out: str, strategy: str) -> None:
     for name, extra in (("plain", {}), ("checkpointed", {"activation_checkpointing": True}), ("qlora", QLORA)):
         if name not in COMPOSED[strategy]:
             continue
-        if strategy == "zero3":
-            extra = {**extra, **PARTITION_ALL}
+        settings = {**extra, **PARTITION_ALL} if strategy == "zero3" else extra
         args = _args(f"{out}/{name}", per_device_train_batch_size=4, strategy=strategy, save_strategy="steps",
-                     save_steps=STEPS, **extra)
+                     save_steps=STEPS, **settings)
         built = build_strategy(args)
         built.setup_environment()
         # through the strategy, as from_pretrained: ZeRO-3 partitions the base

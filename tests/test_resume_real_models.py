@@ -77,7 +77,7 @@ def torchrun(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Compl
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
            str(free_port()), "-m", "scaletrain", "train", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL, check=False)
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -120,7 +120,7 @@ def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     return subprocess.run([str(BIN / "scaletrain"), "train", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=240, stdin=subprocess.DEVNULL)
+                          text=True, timeout=240, stdin=subprocess.DEVNULL, check=False)
 
 
 def test_cli_resumes_from_latest_or_true_and_refuses_a_bad_target_before_launch(tmp_path):

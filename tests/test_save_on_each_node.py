@@ -38,7 +38,7 @@ def _two_nodes(root: Path, *overrides: str) -> list[str]:
         procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, stdin=subprocess.DEVNULL))
     outputs = [p.communicate(timeout=300) for p in procs]
-    for node, (proc, (_, err)) in enumerate(zip(procs, outputs)):
+    for node, (proc, (_, err)) in enumerate(zip(procs, outputs, strict=True)):
         assert proc.returncode == 0, f"node {node} failed ({proc.returncode}):\n{err[-4000:]}"
     return [err for _, err in outputs]
 

@@ -52,7 +52,7 @@ def test_search_matches_the_hf_trainer_trial_by_trial(tmp_path):
     hf_trials, our_trials = hf_study.trials, our_study.trials
     assert [t.state for t in our_trials] == [t.state for t in hf_trials]
     assert optuna.trial.TrialState.PRUNED in [t.state for t in hf_trials]  # the pruner acted, in both
-    for hf_trial, our_trial in zip(hf_trials, our_trials):
+    for hf_trial, our_trial in zip(hf_trials, our_trials, strict=True):
         assert our_trial.params == hf_trial.params
         assert sorted(our_trial.intermediate_values) == sorted(hf_trial.intermediate_values)
         np.testing.assert_allclose(list(our_trial.intermediate_values.values()),
@@ -101,7 +101,7 @@ def test_grid_search_visits_exactly_the_grid_and_trains_each_point(tmp_path):
     trials = trainer.search_study.trials
     visited = sorted((t.params["learning_rate"], t.params["per_device_train_batch_size"]) for t in trials)
     assert visited == [(1e-3, 2), (1e-3, 4), (1e-2, 2), (1e-2, 4)]  # the grid, once each, then the search stops
-    for trial, run in zip(trials, record.runs):
+    for trial, run in zip(trials, record.runs, strict=True):
         assert (run["learning_rate"], run["per_device_train_batch_size"]) == \
             (trial.params["learning_rate"], trial.params["per_device_train_batch_size"])
         assert run["output_dir"] == str(tmp_path / "out" / f"run-{trial.number}") and run["steps"] == 6
@@ -198,7 +198,7 @@ def test_bad_search_input_stops_the_search_before_training(tmp_path, case):
 def _job(out: Path, storage: str, kill: str | None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent), KILL_AT=kill or "")
     return subprocess.run([sys.executable, str(SCRIPTS / "search_job.py"), str(out), storage], env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])

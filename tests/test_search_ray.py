@@ -23,7 +23,7 @@ def searches(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ray")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent), RAY_DEDUP_LOGS="0")
     done = subprocess.run([sys.executable, str(SCRIPT), str(out), "grid:hf", "grid:ours", "asha", "restart"],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
     results = {}
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):

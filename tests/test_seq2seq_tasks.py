@@ -97,8 +97,8 @@ def test_translation_is_learned_and_scored_with_sacrebleu(runs):
     assert before["step"] == 0 and before["eval_bleu"] < 5.0
     assert after["eval_bleu"] > 60.0 and after["eval_chrf"] > 80.0, after
     # predictions decoded back to text; the BERT tokenizer is uncased, as are the references
-    exact = sum(p == r for p, r in zip(run["predictions"], run["references"])) / len(run["references"])
-    assert exact >= 0.6, list(zip(run["predictions"], run["references"]))[:5]
+    exact = sum(p == r for p, r in zip(run["predictions"], run["references"], strict=True)) / len(run["references"])
+    assert exact >= 0.6, list(zip(run["predictions"], run["references"], strict=True))[:5]
 
 
 def test_two_ranks_train_like_one_process_and_every_strategy_generates_the_same(runs):

@@ -143,7 +143,8 @@ def reference(tmp_path_factory, pretrained):
         "preds": trainer.predict(RaggedLM(EVAL_N, seed=2)).predictions,
         "weights": _exported(out / "export"),
         "moved": max((p - q).abs().max().item() for p, q in
-                     zip(GPT2LMHeadModel.from_pretrained(pretrained).parameters(), trainer.model.parameters())),
+                     zip(GPT2LMHeadModel.from_pretrained(pretrained).parameters(), trainer.model.parameters(),
+                         strict=True)),
     }
 
 
@@ -151,7 +152,13 @@ def reference(tmp_path_factory, pretrained):
 def test_strategy_contract(name, tmp_path, pretrained, reference):
     run_ranks(_contract_job, str(tmp_path), pretrained, STRATEGIES[name], timeout=300)
     got = json.loads((tmp_path / "result.json").read_text())
+    weights = _check_training(name, got, reference, tmp_path)
+    _check_evaluation(got, reference, tmp_path)
+    _check_resume(name, got, weights, tmp_path, pretrained)
+    _check_sharding(name, got, tmp_path)
 
+
+def _check_training(name: str, got: dict, reference: dict, tmp_path) -> dict:
     # Loss curve. fp32 on CPU; the strategies differ from one process only in
     # reduction order and per-rank matmul shapes. Measured: identical or within
     # ~3e-7 relative for every strategy. 1e-5 leaves margin, while dividing the
@@ -184,7 +191,10 @@ def test_strategy_contract(name, tmp_path, pretrained, reference):
     offline = _exported(export_checkpoint(tmp_path / "run" / f"checkpoint-{STEPS}", tmp_path / "offline"))
     assert offline.keys() == weights.keys()
     assert max((offline[k] - weights[k]).abs().max().item() for k in weights) == 0.0
+    return weights
 
+
+def _check_evaluation(got: dict, reference: dict, tmp_path) -> None:
     # Distributed evaluate/predict: every row once, in order, same loss.
     assert got["metrics"]["eval_n_samples"] == EVAL_N
     assert got["metrics"]["eval_n_targets"] == reference["metrics"]["eval_n_targets"]
@@ -193,6 +203,8 @@ def test_strategy_contract(name, tmp_path, pretrained, reference):
     assert preds.shape == reference["preds"].shape
     np.testing.assert_allclose(preds, reference["preds"], atol=2e-4, rtol=0)
 
+
+def _check_resume(name: str, got: dict, weights: dict, tmp_path, pretrained: str) -> None:
     # Fresh processes resuming from step 5 (mid-epoch) on the same world size
     # replay steps 6..20 exactly: data position, RNG, optimizer and scheduler.
     run_ranks(_resume_job, str(tmp_path), pretrained, STRATEGIES[name], "resumed", timeout=300)
@@ -219,6 +231,8 @@ def test_strategy_contract(name, tmp_path, pretrained, reference):
         np.testing.assert_allclose(json.loads((tmp_path / "two-again.json").read_text()), got["losses"],
                                    rtol=1e-5, atol=0)
 
+
+def _check_sharding(name: str, got: dict, tmp_path) -> None:
     # Sharding is real: what this rank stores, against the full model.
     held, total = got["held"], got["total_numel"]
     param_share = held["parameters"] / total

@@ -52,7 +52,7 @@ def main() -> None:
         labels = np.where(labels != -100, labels, tokenizer.pad_token_id)
         decoded = tokenizer.batch_decode(predictions, skip_special_tokens=True)
         expected = tokenizer.batch_decode(labels, skip_special_tokens=True)
-        return {"exact_match": float(np.mean([p.strip() == e.strip() for p, e in zip(decoded, expected)]))}
+        return {"exact_match": float(np.mean([p.strip() == e.strip() for p, e in zip(decoded, expected, strict=True)]))}
 
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
     trainer = Seq2SeqTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
