@@ -1,6 +1,6 @@
 # Both entry points build .venv themselves on a fresh machine.
 # torch is installed first and pinned: with it present pip keeps the CPU wheel
-# instead of pulling several GB of CUDA packages (see README for GPU installs).
+# instead of pulling several GB of CUDA packages (see docs/guides/launching.md for GPU installs).
 # Everything else installs through constraints.txt, the exact versions the
 # suite was verified with; `make test-latest` checks the newest releases in a
 # venv of its own (.venv-latest), without the constraints.
@@ -74,7 +74,7 @@ test-latest:
 	$(MAKE) test VENV=.venv-latest CONSTRAINTS=.venv-latest/torch-only.txt \
 	  PIP_FLAGS="--upgrade --upgrade-strategy eager"
 
-# After a green test-latest: pin what it ran (see README, Versions).
+# After a green test-latest: pin what it ran (see docs/contributing.md, Versions).
 constraints: .venv-latest/.installed
 	{ sed -n '1,3p' constraints.txt; .venv-latest/bin/python -m pip freeze --all --exclude-editable \
 	  | grep -viE '^(torch|nvidia-.*|triton|wheel)==' | sort -f; } > constraints.txt.new

@@ -41,7 +41,7 @@ def _prepare(config_name: str, overrides: list[str], command: str = "train", che
     if command == "hpo":
         if cfg.search is None:
             raise ConfigError(f"{config_name} has no search section; add search: with parameters, n_trials, metric "
-                              "and direction (see README: Hyperparameter search)")
+                              "and direction (see docs/guides/search.md)")
         if cfg.training.resume_from_checkpoint is not None:
             raise ConfigError("resume_from_checkpoint does not apply to a search; give search.storage (e.g. "
                               "sqlite:///OUT/study.db) and run the same command again to continue it")

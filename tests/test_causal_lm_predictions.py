@@ -112,7 +112,7 @@ def assert_same_as_hf(ours: dict, hf: dict, model_name: str) -> None:
     for key in ("eval_accuracy", "eval_predicted_id_checksum"):
         assert ours["metrics"][key] == hf["metrics"][key], key
     # the mean over every target, however rows fell into batches and ranks. Not compared with HF's eval_loss:
-    # transformers 5.24 divides GPT-2's summed loss by the unshifted label count (README: where we differ)
+    # transformers 5.24 divides GPT-2's summed loss by the unshifted label count (docs/guides/hf-differences.md)
     reference = forward_loss(model_name)
     assert ours["one_batch_loss"] == pytest.approx(reference, rel=1e-6)
     assert ours["metrics"]["eval_loss"] == pytest.approx(reference, rel=1e-6)

@@ -1,6 +1,6 @@
 """benchmarks/gpu.sh, the GPU benchmark, kept working on CPU: its --tiny path trains a tiny Llama under fsdp
 (eager/compiled x with/without checkpointing) and writes the table, JSON and PNG; the script is shellcheck
-clean. The full run needs a GPU (see README: Benchmarks); there the script runs the GPU tests first."""
+clean. The full run needs a GPU (see docs/benchmarks.md); there the script runs the GPU tests first."""
 from __future__ import annotations
 
 import json
