@@ -189,7 +189,8 @@ def test_generated_ids_shapes_and_padding_equal_hf_seq2seq_trainer(tmp_path, cas
     assert ours.predictions.shape == theirs.predictions.shape
     np.testing.assert_array_equal(ours.predictions, theirs.predictions)
     np.testing.assert_array_equal(ours.label_ids, theirs.label_ids)
-    # the loss is the mean over all targets (docs/guides/hf-differences.md: HF averages batch means): from a plain forward per row
+    # the loss is the mean over all targets (HF averages batch means; docs/guides/hf-differences.md), from a
+    # plain forward per row
     assert ours.metrics["test_loss"] == pytest.approx(_mean_target_loss(rows), rel=1e-5)
 
 
