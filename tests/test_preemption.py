@@ -75,6 +75,11 @@ def test_sigterm_commits_a_checkpoint_at_the_step_reached_and_the_rerun_is_bit_i
     assert caught.value.code == PREEMPTED_EXIT_CODE and caught.value.step == 3  # not a save_steps multiple
     assert (out / "checkpoint-3" / COMMIT_MARKER).is_file()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers given back
+    _assert_auto_resume_ends_as(whole, out)
+
+
+def _assert_auto_resume_ends_as(whole, out: Path) -> None:
+    """resume_from_checkpoint='auto' in `out` finishes the run bit-identical to the uninterrupted `whole`."""
     again = Trainer(model=tiny_gpt2(), args=_args(out), train_dataset=RaggedLM(32))
     again.train(resume_from_checkpoint="auto")
     assert again.state.global_step == 8
@@ -95,11 +100,7 @@ def test_jit_checkpoint_commits_on_sigterm_and_train_returns_as_hf_does(tmp_path
     assert result.global_step == trainer.state.global_step == 3
     assert (out / "checkpoint-3" / COMMIT_MARKER).is_file() and not (out / "checkpoint-4").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers given back
-    again = Trainer(model=tiny_gpt2(), args=_args(out), train_dataset=RaggedLM(32))
-    again.train(resume_from_checkpoint="auto")
-    assert again.state.global_step == 8
-    for name, value in _weights(whole).items():
-        assert torch.equal(_weights(again)[name], value), name
+    _assert_auto_resume_ends_as(whole, out)
 
 
 def _script(out: Path, signals: str, grace: str = "30") -> subprocess.CompletedProcess:
