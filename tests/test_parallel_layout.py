@@ -122,6 +122,8 @@ def test_hf_hybrid_shard_shards_in_the_node_and_replicates_across_nodes(monkeypa
                                        r"this launch has 4"),
     ({"dp_shrad_size": 2}, ValueError, r"unknown key 'dp_shrad_size'; did you mean 'dp_shard_size'"),
     ({"tp_size": 2, "dp_shard_size": 2}, NotSupportedError, r"tp_size=2: tensor parallelism is not supported"),
+    # under strategy auto too, where no strategy's own check runs: tensor ranks would read the same data
+    ({"tp_size": 2, "dp_replicate_size": 2}, NotSupportedError, r"tp_size=2: tensor parallelism is not supported"),
     ({"sp_size": 2}, NotSupportedError, r"sp_size=2: sequence parallelism"),
 ])
 def test_bad_layouts_are_refused_naming_the_value(given, error, message):

@@ -18,9 +18,9 @@ from .environment import DistEnv
 @dataclass(frozen=True)
 class ParallelLayout:
     env: DistEnv
-    dp_replicate: int = 1
-    dp_shard: int = 0  # 0: every rank (no parallelism_config)
-    tp: int = 1
+    dp_replicate: int
+    dp_shard: int
+    tp: int
 
     @classmethod
     def resolve(cls, env: DistEnv, config) -> "ParallelLayout":
@@ -60,8 +60,6 @@ class ParallelLayout:
         """The mesh FSDP2 shards over: (dp_shard,) or, with replicas, (dp_replicate, dp_shard): HSDP."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        if self.tp != 1:
-            raise ValueError("tensor parallelism is not built yet: its mesh is not available")
         if self.dp_replicate == 1:
             return init_device_mesh(device_type, (self.dp_shard,), mesh_dim_names=("dp_shard",))
         return init_device_mesh(device_type, (self.dp_replicate, self.dp_shard),

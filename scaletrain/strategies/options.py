@@ -27,17 +27,15 @@ _LAYOUTS = {
 
 
 def check_layout(args) -> None:
-    """A parallelism_config size the strategy cannot honour is refused (tensor parallelism is not built yet)."""
+    """A parallelism_config size the strategy cannot honour is refused (the dimensions scaletrain does not
+    build yet were refused by the config itself)."""
     config = args.parallelism_config
     if config is None or args.strategy == "auto":
         return
     allowed, hint = _LAYOUTS[args.strategy]
-    for name in ("dp_replicate_size", "dp_shard_size", "tp_size"):
+    for name in ("dp_replicate_size", "dp_shard_size"):
         value = getattr(config, name)
         if value != 1 and name not in allowed:
-            if name == "tp_size":
-                raise NotSupportedError(f"parallelism_config tp_size={value}: tensor parallelism is not supported "
-                                        "yet; use dp_replicate_size and dp_shard_size")
             raise ValueError(f"parallelism_config {name}={value} with strategy {args.strategy!r}: {hint}")
 
 
