@@ -154,7 +154,7 @@ class _ScaletrainArguments(ProcessFacts):
     ddp_static_graph: Optional[bool] = None
 
     # HF's ways to ask for a sharded backend; mapped onto `strategy` and the
-    # fields below (see _apply_hf_sharding_fields)
+    # fields below (args/hf_sharding.py)
     fsdp: Union[None, str, list] = None
     fsdp_config: Union[None, str, dict] = None
     deepspeed: Union[None, str, dict] = None  # extra DeepSpeed config keys (dict or JSON file)
@@ -444,8 +444,7 @@ class _ScaletrainArguments(ProcessFacts):
             if hasattr(value, "value"):  # enums
                 value = value.value
             if f.name == "parallelism_config" and value is not None:  # as a dict: it loads back as one
-                value = {k: getattr(value, k) for k in ("dp_replicate_size", "dp_shard_size", "tp_size", "cp_size",
-                                                         "sp_size", "pp_size")}
+                value = value.sizes()
             out[f.name] = value
         return out
 

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -257,9 +258,13 @@ class Strategy(abc.ABC):
         order on every rank (a sharding backend gathers each in turn, a collective): on CPU for the rank
         that writes files, None elsewhere. HF-format weights are written from it without the whole model
         on one rank."""
-        for name, tensor in self.unwrap(model).state_dict().items():
-            if only is None or name in only:
-                yield name, (tensor.detach().cpu() if self.writes_files else None)
+        for name, held in self.unwrap(model).state_dict().items():
+            if only is not None and name not in only:
+                continue
+            # a DTensor shard (FSDP2) is gathered on the device the process group communicates on (an
+            # offloaded one too)
+            whole = held.to(self.device).full_tensor() if isinstance(held, DTensor) else held
+            yield name, (whole.detach().cpu() if self.writes_files else None)
 
     def held_state_numel(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
         """What this rank actually stores, counted from the tensors themselves:

@@ -163,15 +163,6 @@ class FSDPStrategy(Strategy):
         finally:
             model.set_requires_gradient_sync(True)
 
-    def full_model_tensors(self, model: torch.nn.Module, only: Optional[set[str]] = None
-                           ) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
-        for name, held in model.state_dict().items():
-            if only is not None and name not in only:
-                continue
-            # an offloaded shard is gathered on the device the process group communicates on
-            whole = held.to(self.device).full_tensor() if isinstance(held, DTensor) else held
-            yield name, (whole.detach().cpu() if self.writes_files else None)
-
     def clip_grad_norm_(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
         """The norm over the full (unsharded) gradient: each rank's shard norm is
         a partial result that DTensor reduces across ranks."""

@@ -58,6 +58,12 @@ class RunPlan:
     def accumulation(self) -> int:
         return self.geometry.accumulation
 
+    @property
+    def updates_per_epoch(self) -> Optional[int]:
+        """Optimizer steps in a full epoch (None for an IterableDataset)."""
+        per_epoch = self.micro_batches_per_epoch
+        return _updates_per_epoch(per_epoch, self.accumulation) if per_epoch else None
+
     def epoch_fraction(self, micro_batches_done: int) -> float:
         per_epoch = self.micro_batches_per_epoch
         return micro_batches_done / per_epoch if per_epoch else 0.0
@@ -88,10 +94,15 @@ def _length(args, geometry: BatchGeometry, per_epoch: Optional[int], rank: int) 
             f"the training dataloader is empty on rank {rank} (dataset too small for "
             f"per_device_train_batch_size={geometry.per_device} with drop_last)"
         )
-    updates_per_epoch = max(math.ceil(per_epoch / geometry.accumulation), 1)
+    updates_per_epoch = _updates_per_epoch(per_epoch, geometry.accumulation)
     if args.max_steps > 0:
         return args.max_steps, math.ceil(args.max_steps / updates_per_epoch)
     return math.ceil(args.num_train_epochs * updates_per_epoch), math.ceil(args.num_train_epochs)
+
+
+def _updates_per_epoch(micro_batches: int, accumulation: int) -> int:
+    """A short last group of micro-batches is a step too."""
+    return max(math.ceil(micro_batches / accumulation), 1)
 
 
 def interval(value: Optional[float], max_steps: int, fallback: int) -> int:

@@ -3,6 +3,7 @@ log_metrics / save_metrics / save_state (HF's own functions), the model card, FL
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -66,7 +67,8 @@ class ReportingMethods:
         """HF's "Running training" block, on HF's trainer logger at info level (scripts and tooling written
         for HF read it there; transformers' default verbosity keeps it out of the console)."""
         hf_logger = hf_logging.get_logger("transformers.trainer")
-        per_epoch = plan.micro_batches_per_epoch
+        if not hf_logger.isEnabledFor(logging.INFO):
+            return  # nobody reads it: no parameter count, no dataset length
         try:
             examples = self.num_examples(self.train_loader)
         except TypeError:  # a stream: HF counts the samples the run will read
@@ -74,7 +76,7 @@ class ReportingMethods:
         lines = ["***** Running training *****",
                  f"  Num examples = {examples:,}",
                  f"  Num Epochs = {plan.num_epochs:,}",
-                 f"  Num update steps per epoch = {max(1, -(-per_epoch // plan.accumulation)) if per_epoch else '?'}",
+                 f"  Num update steps per epoch = {plan.updates_per_epoch or '?'}",
                  f"  Instantaneous batch size per device = {plan.per_device:,}",
                  f"  Total train batch size (w. parallel, distributed & accumulation) = {plan.geometry.global_batch:,}",
                  f"  Gradient Accumulation steps = {plan.accumulation}",
