@@ -108,7 +108,7 @@ def build_train_dataloader(dataset: Dataset, collator: Callable, args, rank: int
     # grouped by the global batch, which the batch finder keeps: the same order on any world size
     group = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
     sampler = ResumableShardedSampler(len(dataset), rank, world_size, seed=seed, order=args.train_sampling_strategy,
-                                      lengths=lengths, group_size=group)
+                                      lengths=lengths, group_size=group, batch_size=batch_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                       collate_fn=collator, drop_last=args.dataloader_drop_last, **_loader_kwargs(args, device))
 

@@ -55,9 +55,9 @@ def stream_state(loader: Optional[DataLoader], micro_done: int) -> Optional[dict
 def iter_keeping_rng(loader: DataLoader):
     """The loader's iterator, created without drawing from the global RNG.
     torch's DataLoader draws a base seed from it whenever an iterator is made;
-    a resumed run makes its epoch's iterator after the checkpoint's RNG state
-    is restored, so that draw would shift every later dropout mask against the
-    uninterrupted run."""
+    a run resumed mid-epoch makes that epoch's iterator after the checkpoint's
+    RNG state (taken after the draw) is restored, so a second draw would shift
+    every later dropout mask against the uninterrupted run."""
     state = capture_rng_state()
     batches = iter(loader)
     restore_rng_state(state)

@@ -13,11 +13,13 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 class ResumableShardedSampler(Sampler[int]):
     """Shuffled (or ordered, or length-grouped) indices for one rank, seeded per epoch.
 
-    Rank r takes positions r, r+W, r+2W, ... of the epoch's order, so the
-    global batch at step s is the same set of samples whatever the world size
-    (W ranks x b == one process x W*b). Like DistributedSampler, the order is
-    padded by wrapping so every rank sees the same count; `start` skips
-    samples already consumed this epoch by index arithmetic, not by iterating.
+    The epoch's order is cut into windows of W x b positions (W ranks, b = `batch_size` rows per micro-batch)
+    and rank r takes the r-th block of b in each, as accelerate's batch sharding under HF's Trainer does: the
+    global micro-batch at step s is the same set of samples whatever the world size (W ranks x b == one
+    process x W*b), and each row meets the same rank's dropout stream as under HF, so a DDP checkpoint moves
+    between the two trainers exactly. Like DistributedSampler, the order is padded by wrapping so every rank
+    sees the same count (a last, partial window is split evenly); `start` skips samples already consumed this
+    epoch by index arithmetic, not by iterating.
 
     `order`: "random" (a permutation seeded by seed + epoch), "sequential", or
     "group_by_length": HF's length grouping of that permutation, in groups of
@@ -26,7 +28,8 @@ class ResumableShardedSampler(Sampler[int]):
     """
 
     def __init__(self, num_samples: int, rank: int, world_size: int, seed: int, drop_last: bool = False,
-                 order: str = "random", lengths: Optional[list[int]] = None, group_size: int = 1) -> None:
+                 order: str = "random", lengths: Optional[list[int]] = None, group_size: int = 1,
+                 batch_size: int = 1) -> None:
         if num_samples <= 0:
             raise ValueError("the training dataset is empty")
         if order == "group_by_length" and (lengths is None or len(lengths) != num_samples):
@@ -34,7 +37,7 @@ class ResumableShardedSampler(Sampler[int]):
         self.order, self.lengths, self.group_size = order, lengths, group_size
         self.num_samples_total = num_samples
         self.rank, self.world_size = rank, world_size
-        self.seed, self.drop_last = seed, drop_last
+        self.seed, self.drop_last, self.batch_size = seed, drop_last, batch_size
         self.epoch = 0
         self.start = 0
         if drop_last:
@@ -66,9 +69,17 @@ class ResumableShardedSampler(Sampler[int]):
         return order[:total]
 
     def __iter__(self) -> Iterator[int]:
-        mine = self._epoch_order()[self.rank :: self.world_size]
+        mine = self._rank_share(self._epoch_order())
         start, self.start = self.start, 0  # a resume offset applies to one epoch only
         return iter(mine[start:].tolist())
+
+    def _rank_share(self, order: torch.Tensor) -> torch.Tensor:
+        """This rank's block of every window; `order` holds per_rank x W positions."""
+        window = self.world_size * self.batch_size
+        full = len(order) // window * window
+        blocks = order[:full].view(-1, self.world_size, self.batch_size)[:, self.rank].reshape(-1)
+        tail = order[full:].view(self.world_size, -1)[self.rank]
+        return torch.cat([blocks, tail])
 
     def __len__(self) -> int:
         return self.per_rank - self.start

@@ -92,7 +92,9 @@ class TrainLoop:
     def _epoch(self, epoch: int, micro_done: int) -> _StepGroups:
         loader = self.trainer.train_loader
         replay = position_epoch(loader, epoch, micro_done, self.progress.stream_state)
-        batches = iter_keeping_rng(loader)
+        # a new epoch's iterator draws its base seed from the global RNG, as torch's DataLoader (and so HF's
+        # Trainer) does; the resumed epoch's must not, as the checkpoint's RNG state was taken after that draw
+        batches = iter_keeping_rng(loader) if micro_done else iter(loader)
         for _ in range(replay):
             next(batches)
         return _StepGroups(batches, self.plan.accumulation)
@@ -169,7 +171,9 @@ class TrainLoop:
 
     def _window_logs(self) -> dict[str, float]:
         trainer = self.trainer
-        logs = self.window.flush(current_lr(trainer.lr_scheduler, trainer.optimizer))
+        stepped_at = self.runner.learning_rate
+        logs = self.window.flush(stepped_at if stepped_at is not None else current_lr(trainer.lr_scheduler,
+                                                                                      trainer.optimizer))
         self.flushed_at = trainer.state.global_step
         self._check_nonfinite(self.window.last_nonfinite)
         logs.update(trainer.middleware.log_values())

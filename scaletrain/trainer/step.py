@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from ..modeling import label_shift
-from ..optimizers.factory import steps_on_metric
+from ..optimizers.factory import current_lr, steps_on_metric
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -92,6 +92,7 @@ class StepRunner:
         self.hooks, self.strategy, self.weighting = hooks, hooks.strategy, weighting
         self.clip = max_grad_norm if max_grad_norm is not None and max_grad_norm > 0 else None
         self.skip_nonfinite = hooks.args.nonfinite_loss == "skip"
+        self.learning_rate: Optional[float] = None  # of the last optimizer step, before the schedule moved on
 
     def _any_rank_nonfinite(self, finite: torch.Tensor) -> bool:
         """nonfinite_loss='skip': whether any rank's loss is NaN/inf (a collective and one host read per
@@ -116,6 +117,7 @@ class StepRunner:
         if self.clip is not None and grad_norm is None:
             grad_norm = self.strategy.reported_grad_norm(model)
         self.hooks.fire("on_optimizer_step")
+        self.learning_rate = current_lr(scheduler, optimizer)  # the step's own rate, which HF logs
         if stepped and not steps_on_metric(scheduler):  # those step after an evaluation
             scheduler.step()
         # else an fp16 overflow: the weights did not move, so neither does the schedule
@@ -152,6 +154,6 @@ def token_count(batch: Any) -> Union[int, torch.Tensor]:
     """Non-padding input tokens (attention mask if present), without waiting for the device."""
     mask = batch.get("attention_mask") if hasattr(batch, "get") else None
     if isinstance(mask, torch.Tensor):
-        return mask.sum()
+        return (mask != 0).sum()  # a float 0/1 mask counts as an integer one does
     ids = batch.get("input_ids") if hasattr(batch, "get") else None
     return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
