@@ -98,12 +98,13 @@ def run_ranks(fn: Callable, *args: Any, world_size: int = 2, timeout: float = 24
             raise TimeoutError(f"{fn.__name__} did not finish on {world_size} ranks within {timeout}s")
 
 
-def tiny_llama(seed: int = 0):
-    """SmolLM2's architecture (Llama, tied embeddings) at toy size, nn.Linear layers."""
+def tiny_llama(seed: int = 0, **config):
+    """SmolLM2's architecture (Llama, tied embeddings) at toy size, nn.Linear layers; `config` overrides."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
-                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfg = LlamaConfig(**{**dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
+                                tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0),
+                         **config})
     return LlamaForCausalLM(cfg)

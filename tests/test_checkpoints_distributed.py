@@ -32,14 +32,14 @@ def _job(rank: int, out: str, strategy_name: str, resume: bool, kill_in_save_of:
     trainer = Trainer(model=tiny_gpt2(), args=_args(out, strategy_name), train_dataset=RaggedLM(TRAIN_N),
                       strategy=strategy)
     if kill_in_save_of:
-        write = strategy.save_state
+        gather = strategy.full_model_tensors  # every strategy's save runs it on every rank, state written or not
 
-        def write_then_die(directory, model, optimizer):
-            write(directory, model, optimizer)
+        def gather_then_die(*args, **kwargs):
+            yield from gather(*args, **kwargs)
             if rank == 1 and trainer.state.global_step == kill_in_save_of:
-                os.kill(os.getpid(), signal.SIGKILL)  # shard on disk, checkpoint not committed
+                os.kill(os.getpid(), signal.SIGKILL)  # parts on disk, checkpoint not committed
 
-        strategy.save_state = write_then_die
+        strategy.full_model_tensors = gather_then_die
     trainer.train(resume_from_checkpoint=True if resume else None)
     if rank == 0:
         Path(out, "result.json").write_text(json.dumps({"losses": losses_of(trainer)}))

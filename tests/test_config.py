@@ -18,7 +18,7 @@ def test_every_hf_field_name_is_accepted():
     assert hf_names <= ours
 
 
-@pytest.mark.parametrize("field,value", [("eval_use_gather_object", True), ("push_to_hub", True),
+@pytest.mark.parametrize("field,value", [("debug", "underflow_overflow"), ("push_to_hub", True),
                                          ("dataloader_in_order", False)])
 def test_accepted_but_unimplemented_fields_raise(field, value):
     with pytest.raises(NotSupportedError, match=f"{field}={value!r} is not supported yet"):

@@ -198,3 +198,23 @@ def test_full_eval_casts_the_model_outside_training_as_hf_does(tmp_path, flag, d
 def test_full_eval_is_refused_where_the_backend_owns_the_parameters(tmp_path, strategy):
     with pytest.raises(NotSupportedError, match=f"bf16_full_eval=True with strategy '{strategy}'"):
         TrainingArguments(output_dir=str(tmp_path), strategy=strategy, bf16_full_eval=True)
+
+
+def test_gathering_eval_outputs_as_objects_gives_hf_predictions_and_metrics(tmp_path):
+    """eval_use_gather_object=True: the same predictions, labels and metrics as HF's trainer with it, and as
+    scaletrain without it (its gather is object-based either way)."""
+    recorders = {}
+
+    def recorder():
+        recorders[len(recorders)] = RecordedEvalPrediction()
+        return recorders[len(recorders) - 1]
+
+    gathered = both_trainers(tmp_path / "objects", {"eval_use_gather_object": True}, compute_metrics=recorder)
+    plain = both_trainers(tmp_path / "tensors", {}, compute_metrics=recorder)["ours"]
+    outputs = {name: trainer.predict(RaggedLM(EVAL_ROWS, seed=4)) for name, trainer in gathered.items()}
+    reference = plain.predict(RaggedLM(EVAL_ROWS, seed=4))
+    assert outputs["ours"].predictions.shape == (EVAL_ROWS, 16, 64)
+    for output in (outputs["hf"], reference):
+        np.testing.assert_allclose(outputs["ours"].predictions, output.predictions, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(outputs["ours"].label_ids, output.label_ids)
+    assert outputs["ours"].metrics["test_accuracy"] == pytest.approx(outputs["hf"].metrics["test_accuracy"])

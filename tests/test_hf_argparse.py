@@ -106,8 +106,8 @@ def test_seq2seq_arguments_parse_their_own_fields(tmp_path):
 
 
 def test_a_refused_field_on_the_command_line_names_itself(tmp_path):
-    with pytest.raises(NotSupportedError, match="eval_use_gather_object=True"):
-        _parse((scaletrain.TrainingArguments,), ["--output_dir", "OUT", "--eval_use_gather_object"], tmp_path)
+    with pytest.raises(NotSupportedError, match="push_to_hub=True"):
+        _parse((scaletrain.TrainingArguments,), ["--output_dir", "OUT", "--push_to_hub"], tmp_path)
 
 
 

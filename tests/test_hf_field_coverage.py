@@ -51,6 +51,8 @@ HONOURED = {
     "batch_eval_metrics": "test_eval_options.py::test_batch_eval_metrics_compute_per_batch_as_hf_does",
     "eval_do_concat_batches": "test_eval_options.py::"
                               "test_unconcatenated_batches_and_accumulation_steps_give_hf_predictions",
+    "eval_use_gather_object": "test_eval_options.py::"
+                              "test_gathering_eval_outputs_as_objects_gives_hf_predictions_and_metrics",
     "eval_accumulation_steps": "test_eval_options.py::"
                                "test_unconcatenated_batches_and_accumulation_steps_give_hf_predictions",
     "include_num_input_tokens_seen": "test_eval_options.py::"
@@ -136,7 +138,6 @@ REFUSED = {
     "dataloader_in_order": False,
     "dataloader_multiprocessing_context": "spawn",
     "debug": "underflow_overflow",
-    "eval_use_gather_object": True,
     "push_to_hub": True,
     "hub_always_push": True,
     "hub_model_id": "user/model",

@@ -169,3 +169,73 @@ def test_running_training_block_on_hfs_trainer_logger(kind, tmp_path):
     assert block["Total train batch size (w. parallel, distributed & accumulation)"] == "8"
     assert block["Total optimization steps"] == "4" and block["Num update steps per epoch"] == "2"
     assert block["Number of trainable parameters"] == str(3 * (8 * 8 + 8))
+
+
+def _training_args(kind: str, tmp_path, **extra):
+    trainer_cls, args_cls = TRAINERS[kind]
+    kwargs = {"use_cpu": True} if kind == "hf" else {}
+    return trainer_cls, args_cls(output_dir=str(tmp_path / kind), learning_rate=1e-3, report_to="none",
+                                 per_device_train_batch_size=4, disable_tqdm=True, **kwargs, **extra)
+
+
+@pytest.mark.parametrize("kind", sorted(TRAINERS))
+def test_patching_evaluate_steers_the_best_checkpoint(kind, tmp_path):
+    """Scripts and HF's tests replace `_evaluate(trial, ignore_keys_for_eval, ...)`: training must evaluate
+    through it, and its metrics decide the best checkpoint."""
+    from unittest.mock import patch
+
+    from helpers import RaggedLM
+
+    trainer_cls, args = _training_args(kind, tmp_path, max_steps=6, eval_strategy="steps", eval_steps=2,
+                                       save_strategy="best", metric_for_best_model="accuracy")
+    trainer = trainer_cls(model=tiny_llama(), args=args, train_dataset=RaggedLM(24), eval_dataset=RaggedLM(8))
+    scores = iter([0.5, 0.9, 0.7, 0.6, 0.6])
+    with patch.object(trainer, "_evaluate", side_effect=lambda *a, **k: {"eval_accuracy": next(scores)}) as evaluate:
+        trainer.train()
+    # steps 2, 4, 6, and the epoch's end at 6 (both trainers evaluate there again)
+    assert evaluate.call_count == 4 and evaluate.call_args.args[0] is None  # (trial, ignore_keys_for_eval)
+    assert trainer.state.best_global_step == 4 and trainer.state.best_metric == 0.9
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-4")
+
+
+@pytest.mark.parametrize("kind", sorted(TRAINERS))
+def test_enable_jit_checkpoint_lists_hfs_callback_and_leaves_sigterm_as_it_was(kind, tmp_path):
+    import signal
+
+    from transformers.trainer_jit_checkpoint import JITCheckpointCallback
+
+    from helpers import RaggedLM
+
+    before = signal.getsignal(signal.SIGTERM)
+    trainer_cls, args = _training_args(kind, tmp_path, max_steps=2, enable_jit_checkpoint=True)
+    trainer = trainer_cls(model=tiny_llama(), args=args, train_dataset=RaggedLM(8))
+    found = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, JITCheckpointCallback)]
+    assert len(found) == 1 and found[0].trainer is trainer and found[0].jit_manager is not None
+    trainer.train()
+    assert signal.getsignal(signal.SIGTERM) is before  # no handler outlives training
+    signal.signal(signal.SIGTERM, before)
+
+
+def test_a_float_attention_mask_trains_as_under_hf(tmp_path):
+    """Token counting must not assume an integer mask (HF counts only when asked)."""
+    from helpers import RaggedLM
+
+    class FloatMask(RaggedLM):
+        def __getitem__(self, i):
+            row = dict(super().__getitem__(i))
+            return {**row, "attention_mask": row["attention_mask"].float()}
+
+    losses = {}
+    for kind in TRAINERS:
+        trainer_cls, args = _training_args(kind, tmp_path, max_steps=3, logging_steps=1, seed=0, save_strategy="no")
+        trainer = trainer_cls(model=tiny_llama(), args=args, train_dataset=FloatMask(12))
+        trainer.train()
+        losses[kind] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses["scaletrain"]) == 3
+    assert losses["scaletrain"] == pytest.approx(losses["hf"], abs=1e-5)
+
+
+def test_the_accelerator_view_unwraps_data_parallel_as_accelerate_does(tmp_path):
+    trainer = _trainer("scaletrain", tmp_path)
+    model = tiny_llama()
+    assert trainer.accelerator.unwrap_model(torch.nn.DataParallel(model)) is model

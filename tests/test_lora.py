@@ -92,12 +92,15 @@ def test_trainer_trains_only_the_adapters_and_resumes_exactly_from_adapter_check
             key = name.replace(".base_layer", "")
             assert torch.equal(param, frozen_before[key]), f"{name} changed"
 
-    # the checkpoint holds the adapters and their optimizer state, not the base
-    from torch.distributed.checkpoint import FileSystemReader
+    # the checkpoint holds the adapters (peft's file) and their optimizer state, not the base
+    from safetensors import safe_open
 
-    saved = FileSystemReader(str(tmp_path / "checkpoint-3" / "state")).read_metadata().state_dict_metadata
-    model_keys = [k for k in saved if k.startswith("model.")]
+    with safe_open(str(tmp_path / "checkpoint-3" / "adapter_model.safetensors"), "pt") as saved:
+        model_keys = list(saved.keys())
+    assert not (tmp_path / "checkpoint-3" / "model.safetensors").exists()
     assert model_keys and all("lora_" in k for k in model_keys), model_keys[:5]
+    optimizer_state = torch.load(tmp_path / "checkpoint-3" / "optimizer.pt", weights_only=True)["state"]
+    assert len(optimizer_state) == len(model_keys)  # moments for the adapters alone
 
     resumed = Trainer(model=tiny_llama(), args=_args(tmp_path), train_dataset=RaggedLM(64))
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))

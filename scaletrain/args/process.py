@@ -13,8 +13,8 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
-import transformers
 from transformers.training_args import ParallelMode, trainer_log_levels
+from transformers.training_args import TrainingArguments as HFTrainingArguments
 from transformers.utils import logging as hf_logging
 
 from ..parallel.environment import process_device, read_env, start_process_group
@@ -85,7 +85,7 @@ class ProcessFacts:
 
 
 def _checked_setter(name: str):
-    hf_setter = getattr(transformers.TrainingArguments, name)
+    hf_setter = getattr(HFTrainingArguments, name)
 
     @functools.wraps(hf_setter)
     def setter(self, *args, **kwargs):

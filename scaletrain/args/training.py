@@ -83,6 +83,10 @@ class _ScaletrainArguments(ProcessFacts):
     # HF's: move predictions to host memory every N eval batches; scaletrain moves them after every
     # batch, so any N is honoured (the device never holds more than one batch of them)
     eval_accumulation_steps: Optional[int] = None
+    # HF's: gather evaluation outputs as Python objects (nested lists, strings, ragged arrays) rather than
+    # padded tensors; scaletrain gathers every rank's outputs with all_gather_object in dataset order
+    # either way, so both values give the same, complete result
+    eval_use_gather_object: bool = False
     save_strategy: str = "steps"
     save_steps: float = 500
     save_total_limit: Optional[int] = None

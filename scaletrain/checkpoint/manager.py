@@ -1,21 +1,28 @@
 """Checkpoint layout, atomic commit, retention and resume lookup.
 
 Layout of `output_dir/checkpoint-<step>/`:
-    state/                 model + optimizer as the strategy writes them: DCP
-                           (sharded per rank, resharded at load) or DeepSpeed's own
+    state/                 model + optimizer of a sharding strategy as it writes them:
+                           DCP (sharded per rank, resharded at load) or DeepSpeed's own
+    model.safetensors      the weights in HF's layout (or shards + index, or a LoRA
+                           adapter_model.safetensors): from_pretrained opens the folder;
+                           for single and DDP runs, the model state itself
+    optimizer.pt           single and DDP runs: HF's optimizer file, the whole
+                           optimizer.state_dict() (transformers.Trainer resumes it too)
     scheduler.pt           LR scheduler state (plain tensors/numbers)
     trainer_state.json     HF TrainerState (log history, best metric, ...)
     progress.json          data position (epoch, samples consumed in it, a stream's
                            state_dict), batch sizes, skipped steps and middleware
                            state (fp16 loss scale)
-    rng_state_<rank>.pth   python/numpy/torch RNG of each rank
+    rng_state[_<rank>].pth python/numpy/torch RNG of each rank, in HF's layout
+    training_args.bin, config.json, tokenizer files: as HF writes them
     manifest.json          strategy, world size, versions, every file's size
     COMMITTED              written last; a folder without it is never resumed
 
 Everything is written under `checkpoint-<step>.tmp`, and the folder is renamed
 only after every rank has finished, so a crash mid-save leaves the previous
 checkpoint as the newest committed one. Loads use weights_only / JSON: no
-pickled code runs.
+pickled code runs. A checkpoint-N folder transformers.Trainer wrote (no manifest)
+is read as one too: see hf_trainer_format.py.
 """
 from __future__ import annotations
 
@@ -34,8 +41,12 @@ import torch
 import transformers
 from torch.distributed.checkpoint.api import CheckpointException
 
+from ..errors import CheckpointError
+from .hf_trainer_format import (HF_TRAINER_FORMAT, OPTIMIZER_FILE, hf_trainer_manifest, load_hf_model,
+                                load_optimizer_file, looks_like_hf_trainer_checkpoint, weights_resharded,
+                                write_optimizer_file)
 from ..version import __version__
-from ..rng import capture_rng_state, restore_rng_state
+from ..rng import capture_rng_state, restore_rng_state, rng_file_name, saved_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +54,6 @@ PREFIX = "checkpoint"
 COMMIT_MARKER = "COMMITTED"
 _STEP_RE = re.compile(rf"^{PREFIX}-(\d+)$")
 FORMAT_VERSION = 1
-
-
-class CheckpointError(RuntimeError, ValueError):
-    """A checkpoint that cannot be written or resumed from. Also a ValueError, the type the HF Trainer
-    raises for a checkpoint it cannot find, so scripts written for it catch this one too."""
 
 
 def checkpoint_step(path: Path) -> Optional[int]:
@@ -70,8 +76,11 @@ def damage(path: Path) -> Optional[str]:
     recorded = json.loads((path / "manifest.json").read_text()).get("files")
     if recorded is None:
         return None  # committed before sizes were recorded
+    resharded = weights_resharded(path, recorded)
     for name, size in recorded.items():
         file = path / name
+        if name in resharded:
+            continue
         if not file.is_file():
             return f"{name} is missing"
         if file.stat().st_size != size:
@@ -89,7 +98,9 @@ def committed_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
         step = checkpoint_step(child)
         if step is None or not child.is_dir():
             continue
-        if is_committed(child):
+        if looks_like_hf_trainer_checkpoint(child):
+            found.append((step, child))  # transformers.Trainer's: it writes no commit marker
+        elif is_committed(child):
             problem = damage(child)
             if problem:
                 logger.warning("ignoring %s: it is damaged (%s); an earlier checkpoint will be used", child, problem)
@@ -156,6 +167,16 @@ def _write_state(path: Path, state: Any) -> None:
         torch.save(state, path)
 
 
+def _write_files(folder: Path, states: dict[str, Any], write_model_files, optimizer) -> None:
+    """What the main rank (each node's first, with save_on_each_node) writes alone."""
+    if optimizer is not None:
+        write_optimizer_file(folder, optimizer)
+    for name, stateful in states.items():
+        _write_state(folder / name, stateful.state_dict())
+    if write_model_files is not None:
+        write_model_files(folder)
+
+
 def read_state(path: Path, name: str) -> Any:
     """One saved Stateful's state_dict (see CheckpointManager.save); plain data only."""
     file = path / name
@@ -217,20 +238,20 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         strategy.barrier()
 
-        state_optimizer = None if save_only_model else optimizer
+        saved_optimizer = None if save_only_model else optimizer
+        # where every rank holds the whole state, HF's files are the state: model.safetensors and optimizer.pt
+        # (a background save stages a DCP copy in host memory instead)
+        hf_files = strategy.replicates_optimizer and write_weights is not None and not asynchronous
         try:
             if asynchronous:
-                future = strategy.save_state_async(tmp / "state", model, state_optimizer)
-            else:
-                strategy.save_state(tmp / "state", model, state_optimizer)
+                future = strategy.save_state_async(tmp / "state", model, saved_optimizer)
+            elif not hf_files:
+                strategy.save_state(tmp / "state", model, saved_optimizer)
             if write_weights is not None:
                 write_weights(tmp)
-            torch.save(capture_rng_state(), tmp / f"rng_state_{strategy.rank}.pth")
+            torch.save(capture_rng_state(), tmp / rng_file_name(strategy.rank, strategy.world_size))
             if strategy.writes_files:
-                for name, stateful in states.items():
-                    _write_state(tmp / name, stateful.state_dict())
-                if write_model_files is not None:
-                    write_model_files(tmp)
+                _write_files(tmp, states, write_model_files, saved_optimizer if hf_files else None)
             error = None
         except (OSError, CheckpointException) as exc:  # a full disk, a quota, a lost mount
             error = exc
@@ -239,10 +260,11 @@ class CheckpointManager:
             "format_version": FORMAT_VERSION,
             "step": step,
             "strategy": strategy.name,
-            "state_format": strategy.state_format,
+            "state_format": HF_TRAINER_FORMAT if hf_files else strategy.state_format,
             "world_size": strategy.world_size,
             "layout": strategy.layout.as_dict(),  # DCP reshards to any other one at load
             "includes_optimizer": not save_only_model,
+            "optimizer_file": OPTIMIZER_FILE if hf_files and saved_optimizer is not None else None,
             "versions": _library_versions(),
             "created_unix": time.time(),
             **manifest_extra,
@@ -319,12 +341,12 @@ class CheckpointManager:
                 f"{path} was saved with save_only_model=True and holds no optimizer state, so training cannot "
                 "resume from it; start a new run from its weights instead (scaletrain export, then from_pretrained)"
             )
-        self._load_state(path, model, optimizer if with_optimizer else None)
+        self._load_state(path, model, optimizer if with_optimizer else None, manifest)
         for name, stateful in states.items():
             stateful.load_state_dict(read_state(path, name))
-        rng_file = path / f"rng_state_{self.strategy.rank}.pth"
-        if manifest["world_size"] == self.strategy.world_size and rng_file.is_file():
-            restore_rng_state(torch.load(rng_file, weights_only=True))
+        rng = saved_rng_state(path, self.strategy.rank, manifest["world_size"])
+        if manifest["world_size"] == self.strategy.world_size and rng is not None:
+            restore_rng_state(rng)
         else:
             logger.warning("world size changed (%s -> %s): RNG streams are not restored",
                            manifest["world_size"], self.strategy.world_size)
@@ -332,16 +354,23 @@ class CheckpointManager:
 
     def load_model(self, path: str | os.PathLike, model) -> None:
         path = Path(path)
-        self.read_manifest(path)
-        self._load_state(path, model, None)
+        self._load_state(path, model, None, self.read_manifest(path))
 
-    def _load_state(self, path: Path, model, optimizer) -> None:
-        self.strategy.load_state(path / "state", model, optimizer)
+    def _load_state(self, path: Path, model, optimizer, manifest: dict[str, Any]) -> None:
+        optimizer_file = manifest.get("optimizer_file")
+        if manifest["state_format"] == HF_TRAINER_FORMAT:
+            load_hf_model(path, self.strategy.unwrap(model))
+        else:
+            self.strategy.load_state(path / "state", model, None if optimizer_file else optimizer)
+        if optimizer is not None and optimizer_file:
+            load_optimizer_file(path / optimizer_file, self.strategy.unwrap(model), optimizer)
 
     @staticmethod
     def read_manifest(path: Path) -> dict[str, Any]:
         if not path.is_dir():
             raise CheckpointError(f"checkpoint {path} does not exist")
+        if looks_like_hf_trainer_checkpoint(path):
+            return hf_trainer_manifest(path, FORMAT_VERSION)
         if not is_committed(path):
             raise CheckpointError(
                 f"checkpoint {path} has no {COMMIT_MARKER} marker: its save was interrupted. "

@@ -2,7 +2,10 @@
 CheckpointIO: how the training strategy writes and reads it, and how one process reads the whole model
 back offline (export, evaluation of a checkpoint). The manifest names the format (`state_format`).
 
-- dcp: torch.distributed.checkpoint, written by single, ddp and fsdp; resharded at load by DCP itself.
+- dcp: torch.distributed.checkpoint, written by fsdp (and by single and ddp with save_async); resharded at
+  load by DCP itself.
+- hf_trainer: no state folder; HF's model.safetensors and optimizer.pt (single and DDP runs, and
+  checkpoints transformers.Trainer wrote).
 - deepspeed: the DeepSpeed engine's own files (it writes them: they hold its partitioned optimizer
   state), consolidated offline from their fp32 partitions (zero_to_fp32), so a ZeRO-3 export holds
   the real weights.
@@ -17,6 +20,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed.checkpoint as dcp
 
+from .hf_trainer_format import HF_TRAINER_FORMAT, model_weights
 from .manager import CheckpointError
 
 DEEPSPEED_TAG = "zero"  # the engine's tag (sub-folder) inside state/
@@ -99,7 +103,18 @@ class DeepSpeedState:
         return state if only is None else {k: v for k, v in state.items() if k in only}
 
 
-FORMATS = {fmt.name: fmt for fmt in (DCPState(), DeepSpeedState())}
+class HFFilesState:
+    """No state folder: HF's model.safetensors (or adapter) is the model state (single and DDP checkpoints,
+    and transformers.Trainer's own)."""
+    name = HF_TRAINER_FORMAT
+
+    def full_model(self, directory: Path, model: torch.nn.Module,
+                   only: Optional[set[str]] = None) -> dict[str, torch.Tensor]:
+        weights = model_weights(directory.parent, model)  # `directory` is the absent state folder
+        return weights if only is None else {k: v for k, v in weights.items() if k in only}
+
+
+FORMATS = {fmt.name: fmt for fmt in (DCPState(), DeepSpeedState(), HFFilesState())}
 
 
 def state_format(manifest: dict[str, Any]):

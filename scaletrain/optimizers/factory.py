@@ -4,8 +4,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import transformers
 from transformers import get_scheduler
+from transformers.trainer import Trainer as HFTrainer
 from transformers.optimization import GreedyLR
 from transformers.trainer_pt_utils import get_parameter_names
 
@@ -36,7 +36,7 @@ def optimizer_cls_and_kwargs_for(args, model: Optional[torch.nn.Module] = None) 
     """The optimizer class and its arguments for `args.optim`: HF's own mapping, for the names
     scaletrain builds (scaletrain/optimizers/catalog.py)."""
     check_optimizer_name(args.optim)
-    return transformers.Trainer.get_optimizer_cls_and_kwargs(args, model)
+    return HFTrainer.get_optimizer_cls_and_kwargs(args, model)
 
 
 def build_optimizer(model: torch.nn.Module, groups: list[dict], args,

@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from ..checkpoint.hf_trainer_format import HF_TRAINER_FORMAT
 from ..checkpoint.state_formats import DCPState
 from ..parallel.environment import DistEnv, process_device, read_env, start_process_group
 from ..parallel.layout import ParallelLayout
@@ -37,6 +38,11 @@ class Strategy(abc.ABC):
     # how save_state writes (checkpoint/state_formats.py): "dcp" (torch.distributed.checkpoint,
     # reshardable) or a backend's own format; a checkpoint loads only into the same format
     state_format: str = DCPState.name
+    # the formats a resume loads: this strategy's own, and transformers.Trainer's (whole weights and
+    # optimizer.pt, placed through torch's full-state-dict API) where the strategy loads through that API
+    resume_formats: tuple[str, ...] = (DCPState.name, HF_TRAINER_FORMAT)
+    # every rank holds the whole optimizer (no sharding): checkpoints write it as HF's optimizer.pt
+    replicates_optimizer: bool = False
     # DDP/FSDP/DeepSpeed need a process group even in a world of one
     needs_process_group: bool = False
     # every forward is a collective (sharded parameters are gathered), so all

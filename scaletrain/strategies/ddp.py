@@ -77,6 +77,7 @@ class DDPStrategy(Strategy):
     """Replicated model, gradients all-reduced (averaged) by DistributedDataParallel."""
 
     name = "ddp"
+    replicates_optimizer = True
     needs_process_group = True
     _static_graph_recorded = False  # with ddp_static_graph: after the first backward
 

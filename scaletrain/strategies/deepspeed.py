@@ -169,6 +169,7 @@ def _merge(base: dict, extra: dict) -> dict:
 class DeepSpeedStrategy(Strategy):
     name = "zero"
     state_format = DeepSpeedState.name
+    resume_formats = (DeepSpeedState.name,)
     supports_async_save = False  # the engine writes its own files, synchronously
     needs_process_group = True
 

@@ -10,6 +10,7 @@ class SingleDeviceStrategy(Strategy):
     """One process, one device: no process group, no wrapping."""
 
     name = "single"
+    replicates_optimizer = True
 
     @classmethod
     def check_environment(cls, env: DistEnv) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 
 
 class AcceleratorView:
@@ -19,7 +20,8 @@ class AcceleratorView:
         self._strategy.backward(loss)
 
     def unwrap_model(self, model: torch.nn.Module, keep_fp32_wrapper: bool = True) -> torch.nn.Module:
-        return self._strategy.unwrap(model)
+        """The strategy's unwrapping, then accelerate's (DataParallel, DDP, compiled wrappers) as HF's does."""
+        return extract_model_from_parallel(self._strategy.unwrap(model), keep_fp32_wrapper=keep_fp32_wrapper)
 
     @property
     def num_processes(self) -> int:

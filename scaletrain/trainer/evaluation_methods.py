@@ -22,22 +22,29 @@ class EvaluationMethods:
     """Mixed into Trainer."""
 
     def evaluate_and_track(self, ignore_keys: Optional[list[str]], step_schedule: bool = True) -> dict[str, float]:
-        """Evaluate every eval set during training; a new best metric may ask for a save, and a
-        metric schedule (reduce_lr_on_plateau, greedy) steps on it (not on the eval_on_start one, as in HF)."""
-        if isinstance(self.eval_dataset, dict):
-            metrics: dict[str, float] = {}
-            for name, dataset in self.eval_dataset.items():
-                metrics.update(self.evaluate(dataset, ignore_keys, metric_key_prefix=f"eval_{name}"))
-        else:
-            metrics = self.evaluate(ignore_keys=ignore_keys)
-        self._report_to_hp_search(self._trial, self.state.global_step, metrics)
+        """Evaluate during training: a new best metric may ask for a save (save_strategy 'best')."""
+        metrics = self._evaluate(self._trial, ignore_keys, skip_scheduler=not step_schedule)
         if self.best_metric.update(self.state, metrics) and self.args.save_strategy == SaveStrategy.BEST:
             self.control.should_save = True
-        if step_schedule and optim.steps_on_metric(self.lr_scheduler):
-            self.lr_scheduler.step(metrics[self.best_metric.key])
         if self.model_wrapped is not None:
             self.model_wrapped.train()
             optim.set_optimizer_mode(self.optimizer, training=True)
+        return metrics
+
+    def _evaluate(self, trial: Any, ignore_keys_for_eval: Optional[list[str]], skip_scheduler: bool = False
+                  ) -> dict[str, float]:
+        """HF's name for one evaluation during training (scripts and tests patch it): every eval set, the
+        report to a hyperparameter search, and a metric schedule's step (reduce_lr_on_plateau, greedy; not
+        on the eval_on_start one, as in HF)."""
+        if isinstance(self.eval_dataset, dict):
+            metrics: dict[str, float] = {}
+            for name, dataset in self.eval_dataset.items():
+                metrics.update(self.evaluate(dataset, ignore_keys_for_eval, metric_key_prefix=f"eval_{name}"))
+        else:
+            metrics = self.evaluate(ignore_keys=ignore_keys_for_eval)
+        self._report_to_hp_search(trial, self.state.global_step, metrics)
+        if not skip_scheduler and optim.steps_on_metric(self.lr_scheduler):
+            self.lr_scheduler.step(metrics[self.best_metric.key])
         return metrics
 
     def evaluate(self, eval_dataset: Optional[Union[Dataset, dict, str]] = None,

@@ -167,7 +167,7 @@ class InputTokensSeen:
         if self.mode == "non_padding":
             mask = batch.get("attention_mask")
             if isinstance(mask, torch.Tensor):
-                return mask.sum()
+                return (mask != 0).sum()
             if self.pad_token_id is not None:
                 return (ids != self.pad_token_id).sum()
         return torch.tensor(ids.numel())

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from transformers.trainer_jit_checkpoint import CheckpointManager, JITCheckpointCallback
 
 logger = logging.getLogger(__name__)
 
@@ -123,3 +124,25 @@ class PreemptionWatch:
             done.synchronize()
             return int(received[0]) > 0
         return read_pinned
+
+
+class WatchedJITCheckpointCallback(JITCheckpointCallback):
+    """HF's JIT checkpoint callback, in the list where HF's Trainer puts it with enable_jit_checkpoint, with
+    HF's CheckpointManager (code that drives it directly saves through Trainer._save_checkpoint). SIGTERM
+    itself is caught by PreemptionWatch for the duration of train(), where every rank agrees on the step to
+    save; so this one installs no handler of its own, which would outlive training and swallow a later
+    SIGTERM."""
+
+    def set_trainer(self, trainer) -> None:
+        self.trainer = trainer
+        if trainer.args.enable_jit_checkpoint:
+            self.jit_manager = CheckpointManager(trainer=trainer)
+
+
+def jit_callbacks(trainer) -> list:
+    """The callbacks enable_jit_checkpoint adds to HF's default list."""
+    if not trainer.args.enable_jit_checkpoint:
+        return []
+    callback = WatchedJITCheckpointCallback()
+    callback.set_trainer(trainer)
+    return [callback]

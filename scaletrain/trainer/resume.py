@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ..checkpoint import CheckpointError
 from ..checkpoint.compatibility import check_same_model
+from ..checkpoint.hf_trainer_format import hf_trainer_progress, position_from_global_step
 from ..checkpoint.manager import read_state
 from .plan import BatchGeometry
 
@@ -28,7 +29,16 @@ class ResumePoint:
     geometry: BatchGeometry  # this run's batch geometry, which keeps the checkpoint's global batch
 
     def check_model(self, fingerprint: dict[str, Any]) -> None:
-        check_same_model(self.path, self.manifest, fingerprint)
+        if "model_fingerprint" in self.manifest:  # transformers.Trainer's folders have none: the load checks names
+            check_same_model(self.path, self.manifest, fingerprint)
+
+    def saved_progress(self, updates_per_epoch: Optional[int]) -> dict[str, Any]:
+        """progress.json as saved; for a transformers.Trainer checkpoint, its global step placed in the epoch
+        as HF places it (it records no position of its own)."""
+        if "epoch" in self.progress:
+            return self.progress
+        return {**self.progress, **position_from_global_step(self.progress["global_step"], updates_per_epoch,
+                                                             self.geometry.accumulation)}
 
 
 def read_resume_point(path: Path, checkpoints, strategy, configured: BatchGeometry, auto_find_batch_size: bool
@@ -36,13 +46,16 @@ def read_resume_point(path: Path, checkpoints, strategy, configured: BatchGeomet
     """Raises CheckpointError for any incompatibility, before any state is loaded."""
     manifest = checkpoints.read_manifest(path)
     saved_format = manifest.get("state_format", "dcp")
-    if saved_format != strategy.state_format:
+    if saved_format not in strategy.resume_formats:
         raise CheckpointError(
             f"{path} holds {saved_format!r} state (saved by strategy {manifest['strategy']}); strategy "
-            f"{strategy.name} reads {strategy.state_format!r}. Resume with a strategy of the same "
-            f"family, or export it (scaletrain export) and start from the weights"
+            f"{strategy.name} reads {' or '.join(map(repr, strategy.resume_formats))}. Resume with a strategy "
+            "of the same family, or export it (scaletrain export) and start from the weights"
         )
-    progress = {"world_size": manifest["world_size"], **read_state(path, PROGRESS_FILE)}
+    # transformers.Trainer writes no progress.json: its position is its global step
+    saved_position = read_state(path, PROGRESS_FILE) if (path / PROGRESS_FILE).is_file() else \
+        hf_trainer_progress(path)
+    progress = {"world_size": manifest["world_size"], **saved_position}
     saved = BatchGeometry(progress.get("per_device_train_batch_size"),
                           progress.get("gradient_accumulation_steps", configured.accumulation),
                           manifest["world_size"])

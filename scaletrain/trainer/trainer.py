@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
-import transformers
 from safetensors.torch import save_model as save_safetensors
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from transformers import DataCollatorWithPadding, default_data_collator
@@ -25,9 +24,11 @@ from transformers.trainer_callback import (
 )
 from transformers.trainer_pt_utils import LabelSmoother
 from transformers.trainer_utils import (
-    EvalPrediction, SaveStrategy, TrainOutput, enable_full_determinism, set_seed, speed_metrics,
+    EvalPrediction, SaveStrategy, TrainOutput, compare_trainer_and_checkpoint_args, enable_full_determinism, set_seed,
+    speed_metrics,
 )
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer import Trainer as HFTrainer
 from transformers.utils import find_labels
 from transformers.utils import logging as hf_logging
 
@@ -54,7 +55,7 @@ from .evaluation_methods import EvaluationMethods
 from .loop import TrainLoop
 from .metrics import InputTokensSeen, MemoryMetrics
 from .plan import BatchGeometry, RunPlan, build_run_plan
-from .preemption import PreemptionWatch
+from .preemption import PreemptionWatch, jit_callbacks
 from .progress import TrainProgress
 from .reporting import ReportingMethods
 from .search_trials import SearchTrialMethods
@@ -169,7 +170,7 @@ class Trainer(EvaluationMethods, SearchTrialMethods, ReportingMethods):
         """HF's default list: the flow, the report_to integrations, then the progress bar (HF's
         PrinterCallback with disable_tqdm)."""
         progress = PrinterCallback() if self.args.disable_tqdm else ProgressCallback()
-        return [DefaultFlowCallback, *reporter_callbacks(self.args.report_to), progress]
+        return [DefaultFlowCallback, *reporter_callbacks(self.args.report_to), progress, *jit_callbacks(self)]
 
     def _new_state(self, plan: Optional[RunPlan] = None) -> TrainerState:
         state = TrainerState(is_local_process_zero=self.strategy.is_local_main,
@@ -399,9 +400,9 @@ class Trainer(EvaluationMethods, SearchTrialMethods, ReportingMethods):
         progress = ProgressFile(self.progress, self.middleware, self.strategy.precision)
         states = training_states(self.state, None, self.lr_scheduler, with_scheduler=True)
         self.checkpoints.load(point.path, self.model_wrapped, self.optimizer, states, manifest=point.manifest)
-        progress.load_state_dict(point.progress)  # read once, with the geometry checks
-        # HF's own restore of stateful_callbacks (restore_callback_states_from_checkpoint)
-        transformers.Trainer._load_callback_state(self)
+        progress.load_state_dict(point.saved_progress(plan.updates_per_epoch))  # read once, with the checks
+        self._load_callback_state()
+        compare_trainer_and_checkpoint_args(self.args, self.state)  # HF's warning on changed step settings
         if self.args.ignore_data_skip:  # HF's meaning: the epoch's data from its start, no skipping
             self.progress.micro_batches_in_epoch, self.progress.stream_state = 0, None
         self.state.max_steps = plan.max_steps
@@ -449,6 +450,17 @@ class Trainer(EvaluationMethods, SearchTrialMethods, ReportingMethods):
                                       else None))
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self.fire("on_log", logs=logs)
+
+    # HF's own restore of stateful_callbacks (restore_callback_states_from_checkpoint), by HF's name
+    _load_callback_state = HFTrainer._load_callback_state
+
+    def _save_checkpoint(self, model=None, trial=None) -> Path:
+        """HF's name for a checkpoint of the current step (its JIT checkpoint manager calls it)."""
+        return self.save_checkpoint()
+
+    def _get_output_dir(self, trial=None) -> str:
+        """Where checkpoints go (a search trial runs with its own output_dir in its arguments)."""
+        return self.args.output_dir
 
     def save_checkpoint(self) -> Path:
         step = self.state.global_step
@@ -528,8 +540,8 @@ def _checked_args(args, compute_loss_func, optimizers, optimizer_cls_and_kwargs)
         raise ValueError("pass either optimizers or optimizer_cls_and_kwargs, not both")
     if args.save_strategy == SaveStrategy.BEST and args.metric_for_best_model is None:
         # where HF checks it (the Trainer, not the arguments), so arguments made first stay valid
-        raise ValueError("save_strategy='best' needs metric_for_best_model (e.g. 'eval_loss', or a metric "
-                         "compute_metrics returns)")
+        raise ValueError("`args.metric_for_best_model` must be provided when using 'best' save_strategy "
+                         "(e.g. 'eval_loss', or a metric compute_metrics returns)")
     return args
 
 
