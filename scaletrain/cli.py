@@ -56,6 +56,10 @@ def _prepare(config_name: str, overrides: list[str], command: str = "train", che
     task = build_task(cfg)
     if command == "hpo":
         cfg.search.check_metrics(list(task.metric_names))
+    if strategy.layout.tp > 1:
+        from .parallel.tensor_parallel import check_model_splits
+
+        check_model_splits(task.build_model_from_config, strategy.layout.tp)
     return cfg, env, strategy, task
 
 

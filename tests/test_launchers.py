@@ -117,7 +117,7 @@ def test_launch_scripts_parse_and_are_shellcheck_clean(script):
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 # the strategy each shipped config must select (named by its file, except the LoRA recipes)
-EXPECTED_STRATEGY = {"lora-smollm2": "ddp", "qlora-smollm2": "ddp", "hpo-trec": "ddp"}
+EXPECTED_STRATEGY = {"lora-smollm2": "ddp", "qlora-smollm2": "ddp", "hpo-trec": "ddp", "hsdp": "fsdp"}
 # the SmolLM2 recipes run in full in test_recipes_smollm2.py, the search in benchmarks/hpo.py
 CLASSIFICATION_CONFIGS = [c for c in CONFIGS if c.stem not in EXPECTED_STRATEGY]
 
@@ -165,9 +165,44 @@ def test_shipped_configs_train_with_two_processes(config, tmp_path):
     overrides = ["--max_steps", "4", "--data.train_size", "128", "--data.eval_size", "64"]
     launch("torchrun.sh", [str(config), "--output_dir", str(out), *overrides], tmp_path, timeout=600)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["strategy"].startswith(f"{config.stem.split('-')[0]} (world size 2")
+    assert summary["strategy"].startswith(f"{EXPECTED_STRATEGY.get(config.stem, config.stem.split('-')[0])} "
+                                          "(world size 2")
     # the 2-rank evaluation saw each of the 64 held-out rows once and scored them as one process scores the
     # saved model (fp32 logits of 2 ranks vs 1 may differ in the last bits: one near-tie may flip)
     accuracy, rows = _accuracy_in_one_process(config, overrides, summary["final_model"])
     assert rows == summary["eval_samples"] == 64
     assert abs(summary["eval_accuracy"] - accuracy) * rows <= 1, (summary["eval_accuracy"], accuracy)
+
+
+def _two_nodes(args: list[str], cwd: Path, port: int, run_id: str) -> None:
+    """launch/torchrun.sh on two "nodes" of this machine (2 ranks each), rendezvousing over c10d as two
+    hosts would; c10d orders the nodes by when they join, whatever --node_rank says."""
+    inherited = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env = {**inherited, "PYTHON": sys.executable, "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1", "NPROC": "2",
+           "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RUN_ID": run_id}
+    nodes = [subprocess.Popen(["bash", str(LAUNCH / "torchrun.sh"), *args], cwd=cwd, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    for node, output in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, output[-5000:]
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_train_hsdp_and_resume(tmp_path):
+    """configs/hsdp.yaml on 2 nodes x 2 ranks: FSDP2 shards inside each node and replicates across them; the
+    job is stopped after a checkpoint and a new launch of both nodes continues from it."""
+    out = tmp_path / "run"
+    common = [str(ROOT / "configs" / "hsdp.yaml"), "--output_dir", str(out), "--data.train_size", "96",
+              "--data.eval_size", "32", "--save_strategy", "steps", "--save_steps", "3", "--eval_strategy", "no",
+              "--logging_steps", "1", "--per_device_train_batch_size", "4"]
+    _two_nodes([*common, "--max_steps", "3"], tmp_path, free_port(), "first")
+    manifest = json.loads((out / "checkpoint-3" / "manifest.json").read_text())
+    assert manifest["layout"] == {"dp_replicate": 2, "dp_shard": 2, "tp": 1} and manifest["world_size"] == 4
+    _two_nodes([*common, "--max_steps", "6", "--resume_from_checkpoint", "latest"], tmp_path, free_port(), "second")
+    summary = json.loads((out / "summary.json").read_text())
+    assert "2 dp_replicate x 2 dp_shard" in summary["strategy"]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the second launch logged steps 4-6 after the first's 1-3
+    assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6

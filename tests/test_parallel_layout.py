@@ -121,10 +121,10 @@ def test_hf_hybrid_shard_shards_in_the_node_and_replicates_across_nodes(monkeypa
     ({"dp_shard_size": 3}, ValueError, r"dp_replicate_size=1 x dp_shard_size=3 x tp_size=1 lays out 3 ranks, but "
                                        r"this launch has 4"),
     ({"dp_shrad_size": 2}, ValueError, r"unknown key 'dp_shrad_size'; did you mean 'dp_shard_size'"),
-    ({"tp_size": 2, "dp_shard_size": 2}, NotSupportedError, r"tp_size=2: tensor parallelism is not supported"),
-    # under strategy auto too, where no strategy's own check runs: tensor ranks would read the same data
-    ({"tp_size": 2, "dp_replicate_size": 2}, NotSupportedError, r"tp_size=2: tensor parallelism is not supported"),
+    ({"tp_size": 3, "dp_shard_size": 2}, ValueError, r"tp_size=3 lays out 6 ranks, but this launch has 4"),
+    # under strategy auto too, where no strategy's own check runs
     ({"sp_size": 2}, NotSupportedError, r"sp_size=2: sequence parallelism"),
+    ({"pp_size": 2, "dp_shard_size": 2}, NotSupportedError, r"pp_size=2: pipeline parallelism"),
 ])
 def test_bad_layouts_are_refused_naming_the_value(given, error, message):
     with pytest.raises(error, match=message):
@@ -135,6 +135,8 @@ def test_bad_layouts_are_refused_naming_the_value(given, error, message):
 @pytest.mark.parametrize(("strategy", "given", "message"), [
     ("ddp", {"dp_shard_size": 2}, "DDP replicates the whole model"),
     ("zero2", {"dp_replicate_size": 2, "dp_shard_size": 2}, "DeepSpeed ZeRO partitions over every rank"),
+    ("zero3", {"tp_size": 2, "dp_shard_size": 2}, "its AutoTP is not wired for training here"),
+    ("ddp", {"tp_size": 2, "dp_shard_size": 2}, "DDP replicates the whole model"),
 ])
 def test_a_layout_the_strategy_cannot_run_is_refused(strategy, given, message):
     with pytest.raises(ValueError, match=message):

@@ -1,6 +1,7 @@
 """Default optimizer and LR schedule, built the way the HF Trainer builds them."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 import torch
@@ -48,10 +49,20 @@ def build_optimizer(model: torch.nn.Module, groups: list[dict], args,
     kwargs = dict(kwargs)
     if "params" in kwargs:
         groups = kwargs.pop("params")
+    if _mixes_dtensors(groups) and "foreach" in inspect.signature(cls).parameters:
+        # tensor-parallel layers beside whole ones: torch's multi-tensor kernels refuse the mix
+        kwargs["foreach"] = False
     optimizer = cls(groups, **kwargs)
     if "bitsandbytes" in str(cls) and kwargs.get("optim_bits") == 8:
         _embeddings_in_32_bits(model)
     return optimizer
+
+
+def _mixes_dtensors(groups: list[dict]) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    kinds = {isinstance(p, DTensor) for group in groups for p in group["params"]}
+    return len(kinds) == 2
 
 
 def _embeddings_in_32_bits(model: torch.nn.Module) -> None:

@@ -24,7 +24,6 @@ _SIZE_ENV = {"dp_replicate_size": "PARALLELISM_CONFIG_DP_REPLICATE_SIZE",
              "pp_size": "PARALLELISM_CONFIG_PP_SIZE"}
 # what is not built yet, and what to use meanwhile
 _NOT_YET = {
-    "tp_size": "tensor parallelism is not supported yet",
     "cp_size": "context parallelism (ring attention) is not supported yet",
     "sp_size": "sequence parallelism (Ulysses) is not supported yet",
     "pp_size": "pipeline parallelism is not supported yet",
@@ -58,7 +57,7 @@ class ParallelismConfig(AccelerateParallelismConfig):
         for name, why in _NOT_YET.items():
             if getattr(self, name) > 1:
                 raise NotSupportedError(f"parallelism_config {name}={getattr(self, name)}: {why}; use "
-                                        "dp_replicate_size and dp_shard_size")
+                                        "dp_replicate_size, dp_shard_size and tp_size")
 
     def sizes(self) -> dict[str, int]:
         """Every dimension's size, by field name (how TrainingArguments.to_dict writes the config)."""

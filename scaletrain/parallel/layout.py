@@ -56,14 +56,37 @@ class ParallelLayout:
         """This process's data-parallel index (which shard of the data it reads); tp ranks share one."""
         return self.env.rank // self.tp
 
-    def fsdp_mesh(self, device_type: str):
-        """The mesh FSDP2 shards over: (dp_shard,) or, with replicas, (dp_replicate, dp_shard): HSDP."""
+    @property
+    def tp_rank(self) -> int:
+        return self.env.rank % self.tp
+
+    def world_mesh(self, device_type: str):
+        """Every rank on one (dp_replicate, dp_shard, tp) DeviceMesh, made once (its sub-meshes' process
+        groups are made with it); after the process group starts."""
+        import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
-        if self.dp_replicate == 1:
-            return init_device_mesh(device_type, (self.dp_shard,), mesh_dim_names=("dp_shard",))
-        return init_device_mesh(device_type, (self.dp_replicate, self.dp_shard),
-                                mesh_dim_names=("dp_replicate", "dp_shard"))
+        key = (self, device_type, dist.distributed_c10d._get_default_group())  # a restarted group: a new mesh
+        if key not in _MESHES:
+            _MESHES.clear()
+            _MESHES[key] = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.tp),
+                                            mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+        return _MESHES[key]
+
+    def fsdp_mesh(self, device_type: str):
+        """The mesh FSDP2 shards over: (dp_shard,) or, with replicas, (dp_replicate, dp_shard): HSDP."""
+        mesh = self.world_mesh(device_type)
+        return mesh["dp_shard"] if self.dp_replicate == 1 else mesh["dp_replicate", "dp_shard"]
+
+    def dp_mesh(self, device_type: str):
+        """Every data-parallel rank of this rank's tp position, as one flat mesh dimension."""
+        mesh = self.world_mesh(device_type)
+        if self.dp_replicate == 1 or self.dp_shard == 1:
+            return mesh["dp_shard" if self.dp_replicate == 1 else "dp_replicate"]
+        return mesh["dp_replicate", "dp_shard"]._flatten("dp")
+
+    def tp_mesh(self, device_type: str):
+        return self.world_mesh(device_type)["tp"]
 
     def as_dict(self) -> dict[str, int]:
         return {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp}
@@ -71,6 +94,9 @@ class ParallelLayout:
     def describe(self) -> str:
         parts = [f"{size} {name}" for name, size in self.as_dict().items() if size > 1]
         return " x ".join(parts) if parts else "1 rank"
+
+
+_MESHES: dict = {}  # (layout, device type) -> its DeviceMesh: one per process
 
 
 def _spelled(sizes: dict[str, Optional[int]]) -> str:

@@ -25,6 +25,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..checkpoint.hf_trainer_format import HF_TRAINER_FORMAT
 from ..checkpoint.state_formats import DCPState
+from ..errors import NotSupportedError
+from ..modeling import adapter_config
 from ..parallel.environment import DistEnv, process_device, read_env, start_process_group
 from ..parallel.layout import ParallelLayout
 from ..performance.memory import local_shard
@@ -124,6 +126,21 @@ class Strategy(abc.ABC):
               optimizer_factory: OptimizerFactory) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """Place/wrap/shard the model and build its optimizer together."""
 
+    def split_layers(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Tensor parallelism over the layout's tp ranks (the model's own plan), before any data-parallel
+        wrapping; a no-op without tp."""
+        if self.layout.tp == 1:
+            return model
+        from ..parallel.tensor_parallel import apply_tensor_parallel
+
+        if adapter_config(model) is not None:
+            raise NotSupportedError("parallelism_config tp_size > 1 with a LoRA adapter is not supported yet: "
+                                    "train the adapter with tp_size=1 (dp_shard_size shards the frozen base)")
+        if any(isinstance(p, DTensor) for p in model.parameters()):
+            raise ValueError("parallelism_config tp_size > 1 with a model whose parameters are already "
+                             "distributed (loaded with transformers' tp_plan?); load it whole")
+        return apply_tensor_parallel(model, self.layout.tp_mesh(self.device.type))
+
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
@@ -163,7 +180,10 @@ class Strategy(abc.ABC):
         self.precision.unscale_gradients(optimizer)
 
     def clip_grad_norm_(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-        return torch.nn.utils.clip_grad_norm_(self.unwrap(model).parameters(), max_norm)
+        params = [p for p in self.unwrap(model).parameters() if p.grad is not None]
+        if not any(isinstance(p.grad, DTensor) for p in params):
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return clip_global_norm_(params, max_norm)
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         """After a step: gradients dropped (their memory freed until the next backward)."""
@@ -326,6 +346,20 @@ class Strategy(abc.ABC):
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def dp_all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel ranks of this rank's tp position (in place, returned): the ranks of a
+        tensor-parallel group share one batch, so counts, losses and samples count once per replica."""
+        if self.layout.tp == 1:
+            return self.all_reduce_sum(tensor)
+        if self.has_collectives():
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.layout.dp_mesh(self.device.type).get_group())
+        return tensor
+
+    def dp_gather_object(self, obj: Any) -> list[Any]:
+        """One object per data-parallel rank, in dp order (each tp group's first rank speaks for it; ranks are
+        laid out tp innermost). Every rank calls it."""
+        return self.all_gather_object(obj)[:: self.layout.tp]
+
     def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.has_collectives():
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
@@ -353,6 +387,25 @@ class Strategy(abc.ABC):
         layout = self.layout
         mesh = f", {layout.describe()}" if layout.dp_replicate > 1 or layout.tp > 1 else ""
         return f"{self.name} (world size {self.world_size}, device {self.device}{mesh})"
+
+
+def clip_global_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ over the whole model when gradients are DTensors on different meshes (tensor-parallel
+    layers; FSDP2 on (dp, tp) beside (dp,)) or beside plain tensors: each mesh's gradients' norm by DTensor's
+    own reduction (one per mesh), then one total and one coefficient for every gradient."""
+    by_mesh: dict[Any, list[torch.Tensor]] = {}
+    for param in params:
+        grad = param.grad
+        by_mesh.setdefault(grad.device_mesh if isinstance(grad, DTensor) else None, []).append(param)
+    squares = []
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0)
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        squares.append(norm.to(params[0].grad.device, torch.float64) ** 2)
+    total = torch.stack(squares).sum().sqrt().to(torch.float32)
+    for group in by_mesh.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
 
 
 def _without_frozen(module: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:

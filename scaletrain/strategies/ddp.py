@@ -5,7 +5,9 @@ import contextlib
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedModel
 
@@ -73,11 +75,40 @@ def _by_dtype(params: list[torch.Tensor]) -> dict[torch.dtype, list[torch.Tensor
     return groups
 
 
+class TensorParallelReplicas:
+    """Data parallelism over tensor-parallel replicas. torch's DDP + TP path (_pre_dp_module_transform) swaps
+    the DTensor parameters for their local shards, which hides the sharding from gradient clipping (a norm
+    over local shards) and from checkpoints; instead the replicas start from their group's first rank's
+    weights and average their gradients after each step's backward (DDP's divide-then-sum, one all-reduce
+    per dtype over the flattened local shards)."""
+
+    def __init__(self, model: torch.nn.Module, group) -> None:
+        self.group, self.size = group, dist.get_world_size(group)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        source = dist.get_global_rank(group, 0)
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(_local(tensor.data), src=source, group=group)
+
+    def average_gradients(self) -> None:
+        for group in _by_dtype(self.params).values():
+            for param in group:
+                if param.grad is None:  # unused this step: a zero gradient on every replica, as DDP's
+                    param.grad = torch.zeros_like(param)
+            grads = [_local(p.grad) for p in group]
+            flat = _flatten_dense_tensors(grads).div_(self.size)
+            dist.all_reduce(flat, group=self.group)
+            for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+                grad.copy_(synced)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 class DDPStrategy(Strategy):
     """Replicated model, gradients all-reduced (averaged) by DistributedDataParallel."""
 
     name = "ddp"
-    replicates_optimizer = True
     needs_process_group = True
     _static_graph_recorded = False  # with ddp_static_graph: after the first backward
 
@@ -87,9 +118,18 @@ class DDPStrategy(Strategy):
         self._ddp_kwargs: dict[str, Any] = {}
         self._probe: Optional[UnusedParameterProbe] = None
         self._search_unused: Optional[bool] = None  # the probe's verdict, until the wrapper follows it
+        self._replicas: Optional[TensorParallelReplicas] = None  # with tp: replicas without a DDP wrapper
+
+    @property
+    def replicates_optimizer(self) -> bool:
+        """Whole on every rank unless tensor-parallel layers split it."""
+        return self.layout.tp == 1
 
     def setup(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory):
-        model = model.to(self.device)
+        model = self.split_layers(model.to(self.device))
+        if self.layout.tp > 1:
+            self._replicas = TensorParallelReplicas(model, self.layout.dp_mesh(self.device.type).get_group())
+            return model, optimizer_factory(model)
         args = self.args
         find_unused = args.ddp_find_unused_parameters
         if find_unused is None:
@@ -125,6 +165,8 @@ class DDPStrategy(Strategy):
         return stack
 
     def finish_backward(self, model: torch.nn.Module) -> None:
+        if self._replicas is not None:
+            self._replicas.average_gradients()
         if self._probe is not None:
             self._search_unused = self._probe.reduce(self)
             self._probe = None

@@ -14,8 +14,9 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
+from ..errors import NotSupportedError
 from ..modeling import block_classes
-from .base import OptimizerFactory, Strategy
+from .base import OptimizerFactory, Strategy, clip_global_norm_
 from .precision import check_full_eval
 
 
@@ -34,6 +35,9 @@ def check_options(args) -> None:
     """FSDP's options mean nothing to another strategy: refused there rather than ignored."""
     if args.strategy == "fsdp":
         check_full_eval(args, "FSDP2's sharded DTensor parameters")
+        if args.fsdp_low_memory_init and args.parallelism_config is not None and args.parallelism_config.tp_size > 1:
+            raise NotSupportedError("fsdp_low_memory_init=True with parallelism_config tp_size > 1: tensor "
+                                    "parallelism splits the weights every rank holds; drop fsdp_low_memory_init")
         if args.fsdp_prefetch is not None and (not isinstance(args.fsdp_prefetch, int) or args.fsdp_prefetch < 1):
             raise ValueError(f"fsdp_prefetch={args.fsdp_prefetch!r} must be an integer >= 1 (blocks gathered ahead), "
                              "or None for FSDP2's implicit prefetching")
@@ -104,6 +108,7 @@ class FSDPStrategy(Strategy):
         source_state = model.state_dict() if any_meta and self.is_main else None
         if not on_meta:
             model.to(self.device)
+        model = self.split_layers(model)  # tensor parallelism first: FSDP shards the tp shards (2-D)
 
         mesh = self.layout.fsdp_mesh(self.device.type)  # (dp_replicate, dp_shard): HSDP
         kwargs = {"mesh": mesh, "reshard_after_forward": self.args.fsdp_reshard_after_forward}
@@ -167,6 +172,8 @@ class FSDPStrategy(Strategy):
         """The norm over the full (unsharded) gradient: each rank's shard norm is
         a partial result that DTensor reduces across ranks."""
         params = [p for p in model.parameters() if p.grad is not None]
+        if len({id(p.grad.device_mesh) for p in params if isinstance(p.grad, DTensor)}) > 1:
+            return clip_global_norm_(params, max_norm)  # tp layers on a 2-D mesh beside 1-D ones
         total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
         if isinstance(total, DTensor):
             total = total.full_tensor()

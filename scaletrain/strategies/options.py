@@ -16,12 +16,14 @@ def check_strategy_options(args) -> None:
 
 # strategy -> the parallelism_config sizes it can run above 1, and what to use for the others
 _LAYOUTS = {
-    "ddp": ({"dp_replicate_size"}, "DDP replicates the whole model: use dp_replicate_size, or strategy fsdp "
-                                   "to shard (dp_shard_size)"),
-    "fsdp": ({"dp_replicate_size", "dp_shard_size"}, "FSDP2 shards over dp_shard_size and replicates over "
-                                                     "dp_replicate_size (HSDP)"),
-    **{f"zero{stage}": ({"dp_shard_size"}, "DeepSpeed ZeRO partitions over every rank: use dp_shard_size only, "
-                                           "or strategy fsdp for HSDP") for stage in (1, 2, 3)},
+    "ddp": ({"dp_replicate_size", "tp_size"}, "DDP replicates the whole model (tensor-parallel layers split over "
+                                              "tp_size): use dp_replicate_size, or strategy fsdp to shard "
+                                              "(dp_shard_size)"),
+    "fsdp": ({"dp_replicate_size", "dp_shard_size", "tp_size"}, "FSDP2 shards over dp_shard_size and replicates "
+                                                                "over dp_replicate_size (HSDP)"),
+    **{f"zero{stage}": ({"dp_shard_size"}, "DeepSpeed ZeRO partitions over every rank, and its AutoTP is not "
+                                           "wired for training here: use dp_shard_size only, or strategy fsdp "
+                                           "for HSDP and tensor parallelism") for stage in (1, 2, 3)},
     "single": (set(), "one process has nothing to divide"),
 }
 
@@ -33,7 +35,7 @@ def check_layout(args) -> None:
     if config is None or args.strategy == "auto":
         return
     allowed, hint = _LAYOUTS[args.strategy]
-    for name in ("dp_replicate_size", "dp_shard_size"):
+    for name in ("dp_replicate_size", "dp_shard_size", "tp_size"):
         value = getattr(config, name)
         if value != 1 and name not in allowed:
             raise ValueError(f"parallelism_config {name}={value} with strategy {args.strategy!r}: {hint}")
@@ -44,7 +46,8 @@ def check_node_local_saves(args) -> None:
     strategy whose every rank holds the whole state can do."""
     if not args.save_on_each_node:
         return
-    if args.strategy not in ("auto", "single", "ddp"):
+    tensor_parallel = args.parallelism_config is not None and args.parallelism_config.tp_size > 1
+    if args.strategy not in ("auto", "single", "ddp") or tensor_parallel:
         raise NotSupportedError(
             f"save_on_each_node=True with strategy {args.strategy!r}: a sharded checkpoint holds every rank's "
             "shard, so the nodes must share one filesystem (drop save_on_each_node), or train with ddp")

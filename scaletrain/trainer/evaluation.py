@@ -43,7 +43,7 @@ class EvalResults:
     def gather(self, strategy) -> tuple[int, Any, dict[str, Any]]:
         """(samples, losses, {preds, labels, inputs, sample_losses}) over all ranks, in dataset order."""
         local_parts = {k: concat(v) if self.concat_batches else (v or None) for k, v in self.parts.items()}
-        gathered = strategy.all_gather_object((self.num_samples, concat(self.losses), local_parts))
+        gathered = strategy.dp_gather_object((self.num_samples, concat(self.losses), local_parts))
         merge = concat if self.concat_batches else _chain
         parts = {k: merge([g[2][k] for g in gathered]) for k in self.parts}
         return sum(g[0] for g in gathered), concat([g[1] for g in gathered]), parts
@@ -78,7 +78,7 @@ class BatchMetrics:
     def join(self, part: Optional[dict]) -> None:
         """One round: this rank's batch (None once its shard ran out); a collective."""
         self.done += 1
-        parts = [p for p in self.strategy.all_gather_object(part) if p is not None]
+        parts = [p for p in self.strategy.dp_gather_object(part) if p is not None]
         last = self.done == self.rounds
         if parts and self.strategy.is_main:
             merged = {key: concat([p.get(key) for p in parts]) for key in parts[0]}

@@ -55,15 +55,24 @@ def read_resume_point(path: Path, checkpoints, strategy, configured: BatchGeomet
     # transformers.Trainer writes no progress.json: its position is its global step
     saved_position = read_state(path, PROGRESS_FILE) if (path / PROGRESS_FILE).is_file() else \
         hf_trainer_progress(path)
-    progress = {"world_size": manifest["world_size"], **saved_position}
+    saved_dp = _saved_dp_size(manifest)
+    progress = {"world_size": saved_dp, **saved_position}  # the data-parallel ranks that read the data
     saved = BatchGeometry(progress.get("per_device_train_batch_size"),
                           progress.get("gradient_accumulation_steps", configured.accumulation),
-                          manifest["world_size"])
+                          saved_dp)
     if auto_find_batch_size:
         configured = _found_batch_size(path, saved, configured)
     geometry = _geometry_for(path, saved, configured, "samples_in_epoch" in progress)
     strategy.prepare_resume(saved.dp_size, geometry.accumulation)
     return ResumePoint(path, manifest, progress, geometry)
+
+
+def _saved_dp_size(manifest: dict[str, Any]) -> int:
+    """The checkpoint's data-parallel degree: its world size over its tensor-parallel ranks."""
+    layout = manifest.get("layout")
+    if not layout:  # written before layouts were recorded, or by transformers.Trainer: data parallel only
+        return manifest["world_size"]
+    return layout["dp_replicate"] * layout["dp_shard"]
 
 
 def _found_batch_size(path: Path, saved: BatchGeometry, configured: BatchGeometry) -> BatchGeometry:
@@ -113,7 +122,7 @@ def _same_global_batch(path: Path, saved: BatchGeometry, run: BatchGeometry, has
         raise CheckpointError(f"{path} does not record its data position in samples; it resumes on "
                               f"{saved.dp_size} ranks only")
     accumulation = saved.global_batch // (run.per_device * run.dp_size)
-    logger.warning("resuming a %d-rank checkpoint on %d ranks: gradient_accumulation_steps %d -> %d keeps the "
-                   "global batch at %d; RNG streams start fresh", saved.dp_size, run.dp_size,
+    logger.warning("resuming a checkpoint of %d data-parallel ranks on %d: gradient_accumulation_steps %d -> %d "
+                   "keeps the global batch at %d; RNG streams start fresh", saved.dp_size, run.dp_size,
                    saved.accumulation, accumulation, saved.global_batch)
     return run.with_micro_batch(run.per_device, accumulation)

@@ -68,7 +68,7 @@ class LossWeighting:
             return None
         # host-side counts reach the device without waiting for it (an async copy)
         counts = [c.to(self.strategy.device, torch.float64, non_blocking=True) for c in counts]
-        return self.strategy.all_reduce_sum(torch.stack(counts).sum().reshape(1))[0]
+        return self.strategy.dp_all_reduce_sum(torch.stack(counts).sum().reshape(1))[0]
 
     def weight(self, inputs: dict[str, Any], global_items: Union[int, torch.Tensor]) -> torch.Tensor:
         """This micro-batch's share of the step: its targets over the global count, times the
@@ -108,7 +108,7 @@ class StepRunner:
         finite = torch.isfinite(loss)
         if self.skip_nonfinite and self._any_rank_nonfinite(finite):
             self.strategy.discard_gradients(model, optimizer)  # the weights, optimizer and schedule stay
-            return StepResult(loss / self.strategy.world_size, samples, tokens, None, False, finite, flos,
+            return StepResult(loss / self.strategy.layout.dp_size, samples, tokens, None, False, finite, flos,
                               model_flops)
         self.strategy.unscale_gradients(optimizer)
         self.hooks.fire("on_pre_optimizer_step")
@@ -122,7 +122,7 @@ class StepRunner:
             scheduler.step()
         # else an fp16 overflow: the weights did not move, so neither does the schedule
         self.strategy.zero_grad(optimizer)
-        return StepResult(loss / self.strategy.world_size, samples, tokens, grad_norm, stepped, finite, flos,
+        return StepResult(loss / self.strategy.layout.dp_size, samples, tokens, grad_norm, stepped, finite, flos,
                           model_flops)
 
     def _accumulate(self, model, micro_batches: list[dict[str, Any]]) -> tuple[torch.Tensor, int, torch.Tensor]:
