@@ -13,20 +13,18 @@ has the GPU rows).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from strategies import TokenData, publish, run_worker, save_plot  # noqa: E402  (shared launcher, data, output)
+from strategies import (TokenData, median_step_seconds, publish, run_worker, save_plot,  # noqa: E402
+                        step_timer)  # the shared launcher, data, step timing and output
 
 SEQ, VOCAB, LAYERS, HIDDEN, HEADS, KV_HEADS = 256, 8192, 4, 256, 4, 2
 PER_RANK, WARMUP, WORLD = 4, 2, 4
@@ -51,16 +49,7 @@ def build_model():
 def worker(name: str, steps: int, out: str) -> None:
     import resource
 
-    from transformers import TrainerCallback
-
     from scaletrain import Trainer, TrainingArguments
-
-    class StepTimes(TrainerCallback):
-        def __init__(self) -> None:
-            self.times = []
-
-        def on_step_end(self, args, state, control, **kw):
-            self.times.append(time.perf_counter())
 
     strategy_name, layout = LAYOUTS[name]
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,20 +57,19 @@ def worker(name: str, steps: int, out: str) -> None:
                                  learning_rate=1e-4, save_strategy="no", logging_steps=steps, disable_tqdm=True,
                                  report_to="none", optim="adamw_torch", strategy=strategy_name,
                                  parallelism_config=layout)
-        timer = StepTimes()
+        timer = step_timer()
         dp_size = WORLD // layout.get("tp_size", 1)
         trainer = Trainer(model=build_model(), args=args, callbacks=[timer],
                           train_dataset=TokenData(PER_RANK * dp_size * steps, SEQ, VOCAB))
         trainer.train()
         strategy = trainer.strategy
         held = strategy.held_state_numel(trainer.model_wrapped, trainer.optimizer)
-        step_times = [b - a for a, b in itertools.pairwise(timer.times[WARMUP - 1:])]
         states = strategy.all_gather_object(held["bytes"] / 2**20)
         rss = strategy.all_gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         if strategy.is_main:
             Path(out).write_text(json.dumps({
                 "layout": strategy.layout.describe(), "dp_size": dp_size,
-                "samples_per_s": PER_RANK * dp_size / statistics.median(step_times),
+                "samples_per_s": PER_RANK * dp_size / median_step_seconds(timer, WARMUP),
                 "state_mib_per_rank": max(states), "peak_rss_mib": max(rss),
             }))
         strategy.teardown()

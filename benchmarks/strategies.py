@@ -90,11 +90,9 @@ class TokenData(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
 
 
-def worker(name: str, steps: int, out: str) -> None:
+def step_timer():
+    """A TrainerCallback that records when each optimizer step ends (read with median_step_seconds)."""
     from transformers import TrainerCallback
-
-    from scaletrain import Trainer, TrainingArguments
-    from scaletrain.strategies import build_strategy
 
     class StepTimes(TrainerCallback):
         def __init__(self) -> None:
@@ -103,6 +101,18 @@ def worker(name: str, steps: int, out: str) -> None:
         def on_step_end(self, args, state, control, **kw):
             self.times.append(time.perf_counter())
 
+    return StepTimes()
+
+
+def median_step_seconds(timer, warmup: int) -> float:
+    """The median step time after `warmup` steps."""
+    return statistics.median(b - a for a, b in itertools.pairwise(timer.times[warmup - 1:]))
+
+
+def worker(name: str, steps: int, out: str) -> None:
+    from scaletrain import Trainer, TrainingArguments
+    from scaletrain.strategies import build_strategy
+
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, max_steps=steps, per_device_train_batch_size=PER_RANK_BATCH,
                                  learning_rate=1e-4, save_strategy="no", logging_steps=steps, disable_tqdm=True,
@@ -110,18 +120,17 @@ def worker(name: str, steps: int, out: str) -> None:
         strategy = build_strategy(args)
         strategy.setup_environment()
         model = strategy.build_model(build_model, build_model)
-        timer = StepTimes()
+        timer = step_timer()
         trainer = Trainer(model=model, args=args, train_dataset=TokenData(PER_RANK_BATCH * strategy.world_size * steps),
                           callbacks=[timer], strategy=strategy)
         trainer.train()
         held = strategy.held_state_numel(trainer.model_wrapped, trainer.optimizer)
-        step_times = [b - a for a, b in itertools.pairwise(timer.times[WARMUP - 1:])]
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         gathered = strategy.all_gather_object(peak_rss_mib)
         if strategy.is_main:
             Path(out).write_text(json.dumps({
                 "world_size": strategy.world_size,
-                "samples_per_s": PER_RANK_BATCH * strategy.world_size / statistics.median(step_times),
+                "samples_per_s": PER_RANK_BATCH * strategy.world_size / median_step_seconds(timer, WARMUP),
                 "state_mib_per_rank": held["bytes"] / 2**20,
                 "held_numel": held,
                 "peak_rss_mib": max(gathered),

@@ -56,10 +56,6 @@ class ParallelLayout:
         """This process's data-parallel index (which shard of the data it reads); tp ranks share one."""
         return self.env.rank // self.tp
 
-    @property
-    def tp_rank(self) -> int:
-        return self.env.rank % self.tp
-
     def world_mesh(self, device_type: str):
         """Every rank on one (dp_replicate, dp_shard, tp) DeviceMesh, made once (its sub-meshes' process
         groups are made with it); after the process group starts."""

@@ -180,10 +180,7 @@ class Strategy(abc.ABC):
         self.precision.unscale_gradients(optimizer)
 
     def clip_grad_norm_(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-        params = [p for p in self.unwrap(model).parameters() if p.grad is not None]
-        if not any(isinstance(p.grad, DTensor) for p in params):
-            return torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return clip_global_norm_(params, max_norm)
+        return clip_global_norm_([p for p in self.unwrap(model).parameters() if p.grad is not None], max_norm)
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         """After a step: gradients dropped (their memory freed until the next backward)."""
@@ -390,19 +387,23 @@ class Strategy(abc.ABC):
 
 
 def clip_global_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """clip_grad_norm_ over the whole model when gradients are DTensors on different meshes (tensor-parallel
-    layers; FSDP2 on (dp, tp) beside (dp,)) or beside plain tensors: each mesh's gradients' norm by DTensor's
-    own reduction (one per mesh), then one total and one coefficient for every gradient."""
+    """torch's clip_grad_norm_ (total norm, then one coefficient for every gradient), over gradients that may
+    be DTensors: a sharded gradient's norm is DTensor's own reduction over its shards (FSDP2), and gradients
+    on different meshes (tensor-parallel layers on (dp, tp) beside (dp,), or beside plain tensors) get one norm
+    per mesh, combined once."""
     by_mesh: dict[Any, list[torch.Tensor]] = {}
     for param in params:
         grad = param.grad
         by_mesh.setdefault(grad.device_mesh if isinstance(grad, DTensor) else None, []).append(param)
-    squares = []
+    norms = []
     for group in by_mesh.values():
         norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0)
-        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
-        squares.append(norm.to(params[0].grad.device, torch.float64) ** 2)
-    total = torch.stack(squares).sum().sqrt().to(torch.float32)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if len(norms) == 1:
+        total = norms[0]
+    else:
+        device = params[0].grad.device
+        total = torch.stack([n.to(device, torch.float64) ** 2 for n in norms]).sum().sqrt().to(torch.float32)
     for group in by_mesh.values():
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total

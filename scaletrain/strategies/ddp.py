@@ -7,11 +7,11 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedModel
 
 from ..modeling import library_model
+from ..performance.memory import local_shard
 from .base import OptimizerFactory, Strategy
 
 # config keys of mixture-of-experts models: the router picks other experts from step to step, so a
@@ -87,22 +87,18 @@ class TensorParallelReplicas:
         self.params = [p for p in model.parameters() if p.requires_grad]
         source = dist.get_global_rank(group, 0)
         for tensor in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(_local(tensor.data), src=source, group=group)
+            dist.broadcast(local_shard(tensor.data), src=source, group=group)
 
     def average_gradients(self) -> None:
         for group in _by_dtype(self.params).values():
             for param in group:
                 if param.grad is None:  # unused this step: a zero gradient on every replica, as DDP's
                     param.grad = torch.zeros_like(param)
-            grads = [_local(p.grad) for p in group]
+            grads = [local_shard(p.grad) for p in group]
             flat = _flatten_dense_tensors(grads).div_(self.size)
             dist.all_reduce(flat, group=self.group)
             for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
                 grad.copy_(synced)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 class DDPStrategy(Strategy):

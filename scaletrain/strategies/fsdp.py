@@ -12,11 +12,10 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.tensor import DTensor
 
 from ..errors import NotSupportedError
 from ..modeling import block_classes
-from .base import OptimizerFactory, Strategy, clip_global_norm_
+from .base import OptimizerFactory, Strategy
 from .precision import check_full_eval
 
 
@@ -167,16 +166,3 @@ class FSDPStrategy(Strategy):
             yield
         finally:
             model.set_requires_gradient_sync(True)
-
-    def clip_grad_norm_(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-        """The norm over the full (unsharded) gradient: each rank's shard norm is
-        a partial result that DTensor reduces across ranks."""
-        params = [p for p in model.parameters() if p.grad is not None]
-        if len({id(p.grad.device_mesh) for p in params if isinstance(p.grad, DTensor)}) > 1:
-            return clip_global_norm_(params, max_norm)  # tp layers on a 2-D mesh beside 1-D ones
-        total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
-        if isinstance(total, DTensor):
-            total = total.full_tensor()
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-        return total
-
