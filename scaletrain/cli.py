@@ -1,7 +1,7 @@
 """`scaletrain train CONFIG [--field value ...]`, `scaletrain hpo CONFIG [--field value ...]`,
 `scaletrain eval CONFIG --checkpoint PATH`, `scaletrain predict CONFIG --checkpoint PATH [--output F]`,
-`scaletrain export CHECKPOINT OUT_DIR`, `scaletrain estimate CONFIG [--world-size N]` and
-`scaletrain bench CONFIG [--strategies ...] [--micro-batch ...]`.
+`scaletrain export CHECKPOINT OUT_DIR`, `scaletrain estimate CONFIG [--world-size N]`,
+`scaletrain plan CONFIG --gpus N [...]` and `scaletrain bench CONFIG [--strategies ...] [--micro-batch ...]`.
 
 The same command runs alone or under torchrun / accelerate launch / SLURM: the
 launcher's environment decides the world size, the config decides the rest.
@@ -389,7 +389,7 @@ def _estimate(config_name: str, world_size: int | None, overrides: list[str]) ->
     every = (args.activation_checkpointing_kwargs or {}).get("every_n_layers", 1)
     print(estimate_table(shape, world_sizes_for(world_size), precision, args.per_device_train_batch_size,
                          cfg.data.max_length, every if args.activation_checkpointing else 0, args.offload_optimizer,
-                         args.offload_params, args.gradient_accumulation_steps))
+                         args.offload_params, args.gradient_accumulation_steps, args.ddp_gradient_as_bucket_view))
     return 0
 
 
@@ -472,6 +472,8 @@ def _pop_world_size(overrides: list[str], world_size: int | None) -> tuple[list[
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .performance.plan_command import add_plan_parser
+
     parser = argparse.ArgumentParser(prog="scaletrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train from a YAML config (a path or a built-in recipe name)")
@@ -494,6 +496,7 @@ def _parser() -> argparse.ArgumentParser:
     est.add_argument("config", help="YAML file or built-in recipe")
     est.add_argument("--world-size", type=int, default=None, help="ranks to predict for (default: 1, 2, 8, 64)")
     est.add_argument("overrides", nargs=argparse.REMAINDER, help="--field value pairs")
+    add_plan_parser(sub)
     bench = sub.add_parser("bench", help="time a short run of the config per strategy and micro-batch (and "
                                          "with/without activation checkpointing / compile): tokens/s, TFLOP/s, MFU, "
                                          "memory vs the estimate; table and PNG in output_dir")
@@ -522,6 +525,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "estimate":
         overrides, world_size = _pop_world_size(args.overrides, args.world_size)
         return _estimate(args.config, world_size, overrides)
+    if args.command == "plan":
+        from .performance.plan_command import run_plan
+
+        return run_plan(args.config, args.overrides, _pop_flags)
     from .checkpoint import CheckpointError
 
     try:

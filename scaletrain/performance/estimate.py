@@ -4,7 +4,7 @@ Model states (Ψ = trainable parameters, N = ranks, Adam(W)):
 
     strategy   parameters           gradients            optimizer state
     single     4Ψ                   4Ψ                   8Ψ  (two fp32 moments)
-    ddp        4Ψ                   4Ψ                   8Ψ  (+ 4Ψ gradient buckets, under buffers)
+    ddp        4Ψ                   4Ψ                   8Ψ  (gradients are views into DDP's buckets)
     fsdp       4Ψ/N                 4Ψ/N                 8Ψ/N
     zero1      dΨ                   dΨ/N (+ dΨ if k>1)   8Ψ/N + 4Ψ/N fp32 master partition
     zero2      dΨ                   dΨ/N                 8Ψ/N + 4Ψ/N
@@ -20,17 +20,27 @@ before it when k > 1. These are the ZeRO
 paper's formulas (Rajbhandari et al., 2020) with DeepSpeed's actual layout;
 ZeRO's 16Ψ total for mixed precision is 2Ψ + 2Ψ + 12Ψ here.
 
-Buffers: DDP's gradient buckets (4Ψ), DeepSpeed's reduction bucket
-(reduce_bucket_size elements) and FSDP's unsharded block (the largest block,
-gathered in the compute dtype, twice with prefetch).
+Buffers: DDP's gradient buckets (4Ψ beside the gradients only with
+ddp_gradient_as_bucket_view=False; by default the gradients are views into
+them), DeepSpeed's reduction bucket (reduce_bucket_size elements) and FSDP's
+unsharded block (the largest block, gathered in the compute dtype, twice with
+prefetch).
 
-Activations per micro-batch of b sequences of length s, hidden size h, a
-heads, L layers, vocabulary V (Korthikanti et al., 2022, without dropout
-masks when dropout is off): each layer keeps about s·b·h·(34 + 5·a·s/h)
-bytes at 16 bits (twice at fp32); a checkpointed layer keeps only its input
-(s·b·h values), and one layer's activations are live during its recompute.
-The logits add s·b·V fp32 values three times (logits, their log-softmax, its
-gradient).
+Activations per micro-batch of b sequences of length s (hidden size h, a
+heads of which k key/value heads, MLP width I, L layers, vocabulary V), in
+values of the activation width (4 bytes fp32, 2 under bf16/fp16): each layer
+keeps per token about 7h values every tensor-parallel rank holds (the two
+norms' inputs and outputs, the residual stream) plus (2h + 2h·k/a + m·I)/tp
+values that tensor parallelism splits (queries, keys, values and attention
+output; the MLP's m = 4 intermediate tensors when gated as in Llama, 2 as
+in GPT-2), plus a·s/tp attention scores under eager attention (SDPA and
+flash kernels keep none). This is the Korthikanti et al. (2022) accounting
+for HF's decoder layers, checked against tensor-byte measurements of Llama
+on CPU (benchmarks/parallelism.py, tests/test_plan.py). A checkpointed layer
+keeps only its input (h values per token), and one layer's activations are
+live during its recompute. The logits add s·b·V fp32 values three times
+(logits, their log-softmax, its gradient); the LM head is whole on every
+tensor-parallel rank, so they do not shrink with tp.
 """
 from __future__ import annotations
 
@@ -56,6 +66,10 @@ class ModelShape:
     heads: int
     layers: int
     vocab: int
+    kv_heads: int = 0  # 0: as many as heads
+    intermediate: int = 0  # MLP width; 0: 4 x hidden
+    gated_mlp: bool = False  # gate and up projections (Llama, Qwen2, Mistral, Gemma)
+    attention_scores: bool = False  # eager attention keeps the a x s x s scores for backward
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "ModelShape":
@@ -73,6 +87,10 @@ class ModelShape:
             layers=get("num_hidden_layers", "n_layer") or len(blocks),
             # only a language-model head produces per-token vocabulary logits
             vocab=get("vocab_size") if _has_lm_head(model) else 0,
+            kv_heads=get("num_key_value_heads"),
+            intermediate=get("intermediate_size", "n_inner", "d_ff"),
+            gated_mlp=any(name.endswith(("gate_proj", "gate_up_proj")) for name, _ in model.named_modules()),
+            attention_scores=getattr(config, "_attn_implementation", None) == "eager",
         )
 
 
@@ -109,7 +127,7 @@ class Estimate:
 def estimate(shape: ModelShape, strategy: str, world_size: int, precision: str = "fp32", micro_batch: int = 1,
              seq_len: int = 512, checkpointing: int = 0, offload_optimizer: bool = False,
              offload_params: bool = False, reduce_bucket_size: Optional[int] = None,
-             accumulation: int = 1) -> Estimate:
+             accumulation: int = 1, gradient_as_bucket_view: bool = True) -> Estimate:
     if strategy not in STRATEGY_NAMES:
         raise ValueError(f"strategy={strategy!r}: choose one of {STRATEGY_NAMES}")
     if precision not in ("fp32", "bf16", "fp16"):
@@ -119,7 +137,7 @@ def estimate(shape: ModelShape, strategy: str, world_size: int, precision: str =
     buffers, offloaded = 0.0, 0.0
     if strategy in ("single", "ddp"):
         params, grads, optim = 4 * psi, 4 * psi, 8 * psi
-        if strategy == "ddp" and n > 1:
+        if strategy == "ddp" and n > 1 and not gradient_as_bucket_view:
             buffers = 4 * psi
     elif strategy == "fsdp":
         params, grads, optim = 4 * psi / n, 4 * psi / n, 8 * psi / n
@@ -143,13 +161,20 @@ def estimate(shape: ModelShape, strategy: str, world_size: int, precision: str =
                     activation_bytes(shape, micro_batch, seq_len, precision, checkpointing), offloaded)
 
 
-def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, precision: str, checkpointing: int) -> float:
-    """`checkpointing`: 0 = off, k = every k-th block checkpointed (1 = all)."""
-    s, b, h, a = seq_len, micro_batch, shape.hidden, max(shape.heads, 1)
-    scale = 2.0 if precision == "fp32" else 1.0  # the formula counts 16-bit values
-    per_layer = s * b * h * (34 + 5 * a * s / max(h, 1)) * scale
+def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, precision: str, checkpointing: int,
+                     tp: int = 1) -> float:
+    """`checkpointing`: 0 = off, k = every k-th block checkpointed (1 = all); `tp`: the tensor-parallel ranks
+    a layer is split over (see the module docstring)."""
+    s, b, h = seq_len, micro_batch, shape.hidden
+    heads = max(shape.heads, 1)
+    kv_ratio = (shape.kv_heads or heads) / heads
+    width = 4 if precision == "fp32" else 2
+    split = 2 * h + 2 * h * kv_ratio + (4 if shape.gated_mlp else 2) * (shape.intermediate or 4 * h)
+    if shape.attention_scores:
+        split += heads * s
+    per_layer = s * b * (7 * h + split / tp) * width
     checkpointed = math.ceil(shape.layers / checkpointing) if checkpointing else 0
-    layers = (shape.layers - checkpointed) * per_layer + checkpointed * s * b * h * 2 * scale
+    layers = (shape.layers - checkpointed) * per_layer + checkpointed * s * b * h * width
     if checkpointed:
         layers += per_layer  # one block's activations, live while it is recomputed
     logits = 3 * 4 * s * b * shape.vocab
@@ -158,7 +183,7 @@ def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, precisio
 
 def estimate_table(shape: ModelShape, world_sizes: list[int], precision: str, micro_batch: int, seq_len: int,
                    checkpointing: int, offload_optimizer: bool = False, offload_params: bool = False,
-                   accumulation: int = 1) -> str:
+                   accumulation: int = 1, gradient_as_bucket_view: bool = True) -> str:
     header = ("| strategy | ranks | precision | parameters | gradients | optimizer state | buffers | activations "
               "| total per rank | offloaded to host |")
     lines = [header, "|" + "---|" * 10]
@@ -168,7 +193,7 @@ def estimate_table(shape: ModelShape, world_sizes: list[int], precision: str, mi
                 continue
             e = estimate(shape, name, world, precision, micro_batch, seq_len, checkpointing,
                          offload_optimizer and name.startswith("zero"), offload_params and name == "zero3",
-                         accumulation=accumulation)
+                         accumulation=accumulation, gradient_as_bucket_view=gradient_as_bucket_view)
             lines.append(f"| {name} | {e.world_size} | {precision} | {format_bytes(e.parameters)} | "
                          f"{format_bytes(e.gradients)} | {format_bytes(e.optimizer)} | {format_bytes(e.buffers)} | "
                          f"{format_bytes(e.activations)} | {format_bytes(e.total)} | {format_bytes(e.offloaded)} |")

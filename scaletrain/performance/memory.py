@@ -66,6 +66,9 @@ class TensorPeakTracker(TorchDispatchMode):
         self.peak = 0
 
     def _track(self, tensor: torch.Tensor) -> None:
+        # a DTensor's own storage is an empty wrapper the size of the global tensor; its local tensor holds the
+        # rank's bytes
+        tensor = tensor.to_local() if isinstance(tensor, DTensor) else tensor
         if tensor.device.type == "meta":
             return
         try:

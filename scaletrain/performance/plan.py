@@ -1,0 +1,314 @@
+"""`scaletrain plan`: which layout to train a model with on a given cluster, before renting it.
+
+For a model (built on the meta device: no weights, no memory), a GPU count, GPU memory, sequence length and
+global batch, every layout the mesh strategies run is enumerated: dp_replicate x dp_shard x tp (DDP when
+dp_shard is 1, FSDP2 or HSDP otherwise; tp ranks inside a node and dividing the attention heads, key/value
+heads and MLP width), every micro-batch that divides a data-parallel rank's share of the global batch, with
+and without activation checkpointing. Each gets a predicted memory per GPU and step time; the fastest that
+fit are shown with the command that runs them.
+
+Memory per GPU (bytes; Adam(W), fp32 parameters as the strategies keep them, Ψ_t = parameters a
+tensor-parallel rank holds: the split layers' share plus the embeddings, norms and LM head it keeps whole):
+
+    parameters 4Ψ_t/dp_shard, optimizer 8Ψ_t/dp_shard, gradients 4Ψ_t/dp_shard (4Ψ_t under FSDP with
+    accumulation: its no-sync window keeps whole gradients until the last micro-batch), buffers as in
+    `scaletrain estimate` (FSDP's gathered block; DDP's gradients are its buckets), activations as in
+    `estimate` with the attention and MLP internals divided by tp.
+
+This is the model `benchmarks/parallelism.py` measures on 4 CPU ranks (tensor bytes, the CPU analogue of
+CUDA's peak allocated memory) and tests/test_plan.py holds within 15% for every layout there.
+
+Step time is a model, not a measurement: compute = training FLOPs (6 per parameter and token, plus
+attention's 12·L·h·s per token, plus one more forward for checkpointed layers) / (GPUs x peak x efficiency);
+communication = ring collectives at the bandwidth of the links a group spans (a group inside one node uses
+the intra-node figure, one across nodes the inter-node one): FSDP all-gathers the parameters twice per
+micro-batch and reduce-scatters gradients once per step, replicas all-reduce gradients once per step,
+tensor-parallel layers all-reduce activations four times per layer and micro-batch (six when the layer is
+recomputed). Data-parallel collectives are assumed to overlap with compute, tensor-parallel ones not. Every
+assumption is printed with the table; a GPU run (`scaletrain bench`) replaces them with measurements.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+
+from .estimate import ModelShape, activation_bytes
+from .memory import format_bytes
+from ..parallel.tensor_parallel import tensor_parallel_plan
+
+ADAM_STATE_BYTES = 8  # two fp32 moments per element
+MAX_MICRO_BATCH = 64
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpus: int
+    gpus_per_node: int
+    memory: float  # usable bytes per GPU
+    peak_tflops: float  # dense, in the training precision
+    efficiency: float  # the fraction of peak the matmuls reach
+    intra_node_gbps: float  # GB/s per GPU of collective bus bandwidth inside a node
+    inter_node_gbps: float  # ... across nodes
+
+    def __post_init__(self) -> None:
+        if self.gpus < 1 or self.gpus_per_node < 1:
+            raise ValueError(f"--gpus {self.gpus} --gpus-per-node {self.gpus_per_node}: both must be >= 1")
+        if self.gpus > self.gpus_per_node and self.gpus % self.gpus_per_node:
+            raise ValueError(f"--gpus {self.gpus} is not a whole number of nodes of {self.gpus_per_node} GPUs; "
+                             "use a multiple of --gpus-per-node")
+        if not 0 < self.efficiency <= 1:
+            raise ValueError(f"--efficiency {self.efficiency}: a fraction of peak, in (0, 1]")
+
+    @property
+    def nodes(self) -> int:
+        return max(1, self.gpus // self.gpus_per_node)
+
+    def bandwidth(self, span: int) -> float:
+        """Bytes/s of a group of `span` consecutive ranks: intra-node while it fits in one node."""
+        return 1e9 * (self.intra_node_gbps if span <= self.gpus_per_node else self.inter_node_gbps)
+
+    def assumptions(self) -> str:
+        return (f"{self.gpus} GPUs ({self.nodes} node(s) x {min(self.gpus, self.gpus_per_node)}), "
+                f"{format_bytes(self.memory)} each; compute at {self.efficiency:.0%} of {self.peak_tflops:g} "
+                f"TFLOP/s; collectives at {self.intra_node_gbps:g} GB/s per GPU inside a node, "
+                f"{self.inter_node_gbps:g} GB/s across nodes")
+
+
+@dataclass(frozen=True)
+class PlanShape:
+    """What the layouts depend on: the estimator's shape plus how much of it tensor parallelism splits."""
+    model: ModelShape
+    tp_split: int  # parameter elements in the layers the model's tensor-parallel plan splits
+    tp_sizes: tuple[int, ...]  # tensor-parallel degrees the model can serve (1 always)
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, candidates: range) -> "PlanShape":
+        shape = ModelShape.of(model)
+        try:
+            styles = tensor_parallel_plan(model, 1)
+        except ValueError:  # no plan: data parallelism only
+            return cls(shape, 0, (1,))
+        modules = dict(model.named_modules())
+        split = sum(p.numel() for name in styles for p in modules[name].parameters(recurse=False)
+                    if p.requires_grad)
+        return cls(shape, split, tuple(tp for tp in candidates if _serves(model, tp)))
+
+    def held(self, tp: int) -> float:
+        """Parameter elements a tensor-parallel rank holds (before any data-parallel sharding)."""
+        return self.tp_split / tp + (self.model.parameters - self.tp_split)
+
+
+def _serves(model: torch.nn.Module, tp: int) -> bool:
+    try:
+        tensor_parallel_plan(model, tp)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Layout:
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    micro_batch: int
+    accumulation: int
+    checkpointing: bool
+
+    @property
+    def strategy(self) -> str:
+        if self.dp_replicate * self.dp_shard * self.tp == 1:
+            return "single"
+        return "fsdp" if self.dp_shard > 1 else "ddp"
+
+    def describe(self) -> str:
+        parts = [f"{size} {name}" for name, size in (("dp_replicate", self.dp_replicate),
+                                                        ("dp_shard", self.dp_shard), ("tp", self.tp)) if size > 1]
+        return " x ".join(parts) or "1 GPU"
+
+    def parallelism_config(self) -> dict[str, int]:
+        return {"dp_replicate_size": self.dp_replicate, "dp_shard_size": self.dp_shard, "tp_size": self.tp}
+
+
+@dataclass
+class Prediction:
+    layout: Layout
+    memory: dict[str, float] = field(default_factory=dict)  # parameters, gradients, optimizer, buffers, activations
+    seconds: dict[str, float] = field(default_factory=dict)  # compute, data_parallel, tensor_parallel
+    model_flops: float = 0.0  # per step, without recomputation
+
+    @property
+    def total_memory(self) -> float:
+        return sum(self.memory.values())
+
+    @property
+    def step_seconds(self) -> float:
+        s = self.seconds
+        return max(s["compute"], s["data_parallel"]) + s["tensor_parallel"]
+
+
+def predict_memory(shape: PlanShape, layout: Layout, precision: str, seq_len: int) -> dict[str, float]:
+    """Bytes per GPU of `layout`, by kind (see the module docstring)."""
+    held = shape.held(layout.tp)
+    sharded = held / layout.dp_shard
+    fsdp = layout.dp_shard > 1
+    compute = 4 if precision == "fp32" else 2
+    block = shape.model.largest_block / layout.tp
+    # FSDP: the gathered block (twice with prefetch) + its gradient. DDP's gradients are views into its buckets
+    # (ddp_gradient_as_bucket_view, on by default); tensor-parallel replicas reduce after backward, off the peak
+    buffers = 2 * compute * block + 4 * block if fsdp else 0.0
+    return {
+        "parameters": 4 * sharded,
+        "gradients": 4 * (held if fsdp and layout.accumulation > 1 else sharded),
+        "optimizer": ADAM_STATE_BYTES * sharded,
+        "buffers": buffers,
+        "activations": activation_bytes(shape.model, layout.micro_batch, seq_len, precision,
+                                        1 if layout.checkpointing else 0, layout.tp),
+    }
+
+
+def training_flops(shape: ModelShape, tokens: int, seq_len: int) -> float:
+    """Forward + backward FLOPs of `tokens` (6 per parameter and token, plus attention's 12·L·h·s)."""
+    return tokens * (6 * shape.parameters + 12 * shape.layers * shape.hidden * seq_len)
+
+
+def predict_seconds(shape: PlanShape, layout: Layout, hw: Hardware, precision: str, seq_len: int,
+                    global_batch: int) -> tuple[dict[str, float], float]:
+    """Step time by part (see the module docstring), and the step's model FLOPs."""
+    flops = training_flops(shape.model, global_batch * seq_len, seq_len)
+    work = flops * (4 / 3 if layout.checkpointing else 1.0)  # one more forward: a third of forward + backward
+    compute = work / (hw.gpus * hw.peak_tflops * 1e12 * hw.efficiency)
+    width = 4 if precision == "fp32" else 2
+    held = shape.held(layout.tp)
+    shard_span = layout.tp * layout.dp_shard
+    data_parallel = 0.0
+    if layout.dp_shard > 1:
+        gather = _ring(width * held, layout.dp_shard, hw.bandwidth(shard_span))
+        data_parallel += 2 * layout.accumulation * gather + _ring(4 * held, layout.dp_shard, hw.bandwidth(shard_span))
+    if layout.dp_replicate > 1:
+        data_parallel += 2 * _ring(4 * held / layout.dp_shard, layout.dp_replicate, hw.bandwidth(hw.gpus))
+    tensor_parallel = 0.0
+    if layout.tp > 1:
+        per_layer = 6 if layout.checkpointing else 4
+        activation = width * layout.micro_batch * seq_len * shape.model.hidden
+        tensor_parallel = (layout.accumulation * per_layer * shape.model.layers
+                           * 2 * _ring(activation, layout.tp, hw.bandwidth(layout.tp)))
+    return {"compute": compute, "data_parallel": data_parallel, "tensor_parallel": tensor_parallel}, flops
+
+
+def _ring(size: float, ranks: int, bandwidth: float) -> float:
+    """Seconds of a ring all-gather or reduce-scatter of `size` bytes (an all-reduce is two)."""
+    return size * (ranks - 1) / ranks / bandwidth
+
+
+def layouts(shape: PlanShape, hw: Hardware, global_batch: int) -> Iterator[Layout]:
+    """Every layout of hw.gpus ranks the strategies run, with every micro-batch and checkpointing choice."""
+    for tp in shape.tp_sizes:
+        if hw.gpus % tp or tp > hw.gpus_per_node:
+            continue
+        dp = hw.gpus // tp
+        if global_batch % dp:
+            continue
+        rows = global_batch // dp
+        for dp_shard in _divisors(dp):
+            for micro in (m for m in _divisors(rows) if m <= MAX_MICRO_BATCH):
+                for checkpointing in (False, True):
+                    yield Layout(dp // dp_shard, dp_shard, tp, micro, rows // micro, checkpointing)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def predict(shape: PlanShape, layout: Layout, hw: Hardware, precision: str, seq_len: int,
+            global_batch: int) -> Prediction:
+    seconds, flops = predict_seconds(shape, layout, hw, precision, seq_len, global_batch)
+    return Prediction(layout, predict_memory(shape, layout, precision, seq_len), seconds, flops)
+
+
+def plan(shape: PlanShape, hw: Hardware, precision: str, seq_len: int,
+         global_batch: int) -> tuple[list[Prediction], list[Prediction]]:
+    """(the meshes with a choice that fits, fastest first; the others, smallest first), each mesh with its
+    best micro-batch and checkpointing choice."""
+    if global_batch < 1:
+        raise ValueError(f"--global-batch {global_batch} must be >= 1")
+    predictions = [predict(shape, layout, hw, precision, seq_len, global_batch)
+                   for layout in layouts(shape, hw, global_batch)]
+    if not predictions:
+        raise ValueError(f"--global-batch {global_batch} cannot be divided over the data-parallel ranks of any "
+                         f"layout of {hw.gpus} GPUs; use a multiple of {hw.gpus}")
+    fits = [p for p in predictions if p.total_memory <= hw.memory]
+    # ties (compute hides the data-parallel collectives): less communication, which is what an imperfect
+    # overlap exposes; then the larger micro-batch (larger matmuls run closer to peak); then less memory
+    fits.sort(key=lambda p: (round(p.step_seconds, 9), round(p.seconds["data_parallel"], 9),
+                             -p.layout.micro_batch, p.total_memory))
+    too_big = sorted((p for p in predictions if p.total_memory > hw.memory), key=lambda p: p.total_memory)
+    return _best_per_mesh(fits), _best_per_mesh(too_big)
+
+
+def _best_per_mesh(predictions: list[Prediction]) -> list[Prediction]:
+    """The first of each (dp_replicate, dp_shard, tp): the best micro-batch and checkpointing choice of each
+    mesh, so the table shows different layouts rather than one layout's micro-batches."""
+    seen, best = set(), []
+    for prediction in predictions:
+        lay = prediction.layout
+        if (lay.dp_replicate, lay.dp_shard, lay.tp) not in seen:
+            seen.add((lay.dp_replicate, lay.dp_shard, lay.tp))
+            best.append(prediction)
+    return best
+
+
+def command_line(layout: Layout, hw: Hardware, config: str) -> str:
+    """How to launch `layout` with the repository's torchrun launcher (on every node)."""
+    nodes = f"NNODES={hw.nodes} MASTER_ADDR=<first node> " if hw.nodes > 1 else ""
+    launch = f"{nodes}NPROC={min(hw.gpus, hw.gpus_per_node)} launch/torchrun.sh {config}"
+    options = [f"--per_device_train_batch_size {layout.micro_batch}",
+               f"--gradient_accumulation_steps {layout.accumulation}"]
+    if layout.strategy != "single":
+        sizes = json.dumps(layout.parallelism_config(), separators=(",", ":"))
+        options[:0] = [f"--strategy {layout.strategy}", f"--parallelism_config '{sizes}'"]
+    if layout.checkpointing:
+        options.append("--activation_checkpointing true")
+    return " ".join([launch, *options])
+
+
+def plan_table(predictions: list[Prediction], hw: Hardware, seq_len: int, global_batch: int) -> list[str]:
+    header = ("| # | layout | strategy | micro x accumulation | checkpointing | memory/GPU | states / activations / "
+              "buffers | step ms | compute / dp comm / tp comm ms | tokens/s/GPU | MFU |")
+    lines = [header, "|" + "---|" * 11]
+    for number, p in enumerate(predictions, 1):
+        m, s, lay = p.memory, p.seconds, p.layout
+        states = m["parameters"] + m["gradients"] + m["optimizer"]
+        mfu = p.model_flops / (p.step_seconds * hw.gpus * hw.peak_tflops * 1e12)
+        lines.append(
+            f"| {number} | {lay.describe()} | {lay.strategy} | {lay.micro_batch} x {lay.accumulation} | "
+            f"{'on' if lay.checkpointing else 'off'} | {format_bytes(p.total_memory)} | "
+            f"{format_bytes(states)} / {format_bytes(m['activations'])} / {format_bytes(m['buffers'])} | "
+            f"{_ms(p.step_seconds)} | {_ms(s['compute'])} / {_ms(s['data_parallel'])} / {_ms(s['tensor_parallel'])} | "
+            f"{global_batch * seq_len / p.step_seconds / hw.gpus:,.0f} | {mfu:.0%} |")
+    return lines
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:,.0f}" if ms >= 100 else f"{ms:.3g}"
+
+
+def default_peak_tflops(precision: str) -> float:
+    """H100 SXM dense peaks: 989 TFLOP/s in bf16/fp16, 495 in fp32 (as TF32 matmuls)."""
+    return 495.0 if precision == "fp32" else 989.0
+
+
+def tp_candidates(gpus_per_node: int) -> range:
+    return range(1, gpus_per_node + 1)
+
+
+def describe_fit(best: Optional[Prediction], hw: Hardware) -> str:
+    if best is None:
+        return (f"no layout fits in {format_bytes(hw.memory)} per GPU; the smallest are shown: add GPUs, "
+                "shorten --seq-len or lower --global-batch")
+    return f"{math.ceil(best.total_memory / 2**30)} GiB of {format_bytes(hw.memory)} used by the fastest"

@@ -1,0 +1,96 @@
+"""The `scaletrain plan CONFIG --gpus N [...]` command: options, model, table (the model is plan.py's)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .memory import parse_bytes
+from .plan import (Hardware, PlanShape, command_line, default_peak_tflops, describe_fit, plan, plan_table,
+                   tp_candidates)
+from ..args.run_config import ConfigError, load_config, resolve_config_path
+from ..tasks import build_model_on_meta
+
+DEFAULTS = {"gpus_per_node": 8, "gpu_memory": "80GiB", "efficiency": 0.5, "intra_node_gbps": 370.0,
+            "inter_node_gbps": 40.0, "top": 5}
+
+
+def add_plan_parser(sub) -> None:
+    plan_parser = sub.add_parser(
+        "plan", help="rank the layouts (dp_replicate x dp_shard x tp, micro-batch, activation checkpointing) a "
+                     "config's model can train with on N GPUs: predicted memory per GPU, step time, the command")
+    plan_parser.add_argument("config", help="YAML file or built-in recipe (its model, precision, sequence length)")
+    plan_parser.add_argument("overrides", nargs=argparse.REMAINDER, help=(
+        "--gpus N (required) --gpus-per-node 8 --gpu-memory 80GiB --seq-len (default: data.max_length) "
+        "--global-batch (default: per_device_train_batch_size x gradient_accumulation_steps x gpus) --top 5 "
+        "--peak-tflops (default: H100 SXM's) --efficiency 0.5 --intra-node-gbps 370 --inter-node-gbps 40, "
+        "and --field value pairs"))
+
+
+_FLAGS = {"--gpus": "gpus", "--gpus-per-node": "gpus_per_node", "--gpu-memory": "gpu_memory",
+          "--seq-len": "seq_len", "--global-batch": "global_batch", "--top": "top", "--peak-tflops": "peak_tflops",
+          "--efficiency": "efficiency", "--intra-node-gbps": "intra_node_gbps",
+          "--inter-node-gbps": "inter_node_gbps"}
+
+
+def run_plan(config: str, overrides: list[str], pop_flags) -> int:
+    """Print the best layouts; 2 on bad input (naming it), 0 otherwise."""
+    try:
+        overrides, options = pop_flags(overrides, _FLAGS)
+        cfg = load_config(resolve_config_path(config), overrides)
+        hw, precision, seq_len, global_batch = _settings(cfg, options)
+        model = build_model_on_meta(cfg)
+        shape = PlanShape.of(model, tp_candidates(hw.gpus_per_node))
+        fits, too_big = plan(shape, hw, precision, seq_len, global_batch)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"scaletrain: plan error: {exc}", file=sys.stderr)
+        return 2
+    top = _number(options, "top", int, DEFAULTS["top"])
+    shown = fits[:top] or too_big[:top]
+    print(f"{type(model).__name__}: {shape.model.parameters:,} trainable parameters "
+          f"({shape.tp_split:,} in layers tensor parallelism splits; tp sizes it allows: "
+          f"{', '.join(map(str, shape.tp_sizes))}), {precision}, sequence {seq_len}, global batch {global_batch} "
+          f"rows, AdamW")
+    print(f"Assumed: {hw.assumptions()}. Step times are this model's, not measurements; memory is the model "
+          "checked against measured runs (within 15%).")
+    print(f"{len(fits)} of {len(fits) + len(too_big)} meshes fit with some micro-batch; "
+          f"{describe_fit(fits[0] if fits else None, hw)}\n")
+    print("\n".join(plan_table(shown, hw, seq_len, global_batch)))
+    print("\nTo run:")
+    for number, prediction in enumerate(shown, 1):
+        print(f"  {number}. {command_line(prediction.layout, hw, config)}")
+    return 0
+
+
+def _settings(cfg, options: dict[str, str]):
+    if cfg.training.lora is not None:
+        raise ValueError("plan models full fine-tuning (every parameter trained with AdamW); drop training.lora "
+                         "(`--lora null`) to plan the full model, or use `scaletrain estimate` for LoRA")
+    if "gpus" not in options:
+        raise ValueError("--gpus N is required: the number of GPUs to plan for")
+    args = cfg.training
+    precision = "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32")
+    gpus = _number(options, "gpus", int, None)
+    hw = Hardware(
+        gpus=gpus, gpus_per_node=_number(options, "gpus_per_node", int, DEFAULTS["gpus_per_node"]),
+        memory=parse_bytes(options.get("gpu_memory", DEFAULTS["gpu_memory"]), "--gpu-memory"),
+        peak_tflops=_number(options, "peak_tflops", float, default_peak_tflops(precision)),
+        efficiency=_number(options, "efficiency", float, DEFAULTS["efficiency"]),
+        intra_node_gbps=_number(options, "intra_node_gbps", float, DEFAULTS["intra_node_gbps"]),
+        inter_node_gbps=_number(options, "inter_node_gbps", float, DEFAULTS["inter_node_gbps"]))
+    seq_len = _number(options, "seq_len", int, cfg.data.max_length)
+    default_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * gpus
+    return hw, precision, seq_len, _number(options, "global_batch", int, default_batch)
+
+
+def _number(options: dict[str, str], name: str, kind, default):
+    if name not in options:
+        return default
+    flag = "--" + name.replace("_", "-")
+    try:
+        value = kind(options[name])
+    except ValueError:
+        raise ValueError(f"{flag} {options[name]!r} is not a{'n integer' if kind is int else ' number'}") from None
+    if value <= 0:
+        raise ValueError(f"{flag} {value} must be positive")
+    return value
+
