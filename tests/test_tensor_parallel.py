@@ -1,7 +1,8 @@
 """Tensor parallelism from the model's own HF plan, composed with FSDP2 (tp x dp_shard) and with replicas
 (tp x dp_replicate), on 4 gloo ranks against one process: two decoder families (Llama with GQA and tied
 embeddings; Qwen2 with q/k/v biases and an untied head), AdamW with active gradient clipping (a global norm
-over tensor-parallel shards and whole tensors), per-step losses and final weights within 1e-5. A checkpoint
+over tensor-parallel shards and whole tensors), per-step losses and final weights within 1e-5, also with a
+LoRA adapter on every projection (its exported adapter equals the one-process run's). A checkpoint
 taken under tp2 x dp_shard2 resumes under HSDP 2x2 and in one process; layouts and models tensor
 parallelism cannot serve are refused before training, naming the value."""
 from __future__ import annotations
@@ -32,16 +33,21 @@ def tiny_qwen2(seed: int = 0):
 MODELS = {"llama": tiny_llama, "qwen2": tiny_qwen2}
 
 
+# LoRA on every projection; its gradients are smaller, so a tighter clip keeps clipping active
+LORA = {"lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"}, "max_grad_norm": 0.1, "learning_rate": 1e-2}
+
+
 def _args(out, per_device: int, accumulation: int, **kw) -> TrainingArguments:
-    return TrainingArguments(output_dir=str(out), per_device_train_batch_size=per_device,
-                             gradient_accumulation_steps=accumulation, max_steps=STEPS, learning_rate=1e-3,
-                             optim="adamw_torch", max_grad_norm=0.5, logging_steps=1, save_steps=2,
-                             disable_tqdm=True, report_to="none", seed=0, ddp_timeout=300, **kw)
+    base = dict(output_dir=str(out), per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
+                max_steps=STEPS, learning_rate=1e-3, optim="adamw_torch", max_grad_norm=0.5, logging_steps=1,
+                save_steps=2, disable_tqdm=True, report_to="none", seed=0, ddp_timeout=300)
+    return TrainingArguments(**{**base, **kw})
 
 
-def _run(out: str, family: str, strategy: str, layout: dict, resume: str = None) -> dict:
+def _run(out: str, family: str, strategy: str, layout: dict, resume: str = None, **kw) -> dict:
     trainer = Trainer(model=MODELS[family](), args=_args(out, PER_RANK, ACCUMULATION, strategy=strategy,
-                                                         parallelism_config=layout), train_dataset=RaggedLM(ROWS))
+                                                         parallelism_config=layout, **kw),
+                      train_dataset=RaggedLM(ROWS))
     trainer.train(resume_from_checkpoint=resume)
     weights = dict(trainer.strategy.full_model_tensors(trainer.model_wrapped))
     evaluated = trainer.predict(RaggedLM(EVAL_ROWS, seed=4))  # each tp group evaluates one shard of rows
@@ -61,6 +67,10 @@ def _layouts_job(rank: int, out: str) -> None:
         "llama resumed as hsdp 2x2": _run(f"{out}/hsdp", "llama", "fsdp", {"dp_replicate_size": 2,
                                                                            "dp_shard_size": 2},
                                           resume=f"{out}/fsdp-tp/checkpoint-2"),
+        "llama lora fsdp tp2 x dp_shard2": _run(f"{out}/lora-fsdp", "llama", "fsdp", {"tp_size": 2, "dp_shard_size": 2},
+                                                **LORA),
+        "llama lora ddp tp2 x dp_replicate2": _run(f"{out}/lora-ddp", "llama", "ddp",
+                                                   {"tp_size": 2, "dp_replicate_size": 2}, **LORA),
     }
     if rank == 0:
         torch.save(runs, Path(out, "runs.pt"))
@@ -75,14 +85,14 @@ def layouts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    """Each family in one process with the same global batch (16 rows a step)."""
+    """Each family (and Llama with LoRA) in one process with the same global batch (16 rows a step)."""
     runs = {}
-    for family in MODELS:
+    for name, family, extra in (("llama", "llama", {}), ("qwen2", "qwen2", {}), ("llama lora", "llama", LORA)):
         trainer = Trainer(model=MODELS[family](), args=_args(tmp_path_factory.mktemp(family), PER_RANK,
-                                                             2 * ACCUMULATION, strategy="single"),
+                                                             2 * ACCUMULATION, strategy="single", **extra),
                           train_dataset=RaggedLM(ROWS))
         trainer.train()
-        runs[family] = trainer
+        runs[name] = trainer
     return runs
 
 
@@ -90,7 +100,7 @@ def _close(run: dict, reference: Trainer) -> None:
     assert len(run["losses"]) == STEPS
     torch.testing.assert_close(run["losses"], losses_of(reference), rtol=0, atol=1e-5)
     norms = [e["grad_norm"] for e in reference.state.log_history if "grad_norm" in e]
-    assert max(norms) > 0.5  # clipping acted: the global norm over shards must be right
+    assert max(norms) > reference.args.max_grad_norm  # clipping acted: the global norm over shards must be right
     torch.testing.assert_close(run["norms"], norms, rtol=1e-5, atol=0)
     assert run["eval_rows"] == EVAL_ROWS  # every row once: the tp ranks' copies are not gathered twice
     evaluated = reference.predict(RaggedLM(EVAL_ROWS, seed=4)).metrics["test_loss"]
@@ -103,7 +113,9 @@ def _close(run: dict, reference: Trainer) -> None:
 
 @pytest.mark.parametrize("name,family", [("llama fsdp tp2 x dp_shard2", "llama"),
                                          ("llama ddp tp2 x dp_replicate2", "llama"),
-                                         ("qwen2 fsdp tp2 x dp_shard2", "qwen2")])
+                                         ("qwen2 fsdp tp2 x dp_shard2", "qwen2"),
+                                         ("llama lora fsdp tp2 x dp_shard2", "llama lora"),
+                                         ("llama lora ddp tp2 x dp_replicate2", "llama lora")])
 def test_tensor_parallel_layouts_match_one_process(layouts, one_process, name, family):
     _, runs = layouts
     _close(runs[name], one_process[family])
@@ -127,6 +139,25 @@ def test_a_tensor_parallel_checkpoint_resumes_as_hsdp_and_in_one_process(layouts
         torch.testing.assert_close(value, one_process["llama"].model.state_dict()[key], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("folder", ["lora-fsdp", "lora-ddp"])
+def test_a_lora_adapter_trained_under_tensor_parallelism_exports_whole(layouts, one_process, folder, tmp_path):
+    """The adapter's split factors (lora_B of column-wise layers, lora_A of row-wise ones) come back whole:
+    the same adapter_model.safetensors as the one-process run's."""
+    from safetensors.torch import load_file
+
+    from scaletrain.checkpoint.export import export_checkpoint
+
+    out, _ = layouts
+    exported = load_file(str(export_checkpoint(out / folder / f"checkpoint-{STEPS}", tmp_path / "tp") /
+                             "adapter_model.safetensors"))
+    reference = one_process["llama lora"]
+    reference.save_model(str(tmp_path / "one"))
+    expected = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    assert exported.keys() == expected.keys() and len(expected) == 28  # A and B of 7 projections x 2 layers
+    for key, value in expected.items():
+        torch.testing.assert_close(exported[key], value, rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+
 @pytest.mark.parametrize("layout,config,message", [
     ({"tp_size": 2}, {"num_key_value_heads": 1}, "does not divide the model's num_key_value_heads=1"),
     ({"tp_size": 4}, {}, "tp_size=4 does not divide the model's num_key_value_heads=2"),
@@ -136,6 +167,16 @@ def test_a_model_tensor_parallelism_cannot_split_is_refused(layout, config, mess
 
     with pytest.raises(ValueError, match=message):
         tensor_parallel_plan(tiny_llama(**config), layout["tp_size"])
+
+
+def test_dora_under_tensor_parallelism_is_refused_naming_the_layer():
+    from peft import LoraConfig, get_peft_model
+
+    from scaletrain.parallel.tensor_parallel import tensor_parallel_plan
+
+    adapted = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", use_dora=True))
+    with pytest.raises(ValueError, match=r"tp_size=2 with DoRA \(model.layers.0.self_attn.q_proj\)"):
+        tensor_parallel_plan(adapted, 2)
 
 
 def test_a_model_without_a_plan_is_refused_naming_the_fix():

@@ -4,9 +4,10 @@ parallelize_module on the layout's tp mesh before the data-parallel wrapper (DDP
 The plan's column-wise layers (q/k/v, gate/up) split their output features over the tp ranks, its row-wise
 ones (o, down) their input features, so a decoder layer needs one all-reduce in attention and one in the MLP;
 HF's attention reshapes with -1 heads, so each rank simply runs its share of the heads. Embeddings, norms and
-the LM head stay whole on every tp rank (a tied head must stay the embedding's tensor), so their gradients
-are the same on every tp rank without communication. Checked before any of it: the plan exists, every style
-is one this module maps, and tp divides the attention heads, the key/value heads and the MLP width.
+the LM head stay whole on every tp rank (a tied head must stay the embedding's tensor), so their gradients are
+the same on every tp rank without communication. LoRA layers (peft) split with their base layer. Checked
+before any of it: the plan exists, every style is one this module maps, and tp divides the attention heads,
+the key/value heads and the MLP width.
 """
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ _DIVIDED = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
 
 def tensor_parallel_plan(model: torch.nn.Module, tp: int) -> dict[str, Any]:
-    """Module name -> torch ParallelStyle for every module the model's plan names; raises naming the model,
-    the style or the size that stands in the way, and the fix."""
+    """Module name (relative to the transformers model, inside a peft wrapper if there is one) -> torch
+    ParallelStyle for every module the model's plan names; raises naming the model, the style or the size
+    that stands in the way, and the fix."""
+    model = transformers_model(model)
     config = getattr(model, "config", None)
     plan = getattr(config, "base_model_tp_plan", None)
     if not plan:
@@ -48,20 +51,47 @@ def tensor_parallel_plan(model: torch.nn.Module, tp: int) -> dict[str, Any]:
                          f"not map to torch styles (it maps {sorted(_STYLES)}); use tp_size=1")
     prefix = getattr(model, "base_model_prefix", "")
     styles = {}
-    for name, _module in model.named_modules():
+    for name, module in model.named_modules():
         relative = name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else name
         for pattern, style in plan.items():
             if fnmatch.fnmatchcase(relative, pattern):
-                styles[name] = _STYLES[style]()
+                styles.update(_styles_for(name, module, style, tp))
     if not styles:
         raise ValueError(f"parallelism_config tp_size={tp}: no module of {type(model).__name__} matches its "
                          f"tensor-parallel plan {sorted(plan)}")
     return styles
 
 
+def _styles_for(name: str, module: torch.nn.Module, style: str, tp: int) -> dict[str, Any]:
+    """A plain layer splits as planned. A LoRA layer (peft) splits its frozen base layer as planned and, of
+    the adapter, the factor on the split side the same way: lora_B's output features for a column-wise layer,
+    lora_A's input features for a row-wise one; the rank-r factor between stays whole on every tp rank (its
+    gradient arrives reduced over the tp ranks, as a replicated input's does)."""
+    if not hasattr(module, "base_layer") or not hasattr(module, "lora_A"):
+        return {name: _STYLES[style]()}
+    if any(getattr(module, "use_dora", {}).values()):
+        raise ValueError(f"parallelism_config tp_size={tp} with DoRA ({name}): its magnitude vector normalises "
+                         "whole weight rows, which tensor parallelism splits; use plain LoRA or tp_size=1")
+    if type(module.base_layer) is not torch.nn.Linear:
+        raise ValueError(f"parallelism_config tp_size={tp}: the LoRA layer {name} wraps a "
+                         f"{type(module.base_layer).__name__} (QLoRA's quantized weights cannot be split as "
+                         "DTensors); use LoRA on unquantized weights, or tp_size=1")
+    factor = "lora_B" if style.startswith("colwise") else "lora_A"
+    styles = {f"{name}.base_layer": _STYLES[style]()}
+    styles.update({f"{name}.{factor}.{adapter}": _STYLES[style]() for adapter in getattr(module, factor)})
+    return styles
+
+
+def transformers_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model itself: inside a peft wrapper, the one it adapts."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
 def apply_tensor_parallel(model: torch.nn.Module, tp_mesh) -> torch.nn.Module:
     """The plan's layers split over `tp_mesh` in place; their parameters become DTensors."""
-    return parallelize_module(model, tp_mesh, tensor_parallel_plan(model, tp_mesh.size()))
+    parallelize_module(transformers_model(model), tp_mesh, tensor_parallel_plan(model, tp_mesh.size()))
+    return model
 
 
 def check_model_splits(build_from_config, tp: int) -> None:

@@ -25,8 +25,6 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..checkpoint.hf_trainer_format import HF_TRAINER_FORMAT
 from ..checkpoint.state_formats import DCPState
-from ..errors import NotSupportedError
-from ..modeling import adapter_config
 from ..parallel.environment import DistEnv, process_device, read_env, start_process_group
 from ..parallel.layout import ParallelLayout
 from ..performance.memory import local_shard
@@ -133,9 +131,6 @@ class Strategy(abc.ABC):
             return model
         from ..parallel.tensor_parallel import apply_tensor_parallel
 
-        if adapter_config(model) is not None:
-            raise NotSupportedError("parallelism_config tp_size > 1 with a LoRA adapter is not supported yet: "
-                                    "train the adapter with tp_size=1 (dp_shard_size shards the frozen base)")
         if any(isinstance(p, DTensor) for p in model.parameters()):
             raise ValueError("parallelism_config tp_size > 1 with a model whose parameters are already "
                              "distributed (loaded with transformers' tp_plan?); load it whole")
