@@ -97,14 +97,18 @@ def one_process(tmp_path_factory):
 
 
 def _close(run: dict, reference: Trainer) -> None:
+    _trained_alike(run, reference)
+    assert run["eval_rows"] == EVAL_ROWS  # every row once: the tp ranks' copies are not gathered twice
+    evaluated = reference.predict(RaggedLM(EVAL_ROWS, seed=4)).metrics["test_loss"]
+    assert run["eval_loss"] == pytest.approx(evaluated, abs=1e-5)
+
+
+def _trained_alike(run: dict, reference: Trainer) -> None:
     assert len(run["losses"]) == STEPS
     torch.testing.assert_close(run["losses"], losses_of(reference), rtol=0, atol=1e-5)
     norms = [e["grad_norm"] for e in reference.state.log_history if "grad_norm" in e]
     assert max(norms) > reference.args.max_grad_norm  # clipping acted: the global norm over shards must be right
     torch.testing.assert_close(run["norms"], norms, rtol=1e-5, atol=0)
-    assert run["eval_rows"] == EVAL_ROWS  # every row once: the tp ranks' copies are not gathered twice
-    evaluated = reference.predict(RaggedLM(EVAL_ROWS, seed=4)).metrics["test_loss"]
-    assert run["eval_loss"] == pytest.approx(evaluated, abs=1e-5)
     for name, value in reference.model.state_dict().items():
         if name in run["weights"]:  # a tied head is saved once
             torch.testing.assert_close(run["weights"][name], value, rtol=0, atol=1e-5,
@@ -202,3 +206,23 @@ def test_the_cli_refuses_a_model_without_a_plan_before_any_process_group(tmp_pat
                  "--parallelism_config", '{"tp_size": 2, "dp_shard_size": 2}']) == 2
     assert "BertForSequenceClassification has no tensor-parallel plan" in capsys.readouterr().err
     assert not torch.distributed.is_initialized()
+
+
+def _three_dimensional_job(rank: int, out: str) -> None:
+    trainer = Trainer(model=tiny_llama(), args=_args(out, PER_RANK, 1, strategy="fsdp", parallelism_config={
+        "dp_replicate_size": 2, "dp_shard_size": 2, "tp_size": 2}), train_dataset=RaggedLM(ROWS))
+    trainer.train()
+    weights = dict(trainer.strategy.full_model_tensors(trainer.model_wrapped))
+    if rank == 0:
+        torch.save({"losses": losses_of(trainer), "weights": weights, "describe": trainer.strategy.describe(),
+                    "norms": [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e]},
+                   Path(out, "3d.pt"))
+
+
+@pytest.mark.slow
+def test_hsdp_times_tensor_parallelism_on_8_ranks_matches_one_process(one_process, tmp_path):
+    """3-D: 2 replicas x 2 shards x 2 tp ranks; 4 data-parallel ranks x 4 rows = the one-process 16 rows."""
+    run_ranks(_three_dimensional_job, str(tmp_path), world_size=8, timeout=600)
+    run = torch.load(tmp_path / "3d.pt", weights_only=False)
+    assert "2 dp_replicate x 2 dp_shard x 2 tp" in run["describe"]
+    _trained_alike(run, one_process["llama"])
