@@ -390,6 +390,9 @@ def _estimate(config_name: str, world_size: int | None, overrides: list[str]) ->
     print(estimate_table(shape, world_sizes_for(world_size), precision, args.per_device_train_batch_size,
                          cfg.data.max_length, every if args.activation_checkpointing else 0, args.offload_optimizer,
                          args.offload_params, args.gradient_accumulation_steps, args.ddp_gradient_as_bucket_view))
+    from .performance.plan_command import configured_layout_lines
+
+    print("\n".join(["", *configured_layout_lines(cfg, world_sizes_for(world_size))]).rstrip())
     return 0
 
 

@@ -192,3 +192,19 @@ def test_no_layout_fitting_is_said_and_the_smallest_are_shown(tmp_path, capsys):
     assert cli.main(["plan", _plan_config(tmp_path), "--gpus", "8", "--gpu-memory", "100MiB"]) == 0
     out = capsys.readouterr().out
     assert "no layout fits in 100.0 MiB per GPU" in out and "launch/torchrun.sh" in out
+
+
+def test_estimate_predicts_the_configured_layout_per_rank(tmp_path, capsys):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from scaletrain.performance.memory import format_bytes
+    from scaletrain.tasks.base import smollm2_path
+
+    assert cli.main(["estimate", _plan_config(tmp_path), "--world-size", "6", "--strategy", "fsdp",
+                     "--parallelism_config", '{"tp_size": 3, "dp_shard_size": -1}']) == 0
+    line = next(li for li in capsys.readouterr().out.splitlines() if li.startswith("parallelism_config on 6 ranks"))
+    assert "(2 dp_shard x 3 tp, fsdp)" in line
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(smollm2_path()))
+    split, whole = _split_and_whole(model)
+    assert f"parameters {format_bytes(4 * (split / 3 + whole) / 2)}," in line

@@ -293,6 +293,18 @@ def plan_table(predictions: list[Prediction], hw: Hardware, seq_len: int, global
     return lines
 
 
+def resolve_sizes(config, world: int) -> Optional[tuple[int, int, int]]:
+    """(dp_replicate, dp_shard, tp) of a ParallelismConfig on `world` ranks (-1: the rest), or None if it
+    does not lay out that many."""
+    sizes = [config.dp_replicate_size, config.dp_shard_size, config.tp_size]
+    known = math.prod(size for size in sizes if size != -1)
+    if -1 in sizes:
+        if world % known:
+            return None
+        sizes[sizes.index(-1)] = world // known
+    return tuple(sizes) if math.prod(sizes) == world else None
+
+
 def _ms(seconds: float) -> str:
     ms = seconds * 1e3
     return f"{ms:,.0f}" if ms >= 100 else f"{ms:.3g}"

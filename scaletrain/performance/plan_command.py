@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .memory import parse_bytes
-from .plan import (Hardware, PlanShape, command_line, default_peak_tflops, describe_fit, plan, plan_table,
-                   tp_candidates)
+from .memory import format_bytes, parse_bytes
+from .plan import (Hardware, Layout, PlanShape, command_line, default_peak_tflops, describe_fit, plan, plan_table,
+                   predict_memory, resolve_sizes, tp_candidates)
 from ..args.run_config import ConfigError, load_config, resolve_config_path
 from ..tasks import build_model_on_meta
 
@@ -59,6 +59,28 @@ def run_plan(config: str, overrides: list[str], pop_flags) -> int:
     for number, prediction in enumerate(shown, 1):
         print(f"  {number}. {command_line(prediction.layout, hw, config)}")
     return 0
+
+
+def configured_layout_lines(cfg, world_sizes: list[int]) -> list[str]:
+    """`scaletrain estimate` for a config with parallelism_config: its layout's memory per GPU (plan's model)
+    at each world size it lays out."""
+    config, args = cfg.training.parallelism_config, cfg.training
+    if config is None:
+        return []
+    shape = PlanShape.of(build_model_on_meta(cfg), range(1, config.tp_size + 1))
+    precision = "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32")
+    lines = []
+    for world in world_sizes:
+        sizes = resolve_sizes(config, world)
+        if sizes is None:
+            continue
+        layout = Layout(*sizes, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                        bool(args.activation_checkpointing))
+        memory = predict_memory(shape, layout, precision, cfg.data.max_length)
+        lines.append(f"parallelism_config on {world} ranks ({layout.describe()}, {layout.strategy}): "
+                     f"{format_bytes(sum(memory.values()))} per rank = "
+                     + ", ".join(f"{kind} {format_bytes(size)}" for kind, size in memory.items()))
+    return lines or [f"parallelism_config lays out none of {world_sizes} ranks; pass --world-size to match it"]
 
 
 def _settings(cfg, options: dict[str, str]):
