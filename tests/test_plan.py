@@ -157,7 +157,8 @@ def _plan_config(tmp_path, lora: bool = False) -> str:
 
 def test_plan_prints_the_best_layouts_of_a_real_model_with_commands_that_run_them(tmp_path, capsys):
     # SmolLM2-135M: 9 attention heads and 3 key/value heads, so tensor parallelism can only be 3 (or 1)
-    assert cli.main(["plan", _plan_config(tmp_path), "--gpus", "24", "--global-batch", "96", "--top", "30"]) == 0
+    assert cli.main(["plan", _plan_config(tmp_path), "--gpus", "24", "--global-batch", "96", "--top", "30",
+                     "--seq-len", "1024", "--learning_rate", "3e-5"]) == 0
     out = capsys.readouterr().out
     assert "tp sizes it allows: 1, 3" in out
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| #")]
@@ -168,6 +169,8 @@ def test_plan_prints_the_best_layouts_of_a_real_model_with_commands_that_run_the
         sizes = json.loads(command.split("--parallelism_config '")[1].split("'")[0])
         assert sizes["dp_replicate_size"] * sizes["dp_shard_size"] * sizes["tp_size"] == 24
         assert "NNODES=3" in command and "NPROC=8" in command
+        # what the plan was made for: the overrides and the planned sequence length travel with the command
+        assert "--learning_rate 3e-5 --data.max_length 1024 " in command
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -208,3 +211,15 @@ def test_estimate_predicts_the_configured_layout_per_rank(tmp_path, capsys):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(smollm2_path()))
     split, whole = _split_and_whole(model)
     assert f"parameters {format_bytes(4 * (split / 3 + whole) / 2)}," in line
+
+
+def test_the_documented_8b_plan_runs_and_shows_what_the_memory_guide_says(capsys, monkeypatch):
+    monkeypatch.chdir(PROJECT)
+    assert cli.main(["plan", "docs/examples/causal-lm.yaml", "--model.name_or_path",
+                     "docs/examples/models/llama-3.1-8b", "--bf16", "true", "--gpus", "16", "--gpus-per-node", "8",
+                     "--gpu-memory", "80GiB", "--seq-len", "8192", "--global-batch", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "8,030,261,248 trainable parameters" in out  # Llama-3.1-8B
+    rows = [line for line in out.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    guide = (PROJECT / "docs" / "guides" / "memory.md").read_text()
+    assert rows and all(row in guide for row in rows)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -262,10 +263,11 @@ def _best_per_mesh(predictions: list[Prediction]) -> list[Prediction]:
     return best
 
 
-def command_line(layout: Layout, hw: Hardware, config: str) -> str:
-    """How to launch `layout` with the repository's torchrun launcher (on every node)."""
+def command_line(layout: Layout, hw: Hardware, config: str, overrides: tuple[str, ...] = ()) -> str:
+    """How to launch `layout` with the repository's torchrun launcher (on every node); `overrides`: the
+    config changes the plan was made with."""
     nodes = f"NNODES={hw.nodes} MASTER_ADDR=<first node> " if hw.nodes > 1 else ""
-    launch = f"{nodes}NPROC={min(hw.gpus, hw.gpus_per_node)} launch/torchrun.sh {config}"
+    launch = f"{nodes}NPROC={min(hw.gpus, hw.gpus_per_node)} launch/torchrun.sh {shlex.join([config, *overrides])}"
     options = [f"--per_device_train_batch_size {layout.micro_batch}",
                f"--gradient_accumulation_steps {layout.accumulation}"]
     if layout.strategy != "single":

@@ -20,7 +20,8 @@ def add_plan_parser(sub) -> None:
                      "config's model can train with on N GPUs: predicted memory per GPU, step time, the command")
     plan_parser.add_argument("config", help="YAML file or built-in recipe (its model, precision, sequence length)")
     plan_parser.add_argument("overrides", nargs=argparse.REMAINDER, help=(
-        "--gpus N (required) --gpus-per-node 8 --gpu-memory 80GiB --seq-len (default: data.max_length) "
+        "--gpus N (required) --gpus-per-node 8 --gpu-memory 80GiB --seq-len (default: data.block_size or "
+        "data.max_length) "
         "--global-batch (default: per_device_train_batch_size x gradient_accumulation_steps x gpus) --top 5 "
         "--peak-tflops (default: H100 SXM's) --efficiency 0.5 --intra-node-gbps 370 --inter-node-gbps 40, "
         "and --field value pairs"))
@@ -38,6 +39,7 @@ def run_plan(config: str, overrides: list[str], pop_flags) -> int:
         overrides, options = pop_flags(overrides, _FLAGS)
         cfg = load_config(resolve_config_path(config), overrides)
         hw, precision, seq_len, global_batch = _settings(cfg, options)
+        overrides = [*overrides, *_sequence_override(cfg, seq_len)]
         model = build_model_on_meta(cfg)
         shape = PlanShape.of(model, tp_candidates(hw.gpus_per_node))
         fits, too_big = plan(shape, hw, precision, seq_len, global_batch)
@@ -57,7 +59,7 @@ def run_plan(config: str, overrides: list[str], pop_flags) -> int:
     print("\n".join(plan_table(shown, hw, seq_len, global_batch)))
     print("\nTo run:")
     for number, prediction in enumerate(shown, 1):
-        print(f"  {number}. {command_line(prediction.layout, hw, config)}")
+        print(f"  {number}. {command_line(prediction.layout, hw, config, tuple(overrides))}")
     return 0
 
 
@@ -99,9 +101,15 @@ def _settings(cfg, options: dict[str, str]):
         efficiency=_number(options, "efficiency", float, DEFAULTS["efficiency"]),
         intra_node_gbps=_number(options, "intra_node_gbps", float, DEFAULTS["intra_node_gbps"]),
         inter_node_gbps=_number(options, "inter_node_gbps", float, DEFAULTS["inter_node_gbps"]))
-    seq_len = _number(options, "seq_len", int, cfg.data.max_length)
+    seq_len = _number(options, "seq_len", int, cfg.data.block_size or cfg.data.max_length)
     default_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * gpus
     return hw, precision, seq_len, _number(options, "global_batch", int, default_batch)
+
+
+def _sequence_override(cfg, seq_len: int) -> list[str]:
+    """The config field that gives the planned sequence length, when --seq-len changed it."""
+    field = "block_size" if cfg.data.block_size else "max_length"
+    return [] if getattr(cfg.data, field) == seq_len else [f"--data.{field}", str(seq_len)]
 
 
 def _number(options: dict[str, str], name: str, kind, default):
