@@ -1,10 +1,12 @@
 """The GPU benchmark: a ~1B Llama-style model (built from a config, random weights: no download) trained in
 bf16 on one device for a few hundred steps of full-length synthetic token rows, under fsdp, ddp and zero3,
-with and without torch.compile and activation checkpointing. Writes tokens/s, TFLOP/s, MFU and peak memory
-with the device named to results/gpu-<device>.md/.json/.png.
+with and without torch.compile and activation checkpointing; on a host with 4 or more GPUs also the layouts
+flat FSDP over 4, HSDP 2x2 and tp2 x FSDP2 on 4 GPUs (--layouts on|off|auto). Writes tokens/s, TFLOP/s, MFU
+and peak memory with the device named to results/gpu-<device>.md/.json/.png.
 
     benchmarks/gpu.sh                      # on a GPU host: installs carried wheels, then runs this
     python benchmarks/gpu.py --tiny        # on CPU: a tiny Llama, a few steps (CI keeps this working)
+    python benchmarks/gpu.py --tiny --only none --layouts on   # the layout rows on 4 CPU ranks
 
 MFU is against the device's dense bf16 peak (scaletrain/trainer/flops.py), or --peak-tflops.
 """
@@ -31,6 +33,9 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, 
 LLAMA_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=512, max_position_embeddings=128)
 CONFIGS = [(s, c, a) for s in ("fsdp", "ddp", "zero3") for c in (False, True) for a in (False, True)]
+LAYOUT_GPUS = 4
+LAYOUTS = {"fsdp 4": ("fsdp", {"dp_shard_size": 4}), "hsdp 2x2": ("fsdp", {"dp_replicate_size": 2, "dp_shard_size": 2}),
+           "tp2 x fsdp2": ("fsdp", {"tp_size": 2, "dp_shard_size": 2})}
 
 
 def build_llama(shape: dict):
@@ -53,23 +58,29 @@ def worker(opts) -> None:
             self.times.append(time.perf_counter())
 
     strategy, compiled, checkpointing = opts.worker[0], opts.worker[1] == "1", opts.worker[2] == "1"
+    layout = None
+    if strategy in LAYOUTS:
+        strategy, layout = LAYOUTS[strategy]
     shape = LLAMA_TINY if opts.tiny else LLAMA_1B
     on_gpu = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp, max_steps=opts.steps, per_device_train_batch_size=opts.micro_batch, learning_rate=1e-4,
             save_strategy="no", logging_steps=opts.steps, disable_tqdm=True, report_to="none", strategy=strategy,
-            bf16=on_gpu, torch_compile=compiled, activation_checkpointing=checkpointing,
+            bf16=on_gpu, torch_compile=compiled, activation_checkpointing=checkpointing, parallelism_config=layout,
             peak_tflops=opts.peak_tflops, optim="adamw_torch_fused" if on_gpu else "adamw_torch")
         timer = StepTimes()
-        rows = TokenData(opts.micro_batch * opts.steps, seq=opts.seq, vocab=shape["vocab_size"])
+        replicas = int(os.environ.get("WORLD_SIZE", "1")) // (layout or {}).get("tp_size", 1)
+        rows = TokenData(replicas * opts.micro_batch * opts.steps, seq=opts.seq, vocab=shape["vocab_size"])
         trainer = Trainer(model=build_llama(shape), args=args, train_dataset=rows, callbacks=[timer])
         metrics = trainer.train().metrics
         warmup = max(2, opts.steps // 10)
         step = statistics.median(b - a for a, b in itertools.pairwise(timer.times[warmup - 1:]))
         scale = metrics["train_runtime"] / opts.steps / step  # whole-run rates -> steady-state step rates
+        if not trainer.strategy.is_main:
+            os._exit(0)
         Path(opts.out).write_text(json.dumps({
-            "tokens_per_s": opts.micro_batch * opts.seq / step,
+            "tokens_per_s": replicas * opts.micro_batch * opts.seq / step,  # over every GPU of the run
             "tflops": metrics["train_tflops_per_rank"] * scale, "mfu": metrics.get("train_mfu", 0.0) * scale or None,
             "peak_memory_gb": metrics["train_peak_memory_gb"]}))
     sys.stdout.flush()
@@ -83,7 +94,10 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--peak-tflops", type=float, default=None)
-    parser.add_argument("--only", default="", help="comma-separated strategies (fsdp,ddp,zero3)")
+    parser.add_argument("--only", default="", help="comma-separated strategies (fsdp,ddp,zero3; none: no "
+                                                   "one-device rows)")
+    parser.add_argument("--layouts", choices=("auto", "on", "off"), default="auto",
+                        help=f"the {LAYOUT_GPUS}-GPU layout rows (auto: when the host has {LAYOUT_GPUS} GPUs)")
     parser.add_argument("--worker", nargs=3, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -98,18 +112,40 @@ def main() -> None:
     for strategy, compiled, checkpointing in CONFIGS:
         if opts.only and strategy not in opts.only.split(","):
             continue
-        argv = [str(Path(__file__).resolve()), "--worker", strategy, str(int(compiled)), str(int(checkpointing)),
-                "--steps", str(opts.steps), "--micro-batch", str(opts.micro_batch), "--seq", str(opts.seq)]
-        argv += ["--tiny"] if opts.tiny else []
-        argv += ["--peak-tflops", str(opts.peak_tflops)] if opts.peak_tflops else []
         label = strategy + ("+compile" if compiled else "") + ("+ckpt" if checkpointing else "")
         try:
-            result = run_worker(argv + ["--out"], 1)
+            result = run_worker(_worker_argv(opts, strategy, compiled, checkpointing), 1)
         except RuntimeError as exc:  # e.g. zero3 + compile is refused, or out of memory: a row with why
             result = {"error": str(exc).strip().splitlines()[-1][:160]}
         rows.append({"config": label, **result})
         print(label, result, flush=True)
+    rows += _layout_rows(opts)
     _publish(rows, device, opts)
+
+
+def _worker_argv(opts, name: str, compiled: bool, checkpointing: bool) -> list[str]:
+    argv = [str(Path(__file__).resolve()), "--worker", name, str(int(compiled)), str(int(checkpointing)),
+            "--steps", str(opts.steps), "--micro-batch", str(opts.micro_batch), "--seq", str(opts.seq)]
+    argv += ["--tiny"] if opts.tiny else []
+    argv += ["--peak-tflops", str(opts.peak_tflops)] if opts.peak_tflops else []
+    return argv + ["--out"]
+
+
+def _layout_rows(opts) -> list[dict]:
+    """Flat FSDP, HSDP and tp x FSDP on LAYOUT_GPUS ranks: tokens/s over all of them, per-GPU TFLOP/s."""
+    gpus = torch.cuda.device_count()
+    if opts.layouts == "off" or (opts.layouts == "auto" and gpus < LAYOUT_GPUS):
+        reason = "--layouts off" if opts.layouts == "off" else f"this host has {gpus} GPU(s)"
+        return [{"config": name, "error": f"needs {LAYOUT_GPUS} GPUs ({reason})"} for name in LAYOUTS]
+    rows = []
+    for name in LAYOUTS:
+        try:
+            result = run_worker(_worker_argv(opts, name, False, False), LAYOUT_GPUS)
+        except RuntimeError as exc:
+            result = {"error": str(exc).strip().splitlines()[-1][:160]}
+        rows.append({"config": f"{name} ({LAYOUT_GPUS} GPUs)", **result})
+        print(name, result, flush=True)
+    return rows
 
 
 def _publish(rows: list[dict], device: str, opts) -> None:
