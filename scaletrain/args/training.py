@@ -113,6 +113,10 @@ class _ScaletrainArguments(ProcessFacts):
     torch_compile: bool = False
     torch_compile_backend: Optional[str] = None
     torch_compile_mode: Optional[str] = None
+    # causal LMs: the loss applies the LM head chunk by chunk and never holds all the logits
+    # (middleware/chunked_loss.py); "auto": where the logits would be the largest activation
+    chunked_loss: Union[str, bool] = "auto"
+    chunked_loss_tokens: int = 1024  # target positions per chunk
     use_liger_kernel: bool = False  # Liger's Triton kernels patched into the model (CUDA only)
     liger_kernel_config: Optional[dict] = None
     # HF's: deterministic torch kernels (and CUDA env settings) instead of a plain seed

@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from . import activation_ckpt, batch_finder, compilation, liger, neftune, quantization
+from . import activation_ckpt, batch_finder, chunked_loss, compilation, liger, neftune, quantization
 from .activation_ckpt import ActivationCheckpointing
+from .chunked_loss import ChunkedLoss
 from .compilation import TorchCompile
 from .base import Middleware
 from .liger import LigerKernels
@@ -80,10 +81,12 @@ def check_middleware_options(args) -> None:
     batch_finder.check_options(args)
     neftune.check_options(args)
     liger.check_options(args)
+    chunked_loss.check_options(args)
     compilation.check_options(args)
 
 
-def build_middleware(args, strategy) -> MiddlewareStack:
+def build_middleware(args, strategy, custom_loss: bool = False) -> MiddlewareStack:
+    """`custom_loss`: the Trainer's compute_loss is overridden (the chunked loss then stays off under 'auto')."""
     items: list[Middleware] = []
     if args.use_liger_kernel:  # HF patches the base model before anything wraps it
         items.append(LigerKernels(args.liger_kernel_config))
@@ -93,6 +96,10 @@ def build_middleware(args, strategy) -> MiddlewareStack:
         items.append(LoRA(args.lora))
     if args.neftune_noise_alpha is not None:  # on the (adapted) model's input embedding
         items.append(NEFTune(args.neftune_noise_alpha))
+    if args.chunked_loss is not False and not args.use_liger_kernel:  # Liger fuses the head and the loss itself
+        precision = "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32")
+        items.append(ChunkedLoss(args.chunked_loss, args.chunked_loss_tokens, precision,
+                                 bool(args.activation_checkpointing), custom_loss))
     if args.activation_checkpointing:
         items.append(ActivationCheckpointing(args.activation_checkpointing_kwargs or {}))
     if args.torch_compile:  # last: compiles what the others built

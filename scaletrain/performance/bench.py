@@ -108,14 +108,17 @@ def _run_point(cfg, env, task, point: BenchPoint, steps: int, warmup: int, out: 
 
 def add_estimates(rows: list[dict[str, Any]], cfg, world_size: int) -> None:
     """`scaletrain estimate`'s per-rank prediction beside each measured row."""
+    from ..middleware.chunked_loss import planned_loss_chunk
     from .estimate import estimate, model_shape_from_config
 
     shape, _ = model_shape_from_config(cfg)
-    precision = "bf16" if cfg.training.bf16 else ("fp16" if cfg.training.fp16 else "fp32")
+    args = cfg.training
+    precision = "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32")
     for row in rows:
+        chunk = planned_loss_chunk(args.chunked_loss, args.chunked_loss_tokens, shape, row["checkpointing"], precision)
         predicted = estimate(shape, row["strategy"], world_size, precision, row["micro_batch"], cfg.data.max_length,
-                             1 if row["checkpointing"] else 0, cfg.training.offload_optimizer,
-                             cfg.training.offload_params, accumulation=cfg.training.gradient_accumulation_steps)
+                             1 if row["checkpointing"] else 0, args.offload_optimizer, args.offload_params,
+                             accumulation=args.gradient_accumulation_steps, loss_chunk=chunk)
         row["estimate_state_gb_per_rank"] = predicted.model_states / 2**30
         row["estimate_total_gb_per_rank"] = predicted.total / 2**30
 

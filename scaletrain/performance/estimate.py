@@ -33,14 +33,18 @@ keeps per token about 7h values every tensor-parallel rank holds (the two
 norms' inputs and outputs, the residual stream) plus (2h + 2h·k/a + m·I)/tp
 values that tensor parallelism splits (queries, keys, values and attention
 output; the MLP's m = 4 intermediate tensors when gated as in Llama, 2 as
-in GPT-2), plus a·s/tp attention scores under eager attention (SDPA and
+in GPT-2, plus what an activation written in Python keeps: ~3 for GPT-2's
+gelu_new), plus a·s/tp attention scores under eager attention (SDPA and
 flash kernels keep none). This is the Korthikanti et al. (2022) accounting
-for HF's decoder layers, checked against tensor-byte measurements of Llama
-on CPU (benchmarks/parallelism.py, tests/test_plan.py). A checkpointed layer
-keeps only its input (h values per token), and one layer's activations are
-live during its recompute. The logits add s·b·V fp32 values three times
-(logits, their log-softmax, its gradient); the LM head is whole on every
-tensor-parallel rank, so they do not shrink with tp.
+for HF's decoder layers, checked against tensor-byte measurements on CPU
+(Llama: benchmarks/parallelism.py, tests/test_plan.py; GPT-2:
+benchmarks/memory.py). A checkpointed layer keeps only its input (h values
+per token). The logits add s·b·V fp32 values three times (logits, their
+log-softmax, its gradient) at the start of backward; a checkpointed block's
+recompute comes later, so the larger of the two counts. The LM head is whole
+on every tensor-parallel rank, so the logits do not shrink with tp; under
+the chunked loss (chunked_loss, on by default where the logits would
+dominate) only one chunk's logits live at a time.
 """
 from __future__ import annotations
 
@@ -70,6 +74,8 @@ class ModelShape:
     intermediate: int = 0  # MLP width; 0: 4 x hidden
     gated_mlp: bool = False  # gate and up projections (Llama, Qwen2, Mistral, Gemma)
     attention_scores: bool = False  # eager attention keeps the a x s x s scores for backward
+    activation_extra: int = 0  # MLP-width tensors a python-written activation (GPT-2's gelu_new) keeps
+    loss_chunkable: bool = False  # the chunked causal-LM loss can serve this model (middleware/chunked_loss.py)
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "ModelShape":
@@ -91,7 +97,21 @@ class ModelShape:
             intermediate=get("intermediate_size", "n_inner", "d_ff"),
             gated_mlp=any(name.endswith(("gate_proj", "gate_up_proj")) for name, _ in model.named_modules()),
             attention_scores=getattr(config, "_attn_implementation", None) == "eager",
+            activation_extra=_ACTIVATION_EXTRA.get(getattr(config, "activation_function", None)
+                                                   or getattr(config, "hidden_act", None), 0),
+            loss_chunkable=_loss_chunkable(model),
         )
+
+
+# HF's activations written as Python arithmetic (transformers.activations) keep intermediates for backward
+# that a fused kernel (F.gelu, F.silu) does not: tanh-approximated GELUs keep about three MLP-width tensors
+_ACTIVATION_EXTRA = {"gelu_new": 3, "gelu_fast": 3, "gelu_python": 2, "quick_gelu": 2}
+
+
+def _loss_chunkable(model: torch.nn.Module) -> bool:
+    from ..middleware.chunked_loss import why_not
+
+    return why_not(model) is None
 
 
 def _numel(param: torch.Tensor) -> int:
@@ -127,7 +147,9 @@ class Estimate:
 def estimate(shape: ModelShape, strategy: str, world_size: int, precision: str = "fp32", micro_batch: int = 1,
              seq_len: int = 512, checkpointing: int = 0, offload_optimizer: bool = False,
              offload_params: bool = False, reduce_bucket_size: Optional[int] = None,
-             accumulation: int = 1, gradient_as_bucket_view: bool = True) -> Estimate:
+             accumulation: int = 1, gradient_as_bucket_view: bool = True,
+             loss_chunk: Optional[int] = None) -> Estimate:
+    """`loss_chunk`: the chunked causal-LM loss's tokens per chunk where it applies (planned_loss_chunk)."""
     if strategy not in STRATEGY_NAMES:
         raise ValueError(f"strategy={strategy!r}: choose one of {STRATEGY_NAMES}")
     if precision not in ("fp32", "bf16", "fp16"):
@@ -157,33 +179,38 @@ def estimate(shape: ModelShape, strategy: str, world_size: int, precision: str =
         if offload_params and strategy == "zero3":
             offloaded += params
             params = 0.0
+    if strategy == "zero3":
+        loss_chunk = None  # the LM head's weight is whole only inside its forward: the full loss stays
     return Estimate(strategy, n, precision, params, grads, optim, buffers,
-                    activation_bytes(shape, micro_batch, seq_len, precision, checkpointing), offloaded)
+                    activation_bytes(shape, micro_batch, seq_len, precision, checkpointing, loss_chunk=loss_chunk),
+                    offloaded)
 
 
 def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, precision: str, checkpointing: int,
-                     tp: int = 1) -> float:
+                     tp: int = 1, loss_chunk: Optional[int] = None) -> float:
     """`checkpointing`: 0 = off, k = every k-th block checkpointed (1 = all); `tp`: the tensor-parallel ranks
-    a layer is split over (see the module docstring)."""
+    a layer is split over; `loss_chunk`: tokens per chunk of the chunked loss, which holds one chunk's logits
+    (see the module docstring)."""
     s, b, h = seq_len, micro_batch, shape.hidden
     heads = max(shape.heads, 1)
     kv_ratio = (shape.kv_heads or heads) / heads
     width = 4 if precision == "fp32" else 2
-    split = 2 * h + 2 * h * kv_ratio + (4 if shape.gated_mlp else 2) * (shape.intermediate or 4 * h)
+    mlp_tensors = (4 if shape.gated_mlp else 2) + shape.activation_extra
+    split = 2 * h + 2 * h * kv_ratio + mlp_tensors * (shape.intermediate or 4 * h)
     if shape.attention_scores:
         split += heads * s
     per_layer = s * b * (7 * h + split / tp) * width
     checkpointed = math.ceil(shape.layers / checkpointing) if checkpointing else 0
-    layers = (shape.layers - checkpointed) * per_layer + checkpointed * s * b * h * width
-    if checkpointed:
-        layers += per_layer  # one block's activations, live while it is recomputed
-    logits = 3 * 4 * s * b * shape.vocab
-    return layers + logits
+    kept = (shape.layers - checkpointed) * per_layer + checkpointed * s * b * h * width
+    logits = 3 * 4 * min(s * b, loss_chunk or s * b) * shape.vocab
+    # the logits peak at the start of backward, a recomputed block later: one or the other is live
+    return kept + max(logits, per_layer if checkpointed else 0.0)
 
 
 def estimate_table(shape: ModelShape, world_sizes: list[int], precision: str, micro_batch: int, seq_len: int,
                    checkpointing: int, offload_optimizer: bool = False, offload_params: bool = False,
-                   accumulation: int = 1, gradient_as_bucket_view: bool = True) -> str:
+                   accumulation: int = 1, gradient_as_bucket_view: bool = True,
+                   loss_chunk: Optional[int] = None) -> str:
     header = ("| strategy | ranks | precision | parameters | gradients | optimizer state | buffers | activations "
               "| total per rank | offloaded to host |")
     lines = [header, "|" + "---|" * 10]
@@ -193,7 +220,8 @@ def estimate_table(shape: ModelShape, world_sizes: list[int], precision: str, mi
                 continue
             e = estimate(shape, name, world, precision, micro_batch, seq_len, checkpointing,
                          offload_optimizer and name.startswith("zero"), offload_params and name == "zero3",
-                         accumulation=accumulation, gradient_as_bucket_view=gradient_as_bucket_view)
+                         accumulation=accumulation, gradient_as_bucket_view=gradient_as_bucket_view,
+                         loss_chunk=loss_chunk)
             lines.append(f"| {name} | {e.world_size} | {precision} | {format_bytes(e.parameters)} | "
                          f"{format_bytes(e.gradients)} | {format_bytes(e.optimizer)} | {format_bytes(e.buffers)} | "
                          f"{format_bytes(e.activations)} | {format_bytes(e.total)} | {format_bytes(e.offloaded)} |")

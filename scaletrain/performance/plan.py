@@ -33,7 +33,7 @@ import json
 import math
 import shlex
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 
@@ -85,18 +85,26 @@ class PlanShape:
     model: ModelShape
     tp_split: int  # parameter elements in the layers the model's tensor-parallel plan splits
     tp_sizes: tuple[int, ...]  # tensor-parallel degrees the model can serve (1 always)
+    chunked_loss: Union[str, bool] = "auto"  # TrainingArguments.chunked_loss / chunked_loss_tokens
+    chunked_loss_tokens: int = 1024
 
     @classmethod
-    def of(cls, model: torch.nn.Module, candidates: range) -> "PlanShape":
-        shape = ModelShape.of(model)
+    def of(cls, model: torch.nn.Module, candidates: range, chunked_loss: Union[str, bool] = "auto",
+           chunked_loss_tokens: int = 1024) -> "PlanShape":
+        shape, loss = ModelShape.of(model), (chunked_loss, chunked_loss_tokens)
         try:
             styles = tensor_parallel_plan(model, 1)
         except ValueError:  # no plan: data parallelism only
-            return cls(shape, 0, (1,))
+            return cls(shape, 0, (1,), *loss)
         modules = dict(model.named_modules())
         split = sum(p.numel() for name in styles for p in modules[name].parameters(recurse=False)
                     if p.requires_grad)
-        return cls(shape, split, tuple(tp for tp in candidates if _serves(model, tp)))
+        return cls(shape, split, tuple(tp for tp in candidates if _serves(model, tp)), *loss)
+
+    def loss_chunk(self, checkpointing: bool, precision: str) -> Optional[int]:
+        from ..middleware.chunked_loss import planned_loss_chunk
+
+        return planned_loss_chunk(self.chunked_loss, self.chunked_loss_tokens, self.model, checkpointing, precision)
 
     def held(self, tp: int) -> float:
         """Parameter elements a tensor-parallel rank holds (before any data-parallel sharding)."""
@@ -168,7 +176,8 @@ def predict_memory(shape: PlanShape, layout: Layout, precision: str, seq_len: in
         "optimizer": ADAM_STATE_BYTES * sharded,
         "buffers": buffers,
         "activations": activation_bytes(shape.model, layout.micro_batch, seq_len, precision,
-                                        1 if layout.checkpointing else 0, layout.tp),
+                                        1 if layout.checkpointing else 0, layout.tp,
+                                        shape.loss_chunk(layout.checkpointing, precision)),
     }
 
 

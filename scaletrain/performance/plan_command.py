@@ -41,7 +41,8 @@ def run_plan(config: str, overrides: list[str], pop_flags) -> int:
         hw, precision, seq_len, global_batch = _settings(cfg, options)
         overrides = [*overrides, *_sequence_override(cfg, seq_len)]
         model = build_model_on_meta(cfg)
-        shape = PlanShape.of(model, tp_candidates(hw.gpus_per_node))
+        shape = PlanShape.of(model, tp_candidates(hw.gpus_per_node), cfg.training.chunked_loss,
+                             cfg.training.chunked_loss_tokens)
         fits, too_big = plan(shape, hw, precision, seq_len, global_batch)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"scaletrain: plan error: {exc}", file=sys.stderr)
@@ -69,7 +70,8 @@ def configured_layout_lines(cfg, world_sizes: list[int]) -> list[str]:
     config, args = cfg.training.parallelism_config, cfg.training
     if config is None:
         return []
-    shape = PlanShape.of(build_model_on_meta(cfg), range(1, config.tp_size + 1))
+    shape = PlanShape.of(build_model_on_meta(cfg), range(1, config.tp_size + 1), args.chunked_loss,
+                         args.chunked_loss_tokens)
     precision = "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32")
     lines = []
     for world in world_sizes:

@@ -323,6 +323,12 @@ class Strategy(abc.ABC):
         return self.env.is_local_main
 
     @property
+    def module_scoped_parameters(self) -> bool:
+        """A module's parameters are whole only inside its own forward and backward (ZeRO-3 gathers and
+        releases them per module), so code outside the module must not read them."""
+        return False
+
+    @property
     def writes_files(self) -> bool:
         """Whether this process writes checkpoints and saved models (the environment decides, as for HF's
         should_save)."""

@@ -280,6 +280,10 @@ class DeepSpeedStrategy(Strategy):
     def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return self.unwrap(model)  # ZeRO-3's gather hooks live on the module itself
 
+    @property
+    def module_scoped_parameters(self) -> bool:
+        return self.stage == 3
+
     def whole_parameters(self, module: torch.nn.Module) -> contextlib.AbstractContextManager:
         if self.stage != 3:
             return contextlib.nullcontext()

@@ -129,7 +129,8 @@ class Trainer(EvaluationMethods, SearchTrialMethods, ReportingMethods):
         self.strategy = strategy if strategy is not None else build_strategy(args)
         self.args = args  # final: the launcher's requests were applied when they were made
         self.strategy.setup_environment()
-        self.middleware = build_middleware(args, self.strategy)
+        self.middleware = build_middleware(args, self.strategy,
+                                           custom_loss=type(self).compute_loss is not Trainer.compute_loss)
         self.num_threads = configure_threads(self.strategy.env, args.torch_threads)
         # as the HF Trainer does: log_level on the main process, log_level_replica on the others
         # ('passive' leaves the levels as they are); scaletrain's own loggers follow too
