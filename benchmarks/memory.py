@@ -2,8 +2,10 @@
 estimator, and the batch finder vs an exhaustive search, in one table.
 
 Model: GPT-2-style, 4 layers, d=256, vocab 8192, seq 256 (~5M parameters),
-fp32, AdamW. Every configuration runs in its own processes (torchrun for 2
-ranks) through scaletrain's Trainer.
+fp32, AdamW, the Trainer's defaults (the chunked loss turns on where
+checkpointing leaves the logits the largest activation; its 1024-token chunk
+is the whole micro-batch here, so it changes nothing). Every configuration
+runs in its own processes (torchrun for 2 ranks) through scaletrain's Trainer.
 
 How memory is measured (scaletrain/performance/memory.py):
 - CPU: a TorchDispatchMode sees every tensor an operator creates (forward,
@@ -67,6 +69,14 @@ def _trainer(tmp: str, strategy_name: str, callbacks=None, **kw):
     return trainer, strategy
 
 
+def _loss_chunk(args, shape):
+    """The chunked loss's tokens per chunk where the run uses it (by default: where the logits dominate)."""
+    from scaletrain.middleware.chunked_loss import planned_loss_chunk
+
+    return planned_loss_chunk(args.chunked_loss, args.chunked_loss_tokens, shape, bool(args.activation_checkpointing),
+                              "fp32")
+
+
 def worker(kind: str, name: str, out: str) -> None:
     from transformers import TrainerCallback
 
@@ -85,7 +95,8 @@ def worker(kind: str, name: str, out: str) -> None:
             shape = ModelShape.of(strategy.unwrap(trainer.model))
             trainer.train()
             result["step_peak"] = trainer.measure_step_memory(MICRO)
-            predicted = estimate(shape, name, strategy.world_size, "fp32", MICRO, SEQ)
+            predicted = estimate(shape, name, strategy.world_size, "fp32", MICRO, SEQ,
+                                 loss_chunk=_loss_chunk(trainer.args, shape))
             result.update(predicted_state=predicted.model_states, predicted_total=predicted.total,
                           world_size=strategy.world_size)
         elif kind == "activations":
@@ -101,7 +112,8 @@ def worker(kind: str, name: str, out: str) -> None:
             result["activations"] = trainer.measure_step_memory(MICRO) - held - optimizer_state_bytes_to_come(
                 trainer.optimizer)
             every = {"none": 0, "every2": 2, "all": 1}[name]
-            result["predicted"] = estimate(shape, "single", 1, "fp32", MICRO, SEQ, checkpointing=every).activations
+            result["predicted"] = estimate(shape, "single", 1, "fp32", MICRO, SEQ, checkpointing=every,
+                                           loss_chunk=_loss_chunk(trainer.args, shape)).activations
             result["world_size"] = 1
         else:  # finder
             probe, strategy = _trainer(tmp, name, per_device_train_batch_size=FINDER_RANGE)
