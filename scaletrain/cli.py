@@ -384,17 +384,18 @@ def _estimate(config_name: str, world_size: int | None, overrides: list[str]) ->
         return 2
     args = cfg.training
     precision = "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32")
+    every = (args.activation_checkpointing_kwargs or {}).get("every_n_layers", 1)
+    selective = bool((args.activation_checkpointing_kwargs or {}).get("selective"))
     chunk = planned_loss_chunk(args.chunked_loss, args.chunked_loss_tokens, shape, bool(args.activation_checkpointing),
                                precision)
     print(f"{model_name}: {shape.parameters:,} trainable parameters, micro-batch {args.per_device_train_batch_size} x "
           f"{cfg.data.max_length} tokens, {precision}, activation checkpointing "
-          f"{'on' if args.activation_checkpointing else 'off'}, "
+          f"{('selective' if selective else 'on') if args.activation_checkpointing else 'off'}, "
           f"{f'chunked loss ({chunk} tokens per chunk)' if chunk else 'whole logits'} (Adam(W); per rank)\n")
-    every = (args.activation_checkpointing_kwargs or {}).get("every_n_layers", 1)
     print(estimate_table(shape, world_sizes_for(world_size), precision, args.per_device_train_batch_size,
                          cfg.data.max_length, every if args.activation_checkpointing else 0, args.offload_optimizer,
                          args.offload_params, args.gradient_accumulation_steps, args.ddp_gradient_as_bucket_view,
-                         loss_chunk=chunk))
+                         loss_chunk=chunk, selective=selective))
     from .performance.plan_command import configured_layout_lines
 
     print("\n".join(["", *configured_layout_lines(cfg, world_sizes_for(world_size))]).rstrip())

@@ -1,5 +1,8 @@
 """Activation checkpointing: keep only each block's input in the forward and
-recompute the block in backward.
+recompute the block in backward. `selective: true` (torchtitan's per-op
+policy) keeps more: every other matmul's output and the attention kernel's,
+recomputing only the rest of the block (norms, activations, the other matmuls):
+less memory than none, less recompute than all.
 
 Always non-reentrant: reentrant checkpointing runs backward twice through the
 same parameters, which DDP reports as "marked ready twice" and which loses
@@ -22,7 +25,7 @@ from ..modeling import block_classes
 from .base import Middleware
 
 logger = logging.getLogger(__name__)
-_KNOWN_KWARGS = ("every_n_layers", "use_reentrant", "offload", "preserve_rng_state", "determinism_check")
+_KNOWN_KWARGS = ("every_n_layers", "use_reentrant", "offload", "preserve_rng_state", "determinism_check", "selective")
 
 
 def check_options(args) -> None:
@@ -40,6 +43,8 @@ def check_options(args) -> None:
         raise NotSupportedError(
             "activation_checkpointing_kwargs use_reentrant=True is not supported: reentrant checkpointing "
             "breaks DDP ('marked ready twice') and frozen-base LoRA; remove it (non-reentrant is used)")
+    if not isinstance(kwargs.get("selective", False), bool):
+        raise ValueError(f"activation_checkpointing_kwargs selective={kwargs['selective']!r} must be true or false")
     every = kwargs.get("every_n_layers", 1)
     if not isinstance(every, int) or every < 1:
         raise ValueError(f"activation_checkpointing_kwargs every_n_layers={every!r} must be an integer >= 1")
@@ -52,7 +57,10 @@ class ActivationCheckpointing(Middleware):
         kwargs = dict(kwargs)
         self.every_n_layers = int(kwargs.pop("every_n_layers", 1))
         self.offload = bool(kwargs.pop("offload", False))
+        self.selective = bool(kwargs.pop("selective", False))
         self.checkpoint_kwargs = {**kwargs, "use_reentrant": False}
+        if self.selective:
+            self.checkpoint_kwargs["context_fn"] = selective_context
         self.checkpointed = 0
 
     def transform_model(self, model: torch.nn.Module, strategy) -> torch.nn.Module:
@@ -91,7 +99,7 @@ class ActivationCheckpointing(Middleware):
         return len(chosen)
 
     def describe(self) -> str:
-        return f"activation checkpointing (every {self.every_n_layers})"
+        return f"{'selective ' if self.selective else ''}activation checkpointing (every {self.every_n_layers})"
 
 
 def _checkpointed(module: torch.nn.Module, forward, kwargs: dict[str, Any]):
@@ -102,3 +110,31 @@ def _checkpointed(module: torch.nn.Module, forward, kwargs: dict[str, Any]):
         return forward(*args, **kw)
 
     return run
+
+
+# the ops whose outputs selective checkpointing keeps (torchtitan's list, with the CPU attention kernel):
+# matmuls (every other one), attention kernels, and a reduce-scatter's result
+_SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
+              torch.ops.aten._scaled_dot_product_flash_attention.default,
+              torch.ops.aten._scaled_dot_product_efficient_attention.default,
+              torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+              torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+              torch.ops._c10d_functional.reduce_scatter_tensor.default}
+_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
+
+
+def selective_context():
+    """A fresh policy per checkpointed call: counts matmuls separately in the forward and in the recompute,
+    so both make the same choices."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    counts = {False: 0, True: 0}
+
+    def policy(ctx, func, *args, **kwargs):
+        if func in _MATMULS:
+            counts[ctx.is_recompute] += 1
+            if counts[ctx.is_recompute] % 2 == 0:  # every second matmul is recomputed
+                return CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE if func in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)

@@ -118,7 +118,8 @@ def add_estimates(rows: list[dict[str, Any]], cfg, world_size: int) -> None:
         chunk = planned_loss_chunk(args.chunked_loss, args.chunked_loss_tokens, shape, row["checkpointing"], precision)
         predicted = estimate(shape, row["strategy"], world_size, precision, row["micro_batch"], cfg.data.max_length,
                              1 if row["checkpointing"] else 0, args.offload_optimizer, args.offload_params,
-                             accumulation=args.gradient_accumulation_steps, loss_chunk=chunk)
+                             accumulation=args.gradient_accumulation_steps, loss_chunk=chunk,
+                             selective=bool((args.activation_checkpointing_kwargs or {}).get("selective")))
         row["estimate_state_gb_per_rank"] = predicted.model_states / 2**30
         row["estimate_total_gb_per_rank"] = predicted.total / 2**30
 

@@ -39,7 +39,9 @@ flash kernels keep none). This is the Korthikanti et al. (2022) accounting
 for HF's decoder layers, checked against tensor-byte measurements on CPU
 (Llama: benchmarks/parallelism.py, tests/test_plan.py; GPT-2:
 benchmarks/memory.py). A checkpointed layer keeps only its input (h values
-per token). The logits add s·b·V fp32 values three times (logits, their
+per token; with selective checkpointing also the outputs of every other matmul
+and of the attention: h + (3h + h·k/a + I)/tp). The logits add s·b·V fp32
+values three times (logits, their
 log-softmax, its gradient) at the start of backward; a checkpointed block's
 recompute comes later, so the larger of the two counts. The LM head is whole
 on every tensor-parallel rank, so the logits do not shrink with tp; under
@@ -148,8 +150,9 @@ def estimate(shape: ModelShape, strategy: str, world_size: int, precision: str =
              seq_len: int = 512, checkpointing: int = 0, offload_optimizer: bool = False,
              offload_params: bool = False, reduce_bucket_size: Optional[int] = None,
              accumulation: int = 1, gradient_as_bucket_view: bool = True,
-             loss_chunk: Optional[int] = None) -> Estimate:
-    """`loss_chunk`: the chunked causal-LM loss's tokens per chunk where it applies (planned_loss_chunk)."""
+             loss_chunk: Optional[int] = None, selective: bool = False) -> Estimate:
+    """`loss_chunk`: the chunked causal-LM loss's tokens per chunk where it applies (planned_loss_chunk);
+    `selective`: the checkpointed blocks use selective checkpointing."""
     if strategy not in STRATEGY_NAMES:
         raise ValueError(f"strategy={strategy!r}: choose one of {STRATEGY_NAMES}")
     if precision not in ("fp32", "bf16", "fp16"):
@@ -182,12 +185,13 @@ def estimate(shape: ModelShape, strategy: str, world_size: int, precision: str =
     if strategy == "zero3":
         loss_chunk = None  # the LM head's weight is whole only inside its forward: the full loss stays
     return Estimate(strategy, n, precision, params, grads, optim, buffers,
-                    activation_bytes(shape, micro_batch, seq_len, precision, checkpointing, loss_chunk=loss_chunk),
+                    activation_bytes(shape, micro_batch, seq_len, precision, checkpointing, loss_chunk=loss_chunk,
+                                     selective=selective),
                     offloaded)
 
 
 def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, precision: str, checkpointing: int,
-                     tp: int = 1, loss_chunk: Optional[int] = None) -> float:
+                     tp: int = 1, loss_chunk: Optional[int] = None, selective: bool = False) -> float:
     """`checkpointing`: 0 = off, k = every k-th block checkpointed (1 = all); `tp`: the tensor-parallel ranks
     a layer is split over; `loss_chunk`: tokens per chunk of the chunked loss, which holds one chunk's logits
     (see the module docstring)."""
@@ -201,7 +205,10 @@ def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, precisio
         split += heads * s
     per_layer = s * b * (7 * h + split / tp) * width
     checkpointed = math.ceil(shape.layers / checkpointing) if checkpointing else 0
-    kept = (shape.layers - checkpointed) * per_layer + checkpointed * s * b * h * width
+    # a checkpointed block keeps its input; selectively, also every other matmul's output (queries, values,
+    # the gate projection, the MLP's output) and the attention output
+    kept_by_checkpointed = h + (h + 2 * h + h * kv_ratio + (shape.intermediate or 4 * h)) / tp if selective else h
+    kept = (shape.layers - checkpointed) * per_layer + checkpointed * s * b * kept_by_checkpointed * width
     logits = 3 * 4 * min(s * b, loss_chunk or s * b) * shape.vocab
     # the logits peak at the start of backward, a recomputed block later: one or the other is live
     return kept + max(logits, per_layer if checkpointed else 0.0)
@@ -210,7 +217,7 @@ def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, precisio
 def estimate_table(shape: ModelShape, world_sizes: list[int], precision: str, micro_batch: int, seq_len: int,
                    checkpointing: int, offload_optimizer: bool = False, offload_params: bool = False,
                    accumulation: int = 1, gradient_as_bucket_view: bool = True,
-                   loss_chunk: Optional[int] = None) -> str:
+                   loss_chunk: Optional[int] = None, selective: bool = False) -> str:
     header = ("| strategy | ranks | precision | parameters | gradients | optimizer state | buffers | activations "
               "| total per rank | offloaded to host |")
     lines = [header, "|" + "---|" * 10]
@@ -221,7 +228,7 @@ def estimate_table(shape: ModelShape, world_sizes: list[int], precision: str, mi
             e = estimate(shape, name, world, precision, micro_batch, seq_len, checkpointing,
                          offload_optimizer and name.startswith("zero"), offload_params and name == "zero3",
                          accumulation=accumulation, gradient_as_bucket_view=gradient_as_bucket_view,
-                         loss_chunk=loss_chunk)
+                         loss_chunk=loss_chunk, selective=selective)
             lines.append(f"| {name} | {e.world_size} | {precision} | {format_bytes(e.parameters)} | "
                          f"{format_bytes(e.gradients)} | {format_bytes(e.optimizer)} | {format_bytes(e.buffers)} | "
                          f"{format_bytes(e.activations)} | {format_bytes(e.total)} | {format_bytes(e.offloaded)} |")
