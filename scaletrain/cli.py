@@ -374,7 +374,8 @@ def _export(checkpoint: str, out_dir: str, merge: bool = False, base: str | None
 
 def _estimate(config_name: str, world_size: int | None, overrides: list[str]) -> int:
     from .middleware.chunked_loss import planned_loss_chunk
-    from .performance.estimate import estimate_table, model_shape_from_config, world_sizes_for
+    from .performance.estimate import estimate_table, world_sizes_for
+    from .tasks import model_shape_from_config
 
     try:
         cfg = load_config(resolve_config_path(config_name), overrides)

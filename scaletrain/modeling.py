@@ -3,6 +3,8 @@ activation checkpointing, the memory estimator)."""
 from __future__ import annotations
 
 import functools
+import inspect
+import re
 from typing import Optional
 
 import torch
@@ -115,3 +117,24 @@ def adapter_config(model: torch.nn.Module):
     """An adapted (LoRA) model's peft config, or None."""
     peft_config = getattr(model, "peft_config", None)
     return peft_config["default"] if peft_config else None
+
+
+def chunked_loss_obstacle(model: torch.nn.Module) -> Optional[str]:
+    """None if the model's forward can take the chunked causal-LM loss (middleware/chunked_loss.py), else the
+    reason it cannot: its forward must pass lm_head's output straight to self.loss_function."""
+    get_base_model = getattr(model, "get_base_model", None)  # inside a peft wrapper: the model it adapts
+    model = get_base_model() if callable(get_base_model) else model
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or type(head) is not torch.nn.Linear:
+        return f"{type(model).__name__} has no plain nn.Linear LM head"
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return f"the source of {type(model).__name__}.forward is not available to check"
+    between = re.search(r"logits = self\.lm_head\(.*?\)\n(.*?)self\.loss_function\(\s*(?:logits=)?logits\b", source,
+                        re.S)
+    if between is None:
+        return f"{type(model).__name__}.forward does not pass lm_head's output straight to self.loss_function"
+    if re.search(r"\blogits\s*[-+*/]?=|softcap", between.group(1)):
+        return f"{type(model).__name__}.forward changes the logits between lm_head and the loss"
+    return None

@@ -4,8 +4,6 @@ behaviour everywhere else (evaluation, no labels), the Trainer's loss curve unch
 it cannot serve refused by name when asked for and left alone under 'auto'."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -104,11 +102,10 @@ def test_models_that_change_their_logits_before_the_loss_are_not_chunked():
         _chunked(gemma2)
     bert = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
                                                     num_attention_heads=2, intermediate_size=64))
-    untouched = copy.deepcopy(bert)
-    _chunked(bert, mode="auto")  # auto: left as it is
-    bert.eval(), untouched.eval()  # no dropout
-    ids = torch.randint(0, 64, (2, 8))
-    torch.testing.assert_close(bert(input_ids=ids).logits, untouched(input_ids=ids).logits)
+    middleware = ChunkedLoss("auto", 5, "fp32", False, custom_loss=False)
+    middleware.transform_model(bert, _Strategy())  # auto: left as it is, saying why
+    assert "BertForSequenceClassification has no plain nn.Linear LM head" in middleware.skipped
+    assert middleware.describe() == ""
 
 
 def test_auto_leaves_a_model_whose_layers_outweigh_its_logits_and_a_custom_compute_loss_alone(tmp_path):
@@ -123,15 +120,31 @@ def test_auto_leaves_a_model_whose_layers_outweigh_its_logits_and_a_custom_compu
     for trainer in (big_vocab, small_vocab, custom):
         trainer.train()
     assert "chunked loss (1024 tokens per chunk)" in big_vocab.middleware.describe()
-    assert "chunked loss off (the logits are not the largest activation" in small_vocab.middleware.describe()
-    assert "chunked loss off (compute_loss is overridden" in custom.middleware.describe()
+    assert "the logits are not the largest activation" in _chunking(small_vocab).skipped
+    assert "compute_loss is overridden" in _chunking(custom).skipped
+    assert "chunked loss" not in small_vocab.middleware.describe()  # an 'auto' feature that stayed off is silent
     with pytest.raises(NotSupportedError, match="chunked_loss=True: compute_loss is overridden"):
         CustomLoss(model=tiny_llama(), args=TrainingArguments(**args, chunked_loss=True),
                    train_dataset=RaggedLM(8)).train()
 
 
+def _chunking(trainer) -> ChunkedLoss:
+    return next(item for item in trainer.middleware.items if isinstance(item, ChunkedLoss))
+
+
+def test_a_forward_that_raises_leaves_the_head_computing_logits():
+    model = _chunked(tiny_llama())
+    ids, labels = _prompt_masked_batch(model.config.vocab_size)
+    with pytest.raises((IndexError, RuntimeError)):
+        model(input_ids=ids, labels=labels[:, :3])  # labels of the wrong length: the loss fails
+    hidden = torch.randn(2, 4, model.config.hidden_size)
+    assert model.lm_head(hidden).shape[-1] == model.config.vocab_size
+
+
 @pytest.mark.parametrize("kw,message", [
     ({"chunked_loss": "sometimes"}, "chunked_loss='sometimes'"),
+    ({"chunked_loss": 0}, "chunked_loss=0"),  # 0 == False in Python, but it is not a choice
+    ({"chunked_loss_tokens": True}, "chunked_loss_tokens=True must be a positive number"),
     ({"chunked_loss_tokens": 0}, "chunked_loss_tokens=0 must be a positive number"),
 ])
 def test_bad_options_are_refused_naming_them(tmp_path, kw, message):

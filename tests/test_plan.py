@@ -81,6 +81,16 @@ def test_communication_follows_ring_collectives_over_the_links_each_group_spans(
     assert checkpointed.memory["activations"] < ddp.memory["activations"]
 
 
+def test_tensor_parallel_groups_stay_inside_nodes_and_groups_across_nodes_get_the_slow_links():
+    shape = PlanShape(PlanShape.of(tiny_llama(), range(1, 2)).model, 0, (1, 3))  # a model tp=3 could split
+    eight, six = _hardware(24, 8), _hardware(24, 6)
+    # 3 does not divide 8: ranks 6, 7, 8 would form a tp group across two nodes
+    assert {lay.tp for lay in layouts(shape, eight, 48)} == {1}
+    assert {lay.tp for lay in layouts(shape, six, 48)} == {1, 3}
+    assert eight.bandwidth(3) == 40e9 and six.bandwidth(3) == 400e9 and eight.bandwidth(24) == 40e9
+    assert _hardware(4, 8).bandwidth(3) == 400e9  # one node: every group is inside it
+
+
 def test_the_fastest_layout_that_fits_comes_first_and_layouts_that_do_not_fit_are_set_apart():
     shape = PlanShape.of(tiny_llama(num_hidden_layers=4), range(1, 9))
     hw = _hardware(16, 8)
@@ -100,9 +110,12 @@ def test_the_fastest_layout_that_fits_comes_first_and_layouts_that_do_not_fit_ar
 # ---------------------------------------------------------------- measured on 4 ranks
 
 SEQ, VOCAB, MICRO = 256, 8192, 4
-MEASURED_LAYOUTS = {"fsdp 4": ("fsdp", (1, 4, 1)), "hsdp 2x2": ("fsdp", (2, 2, 1)),
-                    "tp2 x fsdp2": ("fsdp", (1, 2, 2)), "ddp 4": ("ddp", (4, 1, 1)),
-                    "tp2 x ddp2": ("ddp", (2, 1, 2))}
+# name -> strategy, (dp_replicate, dp_shard, tp), activation checkpointing, precision
+MEASURED_LAYOUTS = {"fsdp 4": ("fsdp", (1, 4, 1), False, "fp32"), "hsdp 2x2": ("fsdp", (2, 2, 1), False, "fp32"),
+                    "tp2 x fsdp2": ("fsdp", (1, 2, 2), False, "fp32"), "ddp 4": ("ddp", (4, 1, 1), False, "fp32"),
+                    "tp2 x ddp2": ("ddp", (2, 1, 2), False, "fp32"),
+                    "tp2 x fsdp2 checkpointed": ("fsdp", (1, 2, 2), True, "fp32"),
+                    "ddp 4 bf16 autocast": ("ddp", (4, 1, 1), False, "bf16")}
 
 
 def measured_model():
@@ -123,11 +136,12 @@ def _measure_job(rank: int, out: str) -> None:
     from scaletrain import Trainer, TrainingArguments
 
     peaks = {}
-    for name, (strategy, (dp_replicate, dp_shard, tp)) in MEASURED_LAYOUTS.items():
+    for name, (strategy, (dp_replicate, dp_shard, tp), checkpointing, precision) in MEASURED_LAYOUTS.items():
         layout = {"dp_replicate_size": dp_replicate, "dp_shard_size": dp_shard, "tp_size": tp}
         args = TrainingArguments(output_dir=f"{out}/{rank}", per_device_train_batch_size=MICRO, max_steps=1,
                                  optim="adamw_torch", report_to="none", disable_tqdm=True, save_strategy="no",
-                                 strategy=strategy, parallelism_config=layout, ddp_timeout=300)
+                                 strategy=strategy, parallelism_config=layout, ddp_timeout=300,
+                                 activation_checkpointing=checkpointing, bf16=precision == "bf16")
         trainer = Trainer(model=measured_model(), args=args, train_dataset=_full_rows(8))
         trainer._setup_model()
         peaks[name] = trainer.measure_step_memory(MICRO)
@@ -140,8 +154,8 @@ def test_the_memory_model_is_within_15_percent_of_every_layout_measured_on_4_ran
     run_ranks(_measure_job, str(tmp_path), world_size=4, timeout=600)
     measured = json.loads((tmp_path / "peaks.json").read_text())
     shape = PlanShape.of(measured_model(), range(1, 3))
-    for name, (_strategy, sizes) in MEASURED_LAYOUTS.items():
-        predicted = sum(predict_memory(shape, Layout(*sizes, MICRO, 1, False), "fp32", SEQ).values())
+    for name, (_strategy, sizes, checkpointing, precision) in MEASURED_LAYOUTS.items():
+        predicted = sum(predict_memory(shape, Layout(*sizes, MICRO, 1, checkpointing), precision, SEQ).values())
         assert abs(predicted / measured[name] - 1) < 0.15, (name, predicted / 2**20, measured[name] / 2**20)
 
 
@@ -157,8 +171,8 @@ def _plan_config(tmp_path, lora: bool = False) -> str:
 
 def test_plan_prints_the_best_layouts_of_a_real_model_with_commands_that_run_them(tmp_path, capsys):
     # SmolLM2-135M: 9 attention heads and 3 key/value heads, so tensor parallelism can only be 3 (or 1)
-    assert cli.main(["plan", _plan_config(tmp_path), "--gpus", "24", "--global-batch", "96", "--top", "30",
-                     "--seq-len", "1024", "--learning_rate", "3e-5"]) == 0
+    assert cli.main(["plan", _plan_config(tmp_path), "--gpus", "24", "--gpus-per-node", "6", "--global-batch", "96",
+                     "--top", "30", "--seq-len", "1024", "--learning_rate", "3e-5"]) == 0
     out = capsys.readouterr().out
     assert "tp sizes it allows: 1, 3" in out
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| #")]
@@ -168,9 +182,11 @@ def test_plan_prints_the_best_layouts_of_a_real_model_with_commands_that_run_the
     for command in commands:
         sizes = json.loads(command.split("--parallelism_config '")[1].split("'")[0])
         assert sizes["dp_replicate_size"] * sizes["dp_shard_size"] * sizes["tp_size"] == 24
-        assert "NNODES=3" in command and "NPROC=8" in command
-        # what the plan was made for: the overrides and the planned sequence length travel with the command
+        assert "NNODES=4" in command and "NPROC=6" in command
+        # what the plan was made for: the overrides and the planned sequence length travel with the command,
+        # and checkpointing is stated either way (the config's own setting must not override the plan's)
         assert "--learning_rate 3e-5 --data.max_length 1024 " in command
+        assert command.endswith(("--activation_checkpointing true", "--activation_checkpointing false"))
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -2,7 +2,7 @@
 (tp x dp_replicate), on 4 gloo ranks against one process: two decoder families (Llama with GQA and tied
 embeddings; Qwen2 with q/k/v biases and an untied head), AdamW with active gradient clipping (a global norm
 over tensor-parallel shards and whole tensors), per-step losses and final weights within 1e-5, also with a
-LoRA adapter on every projection (its exported adapter equals the one-process run's). A checkpoint
+LoRA adapter on every projection and the chunked loss (its exported adapter equals the one-process run's). A checkpoint
 taken under tp2 x dp_shard2 resumes under HSDP 2x2 and in one process; layouts and models tensor
 parallelism cannot serve are refused before training, naming the value."""
 from __future__ import annotations
@@ -34,7 +34,8 @@ MODELS = {"llama": tiny_llama, "qwen2": tiny_qwen2}
 
 
 # LoRA on every projection; its gradients are smaller, so a tighter clip keeps clipping active
-LORA = {"lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"}, "max_grad_norm": 0.1, "learning_rate": 1e-2}
+LORA = {"lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"}, "max_grad_norm": 0.1, "learning_rate": 1e-2,
+        "chunked_loss": True}  # and the chunked loss, which applies the (whole) head inside the loss
 
 
 def _args(out, per_device: int, accumulation: int, **kw) -> TrainingArguments:

@@ -114,8 +114,9 @@ class _ScaletrainArguments(ProcessFacts):
     torch_compile_backend: Optional[str] = None
     torch_compile_mode: Optional[str] = None
     # causal LMs: the loss applies the LM head chunk by chunk and never holds all the logits
-    # (middleware/chunked_loss.py); "auto": where the logits would be the largest activation
-    chunked_loss: Union[str, bool] = "auto"
+    # (middleware/chunked_loss.py): "auto" (where the logits would be the largest activation), "true" or "false";
+    # typed str so HfArgumentParser reads "auto" (it would parse a Union[str, bool] as a bool), bools accepted too
+    chunked_loss: str = "auto"
     chunked_loss_tokens: int = 1024  # target positions per chunk
     use_liger_kernel: bool = False  # Liger's Triton kernels patched into the model (CUDA only)
     liger_kernel_config: Optional[dict] = None

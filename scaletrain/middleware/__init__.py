@@ -67,7 +67,8 @@ class MiddlewareStack:
                 item.load_state_dict(state[item.name])
 
     def describe(self) -> str:
-        return ", ".join(item.describe() for item in self.items) or "none"
+        """What is on (an 'auto' feature that stayed off says nothing)."""
+        return ", ".join(text for item in self.items if (text := item.describe())) or "none"
 
 
 def check_middleware_options(args) -> None:

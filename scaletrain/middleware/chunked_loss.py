@@ -17,8 +17,7 @@ in between (Gemma 2, Cohere, Granite) keeps the full logits.
 """
 from __future__ import annotations
 
-import inspect
-import re
+import logging
 from typing import Any, Optional, Union
 
 import torch
@@ -26,57 +25,39 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import NotSupportedError
+from ..modeling import chunked_loss_obstacle
+from ..performance.estimate import ModelShape, activation_bytes
 from ..parallel.tensor_parallel import transformers_model
 from .base import Middleware
 
-CHOICES = ("auto", True, False)
-
+logger = logging.getLogger(__name__)
 
 def check_options(args) -> None:
     value = args.chunked_loss
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        value = args.chunked_loss = value.lower() == "true"
-    if value not in CHOICES:
+    if isinstance(value, str) and value.lower() in ("auto", "true", "false"):
+        value = args.chunked_loss = {"auto": "auto", "true": True, "false": False}[value.lower()]
+    if not (value == "auto" or isinstance(value, bool)):  # 0 and 1 are not choices: they compare equal to bools
         raise ValueError(f"chunked_loss={value!r}: use 'auto' (on where the logits would be a causal LM's "
                          "largest activation), true or false")
-    if not isinstance(args.chunked_loss_tokens, int) or args.chunked_loss_tokens < 1:
-        raise ValueError(f"chunked_loss_tokens={args.chunked_loss_tokens!r} must be a positive number of tokens")
+    tokens = args.chunked_loss_tokens
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"chunked_loss_tokens={tokens!r} must be a positive number of tokens")
     if value is True and args.use_liger_kernel:
         raise NotSupportedError("chunked_loss=True and use_liger_kernel=True both replace the causal-LM loss "
                                 "(Liger's fused linear cross-entropy); keep one")
 
 
-def why_not(model: torch.nn.Module) -> Optional[str]:
-    """None if the model's forward can take the chunked loss, else the reason it cannot."""
-    model = transformers_model(model)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, torch.nn.Linear) or type(head) is not torch.nn.Linear:
-        return f"{type(model).__name__} has no plain nn.Linear LM head"
-    try:
-        source = inspect.getsource(type(model).forward)
-    except (OSError, TypeError):
-        return f"the source of {type(model).__name__}.forward is not available to check"
-    between = re.search(r"logits = self\.lm_head\(.*?\)\n(.*?)self\.loss_function\(\s*(?:logits=)?logits\b", source,
-                        re.S)
-    if between is None:
-        return f"{type(model).__name__}.forward does not pass lm_head's output straight to self.loss_function"
-    if re.search(r"\blogits\s*[-+*/]?=|softcap", between.group(1)):
-        return f"{type(model).__name__}.forward changes the logits between lm_head and the loss"
-    return None
+why_not = chunked_loss_obstacle  # the middleware's name for it
 
 
 def logits_dominate(shape, checkpointing: bool, precision: str) -> bool:
     """Whether a token's logits (fp32 logits, log-softmax and gradient: 12 bytes per vocabulary entry) outweigh
     what all the layers keep per token (the estimator's count; `shape`: its ModelShape)."""
-    from ..performance.estimate import activation_bytes
-
     layers = activation_bytes(shape, 1, 1, precision, 1 if checkpointing else 0) - 12 * shape.vocab
     return 12 * shape.vocab > layers
 
 
-def _shape(model: torch.nn.Module):
-    from ..performance.estimate import ModelShape  # the estimator imports the task builders, which import args
-
+def _shape(model: torch.nn.Module) -> ModelShape:
     return ModelShape.of(transformers_model(model))
 
 
@@ -117,6 +98,7 @@ class ChunkedLoss(Middleware):
         if self.skipped is not None:
             if self.mode is True:
                 raise NotSupportedError(f"chunked_loss=True: {self.skipped}; use chunked_loss='auto' or false")
+            logger.info("chunked loss off: %s", self.skipped)
             return model
         inner = transformers_model(model)
         head = inner.get_output_embeddings()
@@ -138,7 +120,7 @@ class ChunkedLoss(Middleware):
         head.forward = head_forward
         inner.loss_function = loss_function
         inner.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-        inner.register_forward_hook(self._after_forward)
+        inner.register_forward_hook(self._after_forward, always_call=True)  # also after a forward that raised
         return model
 
     def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -152,9 +134,9 @@ class ChunkedLoss(Middleware):
         return output
 
     def describe(self) -> str:
-        if self.skipped is not None:
-            return f"chunked loss off ({self.skipped})"
-        return f"chunked loss ({self.tokens} tokens per chunk)"
+        if self.skipped is None:
+            return f"chunked loss ({self.tokens} tokens per chunk)"
+        return "" if self.mode == "auto" else f"chunked loss off ({self.skipped})"
 
 
 def chunked_causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Linear, chunk: int,

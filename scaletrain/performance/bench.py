@@ -109,7 +109,8 @@ def _run_point(cfg, env, task, point: BenchPoint, steps: int, warmup: int, out: 
 def add_estimates(rows: list[dict[str, Any]], cfg, world_size: int) -> None:
     """`scaletrain estimate`'s per-rank prediction beside each measured row."""
     from ..middleware.chunked_loss import planned_loss_chunk
-    from .estimate import estimate, model_shape_from_config
+    from ..tasks import model_shape_from_config
+    from .estimate import estimate
 
     shape, _ = model_shape_from_config(cfg)
     args = cfg.training

@@ -35,7 +35,9 @@ values that tensor parallelism splits (queries, keys, values and attention
 output; the MLP's m = 4 intermediate tensors when gated as in Llama, 2 as
 in GPT-2, plus what an activation written in Python keeps: ~3 for GPT-2's
 gelu_new), plus a·s/tp attention scores under eager attention (SDPA and
-flash kernels keep none). This is the Korthikanti et al. (2022) accounting
+flash kernels keep none; eager keeps its fp32 softmax and, in bf16/fp16, a
+copy). Under autocast (single and DDP in bf16/fp16 keep fp32 parameters) the
+7h residual and norm values stay fp32. This is the Korthikanti et al. (2022) accounting
 for HF's decoder layers, checked against tensor-byte measurements on CPU
 (Llama: benchmarks/parallelism.py, tests/test_plan.py; GPT-2:
 benchmarks/memory.py). A checkpointed layer keeps only its input (h values
@@ -57,8 +59,7 @@ from typing import Optional
 import torch
 
 from .memory import format_bytes
-from ..modeling import block_classes
-from ..tasks import build_model_on_meta
+from ..modeling import block_classes, chunked_loss_obstacle
 
 STRATEGY_NAMES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3")
 DEEPSPEED_DEFAULT_REDUCE_BUCKET = 500_000_000
@@ -111,9 +112,7 @@ _ACTIVATION_EXTRA = {"gelu_new": 3, "gelu_fast": 3, "gelu_python": 2, "quick_gel
 
 
 def _loss_chunkable(model: torch.nn.Module) -> bool:
-    from ..middleware.chunked_loss import why_not
-
-    return why_not(model) is None
+    return chunked_loss_obstacle(model) is None
 
 
 def _numel(param: torch.Tensor) -> int:
@@ -184,31 +183,37 @@ def estimate(shape: ModelShape, strategy: str, world_size: int, precision: str =
             params = 0.0
     if strategy == "zero3":
         loss_chunk = None  # the LM head's weight is whole only inside its forward: the full loss stays
+    autocast = strategy in ("single", "ddp") and precision != "fp32"  # fsdp and DeepSpeed cast the parameters
     return Estimate(strategy, n, precision, params, grads, optim, buffers,
                     activation_bytes(shape, micro_batch, seq_len, precision, checkpointing, loss_chunk=loss_chunk,
-                                     selective=selective),
+                                     selective=selective, autocast=autocast),
                     offloaded)
 
 
 def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, precision: str, checkpointing: int,
-                     tp: int = 1, loss_chunk: Optional[int] = None, selective: bool = False) -> float:
+                     tp: int = 1, loss_chunk: Optional[int] = None, selective: bool = False,
+                     autocast: bool = False) -> float:
     """`checkpointing`: 0 = off, k = every k-th block checkpointed (1 = all); `tp`: the tensor-parallel ranks
-    a layer is split over; `loss_chunk`: tokens per chunk of the chunked loss, which holds one chunk's logits
-    (see the module docstring)."""
+    a layer is split over; `loss_chunk`: tokens per chunk of the chunked loss, which holds one chunk's logits;
+    `autocast`: low precision through autocast over fp32 parameters (single, DDP), where the residual stream and
+    the norms stay fp32 (see the module docstring)."""
     s, b, h = seq_len, micro_batch, shape.hidden
     heads = max(shape.heads, 1)
     kv_ratio = (shape.kv_heads or heads) / heads
     width = 4 if precision == "fp32" else 2
+    stream = 4 if autocast else width
     mlp_tensors = (4 if shape.gated_mlp else 2) + shape.activation_extra
-    split = 2 * h + 2 * h * kv_ratio + mlp_tensors * (shape.intermediate or 4 * h)
-    if shape.attention_scores:
-        split += heads * s
-    per_layer = s * b * (7 * h + split / tp) * width
+    split = (2 * h + 2 * h * kv_ratio + mlp_tensors * (shape.intermediate or 4 * h)) * width
+    if shape.attention_scores:  # the fp32 softmax, and its low-precision copy when training in bf16/fp16
+        split += heads * s * (4 + (width if precision != "fp32" else 0))
+    per_layer = s * b * (7 * h * stream + split / tp)
     checkpointed = math.ceil(shape.layers / checkpointing) if checkpointing else 0
     # a checkpointed block keeps its input; selectively, also every other matmul's output (queries, values,
-    # the gate projection, the MLP's output) and the attention output
-    kept_by_checkpointed = h + (h + 2 * h + h * kv_ratio + (shape.intermediate or 4 * h)) / tp if selective else h
-    kept = (shape.layers - checkpointed) * per_layer + checkpointed * s * b * kept_by_checkpointed * width
+    # the gate projection; the MLP's output, whole before the row-wise all-reduce) and the attention output
+    kept_by_checkpointed = h * stream
+    if selective:
+        kept_by_checkpointed += (h + (2 * h + h * kv_ratio + (shape.intermediate or 4 * h)) / tp) * width
+    kept = (shape.layers - checkpointed) * per_layer + checkpointed * s * b * kept_by_checkpointed
     logits = 3 * 4 * min(s * b, loss_chunk or s * b) * shape.vocab
     # the logits peak at the start of backward, a recomputed block later: one or the other is live
     return kept + max(logits, per_layer if checkpointed else 0.0)
@@ -233,12 +238,6 @@ def estimate_table(shape: ModelShape, world_sizes: list[int], precision: str, mi
                          f"{format_bytes(e.gradients)} | {format_bytes(e.optimizer)} | {format_bytes(e.buffers)} | "
                          f"{format_bytes(e.activations)} | {format_bytes(e.total)} | {format_bytes(e.offloaded)} |")
     return "\n".join(lines)
-
-
-def model_shape_from_config(cfg) -> tuple[ModelShape, str]:
-    """The configured model, built on the meta device (no weights read, no memory)."""
-    model = build_model_on_meta(cfg)
-    return ModelShape.of(model), type(model).__name__
 
 
 def world_sizes_for(requested: Optional[int]) -> list[int]:

@@ -18,14 +18,15 @@ tensor-parallel rank holds: the split layers' share plus the embeddings, norms a
 This is the model `benchmarks/parallelism.py` measures on 4 CPU ranks (tensor bytes, the CPU analogue of
 CUDA's peak allocated memory) and tests/test_plan.py holds within 15% for every layout there.
 
-Step time is a model, not a measurement: compute = training FLOPs (6 per parameter and token, plus
-attention's 12·L·h·s per token, plus one more forward for checkpointed layers) / (GPUs x peak x efficiency);
-communication = ring collectives at the bandwidth of the links a group spans (a group inside one node uses
-the intra-node figure, one across nodes the inter-node one): FSDP all-gathers the parameters twice per
-micro-batch and reduce-scatters gradients once per step, replicas all-reduce gradients once per step,
-tensor-parallel layers all-reduce activations four times per layer and micro-batch (six when the layer is
-recomputed). Data-parallel collectives are assumed to overlap with compute, tensor-parallel ones not. Every
-assumption is printed with the table; a GPU run (`scaletrain bench`) replaces them with measurements.
+Step time is a model, not a measurement: compute = training FLOPs (6 per parameter and token, plus attention's
+12·L·h·s per token, plus one more forward for checkpointed layers, about half of one when selective, plus the
+LM head's FLOPs repeated on every tp rank) / (GPUs x peak x efficiency); communication = ring collectives at
+the bandwidth of the links a group spans (a group inside one node uses the intra-node figure, one across nodes
+the inter-node one; tp groups must fit a node evenly): FSDP all-gathers the parameters twice per micro-batch
+and reduce-scatters gradients once per step, replicas all-reduce gradients once per step, tensor-parallel
+layers all-reduce activations four times per layer and micro-batch (six when the layer is recomputed). Data-
+parallel collectives are assumed to overlap with compute, tensor-parallel ones not. Every assumption is
+printed with the table; a GPU run (`scaletrain bench`) replaces them with measurements.
 """
 from __future__ import annotations
 
@@ -68,9 +69,14 @@ class Hardware:
     def nodes(self) -> int:
         return max(1, self.gpus // self.gpus_per_node)
 
+    def inside_a_node(self, span: int) -> bool:
+        """Whether every group of `span` consecutive ranks lies inside one node (a span that does not divide
+        the node size would put some groups across two nodes)."""
+        return self.gpus <= self.gpus_per_node or (span <= self.gpus_per_node and self.gpus_per_node % span == 0)
+
     def bandwidth(self, span: int) -> float:
-        """Bytes/s of a group of `span` consecutive ranks: intra-node while it fits in one node."""
-        return 1e9 * (self.intra_node_gbps if span <= self.gpus_per_node else self.inter_node_gbps)
+        """Bytes/s of a group of `span` consecutive ranks: intra-node only if every such group is in one node."""
+        return 1e9 * (self.intra_node_gbps if self.inside_a_node(span) else self.inter_node_gbps)
 
     def assumptions(self) -> str:
         return (f"{self.gpus} GPUs ({self.nodes} node(s) x {min(self.gpus, self.gpus_per_node)}), "
@@ -81,25 +87,29 @@ class Hardware:
 
 @dataclass(frozen=True)
 class PlanShape:
-    """What the layouts depend on: the estimator's shape plus how much of it tensor parallelism splits."""
+    """What the layouts depend on: the estimator's shape, how much of it tensor parallelism splits, and the
+    config's own choices the memory depends on (its TrainingArguments; defaults without one)."""
     model: ModelShape
     tp_split: int  # parameter elements in the layers the model's tensor-parallel plan splits
     tp_sizes: tuple[int, ...]  # tensor-parallel degrees the model can serve (1 always)
-    chunked_loss: Union[str, bool] = "auto"  # TrainingArguments.chunked_loss / chunked_loss_tokens
+    chunked_loss: Union[str, bool] = "auto"
     chunked_loss_tokens: int = 1024
+    checkpoint_every: int = 1  # activation_checkpointing_kwargs every_n_layers, where checkpointing is on
+    selective: bool = False  # activation_checkpointing_kwargs selective
+    bucket_view: bool = True  # ddp_gradient_as_bucket_view
 
     @classmethod
-    def of(cls, model: torch.nn.Module, candidates: range, chunked_loss: Union[str, bool] = "auto",
-           chunked_loss_tokens: int = 1024) -> "PlanShape":
-        shape, loss = ModelShape.of(model), (chunked_loss, chunked_loss_tokens)
+    def of(cls, model: torch.nn.Module, candidates: range, args=None) -> "PlanShape":
+        shape = ModelShape.of(model)
+        options = _run_options(args)
         try:
             styles = tensor_parallel_plan(model, 1)
         except ValueError:  # no plan: data parallelism only
-            return cls(shape, 0, (1,), *loss)
+            return cls(shape, 0, (1,), **options)
         modules = dict(model.named_modules())
         split = sum(p.numel() for name in styles for p in modules[name].parameters(recurse=False)
                     if p.requires_grad)
-        return cls(shape, split, tuple(tp for tp in candidates if _serves(model, tp)), *loss)
+        return cls(shape, split, tuple(tp for tp in candidates if _serves(model, tp)), **options)
 
     def loss_chunk(self, checkpointing: bool, precision: str) -> Optional[int]:
         from ..middleware.chunked_loss import planned_loss_chunk
@@ -109,6 +119,15 @@ class PlanShape:
     def held(self, tp: int) -> float:
         """Parameter elements a tensor-parallel rank holds (before any data-parallel sharding)."""
         return self.tp_split / tp + (self.model.parameters - self.tp_split)
+
+
+def _run_options(args) -> dict:
+    if args is None:
+        return {}
+    kwargs = args.activation_checkpointing_kwargs or {}
+    return {"chunked_loss": args.chunked_loss, "chunked_loss_tokens": args.chunked_loss_tokens,
+            "checkpoint_every": int(kwargs.get("every_n_layers", 1)), "selective": bool(kwargs.get("selective")),
+            "bucket_view": args.ddp_gradient_as_bucket_view}
 
 
 def _serves(model: torch.nn.Module, tp: int) -> bool:
@@ -168,16 +187,19 @@ def predict_memory(shape: PlanShape, layout: Layout, precision: str, seq_len: in
     compute = 4 if precision == "fp32" else 2
     block = shape.model.largest_block / layout.tp
     # FSDP: the gathered block (twice with prefetch) + its gradient. DDP's gradients are views into its buckets
-    # (ddp_gradient_as_bucket_view, on by default); tensor-parallel replicas reduce after backward, off the peak
+    # unless ddp_gradient_as_bucket_view is off; tensor-parallel replicas reduce after backward, off the peak
     buffers = 2 * compute * block + 4 * block if fsdp else 0.0
+    if layout.strategy == "ddp" and layout.tp == 1 and not shape.bucket_view:
+        buffers = 4 * held
     return {
         "parameters": 4 * sharded,
         "gradients": 4 * (held if fsdp and layout.accumulation > 1 else sharded),
         "optimizer": ADAM_STATE_BYTES * sharded,
         "buffers": buffers,
         "activations": activation_bytes(shape.model, layout.micro_batch, seq_len, precision,
-                                        1 if layout.checkpointing else 0, layout.tp,
-                                        shape.loss_chunk(layout.checkpointing, precision)),
+                                        shape.checkpoint_every if layout.checkpointing else 0, layout.tp,
+                                        shape.loss_chunk(layout.checkpointing, precision), shape.selective,
+                                        autocast=not fsdp and precision != "fp32"),
     }
 
 
@@ -189,8 +211,13 @@ def training_flops(shape: ModelShape, tokens: int, seq_len: int) -> float:
 def predict_seconds(shape: PlanShape, layout: Layout, hw: Hardware, precision: str, seq_len: int,
                     global_batch: int) -> tuple[dict[str, float], float]:
     """Step time by part (see the module docstring), and the step's model FLOPs."""
-    flops = training_flops(shape.model, global_batch * seq_len, seq_len)
-    work = flops * (4 / 3 if layout.checkpointing else 1.0)  # one more forward: a third of forward + backward
+    tokens = global_batch * seq_len
+    flops = training_flops(shape.model, tokens, seq_len)
+    # one more forward for the checkpointed blocks (a third of forward + backward); selectively, about half
+    recompute = (1 / 3) * (0.5 if shape.selective else 1.0) / shape.checkpoint_every if layout.checkpointing else 0.0
+    # the LM head is whole on every tp rank: its FLOPs are repeated on tp - 1 more GPUs
+    head = 6 * tokens * shape.model.hidden * shape.model.vocab * (layout.tp - 1)
+    work = flops * (1 + recompute) + head
     compute = work / (hw.gpus * hw.peak_tflops * 1e12 * hw.efficiency)
     width = 4 if precision == "fp32" else 2
     held = shape.held(layout.tp)
@@ -218,7 +245,7 @@ def _ring(size: float, ranks: int, bandwidth: float) -> float:
 def layouts(shape: PlanShape, hw: Hardware, global_batch: int) -> Iterator[Layout]:
     """Every layout of hw.gpus ranks the strategies run, with every micro-batch and checkpointing choice."""
     for tp in shape.tp_sizes:
-        if hw.gpus % tp or tp > hw.gpus_per_node:
+        if hw.gpus % tp or not hw.inside_a_node(tp):  # a layer's all-reduces stay on a node's links
             continue
         dp = hw.gpus // tp
         if global_batch % dp:
@@ -272,9 +299,11 @@ def _best_per_mesh(predictions: list[Prediction]) -> list[Prediction]:
     return best
 
 
-def command_line(layout: Layout, hw: Hardware, config: str, overrides: tuple[str, ...] = ()) -> str:
+def command_line(layout: Layout, hw: Hardware, config: str, overrides: tuple[str, ...] = (),
+                 checkpointing_kwargs: bool = False) -> str:
     """How to launch `layout` with the repository's torchrun launcher (on every node); `overrides`: the
-    config changes the plan was made with."""
+    config changes the plan was made with; `checkpointing_kwargs`: the config sets
+    activation_checkpointing_kwargs (the plan honours them where it checkpoints)."""
     nodes = f"NNODES={hw.nodes} MASTER_ADDR=<first node> " if hw.nodes > 1 else ""
     launch = f"{nodes}NPROC={min(hw.gpus, hw.gpus_per_node)} launch/torchrun.sh {shlex.join([config, *overrides])}"
     options = [f"--per_device_train_batch_size {layout.micro_batch}",
@@ -282,8 +311,10 @@ def command_line(layout: Layout, hw: Hardware, config: str, overrides: tuple[str
     if layout.strategy != "single":
         sizes = json.dumps(layout.parallelism_config(), separators=(",", ":"))
         options[:0] = [f"--strategy {layout.strategy}", f"--parallelism_config '{sizes}'"]
-    if layout.checkpointing:
-        options.append("--activation_checkpointing true")
+    # stated either way: the config's own setting must not override the plan's
+    options.append(f"--activation_checkpointing {'true' if layout.checkpointing else 'false'}")
+    if not layout.checkpointing and checkpointing_kwargs:
+        options.append("--activation_checkpointing_kwargs '{}'")  # its kwargs are refused without checkpointing
     return " ".join([launch, *options])
 
 
@@ -334,4 +365,4 @@ def describe_fit(best: Optional[Prediction], hw: Hardware) -> str:
     if best is None:
         return (f"no layout fits in {format_bytes(hw.memory)} per GPU; the smallest are shown: add GPUs, "
                 "shorten --seq-len or lower --global-batch")
-    return f"{math.ceil(best.total_memory / 2**30)} GiB of {format_bytes(hw.memory)} used by the fastest"
+    return f"{format_bytes(best.total_memory)} of {format_bytes(hw.memory)} used by the fastest"

@@ -41,13 +41,12 @@ def run_plan(config: str, overrides: list[str], pop_flags) -> int:
         hw, precision, seq_len, global_batch = _settings(cfg, options)
         overrides = [*overrides, *_sequence_override(cfg, seq_len)]
         model = build_model_on_meta(cfg)
-        shape = PlanShape.of(model, tp_candidates(hw.gpus_per_node), cfg.training.chunked_loss,
-                             cfg.training.chunked_loss_tokens)
+        shape = PlanShape.of(model, tp_candidates(hw.gpus_per_node), cfg.training)
         fits, too_big = plan(shape, hw, precision, seq_len, global_batch)
+        top = _number(options, "top", int, DEFAULTS["top"])
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"scaletrain: plan error: {exc}", file=sys.stderr)
         return 2
-    top = _number(options, "top", int, DEFAULTS["top"])
     shown = fits[:top] or too_big[:top]
     print(f"{type(model).__name__}: {shape.model.parameters:,} trainable parameters "
           f"({shape.tp_split:,} in layers tensor parallelism splits; tp sizes it allows: "
@@ -60,7 +59,9 @@ def run_plan(config: str, overrides: list[str], pop_flags) -> int:
     print("\n".join(plan_table(shown, hw, seq_len, global_batch)))
     print("\nTo run:")
     for number, prediction in enumerate(shown, 1):
-        print(f"  {number}. {command_line(prediction.layout, hw, config, tuple(overrides))}")
+        print(f"  {number}. "
+              + command_line(prediction.layout, hw, config, tuple(overrides),
+                             bool(cfg.training.activation_checkpointing_kwargs)))
     return 0
 
 
@@ -68,10 +69,9 @@ def configured_layout_lines(cfg, world_sizes: list[int]) -> list[str]:
     """`scaletrain estimate` for a config with parallelism_config: its layout's memory per GPU (plan's model)
     at each world size it lays out."""
     config, args = cfg.training.parallelism_config, cfg.training
-    if config is None:
+    if config is None or args.strategy not in ("ddp", "fsdp", "auto"):  # ZeRO's rows are in the table above
         return []
-    shape = PlanShape.of(build_model_on_meta(cfg), range(1, config.tp_size + 1), args.chunked_loss,
-                         args.chunked_loss_tokens)
+    shape = PlanShape.of(build_model_on_meta(cfg), range(1, config.tp_size + 1), args)
     precision = "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32")
     lines = []
     for world in world_sizes:
@@ -80,7 +80,7 @@ def configured_layout_lines(cfg, world_sizes: list[int]) -> list[str]:
             continue
         layout = Layout(*sizes, args.per_device_train_batch_size, args.gradient_accumulation_steps,
                         bool(args.activation_checkpointing))
-        memory = predict_memory(shape, layout, precision, cfg.data.max_length)
+        memory = predict_memory(shape, layout, precision, cfg.data.block_size or cfg.data.max_length)
         lines.append(f"parallelism_config on {world} ranks ({layout.describe()}, {layout.strategy}): "
                      f"{format_bytes(sum(memory.values()))} per rank = "
                      + ", ".join(f"{kind} {format_bytes(size)}" for kind, size in memory.items()))
@@ -89,8 +89,9 @@ def configured_layout_lines(cfg, world_sizes: list[int]) -> list[str]:
 
 def _settings(cfg, options: dict[str, str]):
     if cfg.training.lora is not None:
-        raise ValueError("plan models full fine-tuning (every parameter trained with AdamW); drop training.lora "
-                         "(`--lora null`) to plan the full model, or use `scaletrain estimate` for LoRA")
+        raise ValueError("plan models full fine-tuning (every parameter trained with AdamW, its state sharded by "
+                         "the layout); LoRA trains an adapter: drop training.lora from the config to plan the full "
+                         "model")
     if "gpus" not in options:
         raise ValueError("--gpus N is required: the number of GPUs to plan for")
     args = cfg.training

@@ -80,10 +80,19 @@ def build_task(cfg) -> Task:
     return build_classification_task(cfg)
 
 
+def model_shape_from_config(cfg):
+    """The configured model's ModelShape (estimator input), built on the meta device, and its class name."""
+    from ..performance.estimate import ModelShape
+
+    model = build_model_on_meta(cfg)
+    return ModelShape.of(model), type(model).__name__
+
+
 def build_model_on_meta(cfg) -> torch.nn.Module:
     """The configured architecture without weights or memory (for estimates)."""
     settle_task(cfg)
     return build_on_meta(cfg, resolve_model_path(cfg.model.name_or_path))
 
 
-__all__ = ["Task", "build_model_on_meta", "build_task", "resolve_model_path", "settle_task"]
+__all__ = ["Task", "build_model_on_meta", "build_task", "model_shape_from_config", "resolve_model_path",
+           "settle_task"]
