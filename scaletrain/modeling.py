@@ -122,8 +122,7 @@ def adapter_config(model: torch.nn.Module):
 def chunked_loss_obstacle(model: torch.nn.Module) -> Optional[str]:
     """None if the model's forward can take the chunked causal-LM loss (middleware/chunked_loss.py), else the
     reason it cannot: its forward must pass lm_head's output straight to self.loss_function."""
-    get_base_model = getattr(model, "get_base_model", None)  # inside a peft wrapper: the model it adapts
-    model = get_base_model() if callable(get_base_model) else model
+    model = library_model(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear) or type(head) is not torch.nn.Linear:
         return f"{type(model).__name__} has no plain nn.Linear LM head"

@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import NotSupportedError
-from ..modeling import chunked_loss_obstacle
+from ..modeling import chunked_loss_obstacle, library_model
 from ..performance.estimate import ModelShape, activation_bytes
-from ..parallel.tensor_parallel import transformers_model
 from .base import Middleware
 
 logger = logging.getLogger(__name__)
@@ -58,7 +57,7 @@ def logits_dominate(shape, checkpointing: bool, precision: str) -> bool:
 
 
 def _shape(model: torch.nn.Module) -> ModelShape:
-    return ModelShape.of(transformers_model(model))
+    return ModelShape.of(library_model(model))
 
 
 def planned_loss_chunk(mode: Union[str, bool], tokens: int, shape, checkpointing: bool,
@@ -100,7 +99,7 @@ class ChunkedLoss(Middleware):
                 raise NotSupportedError(f"chunked_loss=True: {self.skipped}; use chunked_loss='auto' or false")
             logger.info("chunked loss off: %s", self.skipped)
             return model
-        inner = transformers_model(model)
+        inner = library_model(model)
         head = inner.get_output_embeddings()
         original = head.forward
         middleware = self

@@ -18,6 +18,8 @@ import torch
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+from ..modeling import library_model
+
 # HF's style names (transformers.integrations.tensor_parallel) -> torch's styles
 _STYLES = {
     "colwise": ColwiseParallel,
@@ -33,7 +35,7 @@ def tensor_parallel_plan(model: torch.nn.Module, tp: int) -> dict[str, Any]:
     """Module name (relative to the transformers model, inside a peft wrapper if there is one) -> torch
     ParallelStyle for every module the model's plan names; raises naming the model, the style or the size
     that stands in the way, and the fix."""
-    model = transformers_model(model)
+    model = library_model(model)
     config = getattr(model, "config", None)
     plan = getattr(config, "base_model_tp_plan", None)
     if not plan:
@@ -82,15 +84,9 @@ def _styles_for(name: str, module: torch.nn.Module, style: str, tp: int) -> dict
     return styles
 
 
-def transformers_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model itself: inside a peft wrapper, the one it adapts."""
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if callable(get_base_model) else model
-
-
 def apply_tensor_parallel(model: torch.nn.Module, tp_mesh) -> torch.nn.Module:
     """The plan's layers split over `tp_mesh` in place; their parameters become DTensors."""
-    parallelize_module(transformers_model(model), tp_mesh, tensor_parallel_plan(model, tp_mesh.size()))
+    parallelize_module(library_model(model), tp_mesh, tensor_parallel_plan(model, tp_mesh.size()))
     return model
 
 
