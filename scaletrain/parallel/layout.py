@@ -26,25 +26,9 @@ class ParallelLayout:
     def resolve(cls, env: DistEnv, config) -> "ParallelLayout":
         """The layout `config` (a scaletrain ParallelismConfig, or None: every rank one data-parallel rank)
         asks for on this launch; a product that is not the world size is refused naming every size."""
-        world = env.world_size
         if config is None:
-            return cls(env, 1, world, 1)
-        sizes = {"dp_replicate_size": config.dp_replicate_size, "dp_shard_size": config.dp_shard_size,
-                 "tp_size": config.tp_size}
-        known = 1
-        for value in sizes.values():
-            known *= value if value != -1 else 1
-        free = [name for name, value in sizes.items() if value == -1]
-        if free:
-            if world % known:
-                raise ValueError(f"parallelism_config {_spelled(sizes)}: {world} ranks are not a multiple of "
-                                 f"{known}; launch a multiple of {known} ranks or set every size")
-            sizes[free[0]] = world // known
-        product = sizes["dp_replicate_size"] * sizes["dp_shard_size"] * sizes["tp_size"]
-        if product != world:
-            raise ValueError(f"parallelism_config {_spelled(sizes)} lays out {product} ranks, but this launch has "
-                             f"{world}; make the product {world} (or set one data-parallel size to -1: the rest)")
-        return cls(env, sizes["dp_replicate_size"], sizes["dp_shard_size"], sizes["tp_size"])
+            return cls(env, 1, env.world_size, 1)
+        return cls(env, *layout_sizes(config, env.world_size))
 
     @property
     def dp_size(self) -> int:
@@ -88,11 +72,38 @@ class ParallelLayout:
         return {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp}
 
     def describe(self) -> str:
-        parts = [f"{size} {name}" for name, size in self.as_dict().items() if size > 1]
-        return " x ".join(parts) if parts else "1 rank"
+        return describe_sizes(self.dp_replicate, self.dp_shard, self.tp, alone="1 rank")
 
 
 _MESHES: dict = {}  # (layout, device type) -> its DeviceMesh: one per process
+
+
+def layout_sizes(config, world: int) -> tuple[int, int, int]:
+    """(dp_replicate, dp_shard, tp) that a ParallelismConfig lays out on `world` ranks (-1: the rest); a
+    product that is not `world` is refused naming every size."""
+    sizes = {"dp_replicate_size": config.dp_replicate_size, "dp_shard_size": config.dp_shard_size,
+             "tp_size": config.tp_size}
+    known = 1
+    for value in sizes.values():
+        known *= value if value != -1 else 1
+    free = [name for name, value in sizes.items() if value == -1]
+    if free:
+        if world % known:
+            raise ValueError(f"parallelism_config {_spelled(sizes)}: {world} ranks are not a multiple of "
+                             f"{known}; launch a multiple of {known} ranks or set every size")
+        sizes[free[0]] = world // known
+    product = sizes["dp_replicate_size"] * sizes["dp_shard_size"] * sizes["tp_size"]
+    if product != world:
+        raise ValueError(f"parallelism_config {_spelled(sizes)} lays out {product} ranks, but this launch has "
+                         f"{world}; make the product {world} (or set one data-parallel size to -1: the rest)")
+    return sizes["dp_replicate_size"], sizes["dp_shard_size"], sizes["tp_size"]
+
+
+def describe_sizes(dp_replicate: int, dp_shard: int, tp: int, alone: str) -> str:
+    """'2 dp_replicate x 4 dp_shard x 2 tp' (sizes of 1 left out; `alone` when all are)."""
+    parts = [f"{size} {name}" for name, size in (("dp_replicate", dp_replicate), ("dp_shard", dp_shard),
+                                                    ("tp", tp)) if size > 1]
+    return " x ".join(parts) if parts else alone
 
 
 def _spelled(sizes: dict[str, Optional[int]]) -> str:

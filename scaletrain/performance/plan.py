@@ -31,7 +31,6 @@ printed with the table; a GPU run (`scaletrain bench`) replaces them with measur
 from __future__ import annotations
 
 import json
-import math
 import shlex
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
@@ -40,6 +39,7 @@ import torch
 
 from .estimate import ModelShape, activation_bytes
 from .memory import format_bytes
+from ..parallel.layout import describe_sizes
 from ..parallel.tensor_parallel import tensor_parallel_plan
 
 ADAM_STATE_BYTES = 8  # two fp32 moments per element
@@ -154,9 +154,7 @@ class Layout:
         return "fsdp" if self.dp_shard > 1 else "ddp"
 
     def describe(self) -> str:
-        parts = [f"{size} {name}" for name, size in (("dp_replicate", self.dp_replicate),
-                                                        ("dp_shard", self.dp_shard), ("tp", self.tp)) if size > 1]
-        return " x ".join(parts) or "1 GPU"
+        return describe_sizes(self.dp_replicate, self.dp_shard, self.tp, alone="1 GPU")
 
     def parallelism_config(self) -> dict[str, int]:
         return {"dp_replicate_size": self.dp_replicate, "dp_shard_size": self.dp_shard, "tp_size": self.tp}
@@ -333,18 +331,6 @@ def plan_table(predictions: list[Prediction], hw: Hardware, seq_len: int, global
             f"{_ms(p.step_seconds)} | {_ms(s['compute'])} / {_ms(s['data_parallel'])} / {_ms(s['tensor_parallel'])} | "
             f"{global_batch * seq_len / p.step_seconds / hw.gpus:,.0f} | {mfu:.0%} |")
     return lines
-
-
-def resolve_sizes(config, world: int) -> Optional[tuple[int, int, int]]:
-    """(dp_replicate, dp_shard, tp) of a ParallelismConfig on `world` ranks (-1: the rest), or None if it
-    does not lay out that many."""
-    sizes = [config.dp_replicate_size, config.dp_shard_size, config.tp_size]
-    known = math.prod(size for size in sizes if size != -1)
-    if -1 in sizes:
-        if world % known:
-            return None
-        sizes[sizes.index(-1)] = world // known
-    return tuple(sizes) if math.prod(sizes) == world else None
 
 
 def _ms(seconds: float) -> str:

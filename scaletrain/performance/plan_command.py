@@ -6,8 +6,9 @@ import sys
 
 from .memory import format_bytes, parse_bytes
 from .plan import (Hardware, Layout, PlanShape, command_line, default_peak_tflops, describe_fit, plan, plan_table,
-                   predict_memory, resolve_sizes, tp_candidates)
+                   predict_memory, tp_candidates)
 from ..args.run_config import ConfigError, load_config, resolve_config_path
+from ..parallel.layout import layout_sizes
 from ..tasks import build_model_on_meta
 
 DEFAULTS = {"gpus_per_node": 8, "gpu_memory": "80GiB", "efficiency": 0.5, "intra_node_gbps": 370.0,
@@ -75,8 +76,9 @@ def configured_layout_lines(cfg, world_sizes: list[int]) -> list[str]:
     precision = "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32")
     lines = []
     for world in world_sizes:
-        sizes = resolve_sizes(config, world)
-        if sizes is None:
+        try:
+            sizes = layout_sizes(config, world)
+        except ValueError:  # the config does not lay out this many ranks
             continue
         layout = Layout(*sizes, args.per_device_train_batch_size, args.gradient_accumulation_steps,
                         bool(args.activation_checkpointing))
