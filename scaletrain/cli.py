@@ -374,7 +374,8 @@ def _export(checkpoint: str, out_dir: str, merge: bool = False, base: str | None
 
 def _estimate(config_name: str, world_size: int | None, overrides: list[str]) -> int:
     from .middleware.chunked_loss import planned_loss_chunk
-    from .performance.estimate import estimate_table, world_sizes_for
+    from .middleware.activation_ckpt import every_and_selective
+    from .performance.estimate import estimate_table, precision_of, world_sizes_for
     from .tasks import model_shape_from_config
 
     try:
@@ -384,9 +385,8 @@ def _estimate(config_name: str, world_size: int | None, overrides: list[str]) ->
         print(f"scaletrain: error: {exc}", file=sys.stderr)
         return 2
     args = cfg.training
-    precision = "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32")
-    every = (args.activation_checkpointing_kwargs or {}).get("every_n_layers", 1)
-    selective = bool((args.activation_checkpointing_kwargs or {}).get("selective"))
+    precision = precision_of(args)
+    every, selective = every_and_selective(args)
     chunk = planned_loss_chunk(args.chunked_loss, args.chunked_loss_tokens, shape, bool(args.activation_checkpointing),
                                precision)
     print(f"{model_name}: {shape.parameters:,} trainable parameters, micro-batch {args.per_device_train_batch_size} x "

@@ -22,6 +22,7 @@ from .base import Middleware
 from .liger import LigerKernels
 from .lora import LoRA, lora_settings
 from .neftune import NEFTune
+from ..performance.estimate import precision_of
 from .quantization import Quantization, quantization_settings
 
 
@@ -98,8 +99,7 @@ def build_middleware(args, strategy, custom_loss: bool = False) -> MiddlewareSta
     if args.neftune_noise_alpha is not None:  # on the (adapted) model's input embedding
         items.append(NEFTune(args.neftune_noise_alpha))
     if args.chunked_loss is not False and not args.use_liger_kernel:  # Liger fuses the head and the loss itself
-        precision = "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32")
-        items.append(ChunkedLoss(args.chunked_loss, args.chunked_loss_tokens, precision,
+        items.append(ChunkedLoss(args.chunked_loss, args.chunked_loss_tokens, precision_of(args),
                                  bool(args.activation_checkpointing), custom_loss))
     if args.activation_checkpointing:
         items.append(ActivationCheckpointing(args.activation_checkpointing_kwargs or {}))

@@ -50,6 +50,13 @@ def check_options(args) -> None:
         raise ValueError(f"activation_checkpointing_kwargs every_n_layers={every!r} must be an integer >= 1")
 
 
+def every_and_selective(args) -> tuple[int, bool]:
+    """(every_n_layers, selective) of args.activation_checkpointing_kwargs, defaults filled in (for the memory
+    estimates; whether checkpointing is on at all is args.activation_checkpointing)."""
+    kwargs = args.activation_checkpointing_kwargs or {}
+    return int(kwargs.get("every_n_layers", 1)), bool(kwargs.get("selective", False))
+
+
 class ActivationCheckpointing(Middleware):
     name = "activation_checkpointing"
 

@@ -110,17 +110,19 @@ def add_estimates(rows: list[dict[str, Any]], cfg, world_size: int) -> None:
     """`scaletrain estimate`'s per-rank prediction beside each measured row."""
     from ..middleware.chunked_loss import planned_loss_chunk
     from ..tasks import model_shape_from_config
-    from .estimate import estimate
+    from ..middleware.activation_ckpt import every_and_selective
+    from .estimate import estimate, precision_of
 
     shape, _ = model_shape_from_config(cfg)
     args = cfg.training
-    precision = "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32")
+    precision = precision_of(args)
+    _, selective = every_and_selective(args)
     for row in rows:
         chunk = planned_loss_chunk(args.chunked_loss, args.chunked_loss_tokens, shape, row["checkpointing"], precision)
         predicted = estimate(shape, row["strategy"], world_size, precision, row["micro_batch"], cfg.data.max_length,
                              1 if row["checkpointing"] else 0, args.offload_optimizer, args.offload_params,
                              accumulation=args.gradient_accumulation_steps, loss_chunk=chunk,
-                             selective=bool((args.activation_checkpointing_kwargs or {}).get("selective")))
+                             selective=selective)
         row["estimate_state_gb_per_rank"] = predicted.model_states / 2**30
         row["estimate_total_gb_per_rank"] = predicted.total / 2**30
 

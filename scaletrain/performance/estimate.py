@@ -240,6 +240,11 @@ def estimate_table(shape: ModelShape, world_sizes: list[int], precision: str, mi
     return "\n".join(lines)
 
 
+def precision_of(args) -> str:
+    """TrainingArguments' training precision as the estimates name it."""
+    return "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32")
+
+
 def world_sizes_for(requested: Optional[int]) -> list[int]:
     if requested is not None:
         return [requested]

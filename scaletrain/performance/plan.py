@@ -124,10 +124,11 @@ class PlanShape:
 def _run_options(args) -> dict:
     if args is None:
         return {}
-    kwargs = args.activation_checkpointing_kwargs or {}
+    from ..middleware.activation_ckpt import every_and_selective
+
+    every, selective = every_and_selective(args)
     return {"chunked_loss": args.chunked_loss, "chunked_loss_tokens": args.chunked_loss_tokens,
-            "checkpoint_every": int(kwargs.get("every_n_layers", 1)), "selective": bool(kwargs.get("selective")),
-            "bucket_view": args.ddp_gradient_as_bucket_view}
+            "checkpoint_every": every, "selective": selective, "bucket_view": args.ddp_gradient_as_bucket_view}
 
 
 def _serves(model: torch.nn.Module, tp: int) -> bool:

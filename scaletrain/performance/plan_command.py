@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .estimate import precision_of
 from .memory import format_bytes, parse_bytes
 from .plan import (Hardware, Layout, PlanShape, command_line, default_peak_tflops, describe_fit, plan, plan_table,
                    predict_memory, tp_candidates)
@@ -73,7 +74,7 @@ def configured_layout_lines(cfg, world_sizes: list[int]) -> list[str]:
     if config is None or args.strategy not in ("ddp", "fsdp", "auto"):  # ZeRO's rows are in the table above
         return []
     shape = PlanShape.of(build_model_on_meta(cfg), range(1, config.tp_size + 1), args)
-    precision = "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32")
+    precision = precision_of(args)
     lines = []
     for world in world_sizes:
         try:
@@ -97,7 +98,7 @@ def _settings(cfg, options: dict[str, str]):
     if "gpus" not in options:
         raise ValueError("--gpus N is required: the number of GPUs to plan for")
     args = cfg.training
-    precision = "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32")
+    precision = precision_of(args)
     gpus = _number(options, "gpus", int, None)
     hw = Hardware(
         gpus=gpus, gpus_per_node=_number(options, "gpus_per_node", int, DEFAULTS["gpus_per_node"]),
