@@ -31,6 +31,7 @@ from .base import Middleware
 
 logger = logging.getLogger(__name__)
 
+
 def check_options(args) -> None:
     value = args.chunked_loss
     if isinstance(value, str) and value.lower() in ("auto", "true", "false"):
@@ -44,9 +45,6 @@ def check_options(args) -> None:
     if value is True and args.use_liger_kernel:
         raise NotSupportedError("chunked_loss=True and use_liger_kernel=True both replace the causal-LM loss "
                                 "(Liger's fused linear cross-entropy); keep one")
-
-
-why_not = chunked_loss_obstacle  # the middleware's name for it
 
 
 def logits_dominate(shape, checkpointing: bool, precision: str) -> bool:
@@ -81,7 +79,7 @@ class ChunkedLoss(Middleware):
         self._active = False
 
     def _reason_to_skip(self, model: torch.nn.Module, strategy) -> Optional[str]:
-        reason = why_not(model)
+        reason = chunked_loss_obstacle(model)
         if reason is None and strategy.module_scoped_parameters:
             reason = ("the strategy holds the LM head's weight whole only inside the head's own forward "
                       "(ZeRO-3), and the chunks apply it in the loss")
