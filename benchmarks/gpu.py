@@ -13,19 +13,17 @@ MFU is against the device's dense bf16 peak (scaletrain/trainer/flops.py), or --
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from strategies import TokenData, publish, run_worker, save_plot  # noqa: E402
+from strategies import (TokenData, median_step_seconds, publish, run_worker, save_plot,  # noqa: E402
+                        step_timer)  # the shared launcher, data, step timing and output
 
 # ~1.1B parameters (TinyLlama's shape); --tiny: a few hundred thousand
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -46,16 +44,7 @@ def build_llama(shape: dict):
 
 
 def worker(opts) -> None:
-    from transformers import TrainerCallback
-
     from scaletrain import Trainer, TrainingArguments
-
-    class StepTimes(TrainerCallback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def on_step_end(self, args, state, control, **kw):
-            self.times.append(time.perf_counter())
 
     strategy, compiled, checkpointing = opts.worker[0], opts.worker[1] == "1", opts.worker[2] == "1"
     layout = None
@@ -69,13 +58,13 @@ def worker(opts) -> None:
             save_strategy="no", logging_steps=opts.steps, disable_tqdm=True, report_to="none", strategy=strategy,
             bf16=on_gpu, torch_compile=compiled, activation_checkpointing=checkpointing, parallelism_config=layout,
             peak_tflops=opts.peak_tflops, optim="adamw_torch_fused" if on_gpu else "adamw_torch")
-        timer = StepTimes()
+        timer = step_timer()
         replicas = int(os.environ.get("WORLD_SIZE", "1")) // (layout or {}).get("tp_size", 1)
         rows = TokenData(replicas * opts.micro_batch * opts.steps, seq=opts.seq, vocab=shape["vocab_size"])
         trainer = Trainer(model=build_llama(shape), args=args, train_dataset=rows, callbacks=[timer])
         metrics = trainer.train().metrics
         warmup = max(2, opts.steps // 10)
-        step = statistics.median(b - a for a, b in itertools.pairwise(timer.times[warmup - 1:]))
+        step = median_step_seconds(timer, warmup)
         scale = metrics["train_runtime"] / opts.steps / step  # whole-run rates -> steady-state step rates
         if not trainer.strategy.is_main:
             os._exit(0)
