@@ -2,7 +2,9 @@
 ParallelismConfig), or a dict with its keys.
 
 scaletrain.ParallelismConfig subclasses accelerate's class: every field and property accelerate defines
-means the same here. It adds pp_size (pipeline stages), and it accepts every layout scaletrain's
+means the same here (sp_size: Ulysses sequence parallelism, which accelerate calls the "deepspeed"
+sp_backend and which scaletrain runs under FSDP2 and DDP with its own attention function). It adds pp_size
+(pipeline stages), and it accepts every layout scaletrain's
 strategies run, including dp_replicate x tp (DDP x tensor parallelism), which accelerate's refuses, and
 -1 for one of the data-parallel sizes ("the rest of the ranks", as torchtitan writes it).
 """
@@ -24,8 +26,8 @@ _SIZE_ENV = {"dp_replicate_size": "PARALLELISM_CONFIG_DP_REPLICATE_SIZE",
              "pp_size": "PARALLELISM_CONFIG_PP_SIZE"}
 # what is not built yet, and what to use meanwhile
 _NOT_YET = {
-    "cp_size": "context parallelism (ring attention) is not supported yet",
-    "sp_size": "sequence parallelism (Ulysses) is not supported yet",
+    "cp_size": "context parallelism (ring attention) is not built: use sp_size (Ulysses sequence parallelism), "
+               "which splits long rows over ranks too",
     "pp_size": "pipeline parallelism is not supported yet",
 }
 
@@ -39,7 +41,12 @@ class ParallelismConfig(AccelerateParallelismConfig):
             if getattr(self, name) is None:  # as accelerate: unset sizes come from `accelerate launch`, else 1
                 setattr(self, name, int(os.environ.get(variable, "1")))
         self.cp_backend = self.cp_backend or "torch"
-        self.sp_backend = self.sp_backend or "deepspeed"
+        # accelerate names its only backend after the library that runs Ulysses there; under FSDP and DDP
+        # scaletrain's own Ulysses attention (sequence_parallel.py) runs the same algorithm
+        self.sp_backend = self.sp_backend or os.environ.get("PARALLELISM_CONFIG_SP_BACKEND", "deepspeed")
+        if self.sp_backend != "deepspeed":
+            raise ValueError(f"parallelism_config sp_backend={self.sp_backend!r}: the one sequence-parallel "
+                             "backend is 'deepspeed' (Ulysses), as in accelerate")
         free = [name for name in ("dp_replicate_size", "dp_shard_size") if getattr(self, name) == -1]
         if len(free) > 1:
             raise ValueError("parallelism_config: only one of dp_replicate_size and dp_shard_size may be -1 "
@@ -57,7 +64,7 @@ class ParallelismConfig(AccelerateParallelismConfig):
         for name, why in _NOT_YET.items():
             if getattr(self, name) > 1:
                 raise NotSupportedError(f"parallelism_config {name}={getattr(self, name)}: {why}; use "
-                                        "dp_replicate_size, dp_shard_size and tp_size")
+                                        "dp_replicate_size, dp_shard_size, tp_size and sp_size")
 
     def sizes(self) -> dict[str, int]:
         """Every dimension's size, by field name (how TrainingArguments.to_dict writes the config)."""

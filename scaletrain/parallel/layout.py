@@ -1,11 +1,17 @@
 """How a run's ranks divide the work: the one owner of the layout (torchtitan's ParallelDims).
 
 Built from TrainingArguments.parallelism_config and the launch before any process group: the sizes of
-dp_replicate (replicas of the model), dp_shard (ranks a replica's state is sharded over) and tp (ranks a
-layer is split over), validated against the world size. Everything that shards data or normalises by the
-number of data-parallel replicas asks this object (sampler and evaluation sharding, batch geometry, loss
-weights), never the world size; the strategies ask it for their device mesh. Ranks are laid out with tp
-innermost (a layer's ranks stay inside a node) and dp_replicate outermost (replicas span nodes).
+dp_replicate (replicas of the model), dp_shard (ranks a replica's state is sharded over), sp (ranks a row's
+sequence is split over: Ulysses) and tp (ranks a layer is split over), validated against the world size.
+Everything that shards data or normalises by the number of data-parallel replicas asks this object (sampler
+and evaluation sharding, batch geometry, loss weights), never the world size; the strategies ask it for their
+device mesh. Ranks are laid out (dp_replicate, dp_shard, sp, tp): tp innermost (a layer's ranks stay inside a
+node), sp next (its all-to-all is the next busiest), dp_replicate outermost (replicas span nodes).
+
+The sp ranks of a data-parallel rank read the same rows and each trains on one slice of every row's
+sequence, so for gradients and losses they count as data-parallel ranks: FSDP shards over dp_shard x sp (as
+torchtitan shards over dp_shard x cp), and gradients are averaged over every rank of a tp position
+(`batch_ranks` of them).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ class ParallelLayout:
     dp_replicate: int
     dp_shard: int
     tp: int
+    sp: int = 1
 
     @classmethod
     def resolve(cls, env: DistEnv, config) -> "ParallelLayout":
@@ -36,12 +43,22 @@ class ParallelLayout:
         return self.dp_replicate * self.dp_shard
 
     @property
+    def batch_ranks(self) -> int:
+        """The ranks a step's targets are divided among, and its gradients averaged over: dp x sp."""
+        return self.dp_size * self.sp
+
+    @property
     def dp_rank(self) -> int:
-        """This process's data-parallel index (which shard of the data it reads); tp ranks share one."""
-        return self.env.rank // self.tp
+        """This process's data-parallel index (which shard of the data it reads); sp and tp ranks share one."""
+        return self.env.rank // (self.sp * self.tp)
+
+    @property
+    def sp_rank(self) -> int:
+        """Which slice of each row's sequence this rank trains on."""
+        return self.env.rank // self.tp % self.sp
 
     def world_mesh(self, device_type: str):
-        """Every rank on one (dp_replicate, dp_shard, tp) DeviceMesh, made once (its sub-meshes' process
+        """Every rank on one (dp_replicate, dp_shard, sp, tp) DeviceMesh, made once (its sub-meshes' process
         groups are made with it); after the process group starts."""
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
@@ -49,40 +66,55 @@ class ParallelLayout:
         key = (self, device_type, dist.distributed_c10d._get_default_group())  # a restarted group: a new mesh
         if key not in _MESHES:
             _MESHES.clear()
-            _MESHES[key] = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.tp),
-                                            mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
-        return _MESHES[key]
+            _MESHES[key] = {"world": init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.sp, self.tp),
+                                                      mesh_dim_names=("dp_replicate", "dp_shard", "sp", "tp"))}
+        return _MESHES[key]["world"]
+
+    def _derived_mesh(self, device_type: str, name: str, build):
+        """A mesh made from the world mesh once and kept (torch asks callers to keep flattened meshes)."""
+        world = self.world_mesh(device_type)
+        meshes = next(iter(_MESHES.values()))
+        if name not in meshes:
+            meshes[name] = build(world)
+        return meshes[name]
 
     def fsdp_mesh(self, device_type: str):
-        """The mesh FSDP2 shards over: (dp_shard,) or, with replicas, (dp_replicate, dp_shard): HSDP."""
-        mesh = self.world_mesh(device_type)
-        return mesh["dp_shard"] if self.dp_replicate == 1 else mesh["dp_replicate", "dp_shard"]
+        """The mesh FSDP2 shards over: (dp_shard x sp,) or, with replicas, (dp_replicate, dp_shard x sp): HSDP."""
+        if self.sp == 1:
+            mesh = self.world_mesh(device_type)
+            return mesh["dp_shard"] if self.dp_replicate == 1 else mesh["dp_replicate", "dp_shard"]
+        if self.dp_replicate == 1:
+            return self._derived_mesh(device_type, "dp_shard_sp", lambda w: w["dp_shard", "sp"]._flatten("dp_shard_sp"))
+        return self._derived_mesh(device_type, "hsdp", lambda w: self.batch_mesh(device_type)._unflatten(
+            0, (self.dp_replicate, self.dp_shard * self.sp), ("dp_replicate", "dp_shard_sp")))
 
-    def dp_mesh(self, device_type: str):
-        """Every data-parallel rank of this rank's tp position, as one flat mesh dimension."""
-        mesh = self.world_mesh(device_type)
-        if self.dp_replicate == 1 or self.dp_shard == 1:
-            return mesh["dp_shard" if self.dp_replicate == 1 else "dp_replicate"]
-        return mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    def batch_mesh(self, device_type: str):
+        """Every rank of this rank's tp position (dp x sp), as one flat mesh dimension: the ranks that divide a
+        step's targets and average its gradients."""
+        return self._derived_mesh(device_type, "batch",
+                                  lambda w: w["dp_replicate", "dp_shard", "sp"]._flatten("batch"))
+
+    def sp_mesh(self, device_type: str):
+        return self.world_mesh(device_type)["sp"]
 
     def tp_mesh(self, device_type: str):
         return self.world_mesh(device_type)["tp"]
 
     def as_dict(self) -> dict[str, int]:
-        return {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp}
+        return {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "sp": self.sp, "tp": self.tp}
 
     def describe(self) -> str:
-        return describe_sizes(self.dp_replicate, self.dp_shard, self.tp, alone="1 rank")
+        return describe_sizes(self.dp_replicate, self.dp_shard, self.tp, alone="1 rank", sp=self.sp)
 
 
-_MESHES: dict = {}  # (layout, device type) -> its DeviceMesh: one per process
+_MESHES: dict = {}  # (layout, device type, group) -> its meshes by name: one layout per process
 
 
-def layout_sizes(config, world: int) -> tuple[int, int, int]:
-    """(dp_replicate, dp_shard, tp) that a ParallelismConfig lays out on `world` ranks (-1: the rest); a
+def layout_sizes(config, world: int) -> tuple[int, int, int, int]:
+    """(dp_replicate, dp_shard, tp, sp) that a ParallelismConfig lays out on `world` ranks (-1: the rest); a
     product that is not `world` is refused naming every size."""
     sizes = {"dp_replicate_size": config.dp_replicate_size, "dp_shard_size": config.dp_shard_size,
-             "tp_size": config.tp_size}
+             "tp_size": config.tp_size, "sp_size": config.sp_size}
     known = 1
     for value in sizes.values():
         known *= value if value != -1 else 1
@@ -92,17 +124,17 @@ def layout_sizes(config, world: int) -> tuple[int, int, int]:
             raise ValueError(f"parallelism_config {_spelled(sizes)}: {world} ranks are not a multiple of "
                              f"{known}; launch a multiple of {known} ranks or set every size")
         sizes[free[0]] = world // known
-    product = sizes["dp_replicate_size"] * sizes["dp_shard_size"] * sizes["tp_size"]
+    product = sizes["dp_replicate_size"] * sizes["dp_shard_size"] * sizes["tp_size"] * sizes["sp_size"]
     if product != world:
         raise ValueError(f"parallelism_config {_spelled(sizes)} lays out {product} ranks, but this launch has "
                          f"{world}; make the product {world} (or set one data-parallel size to -1: the rest)")
-    return sizes["dp_replicate_size"], sizes["dp_shard_size"], sizes["tp_size"]
+    return sizes["dp_replicate_size"], sizes["dp_shard_size"], sizes["tp_size"], sizes["sp_size"]
 
 
-def describe_sizes(dp_replicate: int, dp_shard: int, tp: int, alone: str) -> str:
-    """'2 dp_replicate x 4 dp_shard x 2 tp' (sizes of 1 left out; `alone` when all are)."""
+def describe_sizes(dp_replicate: int, dp_shard: int, tp: int, alone: str, sp: int = 1) -> str:
+    """'2 dp_replicate x 4 dp_shard x 2 sp x 2 tp' (sizes of 1 left out; `alone` when all are)."""
     parts = [f"{size} {name}" for name, size in (("dp_replicate", dp_replicate), ("dp_shard", dp_shard),
-                                                    ("tp", tp)) if size > 1]
+                                                    ("sp", sp), ("tp", tp)) if size > 1]
     return " x ".join(parts) if parts else alone
 
 

@@ -125,16 +125,21 @@ class Strategy(abc.ABC):
         """Place/wrap/shard the model and build its optimizer together."""
 
     def split_layers(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Tensor parallelism over the layout's tp ranks (the model's own plan), before any data-parallel
-        wrapping; a no-op without tp."""
-        if self.layout.tp == 1:
+        """Tensor parallelism over the layout's tp ranks (the model's own plan), and attention over whole rows
+        whose slices the sp ranks hold (Ulysses), before any data-parallel wrapping; a no-op without either."""
+        layout = self.layout
+        if layout.sp > 1:
+            from ..parallel.sequence_parallel import use_ulysses_attention
+
+            use_ulysses_attention(model, layout.sp, layout.tp)
+        if layout.tp == 1:
             return model
         from ..parallel.tensor_parallel import apply_tensor_parallel
 
         if any(isinstance(p, DTensor) for p in model.parameters()):
             raise ValueError("parallelism_config tp_size > 1 with a model whose parameters are already "
                              "distributed (loaded with transformers' tp_plan?); load it whole")
-        return apply_tensor_parallel(model, self.layout.tp_mesh(self.device.type))
+        return apply_tensor_parallel(model, layout.tp_mesh(self.device.type))
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
@@ -344,19 +349,20 @@ class Strategy(abc.ABC):
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def dp_all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over the data-parallel ranks of this rank's tp position (in place, returned): the ranks of a
-        tensor-parallel group share one batch, so counts, losses and samples count once per replica."""
+    def batch_all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks that divide a step's batch, this rank's tp position's dp x sp ranks (in place,
+        returned): the ranks of a tensor-parallel group share one batch, so counts, losses and samples count
+        once per data-parallel replica and sequence slice."""
         if self.layout.tp == 1:
             return self.all_reduce_sum(tensor)
         if self.has_collectives():
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.layout.dp_mesh(self.device.type).get_group())
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.layout.batch_mesh(self.device.type).get_group())
         return tensor
 
     def dp_gather_object(self, obj: Any) -> list[Any]:
-        """One object per data-parallel rank, in dp order (each tp group's first rank speaks for it; ranks are
-        laid out tp innermost). Every rank calls it."""
-        return self.all_gather_object(obj)[:: self.layout.tp]
+        """One object per data-parallel rank, in dp order (the first rank of each dp rank's sp x tp block speaks
+        for it; ranks are laid out sp x tp innermost). Every rank calls it."""
+        return self.all_gather_object(obj)[:: self.layout.sp * self.layout.tp]
 
     def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.has_collectives():
@@ -383,7 +389,7 @@ class Strategy(abc.ABC):
 
     def describe(self) -> str:
         layout = self.layout
-        mesh = f", {layout.describe()}" if layout.dp_replicate > 1 or layout.tp > 1 else ""
+        mesh = f", {layout.describe()}" if layout.dp_replicate > 1 or layout.tp > 1 or layout.sp > 1 else ""
         return f"{self.name} (world size {self.world_size}, device {self.device}{mesh})"
 
 

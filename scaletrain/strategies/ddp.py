@@ -124,7 +124,7 @@ class DDPStrategy(Strategy):
     def setup(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory):
         model = self.split_layers(model.to(self.device))
         if self.layout.tp > 1:
-            self._replicas = TensorParallelReplicas(model, self.layout.dp_mesh(self.device.type).get_group())
+            self._replicas = TensorParallelReplicas(model, self.layout.batch_mesh(self.device.type).get_group())
             return model, optimizer_factory(model)
         args = self.args
         find_unused = args.ddp_find_unused_parameters

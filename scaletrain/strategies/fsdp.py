@@ -109,7 +109,7 @@ class FSDPStrategy(Strategy):
             model.to(self.device)
         model = self.split_layers(model)  # tensor parallelism first: FSDP shards the tp shards (2-D)
 
-        mesh = self.layout.fsdp_mesh(self.device.type)  # (dp_replicate, dp_shard): HSDP
+        mesh = self.layout.fsdp_mesh(self.device.type)  # (dp_replicate, dp_shard x sp): HSDP
         kwargs = {"mesh": mesh, "reshard_after_forward": self.args.fsdp_reshard_after_forward}
         if self.args.fsdp_cpu_offload:
             # pinned memory needs an accelerator; on a CPU-only host it fails

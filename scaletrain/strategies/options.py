@@ -16,14 +16,15 @@ def check_strategy_options(args) -> None:
 
 # strategy -> the parallelism_config sizes it can run above 1, and what to use for the others
 _LAYOUTS = {
-    "ddp": ({"dp_replicate_size", "tp_size"}, "DDP replicates the whole model (tensor-parallel layers split over "
+    "ddp": ({"dp_replicate_size", "tp_size", "sp_size"}, "DDP replicates the whole model (tensor-parallel layers split over "
                                               "tp_size): use dp_replicate_size, or strategy fsdp to shard "
                                               "(dp_shard_size)"),
-    "fsdp": ({"dp_replicate_size", "dp_shard_size", "tp_size"}, "FSDP2 shards over dp_shard_size and replicates "
-                                                                "over dp_replicate_size (HSDP)"),
-    **{f"zero{stage}": ({"dp_shard_size"}, "DeepSpeed ZeRO partitions over every rank, and its AutoTP is not "
-                                           "wired for training here: use dp_shard_size only, or strategy fsdp "
-                                           "for HSDP and tensor parallelism") for stage in (1, 2, 3)},
+    "fsdp": ({"dp_replicate_size", "dp_shard_size", "tp_size", "sp_size"},
+             "FSDP2 shards over dp_shard_size and replicates over dp_replicate_size (HSDP)"),
+    **{f"zero{stage}": ({"dp_shard_size"}, "DeepSpeed ZeRO partitions over every rank, and neither its AutoTP nor "
+                                           "its Ulysses (DistributedAttention) is wired for training here: use "
+                                           "dp_shard_size only, or strategy fsdp for HSDP, tensor and sequence "
+                                           "parallelism") for stage in (1, 2, 3)},
     "single": (set(), "one process has nothing to divide"),
 }
 
@@ -35,10 +36,14 @@ def check_layout(args) -> None:
     if config is None or args.strategy == "auto":
         return
     allowed, hint = _LAYOUTS[args.strategy]
-    for name in ("dp_replicate_size", "dp_shard_size", "tp_size"):
+    for name in ("dp_replicate_size", "dp_shard_size", "tp_size", "sp_size"):
         value = getattr(config, name)
         if value != 1 and name not in allowed:
             raise ValueError(f"parallelism_config {name}={value} with strategy {args.strategy!r}: {hint}")
+    if config.sp_size > 1 and args.label_smoothing_factor:
+        raise NotSupportedError(f"label_smoothing_factor={args.label_smoothing_factor} with parallelism_config "
+                                f"sp_size={config.sp_size}: the label smoother averages over one rank's slice of "
+                                "each row; drop one of them")
 
 
 def check_node_local_saves(args) -> None:

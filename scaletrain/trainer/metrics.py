@@ -50,7 +50,7 @@ class LogWindow:
         """NaN/inf steps in the window so far, summed over ranks (a collective and a host read: for save
         points and the end of training, not per step)."""
         # .double() copies, so the reduction leaves the window's own count alone
-        return float(self.strategy.dp_all_reduce_sum(self.nonfinite_steps.double().reshape(1)).item())
+        return float(self.strategy.batch_all_reduce_sum(self.nonfinite_steps.double().reshape(1)).item())
 
     def pause(self, seconds: float) -> None:
         self.start += seconds
@@ -64,14 +64,14 @@ class LogWindow:
             self.tokens.double(), self.nonfinite_steps.double(),
             torch.tensor(self.flops, dtype=torch.float64, device=self.strategy.device),
         ])
-        reduced = self.strategy.dp_all_reduce_sum(packed)
+        reduced = self.strategy.batch_all_reduce_sum(packed)
         norm = self.grad_norm
         if isinstance(norm, torch.Tensor):  # the same global norm on every rank: read in the same transfer
             reduced = torch.cat([reduced, norm.detach().reshape(1).to(reduced)])
         values = reduced.tolist()  # the window's one host sync
         loss_sum, finite_steps, samples, tokens, nonfinite, flops = values[:6]
         self.last_nonfinite = nonfinite
-        replicas = self.strategy.layout.dp_size
+        replicas = self.strategy.layout.batch_ranks
         logs = {
             # every data-parallel rank counted each finite step once
             "loss": loss_sum / max(finite_steps / replicas, 1e-9) if finite_steps else float("nan"),
@@ -115,7 +115,7 @@ class RunTotals:
         totals = torch.stack([torch.tensor(float(self.samples), dtype=torch.float64, device=device),
                               self.tokens.double(), self.loss, self.nonfinite,
                               torch.tensor(self.flops, dtype=torch.float64, device=device)])
-        samples, tokens, loss_sum, self.nonfinite_steps, flops = self.strategy.dp_all_reduce_sum(totals).tolist()
+        samples, tokens, loss_sum, self.nonfinite_steps, flops = self.strategy.batch_all_reduce_sum(totals).tolist()
         peak = torch.tensor([float(peak_memory_bytes(device))], dtype=torch.float64, device=device)
         peak_memory = self.strategy.all_reduce_max(peak).item()
         train_loss = loss_sum / max(self.steps, 1)
@@ -153,7 +153,7 @@ class InputTokensSeen:
         return self.mode != "no"
 
     def add(self, micro_batches: list) -> None:
-        if not self.enabled:
+        if not self.enabled or self.strategy.layout.sp_rank:  # a row's first sp rank counts it for all of them
             return
         for batch in micro_batches:
             self.pending = self.pending + self._count(batch).to(self.pending.device)
@@ -176,7 +176,7 @@ class InputTokensSeen:
         """A collective while enabled: every rank calls it at the same points."""
         if not self.enabled:
             return
-        total = self.strategy.dp_all_reduce_sum(self.pending.to(self.strategy.device, torch.float64).reshape(1))
+        total = self.strategy.batch_all_reduce_sum(self.pending.to(self.strategy.device, torch.float64).reshape(1))
         state.num_input_tokens_seen += int(total.item())
         self.pending = torch.zeros((), dtype=torch.int64)
 

@@ -133,5 +133,5 @@ class ReportingMethods:
     def store_flos(self) -> None:
         """Adds every rank's FLOPs since the last call to state.total_flos (a collective)."""
         flos = torch.tensor([float(self.current_flos)], dtype=torch.float64, device=self.strategy.device)
-        self.state.total_flos += float(self.strategy.dp_all_reduce_sum(flos).item())
+        self.state.total_flos += float(self.strategy.batch_all_reduce_sum(flos).item())
         self.current_flos = 0.0

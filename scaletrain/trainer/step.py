@@ -15,6 +15,7 @@ import torch
 
 from ..modeling import label_shift
 from ..optimizers.factory import current_lr, steps_on_metric
+from ..parallel.sequence_parallel import SequenceSplitter, split_rows
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -54,6 +55,8 @@ class LossWeighting:
         labels = inputs.get(self.label_names[0]) if len(self.label_names) == 1 else None
         if not isinstance(labels, torch.Tensor):
             return None
+        if isinstance(inputs.get("shift_labels"), torch.Tensor):  # shifted already (over rows split by sp)
+            return (inputs["shift_labels"] != IGNORE_INDEX).sum()
         if labels.is_floating_point():
             return torch.tensor(labels.numel(), device=labels.device)
         if self.label_shift and labels.dim() >= 2:
@@ -68,11 +71,11 @@ class LossWeighting:
             return None
         # host-side counts reach the device without waiting for it (an async copy)
         counts = [c.to(self.strategy.device, torch.float64, non_blocking=True) for c in counts]
-        return self.strategy.dp_all_reduce_sum(torch.stack(counts).sum().reshape(1))[0]
+        return self.strategy.batch_all_reduce_sum(torch.stack(counts).sum().reshape(1))[0]
 
     def weight(self, inputs: dict[str, Any], global_items: Union[int, torch.Tensor]) -> torch.Tensor:
-        """This micro-batch's share of the step: its targets over the global count, times the
-        data-parallel degree (the strategy averages gradients over the replicas). With no target anywhere
+        """This micro-batch's share of the step: its targets over the global count, times the ranks the
+        strategy averages gradients over (data-parallel replicas x sequence slices). With no target anywhere
         it is 0."""
         count = self.count_items(inputs)
         if count is None:
@@ -80,7 +83,7 @@ class LossWeighting:
                              f"({self.label_names}); pass num_items_in_batch=None to average micro-batch means")
         count = count.to(self.strategy.device, torch.float64, non_blocking=True)
         total = torch.as_tensor(global_items, dtype=torch.float64, device=self.strategy.device)
-        return count * self.strategy.layout.dp_size / total.clamp_min(1.0)
+        return count * self.strategy.layout.batch_ranks / total.clamp_min(1.0)
 
 
 class StepRunner:
@@ -91,6 +94,7 @@ class StepRunner:
     def __init__(self, hooks, weighting: LossWeighting, max_grad_norm: Optional[float]) -> None:
         self.hooks, self.strategy, self.weighting = hooks, hooks.strategy, weighting
         self.clip = max_grad_norm if max_grad_norm is not None and max_grad_norm > 0 else None
+        self.splitter = sequence_splitter(self.strategy)
         self.skip_nonfinite = hooks.args.nonfinite_loss == "skip"
         self.learning_rate: Optional[float] = None  # of the last optimizer step, before the schedule moved on
 
@@ -101,15 +105,21 @@ class StepRunner:
         return bool(self.strategy.all_reduce_max(bad).item())
 
     def run(self, model, optimizer, scheduler, micro_batches: list[dict[str, Any]]) -> StepResult:
-        loss, samples, tokens = self._accumulate(model, micro_batches)
+        # with sp, a row's sp ranks share it: the first counts its samples, tokens and FLOPs for all of them
+        counted = micro_batches if self.splitter is None or self.strategy.layout.sp_rank == 0 else []
+        loss = self._accumulate(model, micro_batches)
+        samples = sum(batch_size(batch) for batch in counted)
+        tokens = torch.zeros((), dtype=torch.int64, device=self.strategy.device)
+        for batch in counted:
+            tokens += token_count(batch)
         self.strategy.finish_backward(model)
-        flos = float(sum(self.hooks.floating_point_ops(batch) for batch in micro_batches))
-        model_flops = flos + sum(self.hooks.attention_flops(batch) for batch in micro_batches)
+        flos = float(sum(self.hooks.floating_point_ops(batch) for batch in counted))
+        model_flops = flos + sum(self.hooks.attention_flops(batch) for batch in counted)
         finite = torch.isfinite(loss)
+        ranks = self.strategy.layout.batch_ranks
         if self.skip_nonfinite and self._any_rank_nonfinite(finite):
             self.strategy.discard_gradients(model, optimizer)  # the weights, optimizer and schedule stay
-            return StepResult(loss / self.strategy.layout.dp_size, samples, tokens, None, False, finite, flos,
-                              model_flops)
+            return StepResult(loss / ranks, samples, tokens, None, False, finite, flos, model_flops)
         self.strategy.unscale_gradients(optimizer)
         self.hooks.fire("on_pre_optimizer_step")
         grad_norm = self.strategy.clip_grad_norm_(model, self.clip) if self.clip is not None else None
@@ -122,24 +132,31 @@ class StepRunner:
             scheduler.step()
         # else an fp16 overflow: the weights did not move, so neither does the schedule
         self.strategy.zero_grad(optimizer)
-        return StepResult(loss / self.strategy.layout.dp_size, samples, tokens, grad_norm, stepped, finite, flos,
-                          model_flops)
+        return StepResult(loss / ranks, samples, tokens, grad_norm, stepped, finite, flos, model_flops)
 
-    def _accumulate(self, model, micro_batches: list[dict[str, Any]]) -> tuple[torch.Tensor, int, torch.Tensor]:
-        global_items = self.weighting.global_items(micro_batches)
+    def _accumulate(self, model, micro_batches: list[dict[str, Any]]) -> torch.Tensor:
+        """Forward and backward of every micro-batch (this rank's slice of each row with sp); the summed loss."""
+        splits = [self.splitter.split(b) for b in micro_batches] if self.splitter else [(b, None) for b in
+                                                                                         micro_batches]
+        global_items = self.weighting.global_items([inputs for inputs, _ in splits])
         self.hooks.current_gradient_accumulation_steps = len(micro_batches)
-        device = self.strategy.device
-        loss, samples, tokens = torch.zeros((), device=device), 0, torch.zeros((), dtype=torch.int64, device=device)
-        last = len(micro_batches) - 1
-        for i, batch in enumerate(micro_batches):
-            samples += batch_size(batch)
-            tokens += token_count(batch)
+        loss = torch.zeros((), device=self.strategy.device)
+        last = len(splits) - 1
+        for i, (inputs, rows) in enumerate(splits):
             sync = contextlib.nullcontext() if i == last else self.strategy.no_sync(model)
-            with sync:
-                loss += self.hooks.training_step(model, batch, global_items)
+            with sync, split_rows(rows):
+                loss += self.hooks.training_step(model, inputs, global_items)
             if i != last:
                 self.hooks.fire("on_substep_end")
-        return loss.detach(), samples, tokens
+        return loss.detach()
+
+
+def sequence_splitter(strategy) -> Optional[SequenceSplitter]:
+    """What splits each micro-batch's rows over the layout's sp ranks; None without sequence parallelism."""
+    layout = strategy.layout
+    if layout.sp == 1:
+        return None
+    return SequenceSplitter(layout.sp_mesh(strategy.device.type).get_group(), layout.sp, layout.sp_rank)
 
 
 def batch_size(batch: Any) -> int:

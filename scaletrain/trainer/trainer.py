@@ -129,8 +129,12 @@ class Trainer(EvaluationMethods, SearchTrialMethods, ReportingMethods):
         self.strategy = strategy if strategy is not None else build_strategy(args)
         self.args = args  # final: the launcher's requests were applied when they were made
         self.strategy.setup_environment()
-        self.middleware = build_middleware(args, self.strategy,
-                                           custom_loss=type(self).compute_loss is not Trainer.compute_loss)
+        custom_loss = type(self).compute_loss is not Trainer.compute_loss
+        if custom_loss and self.strategy.layout.sp > 1:
+            raise NotSupportedError(f"{type(self).__name__} overrides compute_loss, and parallelism_config sp_size="
+                                    f"{self.strategy.layout.sp} gives each rank one slice of every row (with "
+                                    "shift_labels): the override would see slices; train without sp_size")
+        self.middleware = build_middleware(args, self.strategy, custom_loss=custom_loss)
         self.num_threads = configure_threads(self.strategy.env, args.torch_threads)
         # as the HF Trainer does: log_level on the main process, log_level_replica on the others
         # ('passive' leaves the levels as they are); scaletrain's own loggers follow too

@@ -1,0 +1,151 @@
+"""Ulysses sequence parallelism (parallelism_config sp_size) on 4 gloo ranks against a plain PyTorch loop
+written here: every document its own padded row (unpacked, unsplit, one process), the loss summed over the
+step's targets and divided by their count, AdamW with clipping. The distributed runs train on packed rows
+(DataCollatorWithFlattening: a micro-batch's documents flattened into one row whose position ids restart per
+document, of any length, so rows are padded to a multiple of sp) whose sequence is split over the sp ranks:
+sp2 x dp_shard2 and sp4 under FSDP2, sp2 x dp_replicate2 under DDP, sp2 x tp2 (one query head per rank,
+so the GQA key/value heads are repeated before the all-to-all), and HSDP 2 x sp2 on rows padded to the
+micro-batch's longest document instead of packed. A wrong document boundary, label shift at a
+slice edge, position id, mask or loss normalisation moves the losses far beyond 1e-5. Evaluation runs the
+rows whole. Layouts and options sequence parallelism cannot serve are refused before training, naming them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import VOCAB, losses_of, run_ranks, tiny_llama
+from scaletrain import Trainer, TrainingArguments
+from scaletrain.errors import NotSupportedError
+
+SEED, STEPS, DOCS, GLOBAL_DOCS, LR, CLIP = 5, 3, 32, 8, 3e-3, 0.5
+EVAL_DOCS = 6
+
+
+class Documents(torch.utils.data.Dataset):
+    """Token documents of 5 to 23 tokens."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(5, 24, (n,), generator=g).tolist()
+        self.docs = [torch.randint(1, VOCAB, (length,), generator=g).tolist() for length in lengths]
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.docs[i], "labels": self.docs[i]}
+
+
+def model():
+    return tiny_llama(seed=SEED, max_position_embeddings=256)
+
+
+def padded_rows(docs: list[list[int]]) -> dict[str, torch.Tensor]:
+    width = max(len(d) for d in docs)
+    ids = torch.tensor([d + [0] * (width - len(d)) for d in docs])
+    mask = torch.tensor([[1] * len(d) + [0] * (width - len(d)) for d in docs])
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def summed_loss(net, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    logits = net(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits[:, :-1]
+    targets = rows["labels"][:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+    return loss, int((targets != -100).sum())
+
+
+def plain_loop() -> tuple[list[float], dict[str, torch.Tensor], float]:
+    """Each step: the next GLOBAL_DOCS documents of the permutation scaletrain documents (seed + epoch)."""
+    net, data = model(), Documents(DOCS, seed=1)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=0.0)
+    order = torch.randperm(DOCS, generator=torch.Generator().manual_seed(SEED)).tolist()
+    losses = []
+    for step in range(STEPS):
+        docs = [data.docs[i] for i in order[step * GLOBAL_DOCS:(step + 1) * GLOBAL_DOCS]]
+        loss, count = summed_loss(net, padded_rows(docs))
+        (loss / count).backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item() / count)
+    net.eval()
+    with torch.no_grad():  # scaletrain's eval_loss: the mean over every target of the evaluation set
+        per_doc = [summed_loss(net, padded_rows([d])) for d in Documents(EVAL_DOCS, seed=9).docs]
+    return losses, {k: v.detach().clone() for k, v in net.state_dict().items()}, \
+        sum(loss.item() for loss, _ in per_doc) / sum(count for _, count in per_doc)
+
+
+def pad_documents(features: list[dict]) -> dict[str, torch.Tensor]:
+    return padded_rows([f["input_ids"] for f in features])
+
+
+def _run(out: str, strategy: str, layout: dict, per_device: int, accumulation: int, packed: bool = True) -> dict:
+    from transformers import DataCollatorWithFlattening
+
+    args = TrainingArguments(output_dir=out, strategy=strategy, parallelism_config=layout, max_steps=STEPS,
+                             per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
+                             per_device_eval_batch_size=1, learning_rate=LR, lr_scheduler_type="constant",
+                             weight_decay=0.0, optim="adamw_torch", max_grad_norm=CLIP, logging_steps=1,
+                             save_strategy="no", seed=SEED, disable_tqdm=True, report_to="none", ddp_timeout=300)
+    trainer = Trainer(model=model(), args=args, train_dataset=Documents(DOCS, seed=1),
+                      eval_dataset=Documents(EVAL_DOCS, seed=9),
+                      data_collator=DataCollatorWithFlattening(return_position_ids=True) if packed else pad_documents)
+    trainer.train()
+    return {"losses": losses_of(trainer), "weights": dict(trainer.strategy.full_model_tensors(trainer.model_wrapped)),
+            "eval_loss": trainer.evaluate()["eval_loss"], "describe": trainer.strategy.describe()}
+
+
+def _layouts_job(rank: int, out: str) -> None:
+    runs = {  # 8 documents a step: dp ranks x per_device x accumulation
+        "fsdp sp2 x dp_shard2": _run(f"{out}/a", "fsdp", {"sp_size": 2, "dp_shard_size": 2}, 2, 2),
+        "fsdp sp4": _run(f"{out}/b", "fsdp", {"sp_size": 4, "dp_shard_size": 1}, 4, 2),
+        "ddp sp2 x dp_replicate2": _run(f"{out}/c", "ddp", {"sp_size": 2, "dp_replicate_size": 2}, 4, 1),
+        "fsdp sp2 x tp2": _run(f"{out}/d", "fsdp", {"sp_size": 2, "tp_size": 2, "dp_shard_size": 1}, 4, 2),
+        # rows padded to the micro-batch's longest document: the mask keeps padding out of every slice's keys
+        "hsdp 2 x sp2, padded rows": _run(f"{out}/e", "fsdp", {"sp_size": 2, "dp_replicate_size": 2,
+                                                                "dp_shard_size": 1}, 2, 2, packed=False),
+    }
+    if rank == 0:
+        torch.save(runs, Path(out, "runs.pt"))
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sp")
+    run_ranks(_layouts_job, str(out), world_size=4, timeout=600)
+    return torch.load(out / "runs.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return plain_loop()
+
+
+@pytest.mark.parametrize("name", ["fsdp sp2 x dp_shard2", "fsdp sp4", "ddp sp2 x dp_replicate2", "fsdp sp2 x tp2",
+                                  "hsdp 2 x sp2, padded rows"])
+def test_packed_rows_split_over_sp_ranks_train_as_unpacked_rows_in_one_process(layouts, reference, name):
+    run = layouts[name]
+    losses, weights, eval_loss = reference
+    assert "sp" in run["describe"]
+    torch.testing.assert_close(run["losses"], losses, rtol=0, atol=1e-5)
+    initial = model().state_dict()
+    assert max((weights[k] - initial[k]).abs().max().item() for k in weights) > 1e-3  # training moved them
+    for key, value in weights.items():
+        if key in run["weights"]:  # the tied head is saved once
+            torch.testing.assert_close(run["weights"][key], value, rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    assert run["eval_loss"] == pytest.approx(eval_loss, abs=1e-5)
+
+
+@pytest.mark.parametrize("overrides,named", [
+    ({"strategy": "zero2", "parallelism_config": {"sp_size": 2}}, "sp_size=2 with strategy 'zero2'"),
+    ({"strategy": "fsdp", "parallelism_config": {"sp_size": 2}, "label_smoothing_factor": 0.1},
+     "label_smoothing_factor=0.1"),
+    ({"strategy": "fsdp", "parallelism_config": {"cp_size": 2}}, "use sp_size"),
+])
+def test_options_sequence_parallelism_cannot_serve_are_refused_by_the_arguments(tmp_path, overrides, named):
+    with pytest.raises((ValueError, NotSupportedError), match=named):
+        TrainingArguments(output_dir=str(tmp_path), **overrides)
