@@ -70,19 +70,22 @@ class SplitRows:
         return allowed[:, None]
 
 
-_ACTIVE: Optional[SplitRows] = None  # set while a split micro-batch runs forward and backward
+class _Active:
+    """The split micro-batch running forward and backward, or None. A process-wide value, not a ContextVar:
+    on CUDA the autograd engine runs the backward (and activation checkpointing's recomputation) on its own
+    device threads, which do not see the training thread's context variables."""
+    rows: Optional[SplitRows] = None
 
 
 @contextlib.contextmanager
 def split_rows(rows: Optional[SplitRows]) -> Iterator[None]:
     """Attention runs sequence-parallel inside (with `rows` None: a no-op); activation checkpointing's
     recomputation runs inside too, since the backward does."""
-    global _ACTIVE
-    previous, _ACTIVE = _ACTIVE, rows
+    previous, _Active.rows = _Active.rows, rows
     try:
         yield
     finally:
-        _ACTIVE = previous
+        _Active.rows = previous
 
 
 def _swap(tensor: torch.Tensor, group, size: int, to_heads: bool) -> torch.Tensor:
@@ -116,7 +119,7 @@ def ulysses_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
                       sliding_window: Optional[int] = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: (B, heads, T, D) in, (B, T, heads, D) out."""
-    rows = _ACTIVE
+    rows = _Active.rows
     if rows is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -138,7 +141,7 @@ def ulysses_mask(*args, **kwargs) -> Optional[torch.Tensor]:
     the whole rows, and a mask over one slice would cost (T/sp)^2 for nothing)."""
     from transformers.masking_utils import sdpa_mask
 
-    return None if _ACTIVE is not None else sdpa_mask(*args, **kwargs)
+    return None if _Active.rows is not None else sdpa_mask(*args, **kwargs)
 
 
 def _register() -> None:
@@ -234,8 +237,7 @@ class SequenceSplitter:
         if positions is not None:  # continuing the last document's positions: no new document starts
             tail = positions[:, -1:] + torch.arange(1, extra + 1, device=positions.device)
             out["position_ids"] = torch.cat([positions, tail], dim=1)
-        for key, value in batch.items():
-            if key not in out or out[key] is value:
-                if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == (rows, length):
-                    out[key] = F.pad(value, (0, 0) * (value.dim() - 2) + (0, extra))
+        for key, value in batch.items():  # the other per-token inputs (input_ids, token_type_ids) padded with 0
+            if out[key] is value and isinstance(value, torch.Tensor) and value.shape[:2] == (rows, length):
+                out[key] = F.pad(value, (0, 0) * (value.dim() - 2) + (0, extra))
         return out

@@ -16,9 +16,9 @@ def check_strategy_options(args) -> None:
 
 # strategy -> the parallelism_config sizes it can run above 1, and what to use for the others
 _LAYOUTS = {
-    "ddp": ({"dp_replicate_size", "tp_size", "sp_size"}, "DDP replicates the whole model (tensor-parallel layers split over "
-                                              "tp_size): use dp_replicate_size, or strategy fsdp to shard "
-                                              "(dp_shard_size)"),
+    "ddp": ({"dp_replicate_size", "tp_size", "sp_size"},
+            "DDP replicates the whole model (tensor-parallel layers split over tp_size): use dp_replicate_size, or "
+            "strategy fsdp to shard (dp_shard_size)"),
     "fsdp": ({"dp_replicate_size", "dp_shard_size", "tp_size", "sp_size"},
              "FSDP2 shards over dp_shard_size and replicates over dp_replicate_size (HSDP)"),
     **{f"zero{stage}": ({"dp_shard_size"}, "DeepSpeed ZeRO partitions over every rank, and neither its AutoTP nor "
