@@ -85,7 +85,7 @@ def test_an_hsdp_checkpoint_resumes_under_another_layout_and_in_one_process(hsdp
     reference = {k: v.detach().clone() for k, v in one_process.model.state_dict().items()}
     assert _max_diff(weights["flat"], reference) < 1e-5  # resumed as 1 x 4 (plain FSDP) on the same ranks
     manifest = json.loads((out / "hsdp" / "checkpoint-3" / "manifest.json").read_text())
-    assert manifest["layout"] == {"dp_replicate": 2, "dp_shard": 2, "tp": 1}
+    assert manifest["layout"] == {"dp_replicate": 2, "dp_shard": 2, "sp": 1, "tp": 1}
     single = Trainer(model=tiny_llama(seed=5), args=_args(tmp_path, 8, strategy="single"),
                      train_dataset=RaggedLM(ROWS))
     single.train(resume_from_checkpoint=str(out / "hsdp" / "checkpoint-3"))
@@ -110,6 +110,16 @@ def test_every_spelling_of_a_layout_gives_the_same_one(given):
     assert json.loads(args.to_json_string())["parallelism_config"]["dp_shard_size"] in (2, -1)
 
 
+def test_sequence_ranks_sit_between_the_data_parallel_and_the_tensor_parallel_ranks():
+    """(dp_replicate, dp_shard, sp, tp) with tp innermost: a row's sp ranks read the same data-parallel shard."""
+    args = TrainingArguments(output_dir="unused", parallelism_config={"dp_shard_size": 2, "sp_size": 2, "tp_size": 2})
+    layouts = [ParallelLayout.resolve(DistEnv(rank, 8, rank, 8), args.parallelism_config) for rank in range(8)]
+    assert [(layout.dp_rank, layout.sp_rank) for layout in layouts] == [
+        (0, 0), (0, 0), (0, 1), (0, 1), (1, 0), (1, 0), (1, 1), (1, 1)]
+    assert (layouts[0].dp_size, layouts[0].batch_ranks) == (2, 4)
+    assert layouts[0].describe() == "2 dp_shard x 2 sp x 2 tp"
+
+
 def test_hf_hybrid_shard_shards_in_the_node_and_replicates_across_nodes(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     args = TrainingArguments(output_dir="unused", fsdp="hybrid_shard")
@@ -118,12 +128,13 @@ def test_hf_hybrid_shard_shards_in_the_node_and_replicates_across_nodes(monkeypa
 
 
 @pytest.mark.parametrize(("given", "error", "message"), [
-    ({"dp_shard_size": 3}, ValueError, r"dp_replicate_size=1 x dp_shard_size=3 x tp_size=1 lays out 3 ranks, but "
-                                       r"this launch has 4"),
+    ({"dp_shard_size": 3}, ValueError, r"dp_replicate_size=1 x dp_shard_size=3 x tp_size=1 x sp_size=1 lays out 3 "
+                                       r"ranks, but this launch has 4"),
     ({"dp_shrad_size": 2}, ValueError, r"unknown key 'dp_shrad_size'; did you mean 'dp_shard_size'"),
-    ({"tp_size": 3, "dp_shard_size": 2}, ValueError, r"tp_size=3 lays out 6 ranks, but this launch has 4"),
+    ({"tp_size": 3, "dp_shard_size": 2}, ValueError, r"tp_size=3 x sp_size=1 lays out 6 ranks, but this launch has 4"),
     # under strategy auto too, where no strategy's own check runs
-    ({"sp_size": 2}, NotSupportedError, r"sp_size=2: sequence parallelism"),
+    ({"cp_size": 2}, NotSupportedError, r"cp_size=2: context parallelism .* use sp_size"),
+    ({"sp_size": 2, "dp_shard_size": 4}, ValueError, r"sp_size=2 lays out 8 ranks, but this launch has 4"),
     ({"pp_size": 2, "dp_shard_size": 2}, NotSupportedError, r"pp_size=2: pipeline parallelism"),
 ])
 def test_bad_layouts_are_refused_naming_the_value(given, error, message):
@@ -135,7 +146,7 @@ def test_bad_layouts_are_refused_naming_the_value(given, error, message):
 @pytest.mark.parametrize(("strategy", "given", "message"), [
     ("ddp", {"dp_shard_size": 2}, "DDP replicates the whole model"),
     ("zero2", {"dp_replicate_size": 2, "dp_shard_size": 2}, "DeepSpeed ZeRO partitions over every rank"),
-    ("zero3", {"tp_size": 2, "dp_shard_size": 2}, "its AutoTP is not wired for training here"),
+    ("zero3", {"tp_size": 2, "dp_shard_size": 2}, "neither its AutoTP nor its Ulysses"),
     ("ddp", {"tp_size": 2, "dp_shard_size": 2}, "DDP replicates the whole model"),
 ])
 def test_a_layout_the_strategy_cannot_run_is_refused(strategy, given, message):
