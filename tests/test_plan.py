@@ -110,12 +110,18 @@ def test_the_fastest_layout_that_fits_comes_first_and_layouts_that_do_not_fit_ar
 # ---------------------------------------------------------------- measured on 4 ranks
 
 SEQ, VOCAB, MICRO = 256, 8192, 4
-# name -> strategy, (dp_replicate, dp_shard, tp), activation checkpointing, precision
-MEASURED_LAYOUTS = {"fsdp 4": ("fsdp", (1, 4, 1), False, "fp32"), "hsdp 2x2": ("fsdp", (2, 2, 1), False, "fp32"),
-                    "tp2 x fsdp2": ("fsdp", (1, 2, 2), False, "fp32"), "ddp 4": ("ddp", (4, 1, 1), False, "fp32"),
-                    "tp2 x ddp2": ("ddp", (2, 1, 2), False, "fp32"),
-                    "tp2 x fsdp2 checkpointed": ("fsdp", (1, 2, 2), True, "fp32"),
-                    "ddp 4 bf16 autocast": ("ddp", (4, 1, 1), False, "bf16")}
+# name -> strategy, (dp_replicate, dp_shard, tp, sp), activation checkpointing, precision
+MEASURED_LAYOUTS = {"fsdp 4": ("fsdp", (1, 4, 1, 1), False, "fp32"),
+                    "hsdp 2x2": ("fsdp", (2, 2, 1, 1), False, "fp32"),
+                    "tp2 x fsdp2": ("fsdp", (1, 2, 2, 1), False, "fp32"),
+                    "ddp 4": ("ddp", (4, 1, 1, 1), False, "fp32"),
+                    "tp2 x ddp2": ("ddp", (2, 1, 2, 1), False, "fp32"),
+                    "tp2 x fsdp2 checkpointed": ("fsdp", (1, 2, 2, 1), True, "fp32"),
+                    "ddp 4 bf16 autocast": ("ddp", (4, 1, 1, 1), False, "bf16"),
+                    "sp2 x fsdp2": ("fsdp", (1, 2, 1, 2), False, "fp32"),
+                    "sp4 fsdp": ("fsdp", (1, 1, 1, 4), False, "fp32"),
+                    "sp2 x ddp2": ("ddp", (2, 1, 1, 2), False, "fp32"),
+                    "sp2 x fsdp2 checkpointed": ("fsdp", (1, 2, 1, 2), True, "fp32")}
 
 
 def measured_model():
@@ -136,8 +142,8 @@ def _measure_job(rank: int, out: str) -> None:
     from scaletrain import Trainer, TrainingArguments
 
     peaks = {}
-    for name, (strategy, (dp_replicate, dp_shard, tp), checkpointing, precision) in MEASURED_LAYOUTS.items():
-        layout = {"dp_replicate_size": dp_replicate, "dp_shard_size": dp_shard, "tp_size": tp}
+    for name, (strategy, (dp_replicate, dp_shard, tp, sp), checkpointing, precision) in MEASURED_LAYOUTS.items():
+        layout = {"dp_replicate_size": dp_replicate, "dp_shard_size": dp_shard, "tp_size": tp, "sp_size": sp}
         args = TrainingArguments(output_dir=f"{out}/{rank}", per_device_train_batch_size=MICRO, max_steps=1,
                                  optim="adamw_torch", report_to="none", disable_tqdm=True, save_strategy="no",
                                  strategy=strategy, parallelism_config=layout, ddp_timeout=300,
@@ -154,8 +160,9 @@ def test_the_memory_model_is_within_15_percent_of_every_layout_measured_on_4_ran
     run_ranks(_measure_job, str(tmp_path), world_size=4, timeout=600)
     measured = json.loads((tmp_path / "peaks.json").read_text())
     shape = PlanShape.of(measured_model(), range(1, 3))
-    for name, (_strategy, sizes, checkpointing, precision) in MEASURED_LAYOUTS.items():
-        predicted = sum(predict_memory(shape, Layout(*sizes, MICRO, 1, checkpointing), precision, SEQ).values())
+    for name, (strategy, (dp_replicate, dp_shard, tp, sp), checkpointing, precision) in MEASURED_LAYOUTS.items():
+        layout = Layout(dp_replicate, dp_shard, tp, MICRO, 1, checkpointing, sp, sharded=strategy == "fsdp")
+        predicted = sum(predict_memory(shape, layout, precision, SEQ).values())
         assert abs(predicted / measured[name] - 1) < 0.15, (name, predicted / 2**20, measured[name] / 2**20)
 
 

@@ -192,20 +192,24 @@ def estimate(shape: ModelShape, strategy: str, world_size: int, precision: str =
 
 def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, precision: str, checkpointing: int,
                      tp: int = 1, loss_chunk: Optional[int] = None, selective: bool = False,
-                     autocast: bool = False) -> float:
+                     autocast: bool = False, sp: int = 1) -> float:
     """`checkpointing`: 0 = off, k = every k-th block checkpointed (1 = all); `tp`: the tensor-parallel ranks
     a layer is split over; `loss_chunk`: tokens per chunk of the chunked loss, which holds one chunk's logits;
     `autocast`: low precision through autocast over fp32 parameters (single, DDP), where the residual stream and
-    the norms stay fp32 (see the module docstring)."""
-    s, b, h = seq_len, micro_batch, shape.hidden
+    the norms stay fp32 (see the module docstring); `sp`: the ranks a row's sequence is split over (Ulysses:
+    every layer holds seq_len/sp tokens; attention also keeps the all-to-all's head-sliced queries, keys, values
+    and output, the same bytes again, and runs SDPA, which keeps no scores)."""
+    s, b, h = seq_len / sp, micro_batch, shape.hidden
     heads = max(shape.heads, 1)
     kv_ratio = (shape.kv_heads or heads) / heads
     width = 4 if precision == "fp32" else 2
     stream = 4 if autocast else width
     mlp_tensors = (4 if shape.gated_mlp else 2) + shape.activation_extra
     split = (2 * h + 2 * h * kv_ratio + mlp_tensors * (shape.intermediate or 4 * h)) * width
-    if shape.attention_scores:  # the fp32 softmax, and its low-precision copy when training in bf16/fp16
-        split += heads * s * (4 + (width if precision != "fp32" else 0))
+    if sp > 1:
+        split += (2 * h + 2 * h * kv_ratio) * width
+    if shape.attention_scores and sp == 1:  # the fp32 softmax and its low-precision copy when training in bf16/fp16
+        split += heads * seq_len * (4 + (width if precision != "fp32" else 0))
     per_layer = s * b * (7 * h * stream + split / tp)
     checkpointed = math.ceil(shape.layers / checkpointing) if checkpointing else 0
     # a checkpointed block keeps its input; selectively, also every other matmul's output (queries, values,

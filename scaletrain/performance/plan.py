@@ -92,6 +92,7 @@ class PlanShape:
     model: ModelShape
     tp_split: int  # parameter elements in the layers the model's tensor-parallel plan splits
     tp_sizes: tuple[int, ...]  # tensor-parallel degrees the model can serve (1 always)
+    splits_sequence: bool = False  # whether Ulysses sequence parallelism can serve the model (sp_size)
     chunked_loss: Union[str, bool] = "auto"
     chunked_loss_tokens: int = 1024
     checkpoint_every: int = 1  # activation_checkpointing_kwargs every_n_layers, where checkpointing is on
@@ -100,8 +101,10 @@ class PlanShape:
 
     @classmethod
     def of(cls, model: torch.nn.Module, candidates: range, args=None) -> "PlanShape":
+        from ..parallel.sequence_parallel import sequence_split_obstacle
+
         shape = ModelShape.of(model)
-        options = _run_options(args)
+        options = {**_run_options(args), "splits_sequence": sequence_split_obstacle(model) is None}
         try:
             styles = tensor_parallel_plan(model, 1)
         except ValueError:  # no plan: data parallelism only
@@ -110,6 +113,14 @@ class PlanShape:
         split = sum(p.numel() for name in styles for p in modules[name].parameters(recurse=False)
                     if p.requires_grad)
         return cls(shape, split, tuple(tp for tp in candidates if _serves(model, tp)), **options)
+
+    def sp_sizes(self, tp: int, ranks: int, seq_len: int) -> list[int]:
+        """The sequence-parallel degrees among `ranks` (the ranks left by tp) that split both the heads a tp rank
+        holds and the sequence evenly (1 always)."""
+        if not self.splits_sequence:
+            return [1]
+        heads = max(self.model.heads, 1) // tp
+        return [sp for sp in _divisors(ranks) if heads % sp == 0 and seq_len % sp == 0]
 
     def loss_chunk(self, checkpointing: bool, precision: str) -> Optional[int]:
         from ..middleware.chunked_loss import planned_loss_chunk
@@ -147,18 +158,27 @@ class Layout:
     micro_batch: int
     accumulation: int
     checkpointing: bool
+    sp: int = 1
+    sharded: Optional[bool] = None  # FSDP; None: when dp_shard > 1 (with sp, FSDP also shards over the sp ranks)
 
     @property
     def strategy(self) -> str:
-        if self.dp_replicate * self.dp_shard * self.tp == 1:
+        if self.dp_replicate * self.dp_shard * self.tp * self.sp == 1:
             return "single"
-        return "fsdp" if self.dp_shard > 1 else "ddp"
+        sharded = self.dp_shard > 1 if self.sharded is None else self.sharded
+        return "fsdp" if sharded else "ddp"
+
+    @property
+    def shard_ranks(self) -> int:
+        """The ranks FSDP shards the states over (dp_shard x sp); 1 under DDP."""
+        return self.dp_shard * self.sp if self.strategy == "fsdp" else 1
 
     def describe(self) -> str:
-        return describe_sizes(self.dp_replicate, self.dp_shard, self.tp, alone="1 GPU")
+        return describe_sizes(self.dp_replicate, self.dp_shard, self.tp, alone="1 GPU", sp=self.sp)
 
     def parallelism_config(self) -> dict[str, int]:
-        return {"dp_replicate_size": self.dp_replicate, "dp_shard_size": self.dp_shard, "tp_size": self.tp}
+        sizes = {"dp_replicate_size": self.dp_replicate, "dp_shard_size": self.dp_shard, "tp_size": self.tp}
+        return {**sizes, "sp_size": self.sp} if self.sp > 1 else sizes
 
 
 @dataclass
@@ -175,19 +195,22 @@ class Prediction:
     @property
     def step_seconds(self) -> float:
         s = self.seconds
-        return max(s["compute"], s["data_parallel"]) + s["tensor_parallel"]
+        return max(s["compute"], s["data_parallel"]) + s["tensor_parallel"] + s["sequence_parallel"]
 
 
 def predict_memory(shape: PlanShape, layout: Layout, precision: str, seq_len: int) -> dict[str, float]:
     """Bytes per GPU of `layout`, by kind (see the module docstring)."""
     held = shape.held(layout.tp)
-    sharded = held / layout.dp_shard
-    fsdp = layout.dp_shard > 1
+    sharded = held / layout.shard_ranks
+    fsdp = layout.strategy == "fsdp"
     compute = 4 if precision == "fp32" else 2
     block = shape.model.largest_block / layout.tp
-    # FSDP: the gathered block (twice with prefetch) + its gradient. DDP's gradients are views into its buckets
-    # unless ddp_gradient_as_bucket_view is off; tensor-parallel replicas reduce after backward, off the peak
-    buffers = 2 * compute * block + 4 * block if fsdp else 0.0
+    # FSDP: the gathered block (twice with prefetch) + its gradient, and the root unit (embeddings, final norm,
+    # LM head: what no block holds), which FSDP2 keeps gathered from its forward through backward. DDP's gradients
+    # are views into its buckets unless ddp_gradient_as_bucket_view is off; tensor-parallel replicas reduce after
+    # backward, off the peak
+    root = max(shape.model.parameters - shape.model.layers * shape.model.largest_block, 0)
+    buffers = 2 * compute * block + 4 * block + compute * root if fsdp else 0.0
     if layout.strategy == "ddp" and layout.tp == 1 and not shape.bucket_view:
         buffers = 4 * held
     return {
@@ -198,7 +221,7 @@ def predict_memory(shape: PlanShape, layout: Layout, precision: str, seq_len: in
         "activations": activation_bytes(shape.model, layout.micro_batch, seq_len, precision,
                                         shape.checkpoint_every if layout.checkpointing else 0, layout.tp,
                                         shape.loss_chunk(layout.checkpointing, precision), shape.selective,
-                                        autocast=not fsdp and precision != "fp32"),
+                                        autocast=not fsdp and precision != "fp32", sp=layout.sp),
     }
 
 
@@ -220,20 +243,36 @@ def predict_seconds(shape: PlanShape, layout: Layout, hw: Hardware, precision: s
     compute = work / (hw.gpus * hw.peak_tflops * 1e12 * hw.efficiency)
     width = 4 if precision == "fp32" else 2
     held = shape.held(layout.tp)
-    shard_span = layout.tp * layout.dp_shard
+    shards = layout.shard_ranks
+    shard_span = layout.tp * shards
     data_parallel = 0.0
-    if layout.dp_shard > 1:
-        gather = _ring(width * held, layout.dp_shard, hw.bandwidth(shard_span))
-        data_parallel += 2 * layout.accumulation * gather + _ring(4 * held, layout.dp_shard, hw.bandwidth(shard_span))
-    if layout.dp_replicate > 1:
-        data_parallel += 2 * _ring(4 * held / layout.dp_shard, layout.dp_replicate, hw.bandwidth(hw.gpus))
+    if shards > 1:
+        gather = _ring(width * held, shards, hw.bandwidth(shard_span))
+        data_parallel += 2 * layout.accumulation * gather + _ring(4 * held, shards, hw.bandwidth(shard_span))
+    replicas = layout.dp_replicate * (layout.dp_shard * layout.sp if shards == 1 else 1)  # DDP: every dp x sp rank
+    if replicas > 1:
+        data_parallel += 2 * _ring(4 * held / shards, replicas, hw.bandwidth(hw.gpus))
     tensor_parallel = 0.0
     if layout.tp > 1:
         per_layer = 6 if layout.checkpointing else 4
         activation = width * layout.micro_batch * seq_len * shape.model.hidden
         tensor_parallel = (layout.accumulation * per_layer * shape.model.layers
                            * 2 * _ring(activation, layout.tp, hw.bandwidth(layout.tp)))
-    return {"compute": compute, "data_parallel": data_parallel, "tensor_parallel": tensor_parallel}, flops
+    return {"compute": compute, "data_parallel": data_parallel, "tensor_parallel": tensor_parallel,
+            "sequence_parallel": _all_to_all_seconds(shape.model, layout, hw, width, seq_len)}, flops
+
+
+def _all_to_all_seconds(shape: ModelShape, layout: Layout, hw: Hardware, width: int, seq_len: int) -> float:
+    """Ulysses: per layer and micro-batch, queries, keys, values and the output cross the sp ranks once each
+    way in forward and again in backward (twice more forward for a recomputed layer); each rank sends
+    (sp - 1)/sp of its slice."""
+    if layout.sp == 1:
+        return 0.0
+    kv_ratio = (shape.kv_heads or shape.heads or 1) / max(shape.heads, 1)
+    slice_bytes = width * layout.micro_batch * seq_len / layout.sp * shape.hidden * (2 + 2 * kv_ratio) / layout.tp
+    passes = 3 if layout.checkpointing else 2
+    return (layout.accumulation * shape.layers * passes * slice_bytes * (layout.sp - 1) / layout.sp
+            / hw.bandwidth(layout.sp * layout.tp))
 
 
 def _ring(size: float, ranks: int, bandwidth: float) -> float:
@@ -241,19 +280,24 @@ def _ring(size: float, ranks: int, bandwidth: float) -> float:
     return size * (ranks - 1) / ranks / bandwidth
 
 
-def layouts(shape: PlanShape, hw: Hardware, global_batch: int) -> Iterator[Layout]:
-    """Every layout of hw.gpus ranks the strategies run, with every micro-batch and checkpointing choice."""
+def layouts(shape: PlanShape, hw: Hardware, global_batch: int, seq_len: int = 1) -> Iterator[Layout]:
+    """Every layout of hw.gpus ranks the strategies run, with every micro-batch and checkpointing choice; with
+    sequence parallelism, FSDP shards over dp_shard x sp (sp and tp ranks together inside a node)."""
     for tp in shape.tp_sizes:
         if hw.gpus % tp or not hw.inside_a_node(tp):  # a layer's all-reduces stay on a node's links
             continue
-        dp = hw.gpus // tp
-        if global_batch % dp:
-            continue
-        rows = global_batch // dp
-        for dp_shard in _divisors(dp):
-            for micro in (m for m in _divisors(rows) if m <= MAX_MICRO_BATCH):
-                for checkpointing in (False, True):
-                    yield Layout(dp // dp_shard, dp_shard, tp, micro, rows // micro, checkpointing)
+        for sp in shape.sp_sizes(tp, hw.gpus // tp, seq_len):
+            if not hw.inside_a_node(sp * tp):  # the all-to-alls too
+                continue
+            dp = hw.gpus // (tp * sp)
+            if global_batch % dp:
+                continue
+            rows = global_batch // dp
+            for dp_shard in _divisors(dp):
+                for micro in (m for m in _divisors(rows) if m <= MAX_MICRO_BATCH):
+                    for checkpointing in (False, True):
+                        yield Layout(dp // dp_shard, dp_shard, tp, micro, rows // micro, checkpointing, sp,
+                                     sharded=True if sp > 1 else None)
 
 
 def _divisors(n: int) -> list[int]:
@@ -273,7 +317,7 @@ def plan(shape: PlanShape, hw: Hardware, precision: str, seq_len: int,
     if global_batch < 1:
         raise ValueError(f"--global-batch {global_batch} must be >= 1")
     predictions = [predict(shape, layout, hw, precision, seq_len, global_batch)
-                   for layout in layouts(shape, hw, global_batch)]
+                   for layout in layouts(shape, hw, global_batch, seq_len)]
     if not predictions:
         raise ValueError(f"--global-batch {global_batch} cannot be divided over the data-parallel ranks of any "
                          f"layout of {hw.gpus} GPUs; use a multiple of {hw.gpus}")
@@ -287,13 +331,13 @@ def plan(shape: PlanShape, hw: Hardware, precision: str, seq_len: int,
 
 
 def _best_per_mesh(predictions: list[Prediction]) -> list[Prediction]:
-    """The first of each (dp_replicate, dp_shard, tp): the best micro-batch and checkpointing choice of each
+    """The first of each (dp_replicate, dp_shard, sp, tp): the best micro-batch and checkpointing choice of each
     mesh, so the table shows different layouts rather than one layout's micro-batches."""
     seen, best = set(), []
     for prediction in predictions:
         lay = prediction.layout
-        if (lay.dp_replicate, lay.dp_shard, lay.tp) not in seen:
-            seen.add((lay.dp_replicate, lay.dp_shard, lay.tp))
+        if (lay.dp_replicate, lay.dp_shard, lay.sp, lay.tp) not in seen:
+            seen.add((lay.dp_replicate, lay.dp_shard, lay.sp, lay.tp))
             best.append(prediction)
     return best
 
@@ -319,7 +363,7 @@ def command_line(layout: Layout, hw: Hardware, config: str, overrides: tuple[str
 
 def plan_table(predictions: list[Prediction], hw: Hardware, seq_len: int, global_batch: int) -> list[str]:
     header = ("| # | layout | strategy | micro x accumulation | checkpointing | memory/GPU | states / activations / "
-              "buffers | step ms | compute / dp comm / tp comm ms | tokens/s/GPU | MFU |")
+              "buffers | step ms | compute / dp / tp / sp comm ms | tokens/s/GPU | MFU |")
     lines = [header, "|" + "---|" * 11]
     for number, p in enumerate(predictions, 1):
         m, s, lay = p.memory, p.seconds, p.layout
@@ -329,7 +373,8 @@ def plan_table(predictions: list[Prediction], hw: Hardware, seq_len: int, global
             f"| {number} | {lay.describe()} | {lay.strategy} | {lay.micro_batch} x {lay.accumulation} | "
             f"{'on' if lay.checkpointing else 'off'} | {format_bytes(p.total_memory)} | "
             f"{format_bytes(states)} / {format_bytes(m['activations'])} / {format_bytes(m['buffers'])} | "
-            f"{_ms(p.step_seconds)} | {_ms(s['compute'])} / {_ms(s['data_parallel'])} / {_ms(s['tensor_parallel'])} | "
+            f"{_ms(p.step_seconds)} | {_ms(s['compute'])} / {_ms(s['data_parallel'])} / {_ms(s['tensor_parallel'])}"
+            f" / {_ms(s['sequence_parallel'])} | "
             f"{global_batch * seq_len / p.step_seconds / hw.gpus:,.0f} | {mfu:.0%} |")
     return lines
 

@@ -41,6 +41,7 @@ from ..data.loaders import build_eval_dataloader, build_train_dataloader, prepar
 from ..data.loaders import training_lengths
 from ..data.position import stream_state
 from ..parallel.environment import configure_threads
+from ..parallel.sequence_parallel import split_rows
 from ..performance.memory import PeakMemory, optimizer_state_bytes_to_come
 from ..middleware import build_middleware
 from ..middleware.batch_finder import BatchSizeChoice
@@ -60,7 +61,7 @@ from .progress import TrainProgress
 from .reporting import ReportingMethods
 from .search_trials import SearchTrialMethods
 from .resume import ResumePoint, read_resume_point
-from .step import LossWeighting, StepRunner
+from .step import LossWeighting, StepRunner, sequence_splitter
 
 logger = logging.getLogger(__name__)
 
@@ -428,8 +429,11 @@ class Trainer(EvaluationMethods, SearchTrialMethods, ReportingMethods):
             self._longest_example = (longest_row(dataset), collator)
         row, collator = self._longest_example
         self.model_wrapped.train()
-        batch = self._prepare_inputs(collator([row] * micro_batch))
-        with PeakMemory(self.strategy.device) as peak:
+        splitter = sequence_splitter(self.strategy)  # with sp: this rank's slice of the rows, as training runs
+        batch, rows = splitter.split(collator([row] * micro_batch)) if splitter else (collator([row] * micro_batch),
+                                                                                     None)
+        batch = self._prepare_inputs(batch)
+        with PeakMemory(self.strategy.device) as peak, split_rows(rows):
             with self.compute_loss_context_manager():
                 loss = self.compute_loss(self.model_wrapped, batch)
             self.strategy.backward(loss)
