@@ -1,6 +1,7 @@
 """Layouts of 4 ranks side by side: samples/s, the model state each rank holds and its peak memory in a
 micro-step measured against `scaletrain plan`'s prediction, for flat FSDP, HSDP 2x2, tensor parallelism x FSDP
-(tp2 x dp_shard2), DDP and tensor parallelism x replicas (tp2 x dp_replicate2).
+(tp2 x dp_shard2), DDP, tensor parallelism x replicas (tp2 x dp_replicate2), and Ulysses sequence parallelism
+under FSDP (sp2 x dp_shard2, sp4) and DDP (sp2 x dp_replicate2), with and without activation checkpointing.
 
 Model: Llama-style (its HF tensor-parallel plan), 4 layers, d=256, 4 heads (2 key/value), vocab 8192, seq 256,
 fp32, AdamW, 4 rows per data-parallel rank. Each layout runs in its own torchrun job through scaletrain's
@@ -35,6 +36,11 @@ LAYOUTS = {
     "tp2 x fsdp2": ("fsdp", {"tp_size": 2, "dp_shard_size": 2}),
     "ddp 4": ("ddp", {"dp_replicate_size": 4}),
     "tp2 x ddp2": ("ddp", {"tp_size": 2, "dp_replicate_size": 2}),
+    "sp2 x fsdp2": ("fsdp", {"sp_size": 2, "dp_shard_size": 2}),
+    "sp4 fsdp": ("fsdp", {"sp_size": 4, "dp_shard_size": 1}),
+    "sp2 x ddp2": ("ddp", {"sp_size": 2, "dp_replicate_size": 2}),
+    "sp2 x fsdp2 checkpointed": ("fsdp", {"sp_size": 2, "dp_shard_size": 2}),
+    "sp4 fsdp checkpointed": ("fsdp", {"sp_size": 4, "dp_shard_size": 1}),
 }
 
 
@@ -47,13 +53,14 @@ def build_model():
                                         num_key_value_heads=KV_HEADS, max_position_embeddings=SEQ))
 
 
-def _planned_peak(layout: dict) -> float:
+def _planned_peak(strategy: str, layout: dict, checkpointing: bool) -> float:
     """`scaletrain plan`'s memory model for this layout: bytes per rank at a micro-step's peak."""
     from scaletrain.performance.plan import Layout, PlanShape, predict_memory
 
     sizes = (layout.get("dp_replicate_size", 1), layout.get("dp_shard_size", 1), layout.get("tp_size", 1))
     shape = PlanShape.of(build_model(), range(1, WORLD + 1))
-    return sum(predict_memory(shape, Layout(*sizes, PER_RANK, 1, False), "fp32", SEQ).values())
+    planned = Layout(*sizes, PER_RANK, 1, checkpointing, layout.get("sp_size", 1), sharded=strategy == "fsdp")
+    return sum(predict_memory(shape, planned, "fp32", SEQ).values())
 
 
 def worker(name: str, steps: int, out: str) -> None:
@@ -62,19 +69,20 @@ def worker(name: str, steps: int, out: str) -> None:
     from scaletrain import Trainer, TrainingArguments
 
     strategy_name, layout = LAYOUTS[name]
+    checkpointing = name.endswith("checkpointed")
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, max_steps=steps, per_device_train_batch_size=PER_RANK,
                                  learning_rate=1e-4, save_strategy="no", logging_steps=steps, disable_tqdm=True,
                                  report_to="none", optim="adamw_torch", strategy=strategy_name,
-                                 parallelism_config=layout)
+                                 parallelism_config=layout, activation_checkpointing=checkpointing)
         timer = step_timer()
-        dp_size = WORLD // layout.get("tp_size", 1)
+        dp_size = WORLD // layout.get("tp_size", 1) // layout.get("sp_size", 1)
         trainer = Trainer(model=build_model(), args=args, callbacks=[timer],
                           train_dataset=TokenData(PER_RANK * dp_size * steps, SEQ, VOCAB))
         trainer.train()
         strategy = trainer.strategy
         step_peak = trainer.measure_step_memory(PER_RANK)
-        predicted = _planned_peak(layout)
+        predicted = _planned_peak(strategy_name, layout, checkpointing)
         held = strategy.held_state_numel(trainer.model_wrapped, trainer.optimizer)
         states = strategy.all_gather_object(held["bytes"] / 2**20)
         rss = strategy.all_gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -60,6 +60,11 @@ def _prepare(config_name: str, overrides: list[str], command: str = "train", che
         from .parallel.tensor_parallel import check_model_splits
 
         check_model_splits(task.build_model_from_config, strategy.layout.tp)
+    if strategy.layout.sp > 1:
+        from .parallel.sequence_parallel import check_sequence_split
+
+        check_sequence_split(task.build_model_from_config, strategy.layout.sp, strategy.layout.tp,
+                             cfg.data.block_size if cfg.task == "causal-lm" and not cfg.data.pack else None)
     return cfg, env, strategy, task
 
 

@@ -149,3 +149,28 @@ def test_packed_rows_split_over_sp_ranks_train_as_unpacked_rows_in_one_process(l
 def test_options_sequence_parallelism_cannot_serve_are_refused_by_the_arguments(tmp_path, overrides, named):
     with pytest.raises((ValueError, NotSupportedError), match=named):
         TrainingArguments(output_dir=str(tmp_path), **overrides)
+
+
+def test_the_command_line_refuses_a_model_sequence_parallelism_cannot_split_before_any_process_group(
+        monkeypatch, tmp_path, capsys):
+    from scaletrain import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun would set it; the check runs before the group starts
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    code = cli.main(["train", "tiny-test", "--output_dir", str(tmp_path), "--strategy", "fsdp",
+                     "--parallelism_config", '{"sp_size": 2, "dp_shard_size": 1}'])
+    assert code == 2
+    assert "sp_size=2: BertForSequenceClassification is not a decoder-only causal LM" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config,sp,block_size,named", [
+    ({}, 8, None, "4 attention heads per tensor-parallel rank do not split over sp_size=8"),
+    ({"attn_implementation": "flex_attention"}, 2, None, "load the model with attn_implementation='sdpa'"),
+    ({}, 4, 30, "data.block_size=30 is not a multiple of parallelism_config sp_size=4: every row would be padded; "
+                "use 28 or 32"),
+])
+def test_models_and_lengths_sequence_parallelism_cannot_split_are_refused_naming_them(config, sp, block_size, named):
+    from scaletrain.parallel.sequence_parallel import check_sequence_split
+
+    with pytest.raises(ValueError, match=named):
+        check_sequence_split(lambda: tiny_llama(**config), sp, 1, block_size)

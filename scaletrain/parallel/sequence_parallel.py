@@ -177,6 +177,20 @@ def sequence_split_obstacle(model: torch.nn.Module, heads_per_rank: Optional[int
     return None
 
 
+def check_sequence_split(build_from_config, sp: int, tp: int, block_size: Optional[int]) -> None:
+    """Before any process group: the model (built from its config on the meta device) can train with its rows
+    split over `sp` ranks, and a fixed row length (the CLI's block_size) is a multiple of sp."""
+    with torch.device("meta"):
+        model = build_from_config()
+    heads = getattr(model.config, "num_attention_heads", None)
+    reason = sequence_split_obstacle(model, heads // tp if heads else None, sp)
+    if reason:
+        raise ValueError(f"parallelism_config sp_size={sp}: {reason}")
+    if block_size and block_size % sp:
+        raise ValueError(f"data.block_size={block_size} is not a multiple of parallelism_config sp_size={sp}: every "
+                         f"row would be padded; use {block_size // sp * sp or sp} or {(block_size // sp + 1) * sp}")
+
+
 def use_ulysses_attention(model: torch.nn.Module, sp: int, tp: int) -> None:
     """Switch `model` to the Ulysses attention, or refuse it naming why."""
     base = library_model(model)
