@@ -118,6 +118,9 @@ class _ScaletrainArguments(ProcessFacts):
     # typed str so HfArgumentParser reads "auto" (it would parse a Union[str, bool] as a bool), bools accepted too
     chunked_loss: str = "auto"
     chunked_loss_tokens: int = 1024  # target positions per chunk
+    # float8 training (middleware/float8.py, torchao): the Linear layers' matmuls in float8 with dynamic
+    # tensor-wise scales (not the LM head; sizes multiples of 16); under fsdp the weights are all-gathered in float8
+    float8: bool = False
     use_liger_kernel: bool = False  # Liger's Triton kernels patched into the model (CUDA only)
     liger_kernel_config: Optional[dict] = None
     # HF's: deterministic torch kernels (and CUDA env settings) instead of a plain seed
