@@ -115,6 +115,7 @@ def _kv_heads_for(key: torch.Tensor, query_heads: int, size: int) -> torch.Tenso
     return key.repeat_interleave(repeat, dim=1)
 
 
+@torch.compiler.disable  # under torch_compile attention runs eagerly: the split rows change every micro-batch
 def ulysses_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
                       sliding_window: Optional[int] = None, **kwargs) -> tuple[torch.Tensor, None]:

@@ -40,6 +40,10 @@ def check_layout(args) -> None:
         value = getattr(config, name)
         if value != 1 and name not in allowed:
             raise ValueError(f"parallelism_config {name}={value} with strategy {args.strategy!r}: {hint}")
+    if config.sp_size > 1 and args.use_liger_kernel:
+        raise NotSupportedError(f"use_liger_kernel=True with parallelism_config sp_size={config.sp_size}: Liger's "
+                                "fused loss is not checked with labels shifted over rows split across ranks; drop "
+                                "one of them")
     if config.sp_size > 1 and args.label_smoothing_factor:
         raise NotSupportedError(f"label_smoothing_factor={args.label_smoothing_factor} with parallelism_config "
                                 f"sp_size={config.sp_size}: the label smoother averages over one rank's slice of "
