@@ -282,8 +282,9 @@ class _ScaletrainArguments(ProcessFacts):
         if config is None:
             return
         config.check_supported()
-        if self.strategy == "auto" and config.dp_shard_size != 1:
-            self.strategy = "fsdp"  # sharding asked for: FSDP2 (with dp_replicate_size: HSDP)
+        if self.strategy == "auto" and (config.dp_shard_size != 1 or config.sp_size > 1):
+            # sharding asked for: FSDP2 (with dp_replicate_size: HSDP); with sp it shards over the sp ranks too
+            self.strategy = "fsdp"
 
     def _apply_checkpointing_aliases(self) -> None:
         """HF v5 renamed gradient_checkpointing* to activation_checkpointing*; both are accepted."""
