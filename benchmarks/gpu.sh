@@ -4,7 +4,8 @@
 # deepspeed==0.19.8 -d wheels/` on a machine with network) are installed first, without network.
 # Where torch sees a CUDA device, the GPU-only tests (`make test-gpu`: pytest -m gpu) run first; a failure
 # stops the script, as numbers from a stack that fails them would mean little. SKIP_GPU_TESTS=1 skips them.
-#   benchmarks/gpu.sh                 # ~1B Llama, bf16, fsdp/ddp/zero3 x compile x checkpointing; on a host
+#   benchmarks/gpu.sh                 # ~1B Llama, bf16, fsdp/ddp/zero3 x compile x checkpointing, fsdp+float8
+#                                     # (carry the torchao wheel in wheels/ if the image lacks it); on a host
 #                                     # with 4+ GPUs also flat FSDP vs HSDP 2x2 vs tp2 x FSDP2 on 4 GPUs
 #   benchmarks/gpu.sh --tiny          # CPU smoke run with a tiny model
 set -euo pipefail

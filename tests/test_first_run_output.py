@@ -19,6 +19,8 @@ BIN = Path(sys.executable).parent
 # third-party lines a plain fine-tune used to print, and what each was about
 NOISE = {
     "Failed to load CPU gemm_4bit_forward": "bitsandbytes imported by peft at transformers' import",
+    "torchao/_C": "torchao's CUDA kernels, which a CPU torch cannot load, at transformers' import",
+    "is an Enum subclass and is now natively supported": "torchao registering its enums with torch's pytree",
     "find_unused_parameters=True was specified": "DDP's per-step unused-parameter traversal",
     "Setting accelerator to CPU": "DeepSpeed detecting the accelerator at the final save",
     "LOAD REPORT": "transformers' load report, once per rank",

@@ -40,9 +40,12 @@ def _moved(trainer, start: dict) -> float:
 
 
 def _installed(optim: str):
-    """torchao is not among the default extras (see pyproject.toml): its optimizers are tested where installed."""
-    needs_torchao = optim in ("adamw_torch_4bit", "adamw_torch_8bit") and importlib.util.find_spec("torchao") is None
-    return pytest.param(optim, marks=pytest.mark.skipif(needs_torchao, reason="torchao is not installed"))
+    """torchao's optimizers need the float8 extra (pyproject.toml), which make test installs; they compile their
+    step (about a minute on 2 cores), so they run with the slow tests."""
+    if optim not in ("adamw_torch_4bit", "adamw_torch_8bit"):
+        return optim
+    missing = importlib.util.find_spec("torchao") is None
+    return pytest.param(optim, marks=[pytest.mark.slow, pytest.mark.skipif(missing, reason="torchao is not installed")])
 
 
 @pytest.mark.parametrize("optim", [_installed(name) for name in SUPPORTED if name not in CUDA_ONLY])

@@ -3,11 +3,13 @@ written here: every document its own padded row (unpacked, unsplit, one process)
 step's targets and divided by their count, AdamW with clipping. The distributed runs train on packed rows
 (DataCollatorWithFlattening: a micro-batch's documents flattened into one row whose position ids restart per
 document, of any length, so rows are padded to a multiple of sp) whose sequence is split over the sp ranks:
-sp2 x dp_shard2 and sp4 under FSDP2, sp2 x dp_replicate2 under DDP, sp2 x tp2 (one query head per rank,
-so the GQA key/value heads are repeated before the all-to-all), and HSDP 2 x sp2 on rows padded to the
-micro-batch's longest document instead of packed. A wrong document boundary, label shift at a
-slice edge, position id, mask or loss normalisation moves the losses far beyond 1e-5. Evaluation runs the
-rows whole. Layouts and options sequence parallelism cannot serve are refused before training, naming them."""
+sp2 x dp_shard2, sp4 and sp2 x tp2 (one query head per rank, so the GQA key/value heads are repeated before
+the all-to-all) under FSDP2; instead of packed, rows padded to the micro-batch's longest document on the right
+(sp2 x dp_replicate2 under DDP: causality alone hides the padding) and on the left (HSDP 2 x sp2: a mask).
+A wrong document boundary, label shift at a slice edge, position id, mask or loss normalisation moves the
+losses far beyond 1e-5. Evaluation runs the rows whole;
+the sp2 x dp_shard2 checkpoint resumes in one process. Layouts and options sequence parallelism cannot serve
+are refused before training, naming them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,11 +45,15 @@ def model():
     return tiny_llama(seed=SEED, max_position_embeddings=256)
 
 
-def padded_rows(docs: list[list[int]]) -> dict[str, torch.Tensor]:
+def padded_rows(docs: list[list[int]], left: bool = False) -> dict[str, torch.Tensor]:
     width = max(len(d) for d in docs)
-    ids = torch.tensor([d + [0] * (width - len(d)) for d in docs])
-    mask = torch.tensor([[1] * len(d) + [0] * (width - len(d)) for d in docs])
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    ids = torch.tensor([[0] * (width - len(d)) + d if left else d + [0] * (width - len(d)) for d in docs])
+    mask = torch.tensor([[0] * (width - len(d)) + [1] * len(d) if left else [1] * len(d) + [0] * (width - len(d))
+                         for d in docs])
+    labels = ids.masked_fill(mask == 0, -100)
+    if left:  # a document's first token has no target, as on the right (a pad would predict it here)
+        labels[torch.arange(len(docs)), width - torch.tensor([len(d) for d in docs])] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def summed_loss(net, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -79,21 +85,29 @@ def plain_loop() -> tuple[list[float], dict[str, torch.Tensor], float]:
         sum(loss.item() for loss, _ in per_doc) / sum(count for _, count in per_doc)
 
 
-def pad_documents(features: list[dict]) -> dict[str, torch.Tensor]:
-    return padded_rows([f["input_ids"] for f in features])
+COLLATORS = {"right": lambda features: padded_rows([f["input_ids"] for f in features]),
+             "left": lambda features: padded_rows([f["input_ids"] for f in features], left=True)}
 
 
-def _run(out: str, strategy: str, layout: dict, per_device: int, accumulation: int, packed: bool = True) -> dict:
+def _trainer(out: str, strategy: str, layout, per_device: int, accumulation: int, rows: str = "packed",
+             save_steps: int = 0) -> Trainer:
     from transformers import DataCollatorWithFlattening
 
     args = TrainingArguments(output_dir=out, strategy=strategy, parallelism_config=layout, max_steps=STEPS,
                              per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
                              per_device_eval_batch_size=1, learning_rate=LR, lr_scheduler_type="constant",
                              weight_decay=0.0, optim="adamw_torch", max_grad_norm=CLIP, logging_steps=1,
-                             save_strategy="no", seed=SEED, disable_tqdm=True, report_to="none", ddp_timeout=300)
-    trainer = Trainer(model=model(), args=args, train_dataset=Documents(DOCS, seed=1),
-                      eval_dataset=Documents(EVAL_DOCS, seed=9),
-                      data_collator=DataCollatorWithFlattening(return_position_ids=True) if packed else pad_documents)
+                             save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, seed=SEED,
+                             disable_tqdm=True, report_to="none", ddp_timeout=300)
+    return Trainer(model=model(), args=args, train_dataset=Documents(DOCS, seed=1),
+                   eval_dataset=Documents(EVAL_DOCS, seed=9),
+                   data_collator=DataCollatorWithFlattening(return_position_ids=True) if rows == "packed" else
+                   COLLATORS[rows])
+
+
+def _run(out: str, strategy: str, layout: dict, per_device: int, accumulation: int, rows: str = "packed",
+         save_steps: int = 0) -> dict:
+    trainer = _trainer(out, strategy, layout, per_device, accumulation, rows, save_steps)
     trainer.train()
     return {"losses": losses_of(trainer), "weights": dict(trainer.strategy.full_model_tensors(trainer.model_wrapped)),
             "eval_loss": trainer.evaluate()["eval_loss"], "describe": trainer.strategy.describe()}
@@ -101,13 +115,15 @@ def _run(out: str, strategy: str, layout: dict, per_device: int, accumulation: i
 
 def _layouts_job(rank: int, out: str) -> None:
     runs = {  # 8 documents a step: dp ranks x per_device x accumulation
-        "fsdp sp2 x dp_shard2": _run(f"{out}/a", "fsdp", {"sp_size": 2, "dp_shard_size": 2}, 2, 2),
+        "fsdp sp2 x dp_shard2": _run(f"{out}/a", "fsdp", {"sp_size": 2, "dp_shard_size": 2}, 2, 2, save_steps=2),
         "fsdp sp4": _run(f"{out}/b", "fsdp", {"sp_size": 4, "dp_shard_size": 1}, 4, 2),
-        "ddp sp2 x dp_replicate2": _run(f"{out}/c", "ddp", {"sp_size": 2, "dp_replicate_size": 2}, 4, 1),
+        # rows padded on the right: causality alone keeps the padding out (SDPA's causal kernel, no mask)
+        "ddp sp2 x dp_replicate2, right-padded rows": _run(f"{out}/c", "ddp", {"sp_size": 2, "dp_replicate_size": 2},
+                                                           4, 1, rows="right"),
         "fsdp sp2 x tp2": _run(f"{out}/d", "fsdp", {"sp_size": 2, "tp_size": 2, "dp_shard_size": 1}, 4, 2),
-        # rows padded to the micro-batch's longest document: the mask keeps padding out of every slice's keys
-        "hsdp 2 x sp2, padded rows": _run(f"{out}/e", "fsdp", {"sp_size": 2, "dp_replicate_size": 2,
-                                                                "dp_shard_size": 1}, 2, 2, packed=False),
+        # rows padded on the left: the mask keeps padding out of every slice's keys
+        "hsdp 2 x sp2, left-padded rows": _run(f"{out}/e", "fsdp", {"sp_size": 2, "dp_replicate_size": 2,
+                                                                     "dp_shard_size": 1}, 2, 2, rows="left"),
     }
     if rank == 0:
         torch.save(runs, Path(out, "runs.pt"))
@@ -117,7 +133,7 @@ def _layouts_job(rank: int, out: str) -> None:
 def layouts(tmp_path_factory):
     out = tmp_path_factory.mktemp("sp")
     run_ranks(_layouts_job, str(out), world_size=4, timeout=600)
-    return torch.load(out / "runs.pt", weights_only=False)
+    return out, torch.load(out / "runs.pt", weights_only=False)
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +141,10 @@ def reference():
     return plain_loop()
 
 
-@pytest.mark.parametrize("name", ["fsdp sp2 x dp_shard2", "fsdp sp4", "ddp sp2 x dp_replicate2", "fsdp sp2 x tp2",
-                                  "hsdp 2 x sp2, padded rows"])
+@pytest.mark.parametrize("name", ["fsdp sp2 x dp_shard2", "fsdp sp4", "ddp sp2 x dp_replicate2, right-padded rows",
+                                  "fsdp sp2 x tp2", "hsdp 2 x sp2, left-padded rows"])
 def test_packed_rows_split_over_sp_ranks_train_as_unpacked_rows_in_one_process(layouts, reference, name):
-    run = layouts[name]
+    run = layouts[1][name]
     losses, weights, eval_loss = reference
     assert "sp" in run["describe"]
     torch.testing.assert_close(run["losses"], losses, rtol=0, atol=1e-5)
@@ -140,11 +156,23 @@ def test_packed_rows_split_over_sp_ranks_train_as_unpacked_rows_in_one_process(l
     assert run["eval_loss"] == pytest.approx(eval_loss, abs=1e-5)
 
 
+def test_a_checkpoint_of_sequence_parallel_ranks_resumes_in_one_process(layouts, reference, tmp_path):
+    """FSDP shards the state over dp_shard x sp; the checkpoint reshards to one process, whose last step is the
+    plain loop's."""
+    losses, weights, _ = reference
+    trainer = _trainer(str(tmp_path), "single", None, 4, 2)
+    trainer.train(resume_from_checkpoint=str(layouts[0] / "a" / "checkpoint-2"))
+    assert losses_of(trainer) == pytest.approx(losses, abs=1e-5)  # the two logged before the checkpoint, and step 3
+    for key, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(value, weights[key], rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+
 @pytest.mark.parametrize("overrides,named", [
     ({"strategy": "zero2", "parallelism_config": {"sp_size": 2}}, "sp_size=2 with strategy 'zero2'"),
-    ({"strategy": "fsdp", "parallelism_config": {"sp_size": 2}, "label_smoothing_factor": 0.1},
-     "label_smoothing_factor=0.1"),
+    ({"parallelism_config": {"sp_size": 2}, "label_smoothing_factor": 0.1}, "label_smoothing_factor=0.1"),
+    ({"parallelism_config": {"sp_size": 2}, "neftune_noise_alpha": 5.0}, "neftune_noise_alpha=5.0"),
     ({"strategy": "fsdp", "parallelism_config": {"cp_size": 2}}, "use sp_size"),
+    ({"strategy": "fsdp", "parallelism_config": {"sp_size": 2}, "use_liger_kernel": True}, "use_liger_kernel=True"),
 ])
 def test_options_sequence_parallelism_cannot_serve_are_refused_by_the_arguments(tmp_path, overrides, named):
     with pytest.raises((ValueError, NotSupportedError), match=named):

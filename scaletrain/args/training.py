@@ -118,6 +118,9 @@ class _ScaletrainArguments(ProcessFacts):
     # typed str so HfArgumentParser reads "auto" (it would parse a Union[str, bool] as a bool), bools accepted too
     chunked_loss: str = "auto"
     chunked_loss_tokens: int = 1024  # target positions per chunk
+    # float8 training (middleware/float8.py, torchao): the Linear layers' matmuls in float8 with dynamic
+    # tensor-wise scales (not the LM head; sizes multiples of 16); under fsdp the weights are all-gathered in float8
+    float8: bool = False
     use_liger_kernel: bool = False  # Liger's Triton kernels patched into the model (CUDA only)
     liger_kernel_config: Optional[dict] = None
     # HF's: deterministic torch kernels (and CUDA env settings) instead of a plain seed
@@ -279,8 +282,9 @@ class _ScaletrainArguments(ProcessFacts):
         if config is None:
             return
         config.check_supported()
-        if self.strategy == "auto" and config.dp_shard_size != 1:
-            self.strategy = "fsdp"  # sharding asked for: FSDP2 (with dp_replicate_size: HSDP)
+        if self.strategy == "auto" and (config.dp_shard_size != 1 or config.sp_size > 1):
+            # sharding asked for: FSDP2 (with dp_replicate_size: HSDP); with sp it shards over the sp ranks too
+            self.strategy = "fsdp"
 
     def _apply_checkpointing_aliases(self) -> None:
         """HF v5 renamed gradient_checkpointing* to activation_checkpointing*; both are accepted."""

@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
-from . import activation_ckpt, batch_finder, chunked_loss, compilation, liger, neftune, quantization
+from . import activation_ckpt, batch_finder, chunked_loss, compilation, float8, liger, neftune, quantization
 from .activation_ckpt import ActivationCheckpointing
 from .chunked_loss import ChunkedLoss
 from .compilation import TorchCompile
+from .float8 import Float8Training
 from .base import Middleware
 from .liger import LigerKernels
 from .lora import LoRA, lora_settings
@@ -84,6 +85,7 @@ def check_middleware_options(args) -> None:
     neftune.check_options(args)
     liger.check_options(args)
     chunked_loss.check_options(args)
+    float8.check_options(args)
     compilation.check_options(args)
 
 
@@ -101,6 +103,8 @@ def build_middleware(args, strategy, custom_loss: bool = False) -> MiddlewareSta
     if args.chunked_loss is not False and not args.use_liger_kernel:  # Liger fuses the head and the loss itself
         items.append(ChunkedLoss(args.chunked_loss, args.chunked_loss_tokens, precision_of(args),
                                  bool(args.activation_checkpointing), custom_loss))
+    if args.float8:  # the Linear layers swapped before checkpointing wraps the blocks that hold them
+        items.append(Float8Training())
     if args.activation_checkpointing:
         items.append(ActivationCheckpointing(args.activation_checkpointing_kwargs or {}))
     if args.torch_compile:  # last: compiles what the others built

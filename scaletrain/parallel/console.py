@@ -20,6 +20,14 @@ _BNB_CPU_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
 _BNB_CPU_KERNEL_MESSAGE = "Failed to load CPU gemm_4bit_forward"
 
 
+# torchao (float8=True), imported by transformers with its model classes, logs at import that its CUDA kernels
+# (and, on torch's CPU build, every compiled extension) could not be loaded, and registers its enums with
+# torch's pytree in a way torch now logs as deprecated. On a CPU-only torch build neither says anything about
+# a run: float8 training there runs torch's own _scaled_mm. On a CUDA build the kernel messages stay
+_TORCHAO_LOGGER, _TORCHAO_MESSAGE = "torchao", "Failed to load "
+_PYTREE_LOGGER, _PYTREE_ENUM_MESSAGE = "torch.utils._pytree", "%s is an Enum subclass and is now natively supported"
+
+
 class _DropMessage(logging.Filter):
     def __init__(self, prefix: str) -> None:
         super().__init__()
@@ -32,6 +40,11 @@ class _DropMessage(logging.Filter):
 def quiet_optional_imports() -> None:
     """Before transformers is imported: no import-time message from optional packages a run may not use."""
     logging.getLogger(_BNB_CPU_KERNEL_LOGGER).addFilter(_DropMessage(_BNB_CPU_KERNEL_MESSAGE))
+    import torch
+
+    if torch.version.cuda is None:
+        logging.getLogger(_TORCHAO_LOGGER).addFilter(_DropMessage(_TORCHAO_MESSAGE))
+        logging.getLogger(_PYTREE_LOGGER).addFilter(_DropMessage(_PYTREE_ENUM_MESSAGE))
 
 
 class _AboveProgressBars(logging.StreamHandler):

@@ -85,8 +85,15 @@ class ParallelLayout:
             return mesh["dp_shard"] if self.dp_replicate == 1 else mesh["dp_replicate", "dp_shard"]
         if self.dp_replicate == 1:
             return self._derived_mesh(device_type, "dp_shard_sp", lambda w: w["dp_shard", "sp"]._flatten("dp_shard_sp"))
-        return self._derived_mesh(device_type, "hsdp", lambda w: self.batch_mesh(device_type)._unflatten(
-            0, (self.dp_replicate, self.dp_shard * self.sp), ("dp_replicate", "dp_shard_sp")))
+        return self._derived_mesh(device_type, "hsdp", self._hsdp_over_sp)
+
+    def _hsdp_over_sp(self, world):
+        """(dp_replicate, dp_shard x sp) as a 2-D mesh: FSDP2's HSDP mesh when sp ranks shard too."""
+        flat = world["dp_replicate", "dp_shard", "sp"]._flatten("batch_for_hsdp")
+        if hasattr(flat, "_unflatten"):  # torch >= 2.9: built from a flattened mesh, as torch now asks
+            return flat._unflatten(0, (self.dp_replicate, self.dp_shard * self.sp), ("dp_replicate", "dp_shard_sp"))
+        world["dp_shard", "sp"]._flatten("dp_shard_sp")  # older torch: the flattened dimension sliced from the root
+        return world["dp_replicate", "dp_shard_sp"]
 
     def batch_mesh(self, device_type: str):
         """Every rank of this rank's tp position (dp x sp), as one flat mesh dimension: the ranks that divide a

@@ -86,6 +86,8 @@ def split_rows(rows: Optional[SplitRows]) -> Iterator[None]:
         yield
     finally:
         _Active.rows = previous
+        if rows is not None:  # its masks (B x T x T) are not kept while the step's other micro-batches run
+            rows._masks.clear()
 
 
 def _swap(tensor: torch.Tensor, group, size: int, to_heads: bool) -> torch.Tensor:
@@ -115,6 +117,7 @@ def _kv_heads_for(key: torch.Tensor, query_heads: int, size: int) -> torch.Tenso
     return key.repeat_interleave(repeat, dim=1)
 
 
+@torch.compiler.disable  # under torch_compile attention runs eagerly: the split rows change every micro-batch
 def ulysses_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
                       sliding_window: Optional[int] = None, **kwargs) -> tuple[torch.Tensor, None]:
@@ -125,12 +128,16 @@ def ulysses_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)
-    if kwargs.get("softcap") is not None:
-        raise ValueError("sp_size: attention logit soft-capping is not supported by the Ulysses attention (SDPA)")
+    unsupported = [name for name in ("softcap", "s_aux", "position_bias") if kwargs.get(name) is not None]
+    if unsupported:
+        raise ValueError(f"sp_size: the Ulysses attention (SDPA) does not apply the model's {unsupported[0]}")
     heads = query.shape[1]
     key, value = (_kv_heads_for(t, heads, rows.size) for t in (key, value))
     query, key, value = (_swap(t, rows.group, rows.size, to_heads=True) for t in (query, key, value))
     mask = rows.mask(query.device, sliding_window)
+    if mask is not None and key.shape[1] != query.shape[1]:
+        # SDPA with both a mask and enable_gqa falls back to its math kernel on CUDA (whole fp32 scores)
+        key, value = (t.repeat_interleave(query.shape[1] // key.shape[1], dim=1) for t in (key, value))
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
                                          is_causal=mask is None, enable_gqa=key.shape[1] != query.shape[1])
     return _swap(out, rows.group, rows.size, to_heads=False).transpose(1, 2).contiguous(), None
@@ -168,6 +175,8 @@ def sequence_split_obstacle(model: torch.nn.Module, heads_per_rank: Optional[int
                          for p in inspect.signature(model.forward).parameters.values())
     if not accepts_kwargs:
         return f"{name}.forward takes no loss kwargs (shift_labels, num_items_in_batch)"
+    if getattr(model.config, "attention_chunk_size", None):
+        return f"{name} attends in chunks (attention_chunk_size), which the Ulysses attention's mask does not build"
     implementation = getattr(model.config, "_attn_implementation", None)
     if implementation not in (None, "sdpa", "eager", ATTENTION):
         return (f"{name} runs attn_implementation={implementation!r}; the Ulysses attention wraps SDPA: load the "
@@ -220,7 +229,10 @@ class SequenceSplitter:
         if positions is None:
             positions = torch.arange(length, device=ids.device).expand(rows, length)
         mask = batch.get("attention_mask")
-        valid = None if mask is None or bool(mask.all()) else mask.bool()
+        # padding at the end of each row is after every real token: causality already hides it from them (and
+        # no target reads a pad's output), so only other padding needs a mask
+        trailing = mask is None or bool((mask[:, 1:] <= mask[:, :-1]).all())
+        valid = None if trailing else mask.bool()
         labels = batch["labels"]
         shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
         whole = {**batch, "position_ids": positions, "labels": shifted, "shift_labels": shifted}

@@ -83,7 +83,7 @@ def configured_layout_lines(cfg, world_sizes: list[int]) -> list[str]:
             continue
         dp_replicate, dp_shard, tp, sp = sizes
         layout = Layout(dp_replicate, dp_shard, tp, args.per_device_train_batch_size, args.gradient_accumulation_steps,
-                        bool(args.activation_checkpointing), sp, sharded=args.strategy != "ddp" if sp > 1 else None)
+                        bool(args.activation_checkpointing), sp, sharded=args.strategy == "fsdp" if sp > 1 else None)
         memory = predict_memory(shape, layout, precision, cfg.data.block_size or cfg.data.max_length)
         lines.append(f"parallelism_config on {world} ranks ({layout.describe()}, {layout.strategy}): "
                      f"{format_bytes(sum(memory.values()))} per rank = "

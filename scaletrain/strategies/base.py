@@ -328,6 +328,12 @@ class Strategy(abc.ABC):
         return self.env.is_local_main
 
     @property
+    def shards_with_fsdp2(self) -> bool:
+        """Parameters are sharded by FSDP2's fully_shard (DTensors it all-gathers per unit), which lets a
+        parameter's tensor subclass choose the all-gather's dtype (float8 all-gather)."""
+        return False
+
+    @property
     def module_scoped_parameters(self) -> bool:
         """A module's parameters are whole only inside its own forward and backward (ZeRO-3 gathers and
         releases them per module), so code outside the module must not read them."""

@@ -76,6 +76,7 @@ class FSDPStrategy(Strategy):
     needs_process_group = True
     eval_needs_all_ranks = True
     compiles_per_block = True
+    shards_with_fsdp2 = True
 
     def __init__(self, args, env=None) -> None:
         super().__init__(args, env)

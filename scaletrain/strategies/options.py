@@ -31,19 +31,32 @@ _LAYOUTS = {
 
 def check_layout(args) -> None:
     """A parallelism_config size the strategy cannot honour is refused (the dimensions scaletrain does not
-    build yet were refused by the config itself)."""
+    build yet were refused by the config itself), as are options that would see one sp rank's slice of a row."""
     config = args.parallelism_config
-    if config is None or args.strategy == "auto":
+    if config is None:
+        return
+    if config.sp_size > 1:
+        _check_sequence_split_options(args, config.sp_size)
+    if args.strategy == "auto":
         return
     allowed, hint = _LAYOUTS[args.strategy]
     for name in ("dp_replicate_size", "dp_shard_size", "tp_size", "sp_size"):
         value = getattr(config, name)
         if value != 1 and name not in allowed:
             raise ValueError(f"parallelism_config {name}={value} with strategy {args.strategy!r}: {hint}")
-    if config.sp_size > 1 and args.label_smoothing_factor:
-        raise NotSupportedError(f"label_smoothing_factor={args.label_smoothing_factor} with parallelism_config "
-                                f"sp_size={config.sp_size}: the label smoother averages over one rank's slice of "
-                                "each row; drop one of them")
+
+
+def _check_sequence_split_options(args, sp: int) -> None:
+    for name, value, why in (
+        ("use_liger_kernel", args.use_liger_kernel, "Liger's fused loss is not checked with labels shifted over "
+                                                    "rows split across ranks"),
+        ("label_smoothing_factor", args.label_smoothing_factor, "the label smoother would shift a slice's labels "
+                                                                "again and average over one rank's slice"),
+        ("neftune_noise_alpha", args.neftune_noise_alpha, "NEFTune scales its noise by the sequence length, which "
+                                                          "each rank sees as its slice's"),
+    ):
+        if value:
+            raise NotSupportedError(f"{name}={value} with parallelism_config sp_size={sp}: {why}; drop one of them")
 
 
 def check_node_local_saves(args) -> None:

@@ -68,7 +68,7 @@ def read_resume_point(path: Path, checkpoints, strategy, configured: BatchGeomet
 
 
 def _saved_dp_size(manifest: dict[str, Any]) -> int:
-    """The checkpoint's data-parallel degree: its world size over its tensor-parallel ranks."""
+    """The checkpoint's data-parallel degree: its world size over its tensor- and sequence-parallel ranks."""
     layout = manifest.get("layout")
     if not layout:  # written before layouts were recorded, or by transformers.Trainer: data parallel only
         return manifest["world_size"]
