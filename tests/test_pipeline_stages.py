@@ -1,7 +1,7 @@
 """Pipeline stages of an HF Llama (scaletrain/parallel/pipeline.py) run by torch's GPipe, 1F1B and
-Interleaved1F1B (two stages per rank) schedules on 2 gloo ranks: the loss (summed over the batch's targets, divided by their count, as LossWeighting normalises) and
-every parameter's gradient equal one process's full forward and backward within 1e-5. Not wired into the
-Trainer yet."""
+Interleaved1F1B (two stages per rank) schedules on 2 gloo ranks: the loss (summed over the batch's targets,
+divided by their count, as LossWeighting normalises) and every parameter's gradient equal one process's full
+forward and backward within 1e-5. Not wired into the Trainer yet."""
 from __future__ import annotations
 
 from pathlib import Path
