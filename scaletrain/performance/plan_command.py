@@ -81,7 +81,7 @@ def configured_layout_lines(cfg, world_sizes: list[int]) -> list[str]:
             sizes = layout_sizes(config, world)
         except ValueError:  # the config does not lay out this many ranks
             continue
-        dp_replicate, dp_shard, tp, sp = sizes
+        dp_replicate, dp_shard, tp, sp, _pp = sizes  # pp_size is refused until the Trainer runs pipelines
         layout = Layout(dp_replicate, dp_shard, tp, args.per_device_train_batch_size, args.gradient_accumulation_steps,
                         bool(args.activation_checkpointing), sp, sharded=args.strategy == "fsdp" if sp > 1 else None)
         memory = predict_memory(shape, layout, precision, cfg.data.block_size or cfg.data.max_length)
