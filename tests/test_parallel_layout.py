@@ -128,10 +128,11 @@ def test_hf_hybrid_shard_shards_in_the_node_and_replicates_across_nodes(monkeypa
 
 
 @pytest.mark.parametrize(("given", "error", "message"), [
-    ({"dp_shard_size": 3}, ValueError, r"dp_replicate_size=1 x dp_shard_size=3 x tp_size=1 x sp_size=1 x pp_size=1 lays out 3 "
-                                       r"ranks, but this launch has 4"),
+    ({"dp_shard_size": 3}, ValueError, r"dp_replicate_size=1 x dp_shard_size=3 x tp_size=1 x sp_size=1 x pp_size=1 "
+                                       r"lays out 3 ranks, but this launch has 4"),
     ({"dp_shrad_size": 2}, ValueError, r"unknown key 'dp_shrad_size'; did you mean 'dp_shard_size'"),
-    ({"tp_size": 3, "dp_shard_size": 2}, ValueError, r"tp_size=3 x sp_size=1 x pp_size=1 lays out 6 ranks, but this launch has 4"),
+    ({"tp_size": 3, "dp_shard_size": 2}, ValueError,
+     r"tp_size=3 x sp_size=1 x pp_size=1 lays out 6 ranks, but this launch has 4"),
     # under strategy auto too, where no strategy's own check runs
     ({"cp_size": 2}, NotSupportedError, r"cp_size=2: context parallelism .* use sp_size"),
     ({"sp_size": 2, "dp_shard_size": 4}, ValueError, r"sp_size=2 x pp_size=1 lays out 8 ranks, but this launch has 4"),
