@@ -60,6 +60,10 @@ class ParallelLayout:
     def world_mesh(self, device_type: str):
         """Every rank on one (dp_replicate, dp_shard, sp, tp) DeviceMesh, made once (its sub-meshes' process
         groups are made with it); after the process group starts."""
+        return self._meshes(device_type)["world"]
+
+    def _meshes(self, device_type: str) -> dict:
+        """This process's meshes by name, the world mesh made on first use."""
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -68,14 +72,13 @@ class ParallelLayout:
             _MESHES.clear()
             _MESHES[key] = {"world": init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.sp, self.tp),
                                                       mesh_dim_names=("dp_replicate", "dp_shard", "sp", "tp"))}
-        return _MESHES[key]["world"]
+        return _MESHES[key]
 
     def _derived_mesh(self, device_type: str, name: str, build):
         """A mesh made from the world mesh once and kept (torch asks callers to keep flattened meshes)."""
-        world = self.world_mesh(device_type)
-        meshes = next(iter(_MESHES.values()))
+        meshes = self._meshes(device_type)
         if name not in meshes:
-            meshes[name] = build(world)
+            meshes[name] = build(meshes["world"])
         return meshes[name]
 
     def fsdp_mesh(self, device_type: str):
