@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from strategies import PER_RANK_BATCH, TokenData, build_model, publish, run_worker  # noqa: E402
+from strategies import PER_RANK_BATCH, TokenData, build_model, cpu_device, publish, run_worker  # noqa: E402
 
 STEPS, SAVE_EVERY = 8, 2
 RUNS = [("single", 1), ("ddp", 2), ("fsdp", 2)]
@@ -101,7 +100,7 @@ def main() -> None:
             rows.append(result)
             print(f"{name:>7} x{world} {result['mode']:>5}: waits {result['save_blocking_s']:.3f} s/save, "
                   f"train {result['train_wall_s']:.1f} s, load {result['load_s']:.2f} s", flush=True)
-    device = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    device = cpu_device()
     lines = [
         f"# Checkpoint save/load cost ({device})",
         "",

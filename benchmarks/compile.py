@@ -11,7 +11,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -21,7 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from strategies import PER_RANK_BATCH, SEQ, TokenData, build_model, publish, run_worker, save_plot  # noqa: E402
+from strategies import (PER_RANK_BATCH, SEQ, TokenData, build_model, cpu_device, publish,  # noqa: E402
+                        run_worker, save_plot)
 
 WARMUP = 4  # compiled steps recompile once for the training-mode guards; later steps are steady
 CONFIGS = [("single", 1), ("ddp", 2), ("fsdp", 2)]
@@ -87,7 +87,7 @@ def main() -> None:
         rows.append({"strategy": name, **{f"{m}_{k}": v for m, r in pair.items() for k, v in r.items()}})
         print(f"{name} x{world}: eager {pair['eager']['tokens_per_s']:.0f} tok/s, compiled "
               f"{pair['compiled']['tokens_per_s']:.0f} tok/s", flush=True)
-    device = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    device = cpu_device()
     lines = [f"# torch_compile ({opts.backend}) vs eager ({device})", "",
              f"GPT-2-style model, 6 layers, d=512 (~27M params), fp32, seq {SEQ}, {PER_RANK_BATCH} rows per rank "
              f"per step, AdamW; median step time over steps {WARMUP + 1}-{opts.steps} (the first steps compile).",

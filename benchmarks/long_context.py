@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from strategies import TokenData, publish, run_worker, save_plot  # noqa: E402
+from strategies import TokenData, cpu_device, publish, run_each, save_plot, selected  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, WORLD = 8192, 128, 2, 8, 4, 4
 LOSS_CHUNK = 256  # chunked_loss_tokens: one chunk's logits are a fixed cost inside the budget
@@ -134,11 +133,9 @@ def main() -> None:
         worker(opts.worker, opts.budget_mib, rest[-1])
         return
     me = str(Path(__file__).resolve())
-    rows = {}
-    for name in [n for n in SETTINGS if not opts.only or n in opts.only.split(",")]:
-        rows[name] = run_worker([me, "--worker", name, "--budget-mib", str(opts.budget_mib)], WORLD)
-        print(name, rows[name], flush=True)
-    device = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    rows = run_each(selected(SETTINGS, opts.only),
+                    lambda name: [me, "--worker", name, "--budget-mib", str(opts.budget_mib)], WORLD)
+    device = cpu_device()
     base = rows.get("sp1", next(iter(rows.values())))["longest"] or 1
     lines = [f"# Long context on {WORLD} ranks ({device}, torch {torch.__version__})", "",
              f"Llama-shaped: {LAYERS} layers, d={HIDDEN}, {HEADS} heads ({KV_HEADS} kv), vocab {VOCAB}; fp32, AdamW, "

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from strategies import TokenData, publish, run_worker  # noqa: E402  (one worker launcher and dataset for all benchmarks)
+from strategies import TokenData, cpu_device, publish, run_worker  # noqa: E402  (one worker launcher and dataset for all benchmarks)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SEQ, VOCAB, LAYERS, HIDDEN, HEADS = 256, 8192, 4, 256, 4
@@ -158,7 +157,7 @@ def main() -> None:
     strategies = {name: run("strategy", name, world) for name, world in STRATEGY_ROWS}
     finder = {name: run("finder", name, world) for name, world in FINDER_ROWS}
 
-    device = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    device = cpu_device()
     lines = [
         f"# Memory per rank ({device}, torch {torch.__version__})",
         "",

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -25,8 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from strategies import (TokenData, median_step_seconds, publish, run_worker, save_plot,  # noqa: E402
-                        step_timer)  # the shared launcher, data, step timing and output
+from strategies import (TokenData, cpu_device, median_step_seconds, publish, run_each, save_plot,  # noqa: E402
+                        selected, step_timer)  # the shared launcher, data, step timing and output
 
 SEQ, VOCAB, LAYERS, HIDDEN, HEADS, KV_HEADS = 256, 8192, 4, 256, 4, 2
 PER_RANK, WARMUP, WORLD = 4, 2, 4
@@ -131,11 +130,9 @@ def main() -> None:
         worker(opts.worker, opts.steps, rest[-1])
         return
     me = str(Path(__file__).resolve())
-    rows = {}
-    for name in [n for n in LAYOUTS if not opts.only or n in opts.only.split(",")]:
-        rows[name] = run_worker([me, "--worker", name, "--steps", str(opts.steps)], WORLD)
-        print(name, rows[name], flush=True)
-    device = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    rows = run_each(selected(LAYOUTS, opts.only), lambda name: [me, "--worker", name, "--steps", str(opts.steps)],
+                    WORLD)
+    device = cpu_device()
     first = next(iter(rows))  # flat FSDP, unless --only leaves it out
     fsdp = rows[first]["samples_per_s"]
     lines = [f"# Parallel layouts on {WORLD} ranks ({device}, torch {torch.__version__})", "",

@@ -158,6 +158,25 @@ def run_worker(argv: list[str], world: int) -> dict:
     return result
 
 
+def selected(names, only: str) -> list[str]:
+    """`names` in order, or those of them a comma-separated --only lists."""
+    return [n for n in names if not only or n in only.split(",")]
+
+
+def run_each(names: list[str], argv_for, world: int) -> dict[str, dict]:
+    """Each named setting in its own run (`argv_for(name)`: the script's worker command), printed as it ends."""
+    rows = {}
+    for name in names:
+        rows[name] = run_worker(argv_for(name), world)
+        print(name, rows[name], flush=True)
+    return rows
+
+
+def cpu_device() -> str:
+    """How the results name this host: 'CPU: x86_64, 2 cores'."""
+    return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def run_config(name: str, world: int, steps: int) -> dict:
     return run_worker([str(Path(__file__).resolve()), "--worker", name, "--steps", str(steps), "--out"], world)
 
@@ -172,7 +191,7 @@ def main() -> None:
     if opts.worker:
         worker(opts.worker, opts.steps, opts.out)
         return
-    names = [n for n in CONFIGS if not opts.only or n in opts.only.split(",")]
+    names = selected(CONFIGS, opts.only)
     rows = []
     for name in names:
         for world in (1,) if name == "single" else (1, 2):
@@ -183,7 +202,7 @@ def main() -> None:
                   f"peak RSS {result['peak_rss_mib']:7.0f} MiB", flush=True)
 
     baseline = next((r["samples_per_s"] for r in rows if r["strategy"] == "single"), None)
-    device = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    device = cpu_device()
     lines = [
         f"# Strategies: throughput and memory per rank ({device})",
         "",

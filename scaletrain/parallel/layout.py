@@ -67,8 +67,12 @@ class ParallelLayout:
         return self.env.rank // self.tp % self.sp
 
     def world_mesh(self, device_type: str):
-        """Every rank on one (dp_replicate, dp_shard, sp, tp) DeviceMesh, made once (its sub-meshes' process
+        """Every rank on one (pp, dp_replicate, dp_shard, sp, tp) DeviceMesh, made once (its sub-meshes' process
         groups are made with it); after the process group starts."""
+        return self._meshes(device_type)["world"]
+
+    def _meshes(self, device_type: str) -> dict:
+        """This process's meshes by name, the world mesh made on first use."""
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -78,14 +82,13 @@ class ParallelLayout:
             _MESHES[key] = {"world": init_device_mesh(
                 device_type, (self.pp, self.dp_replicate, self.dp_shard, self.sp, self.tp),
                 mesh_dim_names=("pp", "dp_replicate", "dp_shard", "sp", "tp"))}
-        return _MESHES[key]["world"]
+        return _MESHES[key]
 
     def _derived_mesh(self, device_type: str, name: str, build):
         """A mesh made from the world mesh once and kept (torch asks callers to keep flattened meshes)."""
-        world = self.world_mesh(device_type)
-        meshes = next(iter(_MESHES.values()))
+        meshes = self._meshes(device_type)
         if name not in meshes:
-            meshes[name] = build(world)
+            meshes[name] = build(meshes["world"])
         return meshes[name]
 
     def fsdp_mesh(self, device_type: str):

@@ -162,9 +162,8 @@ def _register() -> None:
 _register()
 
 
-def sequence_split_obstacle(model: torch.nn.Module, heads_per_rank: Optional[int] = None, sp: int = 1
-                            ) -> Optional[str]:
-    """Why `model` cannot train with its rows split over sp ranks, or None."""
+def sequence_split_obstacle(model: torch.nn.Module, sp: int = 1, tp: int = 1) -> Optional[str]:
+    """Why `model` cannot train with its rows split over `sp` ranks (each holding 1/tp of the heads), or None."""
     model = library_model(model)
     name = type(model).__name__
     if not label_shift(model):
@@ -181,9 +180,16 @@ def sequence_split_obstacle(model: torch.nn.Module, heads_per_rank: Optional[int
     if implementation not in (None, "sdpa", "eager", ATTENTION):
         return (f"{name} runs attn_implementation={implementation!r}; the Ulysses attention wraps SDPA: load the "
                 "model with attn_implementation='sdpa'")
-    if heads_per_rank is not None and heads_per_rank % sp:
-        return f"{heads_per_rank} attention heads per tensor-parallel rank do not split over sp_size={sp}"
+    heads = getattr(model.config, "num_attention_heads", None)
+    if heads and heads // tp % sp:
+        return f"{heads // tp} attention heads per tensor-parallel rank do not split over sp_size={sp}"
     return None
+
+
+def _refuse_unsplittable(model: torch.nn.Module, sp: int, tp: int) -> None:
+    reason = sequence_split_obstacle(model, sp, tp)
+    if reason:
+        raise ValueError(f"parallelism_config sp_size={sp}: {reason}")
 
 
 def check_sequence_split(build_from_config, sp: int, tp: int, block_size: Optional[int]) -> None:
@@ -191,10 +197,7 @@ def check_sequence_split(build_from_config, sp: int, tp: int, block_size: Option
     split over `sp` ranks, and a fixed row length (the CLI's block_size) is a multiple of sp."""
     with torch.device("meta"):
         model = build_from_config()
-    heads = getattr(model.config, "num_attention_heads", None)
-    reason = sequence_split_obstacle(model, heads // tp if heads else None, sp)
-    if reason:
-        raise ValueError(f"parallelism_config sp_size={sp}: {reason}")
+    _refuse_unsplittable(model, sp, tp)
     if block_size and block_size % sp:
         raise ValueError(f"data.block_size={block_size} is not a multiple of parallelism_config sp_size={sp}: every "
                          f"row would be padded; use {block_size // sp * sp or sp} or {(block_size // sp + 1) * sp}")
@@ -202,22 +205,21 @@ def check_sequence_split(build_from_config, sp: int, tp: int, block_size: Option
 
 def use_ulysses_attention(model: torch.nn.Module, sp: int, tp: int) -> None:
     """Switch `model` to the Ulysses attention, or refuse it naming why."""
-    base = library_model(model)
-    heads = getattr(base.config, "num_attention_heads", None)
-    reason = sequence_split_obstacle(model, heads // tp if heads else None, sp)
-    if reason:
-        raise ValueError(f"parallelism_config sp_size={sp}: {reason}")
-    base.set_attn_implementation(ATTENTION)
+    _refuse_unsplittable(model, sp, tp)
+    library_model(model).set_attn_implementation(ATTENTION)
 
 
 class SequenceSplitter:
-    """Turns a micro-batch into this rank's slice of it (and the whole rows' view attention needs)."""
+    """Turns a micro-batch into this rank's slice of it (and the whole rows' view attention needs); with one
+    sp rank (size 1) the micro-batch itself, and no view."""
 
     def __init__(self, group, size: int, rank: int) -> None:
         self.group, self.size, self.rank = group, size, rank
         self._padding_logged = False
 
-    def split(self, batch: dict[str, Any]) -> tuple[dict[str, Any], SplitRows]:
+    def split(self, batch: dict[str, Any]) -> tuple[dict[str, Any], Optional[SplitRows]]:
+        if self.size == 1:
+            return batch, None
         ids = batch.get("input_ids")
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or "labels" not in batch:
             raise ValueError("sp_size splits rows of input_ids and labels; this batch has "

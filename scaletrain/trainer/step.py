@@ -106,7 +106,7 @@ class StepRunner:
 
     def run(self, model, optimizer, scheduler, micro_batches: list[dict[str, Any]]) -> StepResult:
         # with sp, a row's sp ranks share it: the first counts its samples, tokens and FLOPs for all of them
-        counted = micro_batches if self.splitter is None or self.strategy.layout.sp_rank == 0 else []
+        counted = micro_batches if self.strategy.layout.sp_rank == 0 else []
         loss = self._accumulate(model, micro_batches)
         samples = sum(batch_size(batch) for batch in counted)
         tokens = torch.zeros((), dtype=torch.int64, device=self.strategy.device)
@@ -136,8 +136,7 @@ class StepRunner:
 
     def _accumulate(self, model, micro_batches: list[dict[str, Any]]) -> torch.Tensor:
         """Forward and backward of every micro-batch (this rank's slice of each row with sp); the summed loss."""
-        splits = [self.splitter.split(b) for b in micro_batches] if self.splitter else [(b, None) for b in
-                                                                                         micro_batches]
+        splits = [self.splitter.split(b) for b in micro_batches]
         global_items = self.weighting.global_items([inputs for inputs, _ in splits])
         self.hooks.current_gradient_accumulation_steps = len(micro_batches)
         loss = torch.zeros((), device=self.strategy.device)
@@ -151,12 +150,11 @@ class StepRunner:
         return loss.detach()
 
 
-def sequence_splitter(strategy) -> Optional[SequenceSplitter]:
-    """What splits each micro-batch's rows over the layout's sp ranks; None without sequence parallelism."""
+def sequence_splitter(strategy) -> SequenceSplitter:
+    """What splits each micro-batch's rows over the layout's sp ranks (passes them through without sp)."""
     layout = strategy.layout
-    if layout.sp == 1:
-        return None
-    return SequenceSplitter(layout.sp_mesh(strategy.device.type).get_group(), layout.sp, layout.sp_rank)
+    group = layout.sp_mesh(strategy.device.type).get_group() if layout.sp > 1 else None
+    return SequenceSplitter(group, layout.sp, layout.sp_rank)
 
 
 def batch_size(batch: Any) -> int:

@@ -429,9 +429,8 @@ class Trainer(EvaluationMethods, SearchTrialMethods, ReportingMethods):
             self._longest_example = (longest_row(dataset), collator)
         row, collator = self._longest_example
         self.model_wrapped.train()
-        splitter = sequence_splitter(self.strategy)  # with sp: this rank's slice of the rows, as training runs
-        batch, rows = splitter.split(collator([row] * micro_batch)) if splitter else (collator([row] * micro_batch),
-                                                                                     None)
+        # with sp: this rank's slice of the rows, as training runs
+        batch, rows = sequence_splitter(self.strategy).split(collator([row] * micro_batch))
         batch = self._prepare_inputs(batch)
         with PeakMemory(self.strategy.device) as peak, split_rows(rows):
             with self.compute_loss_context_manager():
