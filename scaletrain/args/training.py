@@ -282,8 +282,9 @@ class _ScaletrainArguments(ProcessFacts):
         if config is None:
             return
         config.check_supported()
-        if self.strategy == "auto" and (config.dp_shard_size != 1 or config.sp_size > 1):
-            # sharding asked for: FSDP2 (with dp_replicate_size: HSDP); with sp it shards over the sp ranks too
+        if self.strategy == "auto" and (config.dp_shard_size != 1 or config.sp_size > 1 or config.pp_size > 1):
+            # sharding asked for: FSDP2 (with dp_replicate_size: HSDP); with sp it shards over the sp ranks too;
+            # pipeline stages run under FSDP2 (its post-backward is what torch's stages call once per step)
             self.strategy = "fsdp"
 
     def _apply_checkpointing_aliases(self) -> None:

@@ -9,7 +9,7 @@ or the last stage's logits. The attention mask and position ids reach every stag
 ranks of a data-parallel rank read the same batch), so only hidden states cross the stage boundary. The
 tracing front end (`pipeline()`) is not used: it fails on gloo ("input tensor has to be contiguous").
 
-Not wired into the Trainer yet (see the pipeline issue).
+pipeline_runtime.py runs the stages in the Trainer.
 """
 from __future__ import annotations
 
@@ -78,26 +78,66 @@ def layer_ranges(model: torch.nn.Module, stages: int, split_points: Optional[lis
 
 def prune_to_stage(model: torch.nn.Module, layers: range, first: bool, last: bool) -> torch.nn.Module:
     """`model` (an HF causal LM) keeps what its stage runs, in place, and runs as that stage."""
-    lm = library_model(model)
-    if lm.config.tie_word_embeddings and not (first and last):
+    _check_untied(model, first and last)
+    _keep(library_model(model), list(layers), first, last)
+    library_model(model).forward = types.MethodType(_stage_forward, library_model(model))
+    return model
+
+
+def _check_untied(model: torch.nn.Module, whole: bool) -> None:
+    if library_model(model).config.tie_word_embeddings and not whole:
         raise ValueError("pipeline stages with tied input and output embeddings: the embedding is on the first "
                          "stage and the head on the last; untie them (tie_word_embeddings=False)")
+
+
+def _keep(lm: torch.nn.Module, layers: list[int], first: bool, last: bool) -> None:
     inner = lm.model
-    inner.layers = torch.nn.ModuleDict({str(i): inner.layers[i] for i in layers})
+    held = inner.layers  # a ModuleList, or this rank's ModuleDict (a stage view of it)
+    inner.layers = torch.nn.ModuleDict({str(i): held[str(i) if isinstance(held, torch.nn.ModuleDict) else i]
+                                        for i in layers})
     if not first:
         inner.embed_tokens = None
     if not last:
         inner.norm, lm.lm_head = None, None
-    lm.forward = types.MethodType(_stage_forward, lm)
-    return model
 
 
-def _stage_forward(self, inputs: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+def _shallow_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A new module object over the same children, parameters and buffers: pruning it or registering hooks on it
+    (FSDP's root hooks) leaves the original as it was."""
+    copy = object.__new__(type(module))
+    copy.__dict__.update({k: (type(v)(v) if isinstance(v, dict) else v) for k, v in vars(module).items()})
+    return copy
+
+
+def cut_stages(model: torch.nn.Module, ranges: list[range], stage_ids: list[int]) -> list[torch.nn.Module]:
+    """`model` pruned in place to what this rank's stages hold (so its state dict is this rank's share, under the
+    original names), and one module per stage: `model` itself for one stage per rank, else views over its
+    modules, each with the stage forward."""
+    stages = len(ranges)
+    holds_first, holds_last = 0 in stage_ids, stages - 1 in stage_ids
+    _check_untied(model, stages == 1)
+    _keep(library_model(model), [i for s in stage_ids for i in ranges[s]], holds_first, holds_last)
+    if len(stage_ids) == 1:
+        library_model(model).forward = types.MethodType(_stage_forward, library_model(model))
+        return [model]
+    parts = []
+    for stage in stage_ids:
+        lm = _shallow_copy(library_model(model))
+        lm.model = _shallow_copy(lm.model)
+        _keep(lm, list(ranges[stage]), stage == 0, stage == stages - 1)
+        lm.forward = types.MethodType(_stage_forward, lm)
+        parts.append(lm)
+    return parts
+
+
+def _stage_forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                    position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Token ids (the first stage) or the previous stage's hidden states, through this stage. Named as the model's
+    own forward names its inputs, so the columns a dataset keeps (remove_unused_columns) are the pipeline's."""
     from transformers.masking_utils import create_causal_mask
 
     inner = self.model
-    hidden = inner.embed_tokens(inputs) if inner.embed_tokens is not None else inputs
+    hidden = inner.embed_tokens(input_ids) if inner.embed_tokens is not None else input_ids
     if position_ids is None:
         position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
     mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,

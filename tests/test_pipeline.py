@@ -1,0 +1,176 @@
+"""Pipeline parallelism (parallelism_config pp_size) in the Trainer, on gloo ranks, against a plain PyTorch
+loop written here: one process, every step's documents in one right-padded batch, the loss summed over the
+step's targets and divided by their count, AdamW with clipping. Pipelined runs split each step into
+gradient-accumulation micro-batches that the schedule runs as its own (GPipe, 1F1B, Interleaved1F1B with two
+stages per rank; pp2 x dp_shard2 under FSDP2 on 4 ranks). A wrong loss normalisation over micro-batches or
+stages, a gradient synced twice or not at all, or a clipping norm taken over one stage only moves the losses
+or weights far beyond 1e-5. The pp2 checkpoint resumes in one process (no pipeline) to the loop's last step,
+its model folder opens with from_pretrained, and evaluation runs through a forward-only schedule."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import VOCAB, losses_of, run_ranks, tiny_llama
+from scaletrain import Trainer, TrainingArguments
+from scaletrain.errors import NotSupportedError
+
+SEED, STEPS, DOCS, GLOBAL_DOCS, LR, CLIP = 5, 3, 32, 8, 3e-3, 0.5
+EVAL_DOCS = 6
+
+
+class Documents(torch.utils.data.Dataset):
+    """Token documents of 5 to 23 tokens."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(5, 24, (n,), generator=g).tolist()
+        self.docs = [torch.randint(1, VOCAB, (length,), generator=g).tolist() for length in lengths]
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.docs[i], "labels": self.docs[i]}
+
+
+def model():
+    # four layers: four stages for the interleaved schedule; untied, as the head lives on the last stage
+    return tiny_llama(seed=SEED, num_hidden_layers=4, tie_word_embeddings=False, max_position_embeddings=256)
+
+
+def padded_rows(docs: list[list[int]]) -> dict[str, torch.Tensor]:
+    width = max(len(d) for d in docs)
+    ids = torch.tensor([d + [0] * (width - len(d)) for d in docs])
+    mask = torch.tensor([[1] * len(d) + [0] * (width - len(d)) for d in docs])
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def collate(features: list[dict]) -> dict[str, torch.Tensor]:
+    return padded_rows([f["input_ids"] for f in features])
+
+
+def summed_loss(net, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    logits = net(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits[:, :-1]
+    targets = rows["labels"][:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+    return loss, int((targets != -100).sum())
+
+
+def plain_loop() -> tuple[list[float], dict[str, torch.Tensor], float]:
+    """Each step: the next GLOBAL_DOCS documents of the permutation scaletrain draws (seed + epoch)."""
+    net, data = model(), Documents(DOCS, seed=1)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=0.0)
+    order = torch.randperm(DOCS, generator=torch.Generator().manual_seed(SEED)).tolist()
+    losses = []
+    for step in range(STEPS):
+        docs = [data.docs[i] for i in order[step * GLOBAL_DOCS:(step + 1) * GLOBAL_DOCS]]
+        loss, count = summed_loss(net, padded_rows(docs))
+        (loss / count).backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item() / count)
+    net.eval()
+    with torch.no_grad():  # eval_loss: the mean over every target of the evaluation set, one document a batch
+        per_doc = [summed_loss(net, padded_rows([d])) for d in Documents(EVAL_DOCS, seed=9).docs]
+    return losses, {k: v.detach().clone() for k, v in net.state_dict().items()}, \
+        sum(loss.item() for loss, _ in per_doc) / sum(count for _, count in per_doc)
+
+
+def _args(out: str, layout: dict, per_device: int, accumulation: int, save_steps: int = 0, **extra):
+    return TrainingArguments(output_dir=out, parallelism_config=layout, max_steps=STEPS,
+                             per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
+                             per_device_eval_batch_size=1, learning_rate=LR, lr_scheduler_type="constant",
+                             weight_decay=0.0, optim="adamw_torch", max_grad_norm=CLIP, logging_steps=1,
+                             save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, seed=SEED,
+                             disable_tqdm=True, report_to="none", ddp_timeout=300, **extra)
+
+
+def _run(out: str, layout: dict, per_device: int, accumulation: int, save_steps: int = 0) -> dict:
+    trainer = Trainer(model=model(), args=_args(out, layout, per_device, accumulation, save_steps),
+                      train_dataset=Documents(DOCS, seed=1), eval_dataset=Documents(EVAL_DOCS, seed=9),
+                      data_collator=collate)
+    trainer.train()
+    return {"losses": losses_of(trainer), "weights": dict(trainer.strategy.full_model_tensors(trainer.model_wrapped)),
+            "eval_loss": trainer.evaluate()["eval_loss"], "describe": trainer.strategy.describe()}
+
+
+def _two_ranks_job(rank: int, out: str) -> None:
+    runs = {  # 8 documents a step: 2 rows x 4 micro-batches
+        "GPipe": _run(f"{out}/gpipe", {"pp_size": 2, "pp_schedule": "GPipe"}, 2, 4, save_steps=2),
+        "1F1B": _run(f"{out}/1f1b", {"pp_size": 2, "pp_schedule": "1F1B"}, 2, 4),
+        "Interleaved1F1B": _run(f"{out}/interleaved", {"pp_size": 2, "pp_schedule": "Interleaved1F1B"}, 2, 4),
+    }
+    if rank == 0:
+        torch.save(runs, Path(out, "runs.pt"))
+
+
+def _four_ranks_job(rank: int, out: str) -> None:
+    run = _run(f"{out}/pp_dp", {"pp_size": 2, "dp_shard_size": 2, "pp_schedule": "1F1B"}, 2, 2)
+    if rank == 0:
+        torch.save({"pp2 x dp_shard2": run}, Path(out, "runs.pt"))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pp2")
+    run_ranks(_two_ranks_job, str(out), world_size=2, timeout=600)
+    return out, torch.load(out / "runs.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return plain_loop()
+
+
+@pytest.mark.parametrize("schedule", ["GPipe", "1F1B", "Interleaved1F1B"])
+def test_pipeline_schedules_train_as_one_process(two_ranks, reference, schedule):
+    run = two_ranks[1][schedule]
+    losses, weights, eval_loss = reference
+    assert "pp" in run["describe"]
+    torch.testing.assert_close(run["losses"], losses, rtol=0, atol=1e-5)
+    assert run["weights"].keys() == weights.keys()
+    for name, tensor in weights.items():
+        torch.testing.assert_close(run["weights"][name], tensor, rtol=0, atol=1e-5, msg=name)
+    assert run["eval_loss"] == pytest.approx(eval_loss, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pp2dp2")
+    run_ranks(_four_ranks_job, str(out), world_size=4, timeout=600)
+    return torch.load(out / "runs.pt", weights_only=False)["pp2 x dp_shard2"]
+
+
+def test_pipeline_with_fsdp_data_parallel_trains_as_one_process(four_ranks, reference):
+    losses, weights, eval_loss = reference
+    assert "2 pp x 2 dp_shard" in four_ranks["describe"]
+    torch.testing.assert_close(four_ranks["losses"], losses, rtol=0, atol=1e-5)
+    for name, tensor in weights.items():
+        torch.testing.assert_close(four_ranks["weights"][name], tensor, rtol=0, atol=1e-5, msg=name)
+    assert four_ranks["eval_loss"] == pytest.approx(eval_loss, abs=1e-5)
+
+
+def test_pipeline_checkpoint_resumes_in_one_process(two_ranks, reference, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out, _ = two_ranks
+    checkpoint = Path(out, "gpipe", "checkpoint-2")
+    losses, weights, _ = reference
+    # the checkpoint folder is a whole HF model, although each rank held half of it
+    saved = AutoModelForCausalLM.from_pretrained(checkpoint).state_dict()
+    assert saved.keys() == weights.keys()
+    resumed = Trainer(model=model(), args=_args(str(tmp_path), None, 8, 1), train_dataset=Documents(DOCS, seed=1),
+                      data_collator=collate)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.strategy.layout.pp == 1
+    # steps 1-2 logged by the pipeline (restored with the state), step 3 trained here
+    torch.testing.assert_close(losses_of(resumed), losses, rtol=0, atol=1e-5)
+    assert resumed.state.log_history[-2]["step"] == 3
+    for name, tensor in weights.items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], tensor, rtol=0, atol=1e-5, msg=name)
