@@ -136,7 +136,8 @@ def test_hf_hybrid_shard_shards_in_the_node_and_replicates_across_nodes(monkeypa
     # under strategy auto too, where no strategy's own check runs
     ({"cp_size": 2}, NotSupportedError, r"cp_size=2: context parallelism .* use sp_size"),
     ({"sp_size": 2, "dp_shard_size": 4}, ValueError, r"sp_size=2 x pp_size=1 lays out 8 ranks, but this launch has 4"),
-    ({"pp_size": 2, "dp_shard_size": 2}, NotSupportedError, r"pp_size=2: pipeline parallelism"),
+    ({"pp_size": 2, "dp_shard_size": 2}, ValueError,
+     r"pp_schedule='1F1B' with 2 stages needs at least 2 micro-batches per step, but gradient_accumulation_steps=1"),
 ])
 def test_bad_layouts_are_refused_naming_the_value(given, error, message):
     with pytest.raises(error, match=message):
@@ -149,6 +150,7 @@ def test_bad_layouts_are_refused_naming_the_value(given, error, message):
     ("zero2", {"dp_replicate_size": 2, "dp_shard_size": 2}, "DeepSpeed ZeRO partitions over every rank"),
     ("zero3", {"tp_size": 2, "dp_shard_size": 2}, "neither its AutoTP nor its Ulysses"),
     ("ddp", {"tp_size": 2, "dp_shard_size": 2}, "DDP replicates the whole model"),
+    ("ddp", {"pp_size": 2, "pp_schedule": "GPipe"}, "or to run pipeline stages"),
 ])
 def test_a_layout_the_strategy_cannot_run_is_refused(strategy, given, message):
     with pytest.raises(ValueError, match=message):

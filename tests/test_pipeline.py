@@ -9,6 +9,7 @@ its model folder opens with from_pretrained, and evaluation runs through a forwa
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from scaletrain.errors import NotSupportedError
 
 SEED, STEPS, DOCS, GLOBAL_DOCS, LR, CLIP = 5, 3, 32, 8, 3e-3, 0.5
 EVAL_DOCS = 6
+LORA = {"r": 4, "alpha": 8, "target_modules": "all-linear"}
 
 
 class Documents(torch.utils.data.Dataset):
@@ -91,8 +93,8 @@ def _args(out: str, layout: dict, per_device: int, accumulation: int, save_steps
                              disable_tqdm=True, report_to="none", ddp_timeout=300, **extra)
 
 
-def _run(out: str, layout: dict, per_device: int, accumulation: int, save_steps: int = 0) -> dict:
-    trainer = Trainer(model=model(), args=_args(out, layout, per_device, accumulation, save_steps),
+def _run(out: str, layout: Optional[dict], per_device: int, accumulation: int, save_steps: int = 0, **extra) -> dict:
+    trainer = Trainer(model=model(), args=_args(out, layout, per_device, accumulation, save_steps, **extra),
                       train_dataset=Documents(DOCS, seed=1), eval_dataset=Documents(EVAL_DOCS, seed=9),
                       data_collator=collate)
     trainer.train()
@@ -101,19 +103,24 @@ def _run(out: str, layout: dict, per_device: int, accumulation: int, save_steps:
 
 
 def _two_ranks_job(rank: int, out: str) -> None:
+    one_f_one_b = {"pp_size": 2, "pp_schedule": "1F1B"}
     runs = {  # 8 documents a step: 2 rows x 4 micro-batches
         "GPipe": _run(f"{out}/gpipe", {"pp_size": 2, "pp_schedule": "GPipe"}, 2, 4, save_steps=2),
-        "1F1B": _run(f"{out}/1f1b", {"pp_size": 2, "pp_schedule": "1F1B"}, 2, 4),
+        "1F1B": _run(f"{out}/1f1b", one_f_one_b, 2, 4),
         "Interleaved1F1B": _run(f"{out}/interleaved", {"pp_size": 2, "pp_schedule": "Interleaved1F1B"}, 2, 4),
+        "1F1B checkpointed": _run(f"{out}/ckpt", one_f_one_b, 2, 4, activation_checkpointing=True),
+        "1F1B bf16": _run(f"{out}/bf16", one_f_one_b, 2, 4, bf16=True),
+        "1F1B LoRA": _run(f"{out}/lora", one_f_one_b, 2, 4, lora=LORA),
     }
     if rank == 0:
         torch.save(runs, Path(out, "runs.pt"))
 
 
 def _four_ranks_job(rank: int, out: str) -> None:
-    run = _run(f"{out}/pp_dp", {"pp_size": 2, "dp_shard_size": 2, "pp_schedule": "1F1B"}, 2, 2)
+    runs = {"pp2 x dp_shard2": _run(f"{out}/pp_dp", {"pp_size": 2, "dp_shard_size": 2}, 2, 2),
+            "pp2 x tp2": _run(f"{out}/pp_tp", {"pp_size": 2, "tp_size": 2, "dp_shard_size": 1}, 2, 4)}
     if rank == 0:
-        torch.save({"pp2 x dp_shard2": run}, Path(out, "runs.pt"))
+        torch.save(runs, Path(out, "runs.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -128,32 +135,53 @@ def reference():
     return plain_loop()
 
 
-@pytest.mark.parametrize("schedule", ["GPipe", "1F1B", "Interleaved1F1B"])
-def test_pipeline_schedules_train_as_one_process(two_ranks, reference, schedule):
-    run = two_ranks[1][schedule]
-    losses, weights, eval_loss = reference
-    assert "pp" in run["describe"]
+def _assert_trains_as(run: dict, losses: list[float], weights: dict[str, torch.Tensor], eval_loss: float,
+                      weights_atol: float = 1e-5) -> None:
     torch.testing.assert_close(run["losses"], losses, rtol=0, atol=1e-5)
     assert run["weights"].keys() == weights.keys()
     for name, tensor in weights.items():
-        torch.testing.assert_close(run["weights"][name], tensor, rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(run["weights"][name], tensor, rtol=0, atol=weights_atol, msg=name)
     assert run["eval_loss"] == pytest.approx(eval_loss, abs=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["GPipe", "1F1B", "Interleaved1F1B", "1F1B checkpointed"])
+def test_pipeline_schedules_train_as_one_process(two_ranks, reference, schedule):
+    run = two_ranks[1][schedule]
+    assert "pp" in run["describe"] and schedule.split()[0] in run["describe"]
+    _assert_trains_as(run, *reference)
 
 
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pp2dp2")
+    out = tmp_path_factory.mktemp("pp2x2")
     run_ranks(_four_ranks_job, str(out), world_size=4, timeout=600)
-    return torch.load(out / "runs.pt", weights_only=False)["pp2 x dp_shard2"]
+    return torch.load(out / "runs.pt", weights_only=False)
 
 
-def test_pipeline_with_fsdp_data_parallel_trains_as_one_process(four_ranks, reference):
-    losses, weights, eval_loss = reference
-    assert "2 pp x 2 dp_shard" in four_ranks["describe"]
-    torch.testing.assert_close(four_ranks["losses"], losses, rtol=0, atol=1e-5)
-    for name, tensor in weights.items():
-        torch.testing.assert_close(four_ranks["weights"][name], tensor, rtol=0, atol=1e-5, msg=name)
-    assert four_ranks["eval_loss"] == pytest.approx(eval_loss, abs=1e-5)
+@pytest.mark.parametrize("name", ["pp2 x dp_shard2", "pp2 x tp2"])
+def test_pipeline_with_data_or_tensor_parallel_stages_trains_as_one_process(four_ranks, reference, name):
+    run = four_ranks[name]
+    assert name.replace("pp2", "2 pp").replace("dp_shard2", "2 dp_shard").replace("tp2", "2 tp") in run["describe"]
+    # tp's row-wise layers sum their contraction in two parts, and Adam's first steps turn that rounding in
+    # near-zero gradients into weight differences of about 1e-5 (measured: 1.3e-5 at most, in one tensor)
+    _assert_trains_as(run, *reference, weights_atol=1e-5 if "tp" not in name else 3e-5)
+
+
+def test_pipeline_adapters_train_as_one_process(two_ranks, tmp_path):
+    """LoRA on pipeline stages against the same LoRA run in one process (no pipeline, one batch a step)."""
+    single = _run(str(tmp_path), None, 8, 1, lora=LORA, strategy="single")
+    run = two_ranks[1]["1F1B LoRA"]
+    torch.testing.assert_close(run["losses"], single["losses"], rtol=0, atol=1e-5)
+    assert run["weights"].keys() == single["weights"].keys()
+    for name, tensor in single["weights"].items():
+        torch.testing.assert_close(run["weights"][name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+def test_pipeline_in_bf16_computes_in_bf16(two_ranks, reference):
+    """FSDP2's bf16 policy on the stages: the losses are fp32's to bf16 precision, and not fp32's."""
+    losses = two_ranks[1]["1F1B bf16"]["losses"]
+    torch.testing.assert_close(losses, reference[0], rtol=0, atol=3e-2)
+    assert max(abs(a - b) for a, b in zip(losses, reference[0], strict=True)) > 1e-4
 
 
 def test_pipeline_checkpoint_resumes_in_one_process(two_ranks, reference, tmp_path):
@@ -174,3 +202,57 @@ def test_pipeline_checkpoint_resumes_in_one_process(two_ranks, reference, tmp_pa
     assert resumed.state.log_history[-2]["step"] == 3
     for name, tensor in weights.items():
         torch.testing.assert_close(resumed.model.state_dict()[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("overrides,named", [
+    ({"parallelism_config": {"pp_size": 2, "sp_size": 2}}, "sp_size=2 with pp_size=2"),
+    ({"parallelism_config": {"pp_size": 2}, "gradient_accumulation_steps": 4, "fp16": True}, "fp16=True"),
+    ({"parallelism_config": {"pp_size": 2, "pp_microbatches": 8}, "gradient_accumulation_steps": 4},
+     "pp_microbatches=8 with gradient_accumulation_steps=4: a step's micro-batches are the pipeline's"),
+    ({"parallelism_config": {"pp_size": 2, "pp_schedule": "Interleaved1F1B"}, "gradient_accumulation_steps": 5},
+     "rounds of 2 micro-batches, but gradient_accumulation_steps=5"),
+    ({"parallelism_config": {"pp_size": 2, "pp_schedule": "ZeroBubble"}}, "pp_schedule='ZeroBubble'"),
+    ({"parallelism_config": {"pp_size": 2, "pp_schedule": "GPipe", "pp_stages_per_rank": 2}},
+     "GPipe and 1F1B run 1 stage per rank"),
+    ({"parallelism_config": {"pp_size": 2, "pp_schedule": "GPipe"}, "strategy": "zero3"}, "pp_size=2 with strategy"),
+    ({"parallelism_config": {"pp_size": 2, "pp_schedule": "GPipe"}, "auto_find_batch_size": True},
+     "auto_find_batch_size=True"),
+])
+def test_options_pipeline_stages_cannot_serve_are_refused_by_the_arguments(tmp_path, overrides, named):
+    with pytest.raises((ValueError, NotSupportedError), match=named):
+        TrainingArguments(output_dir=str(tmp_path), **overrides)
+
+
+def test_generation_is_refused_with_pipeline_stages(tmp_path):
+    from scaletrain import Seq2SeqTrainingArguments
+
+    with pytest.raises(NotSupportedError, match="predict_with_generate=True .* generation runs the whole model"):
+        Seq2SeqTrainingArguments(output_dir=str(tmp_path), predict_with_generate=True,
+                                 parallelism_config={"pp_size": 2, "pp_schedule": "GPipe"})
+
+
+@pytest.mark.parametrize("config,stages,points,named", [
+    ({}, 2, None, "tied input and output embeddings"),
+    ({"tie_word_embeddings": False}, 5, None, "4 decoder layers cannot give each of 5 pipeline stages one"),
+    ({"tie_word_embeddings": False}, 2, [4], r"pp_split_points=\[4\] must be 1 increasing layer indices above 0 "
+                                             r"and below 4"),
+])
+def test_models_pipeline_stages_cannot_split_are_refused_naming_them(config, stages, points, named):
+    from scaletrain.parallel.pipeline import check_pipeline_split
+
+    with torch.device("meta"):
+        net = tiny_llama(**{"num_hidden_layers": 4, **config})
+    with pytest.raises(ValueError, match=named):
+        check_pipeline_split(net, stages, points)
+
+
+def test_the_command_line_refuses_a_model_pipeline_stages_cannot_split_before_any_process_group(
+        monkeypatch, tmp_path, capsys):
+    from scaletrain import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun would set it; the check runs before the group starts
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    code = cli.main(["train", "tiny-test", "--output_dir", str(tmp_path), "--parallelism_config",
+                     '{"pp_size": 2, "pp_schedule": "GPipe"}'])
+    assert code == 2
+    assert "pp_size: BertForSequenceClassification is not a decoder-only causal LM" in capsys.readouterr().err

@@ -64,15 +64,16 @@ def layer_ranges(model: torch.nn.Module, stages: int, split_points: Optional[lis
     if split_points is not None:
         starts = [0, *split_points]
         if sorted(set(starts)) != starts or starts[-1] >= layers or len(starts) != stages:
-            raise ValueError(f"pp split points {split_points} must be {stages - 1} increasing layer indices "
-                             f"below {layers}")
+            raise ValueError(f"parallelism_config pp_split_points={split_points} must be {stages - 1} increasing "
+                             f"layer indices above 0 and below {layers} (the first layer of stages 2 to {stages})")
     else:
         units = stage_units(model)
         starts = [max(0, s - 1) for s in balanced_splits(units, stages)]
         starts[0] = 0
     ends = [*starts[1:], layers]
     if any(end <= start for start, end in zip(starts, ends, strict=True)):
-        raise ValueError(f"{layers} decoder layers cannot give each of {stages} pipeline stages one")
+        raise ValueError(f"{layers} decoder layers cannot give each of {stages} pipeline stages one; use fewer "
+                         "stages (pp_size x pp_stages_per_rank)")
     return [range(start, end) for start, end in zip(starts, ends, strict=True)]
 
 
@@ -86,8 +87,36 @@ def prune_to_stage(model: torch.nn.Module, layers: range, first: bool, last: boo
 
 def _check_untied(model: torch.nn.Module, whole: bool) -> None:
     if library_model(model).config.tie_word_embeddings and not whole:
-        raise ValueError("pipeline stages with tied input and output embeddings: the embedding is on the first "
+        raise ValueError("parallelism_config pp_size with tied input and output embeddings: the embedding is on the first "
                          "stage and the head on the last; untie them (tie_word_embeddings=False)")
+
+
+def check_pipeline_split(model: torch.nn.Module, stages: int, split_points: Optional[list[int]]) -> None:
+    """`model` (on any device, meta included) can be cut into `stages` pipeline stages, or the error names why."""
+    lm = library_model(model)
+    inner = getattr(lm, "model", None)
+    parts = ("model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head")
+    missing = [name for name in parts if _attribute(lm, name) is None]
+    if getattr(lm.config, "is_encoder_decoder", False) or missing or not isinstance(inner.layers, torch.nn.ModuleList):
+        raise ValueError(f"parallelism_config pp_size: {type(lm).__name__} is not a decoder-only causal LM laid out "
+                         f"as Llama is (embed_tokens, layers, norm, rotary_emb, lm_head; it lacks "
+                         f"{missing or ['a layer list']}); train it without pp_size")
+    _check_untied(model, stages == 1)
+    layer_ranges(model, stages, split_points)
+
+
+def check_model_splits_into_stages(build_from_config, config) -> None:
+    """Before any process group: the model (built from its config on the meta device) splits into the stages
+    a ParallelismConfig asks for."""
+    with torch.device("meta"):
+        model = build_from_config()
+    check_pipeline_split(model, config.pp_stages, config.pp_split_points)
+
+
+def _attribute(module: torch.nn.Module, dotted: str):
+    for name in dotted.split("."):
+        module = getattr(module, name, None)
+    return module
 
 
 def _keep(lm: torch.nn.Module, layers: list[int], first: bool, last: bool) -> None:
@@ -111,15 +140,16 @@ def _shallow_copy(module: torch.nn.Module) -> torch.nn.Module:
 
 def cut_stages(model: torch.nn.Module, ranges: list[range], stage_ids: list[int]) -> list[torch.nn.Module]:
     """`model` pruned in place to what this rank's stages hold (so its state dict is this rank's share, under the
-    original names), and one module per stage: `model` itself for one stage per rank, else views over its
-    modules, each with the stage forward."""
+    original names), and one module per stage, each with the stage forward: the transformers model itself for
+    one stage per rank, else views over its modules."""
     stages = len(ranges)
     holds_first, holds_last = 0 in stage_ids, stages - 1 in stage_ids
     _check_untied(model, stages == 1)
     _keep(library_model(model), [i for s in stage_ids for i in ranges[s]], holds_first, holds_last)
-    if len(stage_ids) == 1:
-        library_model(model).forward = types.MethodType(_stage_forward, library_model(model))
-        return [model]
+    if len(stage_ids) == 1:  # the transformers model, inside a peft wrapper if there is one (its forward takes
+        lm = library_model(model)  # HF's keyword arguments, not a stage's)
+        lm.forward = types.MethodType(_stage_forward, lm)
+        return [lm]
     parts = []
     for stage in stage_ids:
         lm = _shallow_copy(library_model(model))

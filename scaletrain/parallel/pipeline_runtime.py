@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..modeling import library_model
-from .pipeline import cut_stages, layer_ranges
+from .pipeline import check_pipeline_split, cut_stages, layer_ranges
 
 IGNORE_INDEX = -100
 SEQUENCE_MULTIPLE = 32  # steps' lengths are rounded up to this, so few shapes (schedules) are built
@@ -38,6 +38,7 @@ class Pipeline:
         self.stage_ids = [layout.pp_rank + k * layout.pp for k in range(config.pp_stages_per_rank)]
         self.full_shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
         self.full_names = list(model.state_dict())  # the whole model's order (HF weight files keep it)
+        check_pipeline_split(model, self.num_stages, config.pp_split_points)
         ranges = layer_ranges(model, self.num_stages, config.pp_split_points)
         self.parts = cut_stages(model, ranges, self.stage_ids)
         lm = library_model(model)

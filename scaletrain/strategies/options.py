@@ -65,14 +65,14 @@ def check_pipeline_options(args, config) -> None:
     """What pipeline stages (pp_size) do not run with, refused by name; and the step's micro-batches, which are
     the pipeline's."""
     pp = config.pp_size
+    if config.sp_size > 1:
+        raise NotSupportedError(f"parallelism_config sp_size={config.sp_size} with pp_size={pp}: sequence-split "
+                                "pipeline stages are not wired yet; drop one of them")
     for name, value, why in (
-        ("tp_size", config.tp_size > 1, "tensor-parallel stages are not wired yet"),
-        ("sp_size", config.sp_size > 1, "sequence-split stages are not wired yet"),
         ("fp16", args.fp16, "the loss scaler's overflow check is not reduced over pipeline stages; use bf16"),
         ("label_smoothing_factor", args.label_smoothing_factor, "the last stage computes the model's own loss"),
         ("use_liger_kernel", args.use_liger_kernel, "Liger's fused loss is not run by the last stage"),
         ("neftune_noise_alpha", args.neftune_noise_alpha, "NEFTune is not checked on a pipeline's first stage"),
-        ("lora", args.lora, "adapters are not checked on pipeline stages yet"),
         ("float8", args.float8, "float8 layers are not checked on pipeline stages yet"),
         ("torch_compile", args.torch_compile, "compiled stages are not checked yet"),
         ("auto_find_batch_size", args.auto_find_batch_size, "the batch finder's probe runs the whole model"),
@@ -82,7 +82,7 @@ def check_pipeline_options(args, config) -> None:
          "generation runs the whole model on one rank"),
     ):
         if value:
-            raise NotSupportedError(f"{name}={getattr(args, name, value)} with parallelism_config pp_size={pp}: "
+            raise NotSupportedError(f"{name}={value} with parallelism_config pp_size={pp}: "
                                     f"{why}; drop one of them")
     steps = args.gradient_accumulation_steps
     if config.pp_microbatches is not None and config.pp_microbatches != steps:
