@@ -87,8 +87,8 @@ def prune_to_stage(model: torch.nn.Module, layers: range, first: bool, last: boo
 
 def _check_untied(model: torch.nn.Module, whole: bool) -> None:
     if library_model(model).config.tie_word_embeddings and not whole:
-        raise ValueError("parallelism_config pp_size with tied input and output embeddings: the embedding is on the first "
-                         "stage and the head on the last; untie them (tie_word_embeddings=False)")
+        raise ValueError("parallelism_config pp_size with tied input and output embeddings: the embedding is on "
+                         "the first stage and the head on the last; untie them (tie_word_embeddings=False)")
 
 
 def check_pipeline_split(model: torch.nn.Module, stages: int, split_points: Optional[list[int]]) -> None:
