@@ -61,15 +61,29 @@ def layer_ranges(model: torch.nn.Module, stages: int, split_points: Optional[lis
     """The decoder layers of each stage: at the user's split points (the first layer of stages 2, 3, ...), or
     balanced by parameter count with the embedding counted on the first stage and norm + head on the last."""
     layers = len(library_model(model).model.layers)
-    if split_points is not None:
-        starts = [0, *split_points]
-        if sorted(set(starts)) != starts or starts[-1] >= layers or len(starts) != stages:
-            raise ValueError(f"parallelism_config pp_split_points={split_points} must be {stages - 1} increasing "
-                             f"layer indices above 0 and below {layers} (the first layer of stages 2 to {stages})")
-    else:
-        units = stage_units(model)
-        starts = [max(0, s - 1) for s in balanced_splits(units, stages)]
-        starts[0] = 0
+    if split_points is None:
+        return balanced_layer_ranges(stage_units(model), stages)
+    starts = [0, *split_points]
+    if sorted(set(starts)) != starts or starts[-1] >= layers or len(starts) != stages:
+        raise ValueError(f"parallelism_config pp_split_points={split_points} must be {stages - 1} increasing "
+                         f"layer indices above 0 and below {layers} (the first layer of stages 2 to {stages})")
+    return _ranges(starts, layers)
+
+
+def balanced_layer_ranges(units: list[int], stages: int) -> list[range]:
+    """The decoder layers of each of `stages` stages, balanced by the parameter counts of stage_units' units:
+    the embedding counts with the first layer and norm + head with the last, so every stage gets a layer."""
+    layers = list(units[1:-1])
+    if len(layers) < stages:
+        raise ValueError(f"{len(layers)} decoder layers cannot give each of {stages} pipeline stages one; use fewer "
+                         "stages (pp_size x pp_stages_per_rank)")
+    layers[0] += units[0]
+    layers[-1] += units[-1]
+    return _ranges(balanced_splits(layers, stages), len(layers))
+
+
+def _ranges(starts: list[int], layers: int) -> list[range]:
+    stages = len(starts)
     ends = [*starts[1:], layers]
     if any(end <= start for start, end in zip(starts, ends, strict=True)):
         raise ValueError(f"{layers} decoder layers cannot give each of {stages} pipeline stages one; use fewer "
