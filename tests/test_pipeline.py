@@ -25,18 +25,20 @@ LORA = {"r": 4, "alpha": 8, "target_modules": "all-linear"}
 
 
 class Documents(torch.utils.data.Dataset):
-    """Token documents of 5 to 23 tokens."""
+    """Token documents of 5 to 47 tokens: micro-batches pad to 32 or 64, so data-parallel ranks reading
+    different rows must agree on one shape; `labelled=False` leaves the labels out (predict)."""
 
-    def __init__(self, n: int, seed: int) -> None:
+    def __init__(self, n: int, seed: int, labelled: bool = True) -> None:
         g = torch.Generator().manual_seed(seed)
-        lengths = torch.randint(5, 24, (n,), generator=g).tolist()
+        lengths = torch.randint(5, 48, (n,), generator=g).tolist()
         self.docs = [torch.randint(1, VOCAB, (length,), generator=g).tolist() for length in lengths]
+        self.labelled = labelled
 
     def __len__(self) -> int:
         return len(self.docs)
 
     def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.docs[i], "labels": self.docs[i]}
+        return {"input_ids": self.docs[i], **({"labels": self.docs[i]} if self.labelled else {})}
 
 
 def model():
@@ -45,14 +47,17 @@ def model():
 
 
 def padded_rows(docs: list[list[int]]) -> dict[str, torch.Tensor]:
-    width = max(len(d) for d in docs)
+    """Right-padded to a multiple of 32 tokens, as pipeline stages pad a step: the padding changes no result,
+    but the matmuls' shapes and so their rounding, which Adam's first steps magnify in near-zero gradients."""
+    width = -(-max(len(d) for d in docs) // 32) * 32
     ids = torch.tensor([d + [0] * (width - len(d)) for d in docs])
     mask = torch.tensor([[1] * len(d) + [0] * (width - len(d)) for d in docs])
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
 def collate(features: list[dict]) -> dict[str, torch.Tensor]:
-    return padded_rows([f["input_ids"] for f in features])
+    rows = padded_rows([f["input_ids"] for f in features])
+    return rows if "labels" in features[0] else {k: v for k, v in rows.items() if k != "labels"}
 
 
 def summed_loss(net, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -63,7 +68,7 @@ def summed_loss(net, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     return loss, int((targets != -100).sum())
 
 
-def plain_loop() -> tuple[list[float], dict[str, torch.Tensor], float]:
+def plain_loop() -> tuple[list[float], dict[str, torch.Tensor], float, list[torch.Tensor]]:
     """Each step: the next GLOBAL_DOCS documents of the permutation scaletrain draws (seed + epoch)."""
     net, data = model(), Documents(DOCS, seed=1)
     optimizer = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=0.0)
@@ -79,9 +84,11 @@ def plain_loop() -> tuple[list[float], dict[str, torch.Tensor], float]:
         losses.append(loss.item() / count)
     net.eval()
     with torch.no_grad():  # eval_loss: the mean over every target of the evaluation set, one document a batch
-        per_doc = [summed_loss(net, padded_rows([d])) for d in Documents(EVAL_DOCS, seed=9).docs]
+        docs = Documents(EVAL_DOCS, seed=9).docs
+        per_doc = [summed_loss(net, padded_rows([d])) for d in docs]
+        logits = [net(input_ids=torch.tensor([d])).logits[0] for d in docs]
     return losses, {k: v.detach().clone() for k, v in net.state_dict().items()}, \
-        sum(loss.item() for loss, _ in per_doc) / sum(count for _, count in per_doc)
+        sum(loss.item() for loss, _ in per_doc) / sum(count for _, count in per_doc), logits
 
 
 def _args(out: str, layout: dict, per_device: int, accumulation: int, save_steps: int = 0, **extra):
@@ -99,7 +106,8 @@ def _run(out: str, layout: Optional[dict], per_device: int, accumulation: int, s
                       data_collator=collate)
     trainer.train()
     return {"losses": losses_of(trainer), "weights": dict(trainer.strategy.full_model_tensors(trainer.model_wrapped)),
-            "eval_loss": trainer.evaluate()["eval_loss"], "describe": trainer.strategy.describe()}
+            "eval_loss": trainer.evaluate()["eval_loss"], "describe": trainer.strategy.describe(),
+            "logits": trainer.predict(Documents(EVAL_DOCS, seed=9, labelled=False)).predictions}
 
 
 def _two_ranks_job(rank: int, out: str) -> None:
@@ -111,9 +119,24 @@ def _two_ranks_job(rank: int, out: str) -> None:
         "1F1B checkpointed": _run(f"{out}/ckpt", one_f_one_b, 2, 4, activation_checkpointing=True),
         "1F1B bf16": _run(f"{out}/bf16", one_f_one_b, 2, 4, bf16=True),
         "1F1B LoRA": _run(f"{out}/lora", one_f_one_b, 2, 4, lora=LORA),
+        "override": _refused_override(),
     }
     if rank == 0:
         torch.save(runs, Path(out, "runs.pt"))
+
+
+class LossOverride(Trainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def _refused_override() -> str:
+    try:
+        LossOverride(model=model(), args=_args("unused", {"pp_size": 2}, 2, 4), train_dataset=Documents(8, seed=1),
+                     data_collator=collate)
+    except NotSupportedError as error:
+        return str(error)
+    return "not refused"
 
 
 def _four_ranks_job(rank: int, out: str) -> None:
@@ -136,12 +159,18 @@ def reference():
 
 
 def _assert_trains_as(run: dict, losses: list[float], weights: dict[str, torch.Tensor], eval_loss: float,
-                      weights_atol: float = 1e-5) -> None:
+                      logits: list[torch.Tensor], weights_atol: float = 1e-5) -> None:
     torch.testing.assert_close(run["losses"], losses, rtol=0, atol=1e-5)
     assert run["weights"].keys() == weights.keys()
     for name, tensor in weights.items():
         torch.testing.assert_close(run["weights"][name], tensor, rtol=0, atol=weights_atol, msg=name)
     assert run["eval_loss"] == pytest.approx(eval_loss, abs=1e-5)
+    # predict() without labels: every document's logits, in dataset order (the collator pads each to a multiple
+    # of 32, and the evaluation loop pads them to the longest)
+    predictions = torch.as_tensor(run["logits"])
+    assert predictions.shape == (len(logits), -(-max(len(x) for x in logits) // 32) * 32, VOCAB)
+    for row, expected in zip(predictions, logits, strict=True):
+        torch.testing.assert_close(row[:len(expected)], expected, rtol=0, atol=10 * weights_atol)
 
 
 @pytest.mark.parametrize("schedule", ["GPipe", "1F1B", "Interleaved1F1B", "1F1B checkpointed"])
@@ -167,6 +196,10 @@ def test_pipeline_with_data_or_tensor_parallel_stages_trains_as_one_process(four
     _assert_trains_as(run, *reference, weights_atol=1e-5 if "tp" not in name else 3e-5)
 
 
+def test_a_loss_override_the_pipeline_would_bypass_is_refused(two_ranks):
+    assert "LossOverride overrides compute_loss, and parallelism_config pp_size=2" in two_ranks[1]["override"]
+
+
 def test_pipeline_adapters_train_as_one_process(two_ranks, tmp_path):
     """LoRA on pipeline stages against the same LoRA run in one process (no pipeline, one batch a step)."""
     single = _run(str(tmp_path), None, 8, 1, lora=LORA, strategy="single")
@@ -189,7 +222,7 @@ def test_pipeline_checkpoint_resumes_in_one_process(two_ranks, reference, tmp_pa
 
     out, _ = two_ranks
     checkpoint = Path(out, "gpipe", "checkpoint-2")
-    losses, weights, _ = reference
+    losses, weights, _, _ = reference
     # the checkpoint folder is a whole HF model, although each rank held half of it
     saved = AutoModelForCausalLM.from_pretrained(checkpoint).state_dict()
     assert saved.keys() == weights.keys()
@@ -210,13 +243,14 @@ def test_pipeline_checkpoint_resumes_in_one_process(two_ranks, reference, tmp_pa
     ({"parallelism_config": {"pp_size": 2, "pp_microbatches": 8}, "gradient_accumulation_steps": 4},
      "pp_microbatches=8 with gradient_accumulation_steps=4: a step's micro-batches are the pipeline's"),
     ({"parallelism_config": {"pp_size": 2, "pp_schedule": "Interleaved1F1B"}, "gradient_accumulation_steps": 5},
-     "rounds of 2 micro-batches, but gradient_accumulation_steps=5"),
+     "equal rounds of about 2, which gradient_accumulation_steps=5 cannot form"),
     ({"parallelism_config": {"pp_size": 2, "pp_schedule": "ZeroBubble"}}, "pp_schedule='ZeroBubble'"),
     ({"parallelism_config": {"pp_size": 2, "pp_schedule": "GPipe", "pp_stages_per_rank": 2}},
      "GPipe and 1F1B run 1 stage per rank"),
     ({"parallelism_config": {"pp_size": 2, "pp_schedule": "GPipe"}, "strategy": "zero3"}, "pp_size=2 with strategy"),
     ({"parallelism_config": {"pp_size": 2, "pp_schedule": "GPipe"}, "auto_find_batch_size": True},
      "auto_find_batch_size=True"),
+    ({"parallelism_config": {"pp_schedule": "GPipe"}}, "pp_schedule='GPipe' without pipeline stages"),
 ])
 def test_options_pipeline_stages_cannot_serve_are_refused_by_the_arguments(tmp_path, overrides, named):
     with pytest.raises((ValueError, NotSupportedError), match=named):

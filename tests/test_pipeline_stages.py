@@ -1,7 +1,7 @@
 """Pipeline stages of an HF Llama (scaletrain/parallel/pipeline.py) run by torch's GPipe, 1F1B and
 Interleaved1F1B (two stages per rank) schedules on 2 gloo ranks: the loss (summed over the batch's targets,
 divided by their count, as LossWeighting normalises) and every parameter's gradient equal one process's full
-forward and backward within 1e-5. Not wired into the Trainer yet."""
+forward and backward within 1e-5 (tests/test_pipeline.py runs them in the Trainer)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import VOCAB, run_ranks, tiny_llama
-from scaletrain.parallel.pipeline import balanced_splits, layer_ranges, prune_to_stage
+from scaletrain.parallel.pipeline import balanced_splits, cut_stages, layer_ranges
 
 ROWS, SEQ, MICRO = 8, 12, 4
 
@@ -43,7 +43,8 @@ def _job(rank: int, out: str, schedule: str) -> None:
     total = 2 * per_rank
     ranges = layer_ranges(_model(), total)
     indices = [rank + 2 * k for k in range(per_rank)]
-    parts = [prune_to_stage(_model(), ranges[i], first=i == 0, last=i == total - 1) for i in indices]
+    model = _model()
+    parts = cut_stages(model, ranges, indices)  # the rank's stages; `model` keeps their parameters, by name
     stages = [PipelineStage(part, i, total, torch.device("cpu")) for part, i in zip(parts, indices, strict=True)]
     ids, labels = _batch()
     count = int((labels[:, 1:] != -100).sum())
@@ -53,7 +54,7 @@ def _job(rank: int, out: str, schedule: str) -> None:
     has_last = total - 1 in indices
     losses = [] if has_last else None
     sched.step(*((ids,) if rank == 0 else ()), target=labels if has_last else None, losses=losses)
-    grads = {name: p.grad.clone() for part in parts for name, p in part.named_parameters() if p.grad is not None}
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     torch.save({"grads": grads, "loss": float(sum(losses)) if losses else None},
                Path(out, f"{schedule}-{rank}.pt"))
     dist.destroy_process_group()

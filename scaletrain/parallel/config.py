@@ -67,6 +67,12 @@ class ParallelismConfig(AccelerateParallelismConfig):
                        "cp": self.cp_size, "sp": self.sp_size}
 
     def _check_pipeline_fields(self) -> None:
+        defaults = {"pp_schedule": "1F1B", "pp_microbatches": None, "pp_stages_per_rank": None, "pp_split_points": None}
+        if self.pp_size == 1:
+            changed = [name for name, value in defaults.items() if getattr(self, name) != value]
+            if changed:
+                raise ValueError(f"parallelism_config {changed[0]}={getattr(self, changed[0])!r} without pipeline "
+                                 "stages: set pp_size above 1, or drop it")
         names = {name.lower(): name for name in (*_SINGLE_STAGE_SCHEDULES, *_MULTI_STAGE_SCHEDULES)}
         if not isinstance(self.pp_schedule, str) or self.pp_schedule.lower() not in names:
             hint = did_you_mean(str(self.pp_schedule), list(names.values()))

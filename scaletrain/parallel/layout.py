@@ -59,7 +59,16 @@ class ParallelLayout:
     @property
     def pp_rank(self) -> int:
         """Which pipeline part this rank holds (the stages of that part, with interleaving several)."""
-        return self.env.rank // (self.dp_size * self.sp * self.tp)
+        return self.env.rank // self.ranks_per_part
+
+    @property
+    def ranks_per_part(self) -> int:
+        """The ranks of one pipeline part (all of them without pp): dp x sp x tp."""
+        return self.dp_size * self.sp * self.tp
+
+    @property
+    def rank_in_part(self) -> int:
+        return self.env.rank % self.ranks_per_part
 
     @property
     def sp_rank(self) -> int:

@@ -91,14 +91,6 @@ def _ranges(starts: list[int], layers: int) -> list[range]:
     return [range(start, end) for start, end in zip(starts, ends, strict=True)]
 
 
-def prune_to_stage(model: torch.nn.Module, layers: range, first: bool, last: bool) -> torch.nn.Module:
-    """`model` (an HF causal LM) keeps what its stage runs, in place, and runs as that stage."""
-    _check_untied(model, first and last)
-    _keep(library_model(model), list(layers), first, last)
-    library_model(model).forward = types.MethodType(_stage_forward, library_model(model))
-    return model
-
-
 def _check_untied(model: torch.nn.Module, whole: bool) -> None:
     if library_model(model).config.tie_word_embeddings and not whole:
         raise ValueError("parallelism_config pp_size with tied input and output embeddings: the embedding is on "

@@ -8,14 +8,15 @@ with scale_grads=False for that reason.
 
 torch's stages fix their shapes at the first step they run, so a step's micro-batches are padded to one shape
 (right padding: ignored labels, masked where the batch has a mask; a causal LM's earlier positions never see
-it) and schedules are kept per shape. All pp ranks of a data-parallel rank read the same batches, so they
-always agree on the shape; the attention mask and position ids reach every stage as schedule kwargs, and only
-hidden states cross a stage boundary.
+it) and schedules are kept per shape. Every rank pads to the same shape (agreed with one small all-reduce: a
+new shape makes every stage run a shape-inference pass whose FSDP collectives its data-parallel peers must
+join too), so every rank builds the same schedules in the same order. The attention mask and position ids
+reach every stage as schedule kwargs, and only hidden states cross a stage boundary.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -32,18 +33,33 @@ _INPUTS = ("input_ids", "labels", "attention_mask", "position_ids")
 class Pipeline:
     """This rank's pipeline stages (cut from the model before the strategy shards them) and their schedules."""
 
-    def __init__(self, model: torch.nn.Module, config, layout) -> None:
-        self.layout, self.schedule_name = layout, config.pp_schedule
+    def __init__(self, model: torch.nn.Module, config, layout, agree: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> None:
+        """`agree`: the element-wise maximum of a small tensor over every rank (a collective)."""
+        self.layout, self.schedule_name, self._agree = layout, config.pp_schedule, agree
         self.num_stages = config.pp_stages
         self.stage_ids = [layout.pp_rank + k * layout.pp for k in range(config.pp_stages_per_rank)]
+        # the whole model, before this rank prunes it: its checkpoint fingerprint, its HF weight files (names in
+        # order, shapes and dtypes) and its FLOPs
         self.full_shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-        self.full_names = list(model.state_dict())  # the whole model's order (HF weight files keep it)
+        self.full_state = {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}
+        self.non_embedding_parameters = model.num_parameters(exclude_embeddings=True) \
+            if hasattr(model, "num_parameters") else None
         check_pipeline_split(model, self.num_stages, config.pp_split_points)
         ranges = layer_ranges(model, self.num_stages, config.pp_split_points)
         self.parts = cut_stages(model, ranges, self.stage_ids)
         lm = library_model(model)
         self._loss_function, self._vocab = lm.loss_function, lm.config.vocab_size
         self._schedules: OrderedDict = OrderedDict()
+        self._owners: Optional[dict[str, int]] = None
+
+    def owners(self, model: torch.nn.Module, gather: Callable[[Any], list]) -> dict[str, int]:
+        """The pp rank holding each of the whole model's tensors (asked of every rank once: a collective)."""
+        if self._owners is None:
+            names = set(model.state_dict()) if self.layout.rank_in_part == 0 else set()
+            self._owners = {name: rank // self.layout.ranks_per_part for rank, held in enumerate(gather(names))
+                            for name in held}
+        return self._owners
 
     @property
     def holds_first(self) -> bool:
@@ -60,7 +76,7 @@ class Pipeline:
         non-pipelined step sums it), on every pp rank."""
         if any(b.get("labels") is None for b in micro_batches):
             raise ValueError("pipeline parallelism trains on the LM loss of the last stage: every batch needs labels")
-        batch = stacked(micro_batches)
+        batch = self._stacked(micro_batches)
         count = len(micro_batches)
         loss_kwargs = {"num_items_in_batch": global_items, "micro_batches": count}
         schedule = self._schedule(count, batch, training=True)
@@ -91,7 +107,7 @@ class Pipeline:
         """(mean loss or None without labels, logits or None) of one evaluation batch, on every pp rank: a
         forward-only schedule, then a broadcast from the last stage."""
         rows, length = batch["input_ids"].shape
-        batch = stacked([batch])
+        batch = self._stacked([batch])
         labels = batch.get("labels")
         schedule = self._schedule(1, batch, training=False)
         losses: Optional[list] = [] if self.holds_last and labels is not None else None
@@ -105,10 +121,20 @@ class Pipeline:
         if not with_logits:
             return loss, None
         shape = (*batch["input_ids"].shape, self._vocab)
-        logits = self._broadcast_from_last(logits.detach() if self.holds_last else None, shape, device)
+        # sent in fp32 whatever the stage computed in (the receivers must know the size)
+        logits = self._broadcast_from_last(logits.detach().float() if self.holds_last else None, shape, device)
         return loss, logits[:rows, :length]
 
     # -------------------------------------------------------------- helpers
+    def _stacked(self, micro_batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """The micro-batches padded to the shape every rank agrees on, as one batch."""
+        ids = [b["input_ids"] for b in micro_batches if isinstance(b.get("input_ids"), torch.Tensor)]
+        if len(ids) != len(micro_batches):
+            raise ValueError("pipeline parallelism needs input_ids in every batch (the first stage embeds them)")
+        local = torch.tensor([max(t.shape[0] for t in ids), max(t.shape[1] for t in ids)], device=ids[0].device)
+        rows, length = (int(n) for n in self._agree(local).tolist())
+        return stacked(micro_batches, rows, -(-length // SEQUENCE_MULTIPLE) * SEQUENCE_MULTIPLE)
+
     def _args(self, batch: dict[str, Any]) -> tuple:
         return (batch["input_ids"],) if self.holds_first else ()
 
@@ -120,7 +146,8 @@ class Pipeline:
         """The schedule for `count` micro-batches of this padded batch's shape (built once per shape)."""
         from torch.distributed.pipelining import PipelineStage
 
-        key = (count, tuple(batch["input_ids"].shape), training, *sorted(self._kwargs(batch)))
+        labelled = batch.get("labels") is not None
+        key = (count, tuple(batch["input_ids"].shape), training, labelled, *sorted(self._kwargs(batch)))
         if key in self._schedules:
             self._schedules.move_to_end(key)
             return self._schedules[key]
@@ -129,7 +156,8 @@ class Pipeline:
         stages = [PipelineStage(part, stage, self.num_stages, device, group=group)
                   for part, stage in zip(self.parts, self.stage_ids, strict=True)]
         schedule_class = runnable_schedule(self.schedule_name, count, self.layout.pp, training)
-        loss = self._train_loss if training else self._mean_loss
+        # a forward-only pass without labels computes no loss (torch would index the absent targets)
+        loss = self._train_loss if training else self._mean_loss if labelled else None
         from torch.distributed.pipelining.schedules import PipelineScheduleMulti
 
         multi = issubclass(schedule_class, PipelineScheduleMulti)
@@ -170,21 +198,19 @@ def runnable_schedule(name: str, count: int, pp: int, training: bool) -> type:
     return get_schedule_class(name)
 
 
-def stacked(micro_batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """The micro-batches as one batch of equal-shaped micro-batches (concatenated along rows, each padded to the
-    most rows and the longest row, rounded up to SEQUENCE_MULTIPLE): extra positions and rows are ignored labels
-    (and masked positions where there is a mask); the schedule splits it back along rows."""
-    unknown = sorted({key for batch in micro_batches for key in batch if key not in _INPUTS
-                      and batch[key] is not None})
+def stacked(micro_batches: list[dict[str, Any]], rows: int, length: int) -> dict[str, torch.Tensor]:
+    """The micro-batches as one batch of equal-shaped micro-batches (concatenated along rows, each padded to
+    rows x length): extra positions and rows are ignored labels (and masked positions where there is a mask);
+    the schedule splits it back along rows."""
+    present = [{key for key, value in batch.items() if value is not None} for batch in micro_batches]
+    unknown = sorted(set().union(*present) - set(_INPUTS))
     if unknown:
         raise ValueError(f"pipeline parallelism passes only {', '.join(_INPUTS)} through its stages; the batch "
                          f"also has {unknown}: drop those columns (remove_unused_columns) or train without pp_size")
-    if "input_ids" not in micro_batches[0]:
-        raise ValueError("pipeline parallelism needs input_ids in every batch (the first stage embeds them)")
-    rows = max(b["input_ids"].shape[0] for b in micro_batches)
-    length = max(b["input_ids"].shape[1] for b in micro_batches)
-    length = -(-length // SEQUENCE_MULTIPLE) * SEQUENCE_MULTIPLE
-    keys = [k for k in _INPUTS if micro_batches[0].get(k) is not None]
+    if any(keys != present[0] for keys in present):
+        raise ValueError(f"pipeline parallelism needs the same columns in every micro-batch of a step; got "
+                         f"{[sorted(keys) for keys in present]}")
+    keys = [k for k in _INPUTS if k in present[0]]
     return {key: torch.cat([_padded(b[key], key, rows, length) for b in micro_batches]) for key in keys}
 
 

@@ -250,6 +250,15 @@ class Layout:
         return float(min(p, m))
 
     @property
+    def last_in_flight(self) -> tuple[float, int]:
+        """(micro-batches of its layers, micro-batches of logits) the last pipeline rank holds at once: all of
+        them when every forward runs before any backward (GPipe, LoopedBFS); one under 1F1B, whose last stage
+        runs each backward right after its forward; interleaved, its earlier stages keep the first rank's count."""
+        if self.schedule in ("GPipe", "LoopedBFS"):
+            return float(self.accumulation), self.accumulation
+        return (self.in_flight if self.schedule == "Interleaved1F1B" else 1.0), 1
+
+    @property
     def bubble(self) -> float:
         """The fraction of a step a pipeline rank waits: (pp - 1)/(v·m + pp - 1)."""
         v = self.stages_per_rank if self.schedule == "Interleaved1F1B" else 1
@@ -289,6 +298,8 @@ def predict_memory(shape: PlanShape, layout: Layout, precision: str, seq_len: in
     if layout.pp > 1:  # a stage's root holds the embedding (first) or the norm and head (last)
         root = max(shape.pipeline_units[0], shape.pipeline_units[-1])
     buffers = 2 * compute * block + 4 * block + compute * root if fsdp else 0.0
+    if layout.pp > 1:  # a stage stays gathered from its first backward to the step's gradient reduction
+        buffers = compute * held
     if layout.strategy == "ddp" and layout.tp == 1 and not shape.bucket_view:
         buffers = 4 * held
     return {
@@ -313,8 +324,12 @@ def _activations(shape: PlanShape, layout: Layout, precision: str, seq_len: int)
         return of(shape.model, shape.loss_chunk(layout.checkpointing, precision))
     first, last = shape.stage_layers(layout.pp, layout.stages_per_rank)
     # the chunked loss stays off under pp (the last stage computes the loss from its logits)
+    layers_in_flight, logits_in_flight = layout.last_in_flight
+    # activation_bytes counts the logits three times (fp32 logits, log-softmax, their gradient): a micro-batch
+    # still waiting for its backward holds the first two
+    logits = of(replace(shape.model, layers=0), None) * (1 + (logits_in_flight - 1) * 2 / 3)
     return max(of(replace(shape.model, layers=first, vocab=0), None) * layout.in_flight,
-               of(replace(shape.model, layers=last), None))
+               of(replace(shape.model, layers=last, vocab=0), None) * layers_in_flight + logits)
 
 
 def training_flops(shape: ModelShape, tokens: int, seq_len: int) -> float:

@@ -126,12 +126,9 @@ class Strategy(abc.ABC):
         """Place/wrap/shard the model and build its optimizer together."""
 
     def split_layers(self, model: torch.nn.Module) -> torch.nn.Module:
-        """This rank's pipeline stages (pruned in place), tensor parallelism over the layout's tp ranks (the model's
-        own plan), and attention over whole rows whose slices the sp ranks hold (Ulysses), before any
-        data-parallel wrapping; a no-op without any of them."""
+        """Tensor parallelism over the layout's tp ranks (the model's own plan), and attention over whole rows
+        whose slices the sp ranks hold (Ulysses), before any data-parallel wrapping; a no-op without either."""
         layout = self.layout
-        if layout.pp > 1 and pipeline_of(model) is None:  # set up once (evaluate() before train() included)
-            attach(model, Pipeline(model, self.args.parallelism_config, layout))
         if layout.sp > 1:
             from ..parallel.sequence_parallel import use_ulysses_attention
 
@@ -144,6 +141,13 @@ class Strategy(abc.ABC):
             raise ValueError("parallelism_config tp_size > 1 with a model whose parameters are already "
                              "distributed (loaded with transformers' tp_plan?); load it whole")
         return apply_tensor_parallel(model, layout.tp_mesh(self.device.type))
+
+    def cut_pipeline_stages(self, model: torch.nn.Module) -> torch.nn.Module:
+        """With pp_size, `model` pruned in place to this rank's pipeline stages (before it moves to the device:
+        no rank holds the whole model there), once; a no-op without pipeline stages."""
+        if self.layout.pp > 1 and pipeline_of(model) is None:  # evaluate() before train() sets it up too
+            attach(model, Pipeline(model, self.args.parallelism_config, self.layout, agree=self.all_reduce_max))
+        return model
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
@@ -186,7 +190,7 @@ class Strategy(abc.ABC):
     def clip_grad_norm_(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
         pipeline = self.layout.pp_mesh(self.device.type).get_group() if self.layout.pp > 1 else None
         return clip_global_norm_([p for p in self.unwrap(model).parameters() if p.grad is not None], max_norm,
-                                 across=pipeline)
+                                 across=pipeline, device=self.device)
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         """After a step: gradients dropped (their memory freed until the next backward)."""
@@ -309,20 +313,24 @@ class Strategy(abc.ABC):
 
     def _pipeline_tensors(self, model: torch.nn.Module, pipeline, only: Optional[set[str]]
                           ) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
-        """The whole model's tensors from every pipeline part: each part's first rank gathers its own, and they
-        reach rank 0 in one gather (the whole model on rank 0's host: a pipeline's parts live on other ranks)."""
-        part_ranks = self.layout.dp_size * self.layout.sp * self.layout.tp
-        mine = {}
-        for name, held in self.unwrap(model).state_dict().items():
-            whole = held.to(self.device).full_tensor() if isinstance(held, DTensor) else held
-            if self.rank % part_ranks == 0 and (only is None or name in only):
-                mine[name] = whole.detach().cpu()
-        parts: Optional[list] = [None] * self.world_size if self.rank == 0 else None
-        dist.gather_object(mine if self.rank % part_ranks == 0 else None, parts, dst=0)
-        merged = {name: t for part in (parts or []) if part for name, t in part.items()}
-        for name in pipeline.full_names:
-            if only is None or name in only:
-                yield name, merged.get(name) if self.writes_files else None
+        """The whole model's tensors from every pipeline part, in the whole model's order, one at a time: the
+        part holding a tensor gathers it (a collective among its ranks) and its first rank sends it to rank 0."""
+        owners = pipeline.owners(self.unwrap(model), self.all_gather_object)
+        held = self.unwrap(model).state_dict()
+        for name, (shape, dtype) in pipeline.full_state.items():
+            if only is not None and name not in only:
+                continue
+            owner = owners[name] * self.layout.ranks_per_part  # the first rank of the part that holds it
+            whole = None
+            if name in held:
+                whole = held[name].to(self.device)
+                whole = whole.full_tensor() if isinstance(whole, DTensor) else whole
+                if self.rank == owner != 0:
+                    dist.send(whole.contiguous(), dst=0)
+            elif self.rank == 0:
+                whole = torch.empty(shape, dtype=dtype, device=self.device)
+                dist.recv(whole, src=owner)
+            yield name, (whole.detach().cpu() if self.writes_files and whole is not None else None)
 
     def held_state_numel(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
         """What this rank actually stores, counted from the tensors themselves:
@@ -405,7 +413,7 @@ class Strategy(abc.ABC):
         first pipeline part speaks for it; ranks are laid out pp outermost, sp x tp innermost). Every rank
         calls it."""
         block = self.layout.sp * self.layout.tp
-        return self.all_gather_object(obj)[: self.layout.dp_size * block: block]  # pp rank 0's part speaks
+        return self.all_gather_object(obj)[: self.layout.ranks_per_part: block]  # pp rank 0's part speaks
 
     def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.has_collectives():
@@ -439,7 +447,8 @@ class Strategy(abc.ABC):
         return f"{self.name} (world size {self.world_size}, device {self.device}{mesh})"
 
 
-def clip_global_norm_(params: list[torch.Tensor], max_norm: float, across=None) -> torch.Tensor:
+def clip_global_norm_(params: list[torch.Tensor], max_norm: float, across=None,
+                      device: Optional[torch.device] = None) -> torch.Tensor:
     """torch's clip_grad_norm_ (total norm, then one coefficient for every gradient), over gradients that may
     be DTensors: a sharded gradient's norm is DTensor's own reduction over its shards (FSDP2), and gradients
     on different meshes (tensor-parallel layers on (dp, tp) beside (dp,), or beside plain tensors) get one norm
@@ -455,6 +464,8 @@ def clip_global_norm_(params: list[torch.Tensor], max_norm: float, across=None) 
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     if len(norms) == 1:
         total = norms[0]
+    elif not norms:  # nothing to clip on this rank (a pipeline part without trainable parameters)
+        total = torch.zeros((), device=device)
     else:
         device = params[0].grad.device
         total = torch.stack([n.to(device, torch.float64) ** 2 for n in norms]).sum().sqrt().to(torch.float32)

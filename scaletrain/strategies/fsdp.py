@@ -101,6 +101,7 @@ class FSDPStrategy(Strategy):
     def setup(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory):
         from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard, register_fsdp_forward_method
 
+        model = self.cut_pipeline_stages(model)  # before the move: no rank holds the whole model on its device
         on_meta = any(p.is_meta for p in model.parameters())
         any_meta = bool(self.all_reduce_max(torch.tensor([int(on_meta)], device=self.device)).item())
         if on_meta and self.is_main:

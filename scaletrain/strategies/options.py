@@ -94,8 +94,9 @@ def check_pipeline_options(args, config) -> None:
                          f"{config.pp_stages} micro-batches per step, but gradient_accumulation_steps={steps}; "
                          f"raise it, or use pp_schedule='GPipe'")
     if config.pp_schedule == "Interleaved1F1B" and steps % max(1, steps // pp):
-        raise ValueError(f"parallelism_config pp_schedule='Interleaved1F1B' on {pp} pp ranks runs rounds of {pp} "
-                         f"micro-batches, but gradient_accumulation_steps={steps}; make it a multiple of {pp}")
+        raise ValueError(f"parallelism_config pp_schedule='Interleaved1F1B' on {pp} pp ranks splits a step's "
+                         f"micro-batches into equal rounds of about {pp}, which gradient_accumulation_steps={steps} "
+                         f"cannot form; make it a multiple of {pp}")
 
 
 def check_node_local_saves(args) -> None:
