@@ -125,12 +125,14 @@ def plot(data: dict) -> Path:
 
     rows = data["rows"]
     figure, (speed, peak) = plt.subplots(1, 2, figsize=(12, 4))
-    for schedule in ("fsdp 2", *SCHEDULES):
+    for number, schedule in enumerate(("fsdp 2", *SCHEDULES)):
         names = [n for n in rows if SETTINGS[n][0] == schedule]
-        counts = [rows[n]["micro_batches"] for n in names]
-        speed.plot(counts, [rows[n]["samples_per_s"] for n in names], marker="o", label=schedule)
-        peak.plot(counts, [rows[n]["step_peak_mib"] for n in names], marker="o", label=f"{schedule} measured")
-        peak.plot(counts, [rows[n]["planned_peak_mib"] for n in names], linestyle="--", label=f"{schedule} plan")
+        counts, color = [rows[n]["micro_batches"] for n in names], f"C{number}"
+        speed.plot(counts, [rows[n]["samples_per_s"] for n in names], marker="o", color=color, label=schedule)
+        peak.plot(counts, [rows[n]["step_peak_mib"] for n in names], marker="o", color=color,
+                  label=f"{schedule} measured")
+        peak.plot(counts, [rows[n]["planned_peak_mib"] for n in names], linestyle="--", color=color,
+                  label=f"{schedule} plan")
     speed.set_ylabel("samples/s (2 ranks)")
     peak.set_ylabel("step peak MiB per rank")
     for axes in (speed, peak):

@@ -105,6 +105,7 @@ def _run(out: str, layout: Optional[dict], per_device: int, accumulation: int, s
                       train_dataset=Documents(DOCS, seed=1), eval_dataset=Documents(EVAL_DOCS, seed=9),
                       data_collator=collate)
     trainer.train()
+    trainer.save_model(f"{out}/final")
     return {"losses": losses_of(trainer), "weights": dict(trainer.strategy.full_model_tensors(trainer.model_wrapped)),
             "eval_loss": trainer.evaluate()["eval_loss"], "describe": trainer.strategy.describe(),
             "logits": trainer.predict(Documents(EVAL_DOCS, seed=9, labelled=False)).predictions}
@@ -223,9 +224,12 @@ def test_pipeline_checkpoint_resumes_in_one_process(two_ranks, reference, tmp_pa
     out, _ = two_ranks
     checkpoint = Path(out, "gpipe", "checkpoint-2")
     losses, weights, _, _ = reference
-    # the checkpoint folder is a whole HF model, although each rank held half of it
+    # the checkpoint folder and save_model's are whole HF models, although each rank held half of it
     saved = AutoModelForCausalLM.from_pretrained(checkpoint).state_dict()
     assert saved.keys() == weights.keys()
+    final = AutoModelForCausalLM.from_pretrained(Path(out, "gpipe", "final")).state_dict()
+    for name, tensor in weights.items():
+        torch.testing.assert_close(final[name], tensor, rtol=0, atol=1e-5, msg=name)
     resumed = Trainer(model=model(), args=_args(str(tmp_path), None, 8, 1), train_dataset=Documents(DOCS, seed=1),
                       data_collator=collate)
     resumed.train(resume_from_checkpoint=str(checkpoint))
