@@ -142,6 +142,8 @@ def _refused_override() -> str:
 
 def _four_ranks_job(rank: int, out: str) -> None:
     runs = {"pp2 x dp_shard2": _run(f"{out}/pp_dp", {"pp_size": 2, "dp_shard_size": 2}, 2, 2),
+            "pp2 x dp_replicate2": _run(f"{out}/pp_hsdp", {"pp_size": 2, "dp_replicate_size": 2, "dp_shard_size": 1},
+                                        2, 2),
             "pp2 x tp2": _run(f"{out}/pp_tp", {"pp_size": 2, "tp_size": 2, "dp_shard_size": 1}, 2, 4)}
     if rank == 0:
         torch.save(runs, Path(out, "runs.pt"))
@@ -188,10 +190,11 @@ def four_ranks(tmp_path_factory):
     return torch.load(out / "runs.pt", weights_only=False)
 
 
-@pytest.mark.parametrize("name", ["pp2 x dp_shard2", "pp2 x tp2"])
+@pytest.mark.parametrize("name", ["pp2 x dp_shard2", "pp2 x dp_replicate2", "pp2 x tp2"])
 def test_pipeline_with_data_or_tensor_parallel_stages_trains_as_one_process(four_ranks, reference, name):
     run = four_ranks[name]
-    assert name.replace("pp2", "2 pp").replace("dp_shard2", "2 dp_shard").replace("tp2", "2 tp") in run["describe"]
+    for size in ("pp", "dp_shard", "dp_replicate", "tp"):
+        assert (f"2 {size}" in run["describe"]) == (f"{size}2" in name)
     # tp's row-wise layers sum their contraction in two parts, and Adam's first steps turn that rounding in
     # near-zero gradients into weight differences of about 1e-5 (measured: 1.3e-5 at most, in one tensor)
     _assert_trains_as(run, *reference, weights_atol=1e-5 if "tp" not in name else 3e-5)
