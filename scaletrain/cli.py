@@ -65,6 +65,10 @@ def _prepare(config_name: str, overrides: list[str], command: str = "train", che
 
         check_sequence_split(task.build_model_from_config, strategy.layout.sp, strategy.layout.tp,
                              cfg.data.block_size if cfg.task == "causal-lm" and not cfg.data.pack else None)
+    if strategy.layout.pp > 1:
+        from .parallel.pipeline import check_model_splits_into_stages
+
+        check_model_splits_into_stages(task.build_model_from_config, strategy.args.parallelism_config)
     return cfg, env, strategy, task
 
 

@@ -198,7 +198,8 @@ def test_two_torchrun_nodes_train_hsdp_and_resume(tmp_path):
               "--logging_steps", "1", "--per_device_train_batch_size", "4"]
     _two_nodes([*common, "--max_steps", "3"], tmp_path, free_port(), "first")
     manifest = json.loads((out / "checkpoint-3" / "manifest.json").read_text())
-    assert manifest["layout"] == {"dp_replicate": 2, "dp_shard": 2, "sp": 1, "tp": 1} and manifest["world_size"] == 4
+    assert manifest["layout"] == {"pp": 1, "dp_replicate": 2, "dp_shard": 2, "sp": 1, "tp": 1}
+    assert manifest["world_size"] == 4
     _two_nodes([*common, "--max_steps", "6", "--resume_from_checkpoint", "latest"], tmp_path, free_port(), "second")
     summary = json.loads((out / "summary.json").read_text())
     assert "2 dp_replicate x 2 dp_shard" in summary["strategy"]

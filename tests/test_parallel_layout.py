@@ -85,7 +85,7 @@ def test_an_hsdp_checkpoint_resumes_under_another_layout_and_in_one_process(hsdp
     reference = {k: v.detach().clone() for k, v in one_process.model.state_dict().items()}
     assert _max_diff(weights["flat"], reference) < 1e-5  # resumed as 1 x 4 (plain FSDP) on the same ranks
     manifest = json.loads((out / "hsdp" / "checkpoint-3" / "manifest.json").read_text())
-    assert manifest["layout"] == {"dp_replicate": 2, "dp_shard": 2, "sp": 1, "tp": 1}
+    assert manifest["layout"] == {"pp": 1, "dp_replicate": 2, "dp_shard": 2, "sp": 1, "tp": 1}
     single = Trainer(model=tiny_llama(seed=5), args=_args(tmp_path, 8, strategy="single"),
                      train_dataset=RaggedLM(ROWS))
     single.train(resume_from_checkpoint=str(out / "hsdp" / "checkpoint-3"))
@@ -128,14 +128,16 @@ def test_hf_hybrid_shard_shards_in_the_node_and_replicates_across_nodes(monkeypa
 
 
 @pytest.mark.parametrize(("given", "error", "message"), [
-    ({"dp_shard_size": 3}, ValueError, r"dp_replicate_size=1 x dp_shard_size=3 x tp_size=1 x sp_size=1 lays out 3 "
-                                       r"ranks, but this launch has 4"),
+    ({"dp_shard_size": 3}, ValueError, r"dp_replicate_size=1 x dp_shard_size=3 x tp_size=1 x sp_size=1 x pp_size=1 "
+                                       r"lays out 3 ranks, but this launch has 4"),
     ({"dp_shrad_size": 2}, ValueError, r"unknown key 'dp_shrad_size'; did you mean 'dp_shard_size'"),
-    ({"tp_size": 3, "dp_shard_size": 2}, ValueError, r"tp_size=3 x sp_size=1 lays out 6 ranks, but this launch has 4"),
+    ({"tp_size": 3, "dp_shard_size": 2}, ValueError,
+     r"tp_size=3 x sp_size=1 x pp_size=1 lays out 6 ranks, but this launch has 4"),
     # under strategy auto too, where no strategy's own check runs
     ({"cp_size": 2}, NotSupportedError, r"cp_size=2: context parallelism .* use sp_size"),
-    ({"sp_size": 2, "dp_shard_size": 4}, ValueError, r"sp_size=2 lays out 8 ranks, but this launch has 4"),
-    ({"pp_size": 2, "dp_shard_size": 2}, NotSupportedError, r"pp_size=2: pipeline parallelism"),
+    ({"sp_size": 2, "dp_shard_size": 4}, ValueError, r"sp_size=2 x pp_size=1 lays out 8 ranks, but this launch has 4"),
+    ({"pp_size": 2, "dp_shard_size": 2}, ValueError,
+     r"pp_schedule='1F1B' with 2 stages needs at least 2 micro-batches per step, but gradient_accumulation_steps=1"),
 ])
 def test_bad_layouts_are_refused_naming_the_value(given, error, message):
     with pytest.raises(error, match=message):
@@ -148,6 +150,7 @@ def test_bad_layouts_are_refused_naming_the_value(given, error, message):
     ("zero2", {"dp_replicate_size": 2, "dp_shard_size": 2}, "DeepSpeed ZeRO partitions over every rank"),
     ("zero3", {"tp_size": 2, "dp_shard_size": 2}, "neither its AutoTP nor its Ulysses"),
     ("ddp", {"tp_size": 2, "dp_shard_size": 2}, "DDP replicates the whole model"),
+    ("ddp", {"pp_size": 2, "pp_schedule": "GPipe"}, "or to run pipeline stages"),
 ])
 def test_a_layout_the_strategy_cannot_run_is_refused(strategy, given, message):
     with pytest.raises(ValueError, match=message):
@@ -164,3 +167,12 @@ def test_the_cli_refuses_a_layout_the_launch_cannot_hold_before_any_process_grou
     assert main(["train", str(config)]) == 2
     assert "lays out 6 ranks, but this launch has 4" in capsys.readouterr().err
     assert not torch.distributed.is_initialized()
+
+
+def test_pipeline_ranks_are_outermost_and_share_the_data_of_their_data_parallel_rank():
+    """(pp, dp_replicate, dp_shard, sp, tp), pp outermost as torchtitan lays it out: each pipeline part's ranks
+    form a whole (dp, sp, tp) block, and the parts of one data-parallel rank read the same rows."""
+    layouts = [ParallelLayout(DistEnv(rank, 8, rank, 8), 1, 2, 2, 1, 2) for rank in range(8)]  # pp2 x dp2 x tp2
+    assert [(layout.pp_rank, layout.dp_rank) for layout in layouts] == [
+        (0, 0), (0, 0), (0, 1), (0, 1), (1, 0), (1, 0), (1, 1), (1, 1)]
+    assert layouts[0].describe() == "2 pp x 2 dp_shard x 2 tp"

@@ -81,6 +81,54 @@ def test_communication_follows_ring_collectives_over_the_links_each_group_spans(
     assert checkpointed.memory["activations"] < ddp.memory["activations"]
 
 
+def test_pipeline_layouts_hold_the_fullest_stage_the_trainer_cuts_and_pay_the_bubble():
+    from copy import deepcopy
+
+    from scaletrain.parallel.pipeline import cut_stages, layer_ranges
+
+    model = tiny_llama(num_hidden_layers=4, tie_word_embeddings=False)
+    shape = PlanShape.of(model, range(1, 3))
+    assert not PlanShape.of(tiny_llama(num_hidden_layers=4), range(1, 3)).pipeline_units  # tied: no stages
+    # what a pipeline rank really holds: the model pruned to its stage, as the Trainer cuts it
+    ranges = layer_ranges(model, 2)
+    held = []
+    for stage in range(2):
+        part = deepcopy(model)
+        cut_stages(part, ranges, [stage])
+        held.append(sum(p.numel() for p in part.parameters()))
+    hw = _hardware(16, 8)
+    pipelined = predict(shape, Layout(1, 8, 1, 2, 4, False, pp=2), hw, "bf16", 128, 64)
+    assert pipelined.layout.strategy == "fsdp"
+    assert pipelined.memory["parameters"] == pytest.approx(4 * max(held) / 8)
+    # the same work on 16 GPUs, idle for (pp - 1) of (m + pp - 1) micro-batch slots
+    flat = predict(shape, Layout(1, 16, 1, 1, 4, False), hw, "bf16", 128, 64)
+    assert pipelined.seconds["compute"] == pytest.approx(flat.seconds["compute"] * (4 + 1) / 4)
+    # each micro-batch's bf16 hidden states forward and their gradients back, across the nodes (pp outermost)
+    assert pipelined.seconds["pipeline"] == pytest.approx(4 * 2 * (2 * 2 * 128 * 32) / 40e9)
+    found = list(layouts(shape, hw, 64))
+    assert {lay.pp for lay in found} == {1, 2, 4}  # 4 layers: at most 4 stages
+    assert all(lay.accumulation >= lay.pp and lay.strategy == "fsdp" for lay in found if lay.pp > 1)
+    assert Layout(1, 8, 1, 2, 4, False, pp=2).parallelism_config() == {
+        "dp_replicate_size": 1, "dp_shard_size": 8, "tp_size": 1, "pp_size": 2, "pp_schedule": "1F1B"}
+
+
+def test_pipeline_schedules_hold_the_micro_batches_they_keep_in_flight():
+    shape = PlanShape.of(tiny_llama(num_hidden_layers=4, tie_word_embeddings=False), range(1, 2))
+
+    def activations(schedule: str, micro_batches: int, stages_per_rank: int = 1) -> float:
+        layout = Layout(1, 2, 1, 2, micro_batches, False, pp=2, schedule=schedule, stages_per_rank=stages_per_rank)
+        return predict_memory(shape, layout, "fp32", 64)["activations"]
+
+    # 1F1B: at most pp micro-batches in flight, however many the step has; GPipe: every one, each the same more
+    assert activations("1F1B", 4) == activations("1F1B", 8) < activations("GPipe", 4)
+    assert activations("GPipe", 8) - activations("GPipe", 6) == pytest.approx(
+        activations("GPipe", 6) - activations("GPipe", 4))
+    # interleaving keeps (p - 1)/(p v) more of them
+    assert activations("1F1B", 8) < activations("Interleaved1F1B", 8, 2) < activations("GPipe", 8)
+    assert Layout(1, 2, 1, 2, 8, False, pp=2, schedule="Interleaved1F1B", stages_per_rank=2).bubble \
+        == pytest.approx(1 / (2 * 8 + 1))
+
+
 def test_tensor_parallel_groups_stay_inside_nodes_and_groups_across_nodes_get_the_slow_links():
     shape = PlanShape(PlanShape.of(tiny_llama(), range(1, 2)).model, 0, (1, 3))  # a model tp=3 could split
     eight, six = _hardware(24, 8), _hardware(24, 6)

@@ -130,7 +130,7 @@ def test_tensor_parallel_layouts_match_one_process(layouts, one_process, name, f
 def test_a_tensor_parallel_checkpoint_resumes_as_hsdp_and_in_one_process(layouts, one_process, tmp_path):
     out, runs = layouts
     manifest = json.loads((out / "fsdp-tp" / "checkpoint-2" / "manifest.json").read_text())
-    assert manifest["layout"] == {"dp_replicate": 1, "dp_shard": 2, "sp": 1, "tp": 2}
+    assert manifest["layout"] == {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "sp": 1, "tp": 2}
     _close(runs["llama resumed as hsdp 2x2"], one_process["llama"])
     single = Trainer(model=tiny_llama(seed=5), args=_args(tmp_path, PER_RANK, 2 * ACCUMULATION, strategy="single"),
                      train_dataset=RaggedLM(ROWS))

@@ -171,7 +171,8 @@ class _ScaletrainArguments(ProcessFacts):
     fsdp_config: Union[None, str, dict] = None
     deepspeed: Union[None, str, dict] = None  # extra DeepSpeed config keys (dict or JSON file)
     # how the ranks divide the work (HF's field: accelerate's ParallelismConfig, or a dict / JSON with its keys):
-    # dp_replicate_size x dp_shard_size (HSDP under fsdp; -1 = the rest of the ranks) x tp_size
+    # dp_replicate_size x dp_shard_size (HSDP under fsdp; -1 = the rest of the ranks) x tp_size x sp_size (Ulysses)
+    # x pp_size (pipeline stages: pp_schedule, pp_microbatches, pp_stages_per_rank, pp_split_points)
     parallelism_config: Union[None, str, dict] = None
 
     # scaletrain's own.
@@ -282,8 +283,9 @@ class _ScaletrainArguments(ProcessFacts):
         if config is None:
             return
         config.check_supported()
-        if self.strategy == "auto" and (config.dp_shard_size != 1 or config.sp_size > 1):
-            # sharding asked for: FSDP2 (with dp_replicate_size: HSDP); with sp it shards over the sp ranks too
+        if self.strategy == "auto" and (config.dp_shard_size != 1 or config.sp_size > 1 or config.pp_size > 1):
+            # sharding asked for: FSDP2 (with dp_replicate_size: HSDP); with sp it shards over the sp ranks too;
+            # pipeline stages run under FSDP2 (its post-backward is what torch's stages call once per step)
             self.strategy = "fsdp"
 
     def _apply_checkpointing_aliases(self) -> None:

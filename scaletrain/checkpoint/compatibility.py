@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..parallel.pipeline_runtime import pipeline_of
 from .manager import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -64,9 +65,17 @@ def model_fingerprint(model: torch.nn.Module, class_name: str) -> dict[str, Any]
     config_dict = config.to_dict() if config is not None and hasattr(config, "to_dict") else {}
     return {
         "model_class": class_name,
-        "parameters": {name: _unsharded_shape(p) for name, p in model.named_parameters()},
+        "parameters": _whole_model_shapes(model),
         "architecture": _architecture(config_dict),
     }
+
+
+def _whole_model_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
+    """Every parameter's unsharded shape, of the whole model even where this rank holds one pipeline part."""
+    pipeline = pipeline_of(model)
+    if pipeline is not None:
+        return {name: list(shape) for name, shape in pipeline.full_shapes.items()}
+    return {name: _unsharded_shape(p) for name, p in model.named_parameters()}
 
 
 def _listed(names: list[str], most: int = 3) -> str:

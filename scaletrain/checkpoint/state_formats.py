@@ -89,6 +89,17 @@ class DCPState:
         return state["model"]
 
 
+def saved_flat_optimizer_state(directory: Path) -> bool:
+    """Whether a DCP checkpoint keeps its optimizer state keyed by parameter name (flattened, as pipeline runs
+    save it: `optimizer.param_groups.<name>.lr`) rather than by group index (`optimizer.param_groups.0.lr`)."""
+    keys = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    for key in keys:
+        parts = key.split(".")
+        if parts[:2] == ["optimizer", "param_groups"] and len(parts) > 2:
+            return not parts[2].isdigit()
+    return False
+
+
 class DeepSpeedState:
     name = "deepspeed"
 

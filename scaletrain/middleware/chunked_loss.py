@@ -83,6 +83,8 @@ class ChunkedLoss(Middleware):
         if reason is None and strategy.module_scoped_parameters:
             reason = ("the strategy holds the LM head's weight whole only inside the head's own forward "
                       "(ZeRO-3), and the chunks apply it in the loss")
+        if reason is None and strategy.layout.pp > 1:
+            reason = "pipeline parallelism computes the loss from the last stage's logits"
         if reason is None and self.custom_loss:
             reason = "compute_loss is overridden, and an override may read the training logits"
         if reason is None and self.mode == "auto" and not logits_dominate(

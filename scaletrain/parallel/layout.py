@@ -15,6 +15,7 @@ torchtitan shards over dp_shard x cp), and gradients are averaged over every ran
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,6 +29,8 @@ class ParallelLayout:
     dp_shard: int
     tp: int
     sp: int = 1
+    pp: int = 1  # pipeline stages (outermost: a stage's ranks hold one part of the model, its data-parallel
+    # ranks, sequence and tensor slices inside it)
 
     @classmethod
     def resolve(cls, env: DistEnv, config) -> "ParallelLayout":
@@ -49,8 +52,23 @@ class ParallelLayout:
 
     @property
     def dp_rank(self) -> int:
-        """This process's data-parallel index (which shard of the data it reads); sp and tp ranks share one."""
-        return self.env.rank // (self.sp * self.tp)
+        """This process's data-parallel index (which shard of the data it reads); the pp, sp and tp ranks of
+        a data-parallel rank share one."""
+        return self.env.rank // (self.sp * self.tp) % self.dp_size
+
+    @property
+    def pp_rank(self) -> int:
+        """Which pipeline part this rank holds (the stages of that part, with interleaving several)."""
+        return self.env.rank // self.ranks_per_part
+
+    @property
+    def ranks_per_part(self) -> int:
+        """The ranks of one pipeline part (all of them without pp): dp x sp x tp."""
+        return self.dp_size * self.sp * self.tp
+
+    @property
+    def rank_in_part(self) -> int:
+        return self.env.rank % self.ranks_per_part
 
     @property
     def sp_rank(self) -> int:
@@ -58,7 +76,7 @@ class ParallelLayout:
         return self.env.rank // self.tp % self.sp
 
     def world_mesh(self, device_type: str):
-        """Every rank on one (dp_replicate, dp_shard, sp, tp) DeviceMesh, made once (its sub-meshes' process
+        """Every rank on one (pp, dp_replicate, dp_shard, sp, tp) DeviceMesh, made once (its sub-meshes' process
         groups are made with it); after the process group starts."""
         return self._meshes(device_type)["world"]
 
@@ -70,8 +88,9 @@ class ParallelLayout:
         key = (self, device_type, dist.distributed_c10d._get_default_group())  # a restarted group: a new mesh
         if key not in _MESHES:
             _MESHES.clear()
-            _MESHES[key] = {"world": init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.sp, self.tp),
-                                                      mesh_dim_names=("dp_replicate", "dp_shard", "sp", "tp"))}
+            _MESHES[key] = {"world": init_device_mesh(
+                device_type, (self.pp, self.dp_replicate, self.dp_shard, self.sp, self.tp),
+                mesh_dim_names=("pp", "dp_replicate", "dp_shard", "sp", "tp"))}
         return _MESHES[key]
 
     def _derived_mesh(self, device_type: str, name: str, build):
@@ -104,6 +123,9 @@ class ParallelLayout:
         return self._derived_mesh(device_type, "batch",
                                   lambda w: w["dp_replicate", "dp_shard", "sp"]._flatten("batch"))
 
+    def pp_mesh(self, device_type: str):
+        return self.world_mesh(device_type)["pp"]
+
     def sp_mesh(self, device_type: str):
         return self.world_mesh(device_type)["sp"]
 
@@ -111,20 +133,21 @@ class ParallelLayout:
         return self.world_mesh(device_type)["tp"]
 
     def as_dict(self) -> dict[str, int]:
-        return {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "sp": self.sp, "tp": self.tp}
+        return {"pp": self.pp, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "sp": self.sp,
+                "tp": self.tp}
 
     def describe(self) -> str:
-        return describe_sizes(self.dp_replicate, self.dp_shard, self.tp, alone="1 rank", sp=self.sp)
+        return describe_sizes(self.dp_replicate, self.dp_shard, self.tp, alone="1 rank", sp=self.sp, pp=self.pp)
 
 
 _MESHES: dict = {}  # (layout, device type, group) -> its meshes by name: one layout per process
 
 
-def layout_sizes(config, world: int) -> tuple[int, int, int, int]:
-    """(dp_replicate, dp_shard, tp, sp) that a ParallelismConfig lays out on `world` ranks (-1: the rest); a
+def layout_sizes(config, world: int) -> tuple[int, int, int, int, int]:
+    """(dp_replicate, dp_shard, tp, sp, pp) that a ParallelismConfig lays out on `world` ranks (-1: the rest); a
     product that is not `world` is refused naming every size."""
     sizes = {"dp_replicate_size": config.dp_replicate_size, "dp_shard_size": config.dp_shard_size,
-             "tp_size": config.tp_size, "sp_size": config.sp_size}
+             "tp_size": config.tp_size, "sp_size": config.sp_size, "pp_size": config.pp_size}
     known = 1
     for value in sizes.values():
         known *= value if value != -1 else 1
@@ -134,16 +157,17 @@ def layout_sizes(config, world: int) -> tuple[int, int, int, int]:
             raise ValueError(f"parallelism_config {_spelled(sizes)}: {world} ranks are not a multiple of "
                              f"{known}; launch a multiple of {known} ranks or set every size")
         sizes[free[0]] = world // known
-    product = sizes["dp_replicate_size"] * sizes["dp_shard_size"] * sizes["tp_size"] * sizes["sp_size"]
+    product = math.prod(sizes.values())
     if product != world:
         raise ValueError(f"parallelism_config {_spelled(sizes)} lays out {product} ranks, but this launch has "
                          f"{world}; make the product {world} (or set one data-parallel size to -1: the rest)")
-    return sizes["dp_replicate_size"], sizes["dp_shard_size"], sizes["tp_size"], sizes["sp_size"]
+    return (sizes["dp_replicate_size"], sizes["dp_shard_size"], sizes["tp_size"], sizes["sp_size"],
+            sizes["pp_size"])
 
 
-def describe_sizes(dp_replicate: int, dp_shard: int, tp: int, alone: str, sp: int = 1) -> str:
-    """'2 dp_replicate x 4 dp_shard x 2 sp x 2 tp' (sizes of 1 left out; `alone` when all are)."""
-    parts = [f"{size} {name}" for name, size in (("dp_replicate", dp_replicate), ("dp_shard", dp_shard),
+def describe_sizes(dp_replicate: int, dp_shard: int, tp: int, alone: str, sp: int = 1, pp: int = 1) -> str:
+    """'2 pp x 2 dp_replicate x 4 dp_shard x 2 sp x 2 tp' (sizes of 1 left out; `alone` when all are)."""
+    parts = [f"{size} {name}" for name, size in (("pp", pp), ("dp_replicate", dp_replicate), ("dp_shard", dp_shard),
                                                     ("sp", sp), ("tp", tp)) if size > 1]
     return " x ".join(parts) if parts else alone
 

@@ -15,6 +15,12 @@ tensor-parallel rank holds: the split layers' share plus the embeddings, norms a
     `scaletrain estimate` (FSDP's gathered block; DDP's gradients are its buckets), activations as in
     `estimate` with the attention and MLP internals divided by tp.
 
+With pipeline stages (pp, outermost; FSDP2 inside each stage; one 1F1B stage per rank when the plan chooses):
+Ψ_t is the fullest stage's share (the layers are balanced by parameter count as the Trainer splits them, the
+embedding on the first stage, norm and head on the last), and the first stage holds the activations of
+min(pp, accumulation) micro-batches of its layers in flight (GPipe and LoopedBFS: every micro-batch; interleaved:
+1F1B's times 1 + (pp - 1)/(pp·v)), the last one micro-batch of its layers and the logits.
+
 This is the model `benchmarks/parallelism.py` measures on 4 CPU ranks (tensor bytes, the CPU analogue of
 CUDA's peak allocated memory) and tests/test_plan.py holds within 15% for every layout there.
 
@@ -25,19 +31,23 @@ the bandwidth of the links a group spans (a group inside one node uses the intra
 the inter-node one; tp groups must fit a node evenly): FSDP all-gathers the parameters twice per micro-batch
 and reduce-scatters gradients once per step, replicas all-reduce gradients once per step, tensor-parallel
 layers all-reduce activations four times per layer and micro-batch (six when the layer is recomputed). Data-
-parallel collectives are assumed to overlap with compute, tensor-parallel ones not. Every assumption is
+parallel collectives are assumed to overlap with compute, tensor-parallel ones not. A pipeline's compute
+includes its bubble: it takes (m + pp - 1)/m times as long for m micro-batches ((v·m + pp - 1)/(v·m) interleaved
+with v stages per rank), and each micro-batch's activations and their gradients cross every stage boundary
+point to point, not overlapped. Every assumption is
 printed with the table; a GPU run (`scaletrain bench`) replaces them with measurements.
 """
 from __future__ import annotations
 
 import json
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional, Union
 
 import torch
 
 from .estimate import ModelShape, activation_bytes
+from ..parallel.pipeline import balanced_layer_ranges, check_pipeline_split, stage_units
 from .memory import format_bytes
 from ..parallel.layout import describe_sizes
 from ..parallel.tensor_parallel import tensor_parallel_plan
@@ -98,13 +108,15 @@ class PlanShape:
     checkpoint_every: int = 1  # activation_checkpointing_kwargs every_n_layers, where checkpointing is on
     selective: bool = False  # activation_checkpointing_kwargs selective
     bucket_view: bool = True  # ddp_gradient_as_bucket_view
+    pipeline_units: tuple[int, ...] = ()  # stage_units' parameter counts; empty: pipeline stages cannot serve
 
     @classmethod
     def of(cls, model: torch.nn.Module, candidates: range, args=None) -> "PlanShape":
         from ..parallel.sequence_parallel import sequence_split_obstacle
 
         shape = ModelShape.of(model)
-        options = {**_run_options(args), "splits_sequence": sequence_split_obstacle(model) is None}
+        options = {**_run_options(args), "splits_sequence": sequence_split_obstacle(model) is None,
+                   "pipeline_units": _pipeline_units(model)}
         try:
             styles = tensor_parallel_plan(model, 1)
         except ValueError:  # no plan: data parallelism only
@@ -121,6 +133,37 @@ class PlanShape:
             return [1]
         heads = max(self.model.heads, 1) // tp
         return [sp for sp in _divisors(ranks) if heads % sp == 0 and seq_len % sp == 0]
+
+    def pp_sizes(self, ranks: int) -> list[int]:
+        """The pipeline degrees among `ranks` (those left by tp and sp) that give every stage a layer (1 always)."""
+        layers = len(self.pipeline_units) - 2
+        return [pp for pp in _divisors(ranks) if pp == 1 or pp <= layers]
+
+    def stage_held(self, tp: int, pp: int, stages_per_rank: int = 1) -> float:
+        """Parameter elements a tensor-parallel rank of the fullest pipeline rank holds."""
+        if pp == 1:
+            return self.held(tp)
+        ranks = self._rank_stages(pp, stages_per_rank)
+        return max(sum(self._stage_held(tp, stage) for stage in stages) for stages in ranks)
+
+    def stage_layers(self, pp: int, stages_per_rank: int = 1) -> tuple[int, int]:
+        """Decoder layers on the first pipeline rank and on the last (which also computes the logits)."""
+        ranks = self._rank_stages(pp, stages_per_rank)
+        return (sum(len(stage) for _, stage in ranks[0]), sum(len(stage) for _, stage in ranks[-1]))
+
+    def _rank_stages(self, pp: int, stages_per_rank: int) -> list[list[tuple[int, range]]]:
+        """Each pp rank's (stage index, layers), stages in loop order as the Trainer assigns them."""
+        stages = pp * stages_per_rank
+        ranges = list(enumerate(balanced_layer_ranges(list(self.pipeline_units), stages)))
+        return [ranges[rank::pp] for rank in range(pp)]
+
+    def _stage_held(self, tp: int, stage: tuple[int, range]) -> float:
+        index, layers = stage
+        units, count = self.pipeline_units, len(self.pipeline_units) - 2
+        split_per_layer = self.tp_split / count
+        held = sum(units[1 + i] - split_per_layer * (1 - 1 / tp) for i in layers)
+        last = count == layers.stop  # the last stage holds the norm and head, the first the embedding
+        return held + (units[0] if index == 0 else 0) + (units[-1] if last else 0)
 
     def loss_chunk(self, checkpointing: bool, precision: str) -> Optional[int]:
         from ..middleware.chunked_loss import planned_loss_chunk
@@ -142,6 +185,14 @@ def _run_options(args) -> dict:
             "checkpoint_every": every, "selective": selective, "bucket_view": args.ddp_gradient_as_bucket_view}
 
 
+def _pipeline_units(model: torch.nn.Module) -> tuple[int, ...]:
+    try:
+        check_pipeline_split(model, 2, None)
+    except ValueError:  # not a decoder laid out as Llama is, tied embeddings, or one layer
+        return ()
+    return tuple(stage_units(model))
+
+
 def _serves(model: torch.nn.Module, tp: int) -> bool:
     try:
         tensor_parallel_plan(model, tp)
@@ -160,12 +211,15 @@ class Layout:
     checkpointing: bool
     sp: int = 1
     sharded: Optional[bool] = None  # FSDP; None: when dp_shard > 1 (with sp, FSDP also shards over the sp ranks)
+    pp: int = 1  # pipeline ranks (they run under FSDP2)
+    schedule: str = "1F1B"
+    stages_per_rank: int = 1
 
     @property
     def strategy(self) -> str:
-        if self.dp_replicate * self.dp_shard * self.tp * self.sp == 1:
+        if self.dp_replicate * self.dp_shard * self.tp * self.sp * self.pp == 1:
             return "single"
-        sharded = self.dp_shard > 1 if self.sharded is None else self.sharded
+        sharded = (self.dp_shard > 1 or self.pp > 1) if self.sharded is None else self.sharded
         return "fsdp" if sharded else "ddp"
 
     @property
@@ -174,11 +228,41 @@ class Layout:
         return self.dp_shard * self.sp if self.strategy == "fsdp" else 1
 
     def describe(self) -> str:
-        return describe_sizes(self.dp_replicate, self.dp_shard, self.tp, alone="1 GPU", sp=self.sp)
+        return describe_sizes(self.dp_replicate, self.dp_shard, self.tp, alone="1 GPU", sp=self.sp, pp=self.pp)
 
-    def parallelism_config(self) -> dict[str, int]:
-        sizes = {"dp_replicate_size": self.dp_replicate, "dp_shard_size": self.dp_shard, "tp_size": self.tp}
-        return {**sizes, "sp_size": self.sp} if self.sp > 1 else sizes
+    def parallelism_config(self) -> dict[str, Union[int, str]]:
+        sizes: dict[str, Union[int, str]] = {"dp_replicate_size": self.dp_replicate, "dp_shard_size": self.dp_shard,
+                                             "tp_size": self.tp}
+        if self.sp > 1:
+            sizes["sp_size"] = self.sp
+        if self.pp > 1:
+            sizes.update(pp_size=self.pp, pp_schedule=self.schedule)
+        return sizes
+
+    @property
+    def in_flight(self) -> float:
+        """Micro-batches whose activations the first pipeline rank holds at once, in units of all its layers."""
+        m, p, v = self.accumulation, self.pp, self.stages_per_rank
+        if self.schedule in ("GPipe", "LoopedBFS"):
+            return float(m)
+        if self.schedule == "Interleaved1F1B":
+            return min(float(m), min(p, m) * (1 + (p - 1) / (p * v)))
+        return float(min(p, m))
+
+    @property
+    def last_in_flight(self) -> tuple[float, int]:
+        """(micro-batches of its layers, micro-batches of logits) the last pipeline rank holds at once: all of
+        them when every forward runs before any backward (GPipe, LoopedBFS); one under 1F1B, whose last stage
+        runs each backward right after its forward; interleaved, its earlier stages keep the first rank's count."""
+        if self.schedule in ("GPipe", "LoopedBFS"):
+            return float(self.accumulation), self.accumulation
+        return (self.in_flight if self.schedule == "Interleaved1F1B" else 1.0), 1
+
+    @property
+    def bubble(self) -> float:
+        """The fraction of a step a pipeline rank waits: (pp - 1)/(v·m + pp - 1)."""
+        v = self.stages_per_rank if self.schedule == "Interleaved1F1B" else 1
+        return (self.pp - 1) / (v * self.accumulation + self.pp - 1)
 
 
 @dataclass
@@ -195,12 +279,13 @@ class Prediction:
     @property
     def step_seconds(self) -> float:
         s = self.seconds
-        return max(s["compute"], s["data_parallel"]) + s["tensor_parallel"] + s["sequence_parallel"]
+        return (max(s["compute"], s["data_parallel"]) + s["tensor_parallel"] + s["sequence_parallel"]
+                + s["pipeline"])
 
 
 def predict_memory(shape: PlanShape, layout: Layout, precision: str, seq_len: int) -> dict[str, float]:
     """Bytes per GPU of `layout`, by kind (see the module docstring)."""
-    held = shape.held(layout.tp)
+    held = shape.stage_held(layout.tp, layout.pp, layout.stages_per_rank)
     sharded = held / layout.shard_ranks
     fsdp = layout.strategy == "fsdp"
     compute = 4 if precision == "fp32" else 2
@@ -210,7 +295,11 @@ def predict_memory(shape: PlanShape, layout: Layout, precision: str, seq_len: in
     # are views into its buckets unless ddp_gradient_as_bucket_view is off; tensor-parallel replicas reduce after
     # backward, off the peak
     root = max(shape.model.parameters - shape.model.layers * shape.model.largest_block, 0)
+    if layout.pp > 1:  # a stage's root holds the embedding (first) or the norm and head (last)
+        root = max(shape.pipeline_units[0], shape.pipeline_units[-1])
     buffers = 2 * compute * block + 4 * block + compute * root if fsdp else 0.0
+    if layout.pp > 1:  # a stage stays gathered from its first backward to the step's gradient reduction
+        buffers = compute * held
     if layout.strategy == "ddp" and layout.tp == 1 and not shape.bucket_view:
         buffers = 4 * held
     return {
@@ -218,11 +307,29 @@ def predict_memory(shape: PlanShape, layout: Layout, precision: str, seq_len: in
         "gradients": 4 * (held if fsdp and layout.accumulation > 1 else sharded),
         "optimizer": ADAM_STATE_BYTES * sharded,
         "buffers": buffers,
-        "activations": activation_bytes(shape.model, layout.micro_batch, seq_len, precision,
-                                        shape.checkpoint_every if layout.checkpointing else 0, layout.tp,
-                                        shape.loss_chunk(layout.checkpointing, precision), shape.selective,
-                                        autocast=not fsdp and precision != "fp32", sp=layout.sp),
+        "activations": _activations(shape, layout, precision, seq_len),
     }
+
+
+def _activations(shape: PlanShape, layout: Layout, precision: str, seq_len: int) -> float:
+    """A rank's activations: the whole model's for one micro-batch; with pp, the first rank's layers for the
+    micro-batches in flight, or the last rank's layers and the logits for one, whichever is more."""
+    def of(model: ModelShape, loss_chunk: Optional[int]) -> float:
+        return activation_bytes(model, layout.micro_batch, seq_len, precision,
+                                shape.checkpoint_every if layout.checkpointing else 0, layout.tp, loss_chunk,
+                                shape.selective, autocast=layout.strategy != "fsdp" and precision != "fp32",
+                                sp=layout.sp)
+
+    if layout.pp == 1:
+        return of(shape.model, shape.loss_chunk(layout.checkpointing, precision))
+    first, last = shape.stage_layers(layout.pp, layout.stages_per_rank)
+    # the chunked loss stays off under pp (the last stage computes the loss from its logits)
+    layers_in_flight, logits_in_flight = layout.last_in_flight
+    # activation_bytes counts the logits three times (fp32 logits, log-softmax, their gradient): a micro-batch
+    # still waiting for its backward holds the first two
+    logits = of(replace(shape.model, layers=0), None) * (1 + (logits_in_flight - 1) * 2 / 3)
+    return max(of(replace(shape.model, layers=first, vocab=0), None) * layout.in_flight,
+               of(replace(shape.model, layers=last, vocab=0), None) * layers_in_flight + logits)
 
 
 def training_flops(shape: ModelShape, tokens: int, seq_len: int) -> float:
@@ -240,9 +347,9 @@ def predict_seconds(shape: PlanShape, layout: Layout, hw: Hardware, precision: s
     # the LM head is whole on every tp rank: its FLOPs are repeated on tp - 1 more GPUs
     head = 6 * tokens * shape.model.hidden * shape.model.vocab * (layout.tp - 1)
     work = flops * (1 + recompute) + head
-    compute = work / (hw.gpus * hw.peak_tflops * 1e12 * hw.efficiency)
+    compute = work / (hw.gpus * hw.peak_tflops * 1e12 * hw.efficiency) / (1 - layout.bubble)
     width = 4 if precision == "fp32" else 2
-    held = shape.held(layout.tp)
+    held = shape.stage_held(layout.tp, layout.pp, layout.stages_per_rank)
     shards = layout.shard_ranks
     shard_span = layout.tp * shards
     data_parallel = 0.0
@@ -259,7 +366,18 @@ def predict_seconds(shape: PlanShape, layout: Layout, hw: Hardware, precision: s
         tensor_parallel = (layout.accumulation * per_layer * shape.model.layers
                            * 2 * _ring(activation, layout.tp, hw.bandwidth(layout.tp)))
     return {"compute": compute, "data_parallel": data_parallel, "tensor_parallel": tensor_parallel,
-            "sequence_parallel": _all_to_all_seconds(shape.model, layout, hw, width, seq_len)}, flops
+            "sequence_parallel": _all_to_all_seconds(shape.model, layout, hw, width, seq_len),
+            "pipeline": _point_to_point_seconds(shape.model, layout, hw, width, seq_len)}, flops
+
+
+def _point_to_point_seconds(shape: ModelShape, layout: Layout, hw: Hardware, width: int, seq_len: int) -> float:
+    """Pipeline: each micro-batch's hidden states go to the next stage and their gradients come back, once per
+    stage a rank holds; neighbouring pp ranks are hw.gpus / pp ranks apart (pp is the outermost dimension)."""
+    if layout.pp == 1:
+        return 0.0
+    hidden_states = width * layout.micro_batch * seq_len / layout.sp * shape.hidden
+    return (2 * layout.accumulation * layout.stages_per_rank * hidden_states
+            / hw.bandwidth(2 * hw.gpus // layout.pp))
 
 
 def _all_to_all_seconds(shape: ModelShape, layout: Layout, hw: Hardware, width: int, seq_len: int) -> float:
@@ -282,22 +400,29 @@ def _ring(size: float, ranks: int, bandwidth: float) -> float:
 
 def layouts(shape: PlanShape, hw: Hardware, global_batch: int, seq_len: int = 1) -> Iterator[Layout]:
     """Every layout of hw.gpus ranks the strategies run, with every micro-batch and checkpointing choice; with
-    sequence parallelism, FSDP shards over dp_shard x sp (sp and tp ranks together inside a node)."""
+    sequence parallelism, FSDP shards over dp_shard x sp (sp and tp ranks together inside a node); pipeline
+    stages (1F1B, one per rank; not with sp, which they do not run with) outermost."""
     for tp in shape.tp_sizes:
         if hw.gpus % tp or not hw.inside_a_node(tp):  # a layer's all-reduces stay on a node's links
             continue
         for sp in shape.sp_sizes(tp, hw.gpus // tp, seq_len):
             if not hw.inside_a_node(sp * tp):  # the all-to-alls too
                 continue
-            dp = hw.gpus // (tp * sp)
-            if global_batch % dp:
-                continue
-            rows = global_batch // dp
-            for dp_shard in _divisors(dp):
-                for micro in (m for m in _divisors(rows) if m <= MAX_MICRO_BATCH):
-                    for checkpointing in (False, True):
-                        yield Layout(dp // dp_shard, dp_shard, tp, micro, rows // micro, checkpointing, sp,
-                                     sharded=True if sp > 1 else None)
+            for pp in shape.pp_sizes(hw.gpus // (tp * sp)) if sp == 1 else [1]:
+                yield from _data_parallel_layouts(hw.gpus // (tp * sp * pp), global_batch, tp, sp, pp)
+
+
+def _data_parallel_layouts(dp: int, global_batch: int, tp: int, sp: int, pp: int) -> Iterator[Layout]:
+    """Every dp_shard, micro-batch and checkpointing choice of `dp` data-parallel ranks (1F1B needs at least pp
+    micro-batches a step)."""
+    if global_batch % dp:
+        return
+    rows = global_batch // dp
+    for dp_shard in _divisors(dp):
+        for micro in (m for m in _divisors(rows) if m <= MAX_MICRO_BATCH and rows // m >= pp):
+            for checkpointing in (False, True):
+                yield Layout(dp // dp_shard, dp_shard, tp, micro, rows // micro, checkpointing, sp,
+                             sharded=True if sp > 1 or pp > 1 else None, pp=pp)
 
 
 def _divisors(n: int) -> list[int]:
@@ -331,13 +456,13 @@ def plan(shape: PlanShape, hw: Hardware, precision: str, seq_len: int,
 
 
 def _best_per_mesh(predictions: list[Prediction]) -> list[Prediction]:
-    """The first of each (dp_replicate, dp_shard, sp, tp): the best micro-batch and checkpointing choice of each
-    mesh, so the table shows different layouts rather than one layout's micro-batches."""
+    """The first of each (pp, dp_replicate, dp_shard, sp, tp): the best micro-batch and checkpointing choice of
+    each mesh, so the table shows different layouts rather than one layout's micro-batches."""
     seen, best = set(), []
     for prediction in predictions:
         lay = prediction.layout
-        if (lay.dp_replicate, lay.dp_shard, lay.sp, lay.tp) not in seen:
-            seen.add((lay.dp_replicate, lay.dp_shard, lay.sp, lay.tp))
+        if (lay.pp, lay.dp_replicate, lay.dp_shard, lay.sp, lay.tp) not in seen:
+            seen.add((lay.pp, lay.dp_replicate, lay.dp_shard, lay.sp, lay.tp))
             best.append(prediction)
     return best
 
@@ -363,7 +488,7 @@ def command_line(layout: Layout, hw: Hardware, config: str, overrides: tuple[str
 
 def plan_table(predictions: list[Prediction], hw: Hardware, seq_len: int, global_batch: int) -> list[str]:
     header = ("| # | layout | strategy | micro x accumulation | checkpointing | memory/GPU | states / activations / "
-              "buffers | step ms | compute / dp / tp / sp comm ms | tokens/s/GPU | MFU |")
+              "buffers | step ms | compute / dp / tp / sp / pp comm ms | tokens/s/GPU | MFU |")
     lines = [header, "|" + "---|" * 11]
     for number, p in enumerate(predictions, 1):
         m, s, lay = p.memory, p.seconds, p.layout
@@ -374,7 +499,7 @@ def plan_table(predictions: list[Prediction], hw: Hardware, seq_len: int, global
             f"{'on' if lay.checkpointing else 'off'} | {format_bytes(p.total_memory)} | "
             f"{format_bytes(states)} / {format_bytes(m['activations'])} / {format_bytes(m['buffers'])} | "
             f"{_ms(p.step_seconds)} | {_ms(s['compute'])} / {_ms(s['data_parallel'])} / {_ms(s['tensor_parallel'])}"
-            f" / {_ms(s['sequence_parallel'])} | "
+            f" / {_ms(s['sequence_parallel'])} / {_ms(s['pipeline'])} | "
             f"{global_batch * seq_len / p.step_seconds / hw.gpus:,.0f} | {mfu:.0%} |")
     return lines
 

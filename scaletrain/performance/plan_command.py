@@ -6,6 +6,7 @@ import sys
 
 from .estimate import precision_of
 from .memory import format_bytes, parse_bytes
+from ..parallel.pipeline import check_pipeline_split
 from .plan import (Hardware, Layout, PlanShape, command_line, default_peak_tflops, describe_fit, plan, plan_table,
                    predict_memory, tp_candidates)
 from ..args.run_config import ConfigError, load_config, resolve_config_path
@@ -73,7 +74,10 @@ def configured_layout_lines(cfg, world_sizes: list[int]) -> list[str]:
     config, args = cfg.training.parallelism_config, cfg.training
     if config is None or args.strategy not in ("ddp", "fsdp", "auto"):  # ZeRO's rows are in the table above
         return []
-    shape = PlanShape.of(build_model_on_meta(cfg), range(1, config.tp_size + 1), args)
+    model = build_model_on_meta(cfg)
+    shape = PlanShape.of(model, range(1, config.tp_size + 1), args)
+    if config.pp_size > 1:
+        check_pipeline_split(model, config.pp_stages, config.pp_split_points)  # names why it cannot be cut
     precision = precision_of(args)
     lines = []
     for world in world_sizes:
@@ -81,9 +85,11 @@ def configured_layout_lines(cfg, world_sizes: list[int]) -> list[str]:
             sizes = layout_sizes(config, world)
         except ValueError:  # the config does not lay out this many ranks
             continue
-        dp_replicate, dp_shard, tp, sp = sizes
+        dp_replicate, dp_shard, tp, sp, pp = sizes
         layout = Layout(dp_replicate, dp_shard, tp, args.per_device_train_batch_size, args.gradient_accumulation_steps,
-                        bool(args.activation_checkpointing), sp, sharded=args.strategy == "fsdp" if sp > 1 else None)
+                        bool(args.activation_checkpointing), sp,
+                        sharded=args.strategy == "fsdp" if sp > 1 or pp > 1 else None, pp=pp,
+                        schedule=config.pp_schedule, stages_per_rank=config.pp_stages_per_rank)
         memory = predict_memory(shape, layout, precision, cfg.data.block_size or cfg.data.max_length)
         lines.append(f"parallelism_config on {world} ranks ({layout.describe()}, {layout.strategy}): "
                      f"{format_bytes(sum(memory.values()))} per rank = "

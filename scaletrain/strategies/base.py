@@ -24,9 +24,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..checkpoint.hf_trainer_format import HF_TRAINER_FORMAT
-from ..checkpoint.state_formats import DCPState
+from ..checkpoint.state_formats import DCPState, saved_flat_optimizer_state
 from ..parallel.environment import DistEnv, process_device, read_env, start_process_group
 from ..parallel.layout import ParallelLayout
+from ..parallel.pipeline_runtime import Pipeline, attach, pipeline_of
 from ..performance.memory import local_shard
 from .precision import Precision, apply_tf32
 
@@ -141,6 +142,13 @@ class Strategy(abc.ABC):
                              "distributed (loaded with transformers' tp_plan?); load it whole")
         return apply_tensor_parallel(model, layout.tp_mesh(self.device.type))
 
+    def cut_pipeline_stages(self, model: torch.nn.Module) -> torch.nn.Module:
+        """With pp_size, `model` pruned in place to this rank's pipeline stages (before it moves to the device:
+        no rank holds the whole model there), once; a no-op without pipeline stages."""
+        if self.layout.pp > 1 and pipeline_of(model) is None:  # evaluate() before train() sets it up too
+            attach(model, Pipeline(model, self.args.parallelism_config, self.layout, agree=self.all_reduce_max))
+        return model
+
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
@@ -180,7 +188,9 @@ class Strategy(abc.ABC):
         self.precision.unscale_gradients(optimizer)
 
     def clip_grad_norm_(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-        return clip_global_norm_([p for p in self.unwrap(model).parameters() if p.grad is not None], max_norm)
+        pipeline = self.layout.pp_mesh(self.device.type).get_group() if self.layout.pp > 1 else None
+        return clip_global_norm_([p for p in self.unwrap(model).parameters() if p.grad is not None], max_norm,
+                                 across=pipeline, device=self.device)
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         """After a step: gradients dropped (their memory freed until the next backward)."""
@@ -216,11 +226,15 @@ class Strategy(abc.ABC):
         return None
 
     # ---------------------------------------------------------------- state
-    def state_dict(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    def state_dict(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                   flat_optimizer: Optional[bool] = None) -> dict[str, Any]:
         """Model (+optimizer) state keyed by parameter FQNs, ready for DCP.
         Frozen parameters (a LoRA base) are left out: they never change, and
         the run rebuilds them from the model source."""
-        options = StateDictOptions(ignore_frozen_params=True)
+        # pipeline ranks each hold some parameters: the optimizer state must be keyed by parameter name
+        # (flattened), or their param_groups lists would collide in the checkpoint
+        flat = self.layout.pp > 1 if flat_optimizer is None else flat_optimizer
+        options = StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=flat)
         module = self.unwrap(model)
         if optimizer is None:
             return {"model": _without_frozen(module, get_model_state_dict(module, options=options))}
@@ -231,7 +245,8 @@ class Strategy(abc.ABC):
                         state: dict[str, Any]) -> None:
         # keys come from state_dict() of this same model and dcp.load has
         # filled every one of them, so only frozen parameters are absent
-        options = StateDictOptions(strict=False, ignore_frozen_params=True)
+        flat = not isinstance(state.get("optimizer", {}).get("param_groups"), list)
+        options = StateDictOptions(strict=False, ignore_frozen_params=True, flatten_optimizer_state_dict=flat)
         if optimizer is None or "optimizer" not in state:
             set_model_state_dict(self.unwrap(model), state["model"], options=options)
         else:
@@ -265,13 +280,16 @@ class Strategy(abc.ABC):
 
     def load_state(self, directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         """DCP fills this rank's (possibly sharded) state in place, resharding if needed."""
-        state = self.state_dict(model, optimizer)
+        flat = optimizer is not None and saved_flat_optimizer_state(directory)
+        state = self.state_dict(model, optimizer, flat_optimizer=flat)
         DCPState.load(state, directory)
         self.load_state_dict(model, optimizer, state)
 
     def full_model_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Unsharded weights on CPU (rank 0 at least; with save_on_each_node, every rank's whole replica,
         since torch hands a CPU-offloaded full state dict to rank 0 only), for HF export."""
+        if pipeline_of(self.unwrap(model)) is not None:
+            return {name: tensor for name, tensor in self.full_model_tensors(model) if tensor is not None}
         options = StateDictOptions(full_state_dict=True, cpu_offload=not self.args.save_on_each_node)
         return get_model_state_dict(self.unwrap(model), options=options)
 
@@ -280,7 +298,11 @@ class Strategy(abc.ABC):
         """The model's state dict (the names in `only`, if given) one whole tensor at a time, in the same
         order on every rank (a sharding backend gathers each in turn, a collective): on CPU for the rank
         that writes files, None elsewhere. HF-format weights are written from it without the whole model
-        on one rank."""
+        on one rank (except with pipeline parts, whose tensors are sent to the writing rank)."""
+        pipeline = pipeline_of(self.unwrap(model))
+        if pipeline is not None:
+            yield from self._pipeline_tensors(model, pipeline, only)
+            return
         for name, held in self.unwrap(model).state_dict().items():
             if only is not None and name not in only:
                 continue
@@ -288,6 +310,27 @@ class Strategy(abc.ABC):
             # offloaded one too)
             whole = held.to(self.device).full_tensor() if isinstance(held, DTensor) else held
             yield name, (whole.detach().cpu() if self.writes_files else None)
+
+    def _pipeline_tensors(self, model: torch.nn.Module, pipeline, only: Optional[set[str]]
+                          ) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+        """The whole model's tensors from every pipeline part, in the whole model's order, one at a time: the
+        part holding a tensor gathers it (a collective among its ranks) and its first rank sends it to rank 0."""
+        owners = pipeline.owners(self.unwrap(model), self.all_gather_object)
+        held = self.unwrap(model).state_dict()
+        for name, (shape, dtype) in pipeline.full_state.items():
+            if only is not None and name not in only:
+                continue
+            owner = owners[name] * self.layout.ranks_per_part  # the first rank of the part that holds it
+            whole = None
+            if name in held:
+                whole = held[name].to(self.device)
+                whole = whole.full_tensor() if isinstance(whole, DTensor) else whole
+                if self.rank == owner != 0:
+                    dist.send(whole.contiguous(), dst=0)
+            elif self.rank == 0:
+                whole = torch.empty(shape, dtype=dtype, device=self.device)
+                dist.recv(whole, src=owner)
+            yield name, (whole.detach().cpu() if self.writes_files and whole is not None else None)
 
     def held_state_numel(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
         """What this rank actually stores, counted from the tensors themselves:
@@ -356,19 +399,21 @@ class Strategy(abc.ABC):
         return tensor
 
     def batch_all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over the ranks that divide a step's batch, this rank's tp position's dp x sp ranks (in place,
-        returned): the ranks of a tensor-parallel group share one batch, so counts, losses and samples count
-        once per data-parallel replica and sequence slice."""
-        if self.layout.tp == 1:
+        """Sum over the ranks that divide a step's batch, this rank's tp position's dp x sp ranks in its pipeline
+        part (in place, returned): the ranks of a tensor-parallel group and of a pipeline share one batch, so
+        counts, losses and samples count once per data-parallel replica and sequence slice."""
+        if self.layout.tp == 1 and self.layout.pp == 1:
             return self.all_reduce_sum(tensor)
         if self.has_collectives():
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.layout.batch_mesh(self.device.type).get_group())
         return tensor
 
     def dp_gather_object(self, obj: Any) -> list[Any]:
-        """One object per data-parallel rank, in dp order (the first rank of each dp rank's sp x tp block speaks
-        for it; ranks are laid out sp x tp innermost). Every rank calls it."""
-        return self.all_gather_object(obj)[:: self.layout.sp * self.layout.tp]
+        """One object per data-parallel rank, in dp order (the first rank of each dp rank's sp x tp block in the
+        first pipeline part speaks for it; ranks are laid out pp outermost, sp x tp innermost). Every rank
+        calls it."""
+        block = self.layout.sp * self.layout.tp
+        return self.all_gather_object(obj)[: self.layout.ranks_per_part: block]  # pp rank 0's part speaks
 
     def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.has_collectives():
@@ -395,15 +440,20 @@ class Strategy(abc.ABC):
 
     def describe(self) -> str:
         layout = self.layout
-        mesh = f", {layout.describe()}" if layout.dp_replicate > 1 or layout.tp > 1 or layout.sp > 1 else ""
+        mesh = f", {layout.describe()}" if max(layout.dp_replicate, layout.tp, layout.sp, layout.pp) > 1 else ""
+        if layout.pp > 1:
+            config = self.args.parallelism_config
+            mesh += f", {config.pp_schedule} over {config.pp_stages} stages"
         return f"{self.name} (world size {self.world_size}, device {self.device}{mesh})"
 
 
-def clip_global_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_global_norm_(params: list[torch.Tensor], max_norm: float, across=None,
+                      device: Optional[torch.device] = None) -> torch.Tensor:
     """torch's clip_grad_norm_ (total norm, then one coefficient for every gradient), over gradients that may
     be DTensors: a sharded gradient's norm is DTensor's own reduction over its shards (FSDP2), and gradients
     on different meshes (tensor-parallel layers on (dp, tp) beside (dp,), or beside plain tensors) get one norm
-    per mesh, combined once."""
+    per mesh, combined once. `across`: a process group whose ranks hold the other parameters (pipeline parts),
+    whose norms combine with this rank's."""
     by_mesh: dict[Any, list[torch.Tensor]] = {}
     for param in params:
         grad = param.grad
@@ -414,9 +464,15 @@ def clip_global_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tens
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     if len(norms) == 1:
         total = norms[0]
+    elif not norms:  # nothing to clip on this rank (a pipeline part without trainable parameters)
+        total = torch.zeros((), device=device)
     else:
         device = params[0].grad.device
         total = torch.stack([n.to(device, torch.float64) ** 2 for n in norms]).sum().sqrt().to(torch.float32)
+    if across is not None:
+        squared = (total.to(torch.float64) ** 2).reshape(1)
+        dist.all_reduce(squared, group=across)
+        total = squared.sqrt()[0].to(torch.float32)
     for group in by_mesh.values():
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total

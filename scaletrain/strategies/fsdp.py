@@ -15,6 +15,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 from ..errors import NotSupportedError
 from ..modeling import block_classes
+from ..parallel.pipeline_runtime import pipeline_of, pipeline_roots
 from .base import OptimizerFactory, Strategy
 from .precision import check_full_eval
 
@@ -100,6 +101,7 @@ class FSDPStrategy(Strategy):
     def setup(self, model: torch.nn.Module, optimizer_factory: OptimizerFactory):
         from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard, register_fsdp_forward_method
 
+        model = self.cut_pipeline_stages(model)  # before the move: no rank holds the whole model on its device
         on_meta = any(p.is_meta for p in model.parameters())
         any_meta = bool(self.all_reduce_max(torch.tensor([int(on_meta)], device=self.device)).item())
         if on_meta and self.is_main:
@@ -123,9 +125,11 @@ class FSDPStrategy(Strategy):
                  if isinstance(module, blocks) and not _shares_parameters_outside(model, name, module)]
         for module in units:
             fully_shard(module, **kwargs, ignored_params={p for p in module.parameters() if p in whole})
-        fully_shard(model, **kwargs, ignored_params=whole)  # the rest: embeddings, head, final norm
+        for root in pipeline_roots(model):  # this rank's pipeline stages, or the whole model
+            fully_shard(root, **kwargs, ignored_params={p for p in root.parameters() if p in whole})
+        # (the roots hold the rest: embeddings, head, final norm)
         _set_prefetch(units, self.args.fsdp_prefetch)
-        if callable(getattr(model, "generate", None)):
+        if callable(getattr(model, "generate", None)) and pipeline_of(model) is None:
             # generate() calls submodules (e.g. the encoder) directly, not
             # model.forward: the root's parameters must be gathered around it
             register_fsdp_forward_method(model, "generate")

@@ -18,8 +18,8 @@ def check_strategy_options(args) -> None:
 _LAYOUTS = {
     "ddp": ({"dp_replicate_size", "tp_size", "sp_size"},
             "DDP replicates the whole model (tensor-parallel layers split over tp_size): use dp_replicate_size, or "
-            "strategy fsdp to shard (dp_shard_size)"),
-    "fsdp": ({"dp_replicate_size", "dp_shard_size", "tp_size", "sp_size"},
+            "strategy fsdp to shard (dp_shard_size) or to run pipeline stages (pp_size)"),
+    "fsdp": ({"dp_replicate_size", "dp_shard_size", "tp_size", "sp_size", "pp_size"},
              "FSDP2 shards over dp_shard_size and replicates over dp_replicate_size (HSDP)"),
     **{f"zero{stage}": ({"dp_shard_size"}, "DeepSpeed ZeRO partitions over every rank, and neither its AutoTP nor "
                                            "its Ulysses (DistributedAttention) is wired for training here: use "
@@ -37,10 +37,12 @@ def check_layout(args) -> None:
         return
     if config.sp_size > 1:
         _check_sequence_split_options(args, config.sp_size)
+    if config.pp_size > 1:
+        check_pipeline_options(args, config)
     if args.strategy == "auto":
         return
     allowed, hint = _LAYOUTS[args.strategy]
-    for name in ("dp_replicate_size", "dp_shard_size", "tp_size", "sp_size"):
+    for name in ("dp_replicate_size", "dp_shard_size", "tp_size", "sp_size", "pp_size"):
         value = getattr(config, name)
         if value != 1 and name not in allowed:
             raise ValueError(f"parallelism_config {name}={value} with strategy {args.strategy!r}: {hint}")
@@ -57,6 +59,44 @@ def _check_sequence_split_options(args, sp: int) -> None:
     ):
         if value:
             raise NotSupportedError(f"{name}={value} with parallelism_config sp_size={sp}: {why}; drop one of them")
+
+
+def check_pipeline_options(args, config) -> None:
+    """What pipeline stages (pp_size) do not run with, refused by name; and the step's micro-batches, which are
+    the pipeline's."""
+    pp = config.pp_size
+    if config.sp_size > 1:
+        raise NotSupportedError(f"parallelism_config sp_size={config.sp_size} with pp_size={pp}: sequence-split "
+                                "pipeline stages are not wired yet; drop one of them")
+    for name, value, why in (
+        ("fp16", args.fp16, "the loss scaler's overflow check is not reduced over pipeline stages; use bf16"),
+        ("label_smoothing_factor", args.label_smoothing_factor, "the last stage computes the model's own loss"),
+        ("use_liger_kernel", args.use_liger_kernel, "Liger's fused loss is not run by the last stage"),
+        ("neftune_noise_alpha", args.neftune_noise_alpha, "NEFTune is not checked on a pipeline's first stage"),
+        ("float8", args.float8, "float8 layers are not checked on pipeline stages yet"),
+        ("torch_compile", args.torch_compile, "compiled stages are not checked yet"),
+        ("auto_find_batch_size", args.auto_find_batch_size, "the batch finder's probe runs the whole model"),
+        ("fsdp_low_memory_init", args.fsdp_low_memory_init, "each rank loads the model and keeps its stages"),
+        ("fsdp_prefetch", args.fsdp_prefetch, "a stage's blocks are prefetched by FSDP2 itself"),
+        ("predict_with_generate", getattr(args, "predict_with_generate", False),
+         "generation runs the whole model on one rank"),
+    ):
+        if value:
+            raise NotSupportedError(f"{name}={value} with parallelism_config pp_size={pp}: "
+                                    f"{why}; drop one of them")
+    steps = args.gradient_accumulation_steps
+    if config.pp_microbatches is not None and config.pp_microbatches != steps:
+        raise ValueError(f"parallelism_config pp_microbatches={config.pp_microbatches} with "
+                         f"gradient_accumulation_steps={steps}: a step's micro-batches are the pipeline's; set "
+                         f"gradient_accumulation_steps={config.pp_microbatches} (and leave pp_microbatches unset)")
+    if config.pp_schedule == "1F1B" and steps < config.pp_stages:
+        raise ValueError(f"parallelism_config pp_schedule='1F1B' with {config.pp_stages} stages needs at least "
+                         f"{config.pp_stages} micro-batches per step, but gradient_accumulation_steps={steps}; "
+                         f"raise it, or use pp_schedule='GPipe'")
+    if config.pp_schedule == "Interleaved1F1B" and steps % max(1, steps // pp):
+        raise ValueError(f"parallelism_config pp_schedule='Interleaved1F1B' on {pp} pp ranks splits a step's "
+                         f"micro-batches into equal rounds of about {pp}, which gradient_accumulation_steps={steps} "
+                         f"cannot form; make it a multiple of {pp}")
 
 
 def check_node_local_saves(args) -> None:

@@ -13,6 +13,7 @@ from transformers.trainer_utils import EvalLoopOutput, PredictionOutput, SaveStr
 
 from ..modeling import default_ignore_keys
 from ..optimizers import factory as optim
+from ..parallel.pipeline_runtime import pipeline_of
 from .evaluation import BatchMetrics, EvalResults, agreed_rounds, evaluation_metrics, is_tensor_tree
 from .evaluation import join_remaining_rounds
 from .step import batch_size
@@ -90,6 +91,11 @@ class EvaluationMethods:
         if has_labels:
             labels = nested_detach(tuple(inputs[k] for k in self.label_names))
             labels = labels[0] if len(labels) == 1 else labels
+        pipeline = pipeline_of(self.strategy.unwrap(model))
+        if pipeline is not None:
+            with torch.no_grad(), self.compute_loss_context_manager():
+                loss, logits = pipeline.predict(inputs, not prediction_loss_only, self.strategy.device)
+            return (loss, None, None) if prediction_loss_only else (loss, logits, labels)
         with torch.no_grad(), self.compute_loss_context_manager():
             if has_labels:
                 loss, outputs = self.compute_loss(model, inputs, return_outputs=True)

@@ -11,6 +11,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from .flops import attention_flops
+from ..parallel.pipeline_runtime import pipeline_of
 from huggingface_hub import ModelCard
 from torch.utils.data import DataLoader
 from transformers import modelcard
@@ -121,9 +122,10 @@ class ReportingMethods:
         """HF's estimate: 6 x tokens x non-embedding parameters, for models that can count them."""
         model = self.strategy.unwrap(self.model)
         main_input = getattr(model, "main_input_name", "input_ids")
-        if main_input in inputs and hasattr(model, "num_parameters"):
-            return 6 * inputs[main_input].numel() * model.num_parameters(exclude_embeddings=True)
-        return 0
+        pipeline = pipeline_of(model)  # a pipeline rank holds some stages: the whole model's count
+        count = pipeline.non_embedding_parameters if pipeline is not None else \
+            model.num_parameters(exclude_embeddings=True) if hasattr(model, "num_parameters") else None
+        return 6 * inputs[main_input].numel() * count if main_input in inputs and count is not None else 0
 
     def attention_flops(self, inputs: dict[str, Any]) -> float:
         """The attention FLOPs HF's estimate leaves out (flops.py): model FLOPs = floating_point_ops + this."""

@@ -15,6 +15,7 @@ import torch
 
 from ..modeling import label_shift
 from ..optimizers.factory import current_lr, steps_on_metric
+from ..parallel.pipeline_runtime import pipeline_of
 from ..parallel.sequence_parallel import SequenceSplitter, split_rows
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,11 @@ class StepRunner:
         return StepResult(loss / ranks, samples, tokens, grad_norm, stepped, finite, flos, model_flops)
 
     def _accumulate(self, model, micro_batches: list[dict[str, Any]]) -> torch.Tensor:
-        """Forward and backward of every micro-batch (this rank's slice of each row with sp); the summed loss."""
+        """Forward and backward of every micro-batch (this rank's slice of each row with sp; through the
+        pipeline schedule with pp); the summed loss."""
+        pipeline = pipeline_of(self.strategy.unwrap(model))
+        if pipeline is not None:
+            return self._pipelined(pipeline, micro_batches)
         splits = [self.splitter.split(b) for b in micro_batches]
         global_items = self.weighting.global_items([inputs for inputs, _ in splits])
         self.hooks.current_gradient_accumulation_steps = len(micro_batches)
@@ -148,6 +153,19 @@ class StepRunner:
             if i != last:
                 self.hooks.fire("on_substep_end")
         return loss.detach()
+
+
+    def _pipelined(self, pipeline, micro_batches: list[dict[str, Any]]) -> torch.Tensor:
+        """The step's micro-batches through the pipeline's schedule, which syncs the data-parallel gradients
+        itself after the last backward; the step's loss on every pp rank."""
+        inputs = [self.hooks._prepare_inputs(b) for b in micro_batches]
+        global_items = self.weighting.global_items(inputs)
+        self.hooks.current_gradient_accumulation_steps = len(micro_batches)
+        with self.hooks.compute_loss_context_manager():
+            loss = pipeline.train_step(inputs, global_items, self.strategy.device)
+        for _ in micro_batches[1:]:  # as many micro-step events as the step without a pipeline fires
+            self.hooks.fire("on_substep_end")
+        return loss
 
 
 def sequence_splitter(strategy) -> SequenceSplitter:

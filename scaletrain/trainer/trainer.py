@@ -131,10 +131,7 @@ class Trainer(EvaluationMethods, SearchTrialMethods, ReportingMethods):
         self.args = args  # final: the launcher's requests were applied when they were made
         self.strategy.setup_environment()
         custom_loss = type(self).compute_loss is not Trainer.compute_loss
-        if custom_loss and self.strategy.layout.sp > 1:
-            raise NotSupportedError(f"{type(self).__name__} overrides compute_loss, and parallelism_config sp_size="
-                                    f"{self.strategy.layout.sp} gives each rank one slice of every row (with "
-                                    "shift_labels): the override would see slices; train without sp_size")
+        _refuse_overrides_the_layout_bypasses(type(self), self.strategy.layout)
         self.middleware = build_middleware(args, self.strategy, custom_loss=custom_loss)
         self.num_threads = configure_threads(self.strategy.env, args.torch_threads)
         # as the HF Trainer does: log_level on the main process, log_level_replica on the others
@@ -529,6 +526,21 @@ def _saving_on_this_rank(model: torch.nn.Module):
         yield
     finally:
         del model.should_save_on_this_rank
+
+
+def _refuse_overrides_the_layout_bypasses(cls: type, layout) -> None:
+    """sp gives compute_loss slices of rows; pp runs stages whose last one computes the model's own loss, so
+    neither compute_loss nor training_step would run as written."""
+    overridden = [name for name in ("compute_loss", "training_step")
+                  if getattr(cls, name) is not getattr(Trainer, name)]
+    if "compute_loss" in overridden and layout.sp > 1:
+        raise NotSupportedError(f"{cls.__name__} overrides compute_loss, and parallelism_config sp_size={layout.sp} "
+                                "gives each rank one slice of every row (with shift_labels): the override would see "
+                                "slices; train without sp_size")
+    if overridden and layout.pp > 1:
+        raise NotSupportedError(f"{cls.__name__} overrides {overridden[0]}, and parallelism_config pp_size={layout.pp} "
+                                "runs the model in pipeline stages whose last one computes the model's own loss: the "
+                                "override would never run; train without pp_size")
 
 
 def _checked_args(args, compute_loss_func, optimizers, optimizer_cls_and_kwargs) -> TrainingArguments:
