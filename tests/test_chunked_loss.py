@@ -11,10 +11,26 @@ from helpers import RaggedLM, losses_of, tiny_gpt2, tiny_llama
 from scaletrain import NotSupportedError, Trainer, TrainingArguments
 from scaletrain.middleware.chunked_loss import ChunkedLoss
 from scaletrain.modeling import chunked_loss_obstacle
+from scaletrain.parallel.environment import DistEnv
+from scaletrain.parallel.layout import ParallelLayout
 
 
 class _Strategy:
+    """What the chunked loss asks of a strategy: one process, parameters whole outside their module's forward."""
     module_scoped_parameters = False
+    layout = ParallelLayout(DistEnv(0, 1, 0, 1), dp_replicate=1, dp_shard=1, tp=1)
+
+
+class _PipelineStrategy(_Strategy):
+    layout = ParallelLayout(DistEnv(0, 2, 0, 2), dp_replicate=1, dp_shard=1, tp=1, pp=2)
+
+
+def test_pipeline_stages_keep_the_logits_and_refuse_chunked_loss_true():
+    with pytest.raises(NotSupportedError, match="pipeline parallelism computes the loss from the last stage's logits"):
+        ChunkedLoss(True, 5, "fp32", False, custom_loss=False).transform_model(tiny_llama(), _PipelineStrategy())
+    auto = ChunkedLoss("auto", 5, "fp32", False, custom_loss=False)
+    auto.transform_model(tiny_llama(), _PipelineStrategy())
+    assert auto.skipped == "pipeline parallelism computes the loss from the last stage's logits"
 
 
 def _chunked(model, tokens: int = 5, mode=True):

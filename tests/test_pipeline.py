@@ -92,12 +92,12 @@ def plain_loop() -> tuple[list[float], dict[str, torch.Tensor], float, list[torc
 
 
 def _args(out: str, layout: dict, per_device: int, accumulation: int, save_steps: int = 0, **extra):
-    return TrainingArguments(output_dir=out, parallelism_config=layout, max_steps=STEPS,
-                             per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
-                             per_device_eval_batch_size=1, learning_rate=LR, lr_scheduler_type="constant",
-                             weight_decay=0.0, optim="adamw_torch", max_grad_norm=CLIP, logging_steps=1,
-                             save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, seed=SEED,
-                             disable_tqdm=True, report_to="none", ddp_timeout=300, **extra)
+    settings = dict(output_dir=out, parallelism_config=layout, max_steps=STEPS, per_device_train_batch_size=per_device,
+                    gradient_accumulation_steps=accumulation, per_device_eval_batch_size=1, learning_rate=LR,
+                    lr_scheduler_type="constant", weight_decay=0.0, optim="adamw_torch", max_grad_norm=CLIP,
+                    logging_steps=1, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+                    seed=SEED, disable_tqdm=True, report_to="none", ddp_timeout=300)
+    return TrainingArguments(**{**settings, **extra})
 
 
 def _run(out: str, layout: Optional[dict], per_device: int, accumulation: int, save_steps: int = 0, **extra) -> dict:
@@ -111,7 +111,7 @@ def _run(out: str, layout: Optional[dict], per_device: int, accumulation: int, s
             "logits": trainer.predict(Documents(EVAL_DOCS, seed=9, labelled=False)).predictions}
 
 
-def _two_ranks_job(rank: int, out: str) -> None:
+def _two_ranks_job(rank: int, out: str, whole_model_checkpoint: str) -> None:
     one_f_one_b = {"pp_size": 2, "pp_schedule": "1F1B"}
     runs = {  # 8 documents a step: 2 rows x 4 micro-batches
         "GPipe": _run(f"{out}/gpipe", {"pp_size": 2, "pp_schedule": "GPipe"}, 2, 4, save_steps=2),
@@ -119,11 +119,24 @@ def _two_ranks_job(rank: int, out: str) -> None:
         "Interleaved1F1B": _run(f"{out}/interleaved", {"pp_size": 2, "pp_schedule": "Interleaved1F1B"}, 2, 4),
         "1F1B checkpointed": _run(f"{out}/ckpt", one_f_one_b, 2, 4, activation_checkpointing=True),
         "1F1B bf16": _run(f"{out}/bf16", one_f_one_b, 2, 4, bf16=True),
-        "1F1B LoRA": _run(f"{out}/lora", one_f_one_b, 2, 4, lora=LORA),
+        "1F1B LoRA": _run(f"{out}/lora", one_f_one_b, 2, 4, save_steps=2, lora=LORA),
         "override": _refused_override(),
+        "whole-model resume": _refused_resume(whole_model_checkpoint),
     }
     if rank == 0:
         torch.save(runs, Path(out, "runs.pt"))
+
+
+def _refused_resume(checkpoint: str) -> str:
+    from scaletrain.checkpoint import CheckpointError
+
+    trainer = Trainer(model=model(), args=_args("unused", {"pp_size": 2}, 2, 4), train_dataset=Documents(8, seed=1),
+                      data_collator=collate)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except CheckpointError as error:
+        return str(error)
+    return "not refused"
 
 
 class LossOverride(Trainer):
@@ -152,7 +165,10 @@ def _four_ranks_job(rank: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("pp2")
-    run_ranks(_two_ranks_job, str(out), world_size=2, timeout=600)
+    # a one-process checkpoint: whole-model HF files, which pipeline stages refuse to resume from
+    Trainer(model=model(), args=_args(f"{out}/single", None, 8, 1, save_steps=1, strategy="single", max_steps=1),
+            train_dataset=Documents(DOCS, seed=1), data_collator=collate).train()
+    run_ranks(_two_ranks_job, str(out), f"{out}/single/checkpoint-1", world_size=2, timeout=600)
     return out, torch.load(out / "runs.pt", weights_only=False)
 
 
@@ -206,12 +222,26 @@ def test_a_loss_override_the_pipeline_would_bypass_is_refused(two_ranks):
 
 def test_pipeline_adapters_train_as_one_process(two_ranks, tmp_path):
     """LoRA on pipeline stages against the same LoRA run in one process (no pipeline, one batch a step)."""
-    single = _run(str(tmp_path), None, 8, 1, lora=LORA, strategy="single")
+    from safetensors.torch import load_file
+
+    single = _run(str(tmp_path), None, 8, 1, save_steps=2, lora=LORA, strategy="single")
     run = two_ranks[1]["1F1B LoRA"]
     torch.testing.assert_close(run["losses"], single["losses"], rtol=0, atol=1e-5)
     assert run["weights"].keys() == single["weights"].keys()
     for name, tensor in single["weights"].items():
         torch.testing.assert_close(run["weights"][name], tensor, rtol=0, atol=1e-5, msg=name)
+    # the checkpoint's adapter file holds every stage's adapters, as the one-process run's does
+    saved = load_file(two_ranks[0] / "lora" / "checkpoint-2" / "adapter_model.safetensors")
+    expected = load_file(tmp_path / "checkpoint-2" / "adapter_model.safetensors")
+    assert saved.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(saved[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+def test_a_whole_model_checkpoint_is_refused_under_pipeline_stages_naming_the_way_round(two_ranks):
+    refusal = two_ranks[1]["whole-model resume"]
+    assert "holds whole-model HF files (saved by strategy single)" in refusal
+    assert "resume it once with strategy fsdp without pp_size" in refusal
 
 
 def test_pipeline_in_bf16_computes_in_bf16(two_ranks, reference):

@@ -90,16 +90,22 @@ def test_pipeline_layouts_hold_the_fullest_stage_the_trainer_cuts_and_pay_the_bu
     shape = PlanShape.of(model, range(1, 3))
     assert not PlanShape.of(tiny_llama(num_hidden_layers=4), range(1, 3)).pipeline_units  # tied: no stages
     # what a pipeline rank really holds: the model pruned to its stage, as the Trainer cuts it
-    ranges = layer_ranges(model, 2)
-    held = []
-    for stage in range(2):
-        part = deepcopy(model)
-        cut_stages(part, ranges, [stage])
-        held.append(sum(p.numel() for p in part.parameters()))
+    def fullest_stage(split_points) -> int:
+        held = []
+        for stage in range(2):
+            part = deepcopy(model)
+            cut_stages(part, layer_ranges(model, 2, split_points), [stage])
+            held.append(sum(p.numel() for p in part.parameters()))
+        return max(held)
+
     hw = _hardware(16, 8)
     pipelined = predict(shape, Layout(1, 8, 1, 2, 4, False, pp=2), hw, "bf16", 128, 64)
     assert pipelined.layout.strategy == "fsdp"
-    assert pipelined.memory["parameters"] == pytest.approx(4 * max(held) / 8)
+    assert pipelined.memory["parameters"] == pytest.approx(4 * fullest_stage(None) / 8)
+    # the user's split points (stage 2 from layer 1: three layers and the head on it), as `estimate` passes them
+    split = predict_memory(shape, Layout(1, 8, 1, 2, 4, False, pp=2, split_points=(1,)), "bf16", 128)
+    assert split["parameters"] == pytest.approx(4 * fullest_stage([1]) / 8)
+    assert split["parameters"] > pipelined.memory["parameters"]
     # the same work on 16 GPUs, idle for (pp - 1) of (m + pp - 1) micro-batch slots
     flat = predict(shape, Layout(1, 16, 1, 1, 4, False), hw, "bf16", 128, 64)
     assert pipelined.seconds["compute"] == pytest.approx(flat.seconds["compute"] * (4 + 1) / 4)

@@ -61,13 +61,17 @@ def _save_part(folder: Path, number: int, tensors: dict[str, torch.Tensor]) -> N
 
 
 def write_adapter_weights(folder: Path, model: torch.nn.Module,
-                          tensors: Iterable[tuple[str, Optional[torch.Tensor]]], writes: bool) -> None:
+                          tensors: Iterable[tuple[str, Optional[torch.Tensor]]], writes: bool,
+                          adapter_keys: Optional[dict[str, str]] = None) -> None:
     """A LoRA model's trained tensors (`tensors` holds just those) in peft's adapter_model.safetensors (the
-    adapter config is written beside it), so PeftModel.from_pretrained(base, checkpoint) opens it."""
+    adapter config is written beside it), so PeftModel.from_pretrained(base, checkpoint) opens it.
+    `adapter_keys`: each tensor's key in the file, where `model` lacks some of the adapted layers (a pipeline
+    rank's stages: peft finds the keys from the model's own layers)."""
     from peft import get_peft_model_state_dict
 
     collected = {name: tensor for name, tensor in tensors if writes}
     if writes:
-        adapter = get_peft_model_state_dict(model, state_dict=collected)
+        adapter = get_peft_model_state_dict(model, state_dict=collected) if adapter_keys is None else \
+            {adapter_keys[name]: tensor for name, tensor in collected.items() if name in adapter_keys}
         save_file({k: v.contiguous() for k, v in adapter.items()}, str(folder / ADAPTER_WEIGHTS_NAME),
                   metadata={"format": "pt"})

@@ -67,7 +67,7 @@ class ParallelismConfig(AccelerateParallelismConfig):
                        "cp": self.cp_size, "sp": self.sp_size}
 
     def _check_pipeline_fields(self) -> None:
-        defaults = {"pp_schedule": "1F1B", "pp_microbatches": None, "pp_stages_per_rank": None, "pp_split_points": None}
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in _PIPELINE_FIELDS}
         if self.pp_size == 1:
             changed = [name for name, value in defaults.items() if getattr(self, name) != value]
             if changed:
@@ -99,6 +99,15 @@ class ParallelismConfig(AccelerateParallelismConfig):
     def pp_stages(self) -> int:
         """Stages in the whole pipeline: pp ranks x stages per rank."""
         return self.pp_size * self.pp_stages_per_rank
+
+    def schedule_fits(self, count: int) -> bool:
+        """Whether torch's pp_schedule runs `count` micro-batches a step: 1F1B needs at least one per stage,
+        Interleaved1F1B rounds of about pp_size that divide them evenly; the others run any count."""
+        if self.pp_schedule == "1F1B":
+            return count >= self.pp_stages
+        if self.pp_schedule == "Interleaved1F1B":
+            return count % max(1, count // self.pp_size) == 0
+        return True
 
     def check_supported(self) -> None:
         """Refuse the dimensions scaletrain does not build yet, naming each."""

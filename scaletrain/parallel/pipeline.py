@@ -60,9 +60,13 @@ def layer_ranges(model: torch.nn.Module, stages: int, split_points: Optional[lis
                  ) -> list[range]:
     """The decoder layers of each stage: at the user's split points (the first layer of stages 2, 3, ...), or
     balanced by parameter count with the embedding counted on the first stage and norm + head on the last."""
-    layers = len(library_model(model).model.layers)
     if split_points is None:
         return balanced_layer_ranges(stage_units(model), stages)
+    return split_layer_ranges(split_points, stages, len(library_model(model).model.layers))
+
+
+def split_layer_ranges(split_points: list[int], stages: int, layers: int) -> list[range]:
+    """The layers of each stage when stages 2, 3, ... start at the user's split points."""
     starts = [0, *split_points]
     if sorted(set(starts)) != starts or starts[-1] >= layers or len(starts) != stages:
         raise ValueError(f"parallelism_config pp_split_points={split_points} must be {stages - 1} increasing "
@@ -97,8 +101,9 @@ def _check_untied(model: torch.nn.Module, whole: bool) -> None:
                          "the first stage and the head on the last; untie them (tie_word_embeddings=False)")
 
 
-def check_pipeline_split(model: torch.nn.Module, stages: int, split_points: Optional[list[int]]) -> None:
-    """`model` (on any device, meta included) can be cut into `stages` pipeline stages, or the error names why."""
+def check_pipeline_split(model: torch.nn.Module, stages: int, split_points: Optional[list[int]]) -> list[range]:
+    """The decoder layers of each of `stages` pipeline stages `model` (on any device, meta included) is cut
+    into, or the error naming why it cannot be."""
     lm = library_model(model)
     inner = getattr(lm, "model", None)
     parts = ("model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head")
@@ -108,7 +113,7 @@ def check_pipeline_split(model: torch.nn.Module, stages: int, split_points: Opti
                          f"as Llama is (embed_tokens, layers, norm, rotary_emb, lm_head; it lacks "
                          f"{missing or ['a layer list']}); train it without pp_size")
     _check_untied(model, stages == 1)
-    layer_ranges(model, stages, split_points)
+    return layer_ranges(model, stages, split_points)
 
 
 def check_model_splits_into_stages(build_from_config, config) -> None:
@@ -147,10 +152,9 @@ def _shallow_copy(module: torch.nn.Module) -> torch.nn.Module:
 def cut_stages(model: torch.nn.Module, ranges: list[range], stage_ids: list[int]) -> list[torch.nn.Module]:
     """`model` pruned in place to what this rank's stages hold (so its state dict is this rank's share, under the
     original names), and one module per stage, each with the stage forward: the transformers model itself for
-    one stage per rank, else views over its modules."""
+    one stage per rank, else views over its modules. check_pipeline_split has checked the model and `ranges`."""
     stages = len(ranges)
     holds_first, holds_last = 0 in stage_ids, stages - 1 in stage_ids
-    _check_untied(model, stages == 1)
     _keep(library_model(model), [i for s in stage_ids for i in ranges[s]], holds_first, holds_last)
     if len(stage_ids) == 1:  # the transformers model, inside a peft wrapper if there is one (its forward takes
         lm = library_model(model)  # HF's keyword arguments, not a stage's)

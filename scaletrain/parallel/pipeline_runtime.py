@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..modeling import library_model
-from .pipeline import check_pipeline_split, cut_stages, layer_ranges
+from .pipeline import check_pipeline_split, cut_stages
 
 IGNORE_INDEX = -100
 SEQUENCE_MULTIPLE = 32  # steps' lengths are rounded up to this, so few shapes (schedules) are built
@@ -36,7 +36,7 @@ class Pipeline:
     def __init__(self, model: torch.nn.Module, config, layout, agree: Callable[[torch.Tensor], torch.Tensor]
                  ) -> None:
         """`agree`: the element-wise maximum of a small tensor over every rank (a collective)."""
-        self.layout, self.schedule_name, self._agree = layout, config.pp_schedule, agree
+        self.layout, self.config, self._agree = layout, config, agree
         self.num_stages = config.pp_stages
         self.stage_ids = [layout.pp_rank + k * layout.pp for k in range(config.pp_stages_per_rank)]
         # the whole model, before this rank prunes it: its checkpoint fingerprint, its HF weight files (names in
@@ -45,8 +45,7 @@ class Pipeline:
         self.full_state = {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}
         self.non_embedding_parameters = model.num_parameters(exclude_embeddings=True) \
             if hasattr(model, "num_parameters") else None
-        check_pipeline_split(model, self.num_stages, config.pp_split_points)
-        ranges = layer_ranges(model, self.num_stages, config.pp_split_points)
+        ranges = check_pipeline_split(model, self.num_stages, config.pp_split_points)
         self.parts = cut_stages(model, ranges, self.stage_ids)
         lm = library_model(model)
         self._loss_function, self._vocab = lm.loss_function, lm.config.vocab_size
@@ -54,11 +53,13 @@ class Pipeline:
         self._owners: Optional[dict[str, int]] = None
 
     def owners(self, model: torch.nn.Module, gather: Callable[[Any], list]) -> dict[str, int]:
-        """The pp rank holding each of the whole model's tensors (asked of every rank once: a collective)."""
+        """The first pp rank holding each of the whole model's tensors (asked of every rank once: a collective)."""
         if self._owners is None:
             names = set(model.state_dict()) if self.layout.rank_in_part == 0 else set()
-            self._owners = {name: rank // self.layout.ranks_per_part for rank, held in enumerate(gather(names))
-                            for name in held}
+            self._owners = {}
+            for rank, held in enumerate(gather(names)):
+                for name in held:
+                    self._owners.setdefault(name, rank // self.layout.ranks_per_part)
         return self._owners
 
     @property
@@ -155,7 +156,7 @@ class Pipeline:
         device = batch["input_ids"].device
         stages = [PipelineStage(part, stage, self.num_stages, device, group=group)
                   for part, stage in zip(self.parts, self.stage_ids, strict=True)]
-        schedule_class = runnable_schedule(self.schedule_name, count, self.layout.pp, training)
+        schedule_class = runnable_schedule(self.config, count, training)
         # a forward-only pass without labels computes no loss (torch would index the absent targets)
         loss = self._train_loss if training else self._mean_loss if labelled else None
         from torch.distributed.pipelining.schedules import PipelineScheduleMulti
@@ -182,20 +183,15 @@ class Pipeline:
         return buffer
 
 
-def runnable_schedule(name: str, count: int, pp: int, training: bool) -> type:
-    """torch's schedule class for `name` that runs `count` micro-batches: a step with fewer micro-batches than
-    1F1B's warm-up needs (an epoch's last) runs as GPipe, and one interleaving cannot divide into rounds as
-    LoopedBFS; forward-only passes run as GPipe / LoopedBFS. Each computes the same gradients."""
+def runnable_schedule(config, count: int, training: bool) -> type:
+    """torch's schedule class for the config's pp_schedule that runs `count` micro-batches: a step the schedule
+    cannot run (an epoch's last, with fewer micro-batches) runs as GPipe, or LoopedBFS with several stages per
+    rank, as do forward-only passes. Each computes the same gradients."""
     from torch.distributed.pipelining.schedules import get_schedule_class
 
-    multi = name in ("Interleaved1F1B", "LoopedBFS")
-    if not training:
-        name = "LoopedBFS" if multi else "GPipe"
-    elif name == "1F1B" and count < pp:
-        name = "GPipe"
-    elif name == "Interleaved1F1B" and count % max(1, count // pp):
-        name = "LoopedBFS"
-    return get_schedule_class(name)
+    if training and config.schedule_fits(count):
+        return get_schedule_class(config.pp_schedule)
+    return get_schedule_class("LoopedBFS" if config.pp_stages_per_rank > 1 else "GPipe")
 
 
 def stacked(micro_batches: list[dict[str, Any]], rows: int, length: int) -> dict[str, torch.Tensor]:

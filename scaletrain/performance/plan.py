@@ -19,7 +19,8 @@ With pipeline stages (pp, outermost; FSDP2 inside each stage; one 1F1B stage per
 Ψ_t is the fullest stage's share (the layers are balanced by parameter count as the Trainer splits them, the
 embedding on the first stage, norm and head on the last), and the first stage holds the activations of
 min(pp, accumulation) micro-batches of its layers in flight (GPipe and LoopedBFS: every micro-batch; interleaved:
-1F1B's times 1 + (pp - 1)/(pp·v)), the last one micro-batch of its layers and the logits.
+1F1B's times 1 + (pp - 1)/(pp·v)), the last its layers' and the logits' (one micro-batch under 1F1B, every one
+under GPipe and LoopedBFS); a stage stays gathered from its first backward to the step's gradient reduction.
 
 This is the model `benchmarks/parallelism.py` measures on 4 CPU ranks (tensor bytes, the CPU analogue of
 CUDA's peak allocated memory) and tests/test_plan.py holds within 15% for every layout there.
@@ -47,7 +48,7 @@ from typing import Iterator, Optional, Union
 import torch
 
 from .estimate import ModelShape, activation_bytes
-from ..parallel.pipeline import balanced_layer_ranges, check_pipeline_split, stage_units
+from ..parallel.pipeline import balanced_layer_ranges, check_pipeline_split, split_layer_ranges, stage_units
 from .memory import format_bytes
 from ..parallel.layout import describe_sizes
 from ..parallel.tensor_parallel import tensor_parallel_plan
@@ -139,23 +140,26 @@ class PlanShape:
         layers = len(self.pipeline_units) - 2
         return [pp for pp in _divisors(ranks) if pp == 1 or pp <= layers]
 
-    def stage_held(self, tp: int, pp: int, stages_per_rank: int = 1) -> float:
-        """Parameter elements a tensor-parallel rank of the fullest pipeline rank holds."""
-        if pp == 1:
-            return self.held(tp)
-        ranks = self._rank_stages(pp, stages_per_rank)
-        return max(sum(self._stage_held(tp, stage) for stage in stages) for stages in ranks)
+    def stage_held(self, layout: "Layout") -> float:
+        """Parameter elements a tensor-parallel rank of the layout's fullest pipeline rank holds."""
+        if layout.pp == 1:
+            return self.held(layout.tp)
+        return max(sum(self._stage_held(layout.tp, stage) for stage in stages) for stages in self._rank_stages(layout))
 
-    def stage_layers(self, pp: int, stages_per_rank: int = 1) -> tuple[int, int]:
+    def stage_layers(self, layout: "Layout") -> tuple[int, int]:
         """Decoder layers on the first pipeline rank and on the last (which also computes the logits)."""
-        ranks = self._rank_stages(pp, stages_per_rank)
+        ranks = self._rank_stages(layout)
         return (sum(len(stage) for _, stage in ranks[0]), sum(len(stage) for _, stage in ranks[-1]))
 
-    def _rank_stages(self, pp: int, stages_per_rank: int) -> list[list[tuple[int, range]]]:
-        """Each pp rank's (stage index, layers), stages in loop order as the Trainer assigns them."""
-        stages = pp * stages_per_rank
-        ranges = list(enumerate(balanced_layer_ranges(list(self.pipeline_units), stages)))
-        return [ranges[rank::pp] for rank in range(pp)]
+    def _rank_stages(self, layout: "Layout") -> list[list[tuple[int, range]]]:
+        """Each pp rank's (stage index, layers), cut as the Trainer cuts them (balanced, or at the layout's split
+        points), stages in loop order as the Trainer assigns them."""
+        stages = layout.pp * layout.stages_per_rank
+        if layout.split_points:
+            ranges = split_layer_ranges(list(layout.split_points), stages, len(self.pipeline_units) - 2)
+        else:
+            ranges = balanced_layer_ranges(list(self.pipeline_units), stages)
+        return [list(enumerate(ranges))[rank::layout.pp] for rank in range(layout.pp)]
 
     def _stage_held(self, tp: int, stage: tuple[int, range]) -> float:
         index, layers = stage
@@ -214,6 +218,7 @@ class Layout:
     pp: int = 1  # pipeline ranks (they run under FSDP2)
     schedule: str = "1F1B"
     stages_per_rank: int = 1
+    split_points: Optional[tuple[int, ...]] = None  # the first layer of stages 2, 3, ... (None: balanced)
 
     @property
     def strategy(self) -> str:
@@ -285,7 +290,7 @@ class Prediction:
 
 def predict_memory(shape: PlanShape, layout: Layout, precision: str, seq_len: int) -> dict[str, float]:
     """Bytes per GPU of `layout`, by kind (see the module docstring)."""
-    held = shape.stage_held(layout.tp, layout.pp, layout.stages_per_rank)
+    held = shape.stage_held(layout)
     sharded = held / layout.shard_ranks
     fsdp = layout.strategy == "fsdp"
     compute = 4 if precision == "fp32" else 2
@@ -295,8 +300,6 @@ def predict_memory(shape: PlanShape, layout: Layout, precision: str, seq_len: in
     # are views into its buckets unless ddp_gradient_as_bucket_view is off; tensor-parallel replicas reduce after
     # backward, off the peak
     root = max(shape.model.parameters - shape.model.layers * shape.model.largest_block, 0)
-    if layout.pp > 1:  # a stage's root holds the embedding (first) or the norm and head (last)
-        root = max(shape.pipeline_units[0], shape.pipeline_units[-1])
     buffers = 2 * compute * block + 4 * block + compute * root if fsdp else 0.0
     if layout.pp > 1:  # a stage stays gathered from its first backward to the step's gradient reduction
         buffers = compute * held
@@ -322,7 +325,7 @@ def _activations(shape: PlanShape, layout: Layout, precision: str, seq_len: int)
 
     if layout.pp == 1:
         return of(shape.model, shape.loss_chunk(layout.checkpointing, precision))
-    first, last = shape.stage_layers(layout.pp, layout.stages_per_rank)
+    first, last = shape.stage_layers(layout)
     # the chunked loss stays off under pp (the last stage computes the loss from its logits)
     layers_in_flight, logits_in_flight = layout.last_in_flight
     # activation_bytes counts the logits three times (fp32 logits, log-softmax, their gradient): a micro-batch
@@ -349,7 +352,7 @@ def predict_seconds(shape: PlanShape, layout: Layout, hw: Hardware, precision: s
     work = flops * (1 + recompute) + head
     compute = work / (hw.gpus * hw.peak_tflops * 1e12 * hw.efficiency) / (1 - layout.bubble)
     width = 4 if precision == "fp32" else 2
-    held = shape.stage_held(layout.tp, layout.pp, layout.stages_per_rank)
+    held = shape.stage_held(layout)
     shards = layout.shard_ranks
     shard_span = layout.tp * shards
     data_parallel = 0.0

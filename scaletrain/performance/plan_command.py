@@ -89,7 +89,8 @@ def configured_layout_lines(cfg, world_sizes: list[int]) -> list[str]:
         layout = Layout(dp_replicate, dp_shard, tp, args.per_device_train_batch_size, args.gradient_accumulation_steps,
                         bool(args.activation_checkpointing), sp,
                         sharded=args.strategy == "fsdp" if sp > 1 or pp > 1 else None, pp=pp,
-                        schedule=config.pp_schedule, stages_per_rank=config.pp_stages_per_rank)
+                        schedule=config.pp_schedule, stages_per_rank=config.pp_stages_per_rank,
+                        split_points=tuple(config.pp_split_points) if config.pp_split_points else None)
         memory = predict_memory(shape, layout, precision, cfg.data.block_size or cfg.data.max_length)
         lines.append(f"parallelism_config on {world} ranks ({layout.describe()}, {layout.strategy}): "
                      f"{format_bytes(sum(memory.values()))} per rank = "

@@ -317,6 +317,8 @@ class Strategy(abc.ABC):
         part holding a tensor gathers it (a collective among its ranks) and its first rank sends it to rank 0."""
         owners = pipeline.owners(self.unwrap(model), self.all_gather_object)
         held = self.unwrap(model).state_dict()
+        if only is not None:  # each rank names what its own stages hold (a LoRA model's trained tensors)
+            only = set().union(*self.all_gather_object(sorted(only)))
         for name, (shape, dtype) in pipeline.full_state.items():
             if only is not None and name not in only:
                 continue

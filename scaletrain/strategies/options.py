@@ -89,12 +89,13 @@ def check_pipeline_options(args, config) -> None:
         raise ValueError(f"parallelism_config pp_microbatches={config.pp_microbatches} with "
                          f"gradient_accumulation_steps={steps}: a step's micro-batches are the pipeline's; set "
                          f"gradient_accumulation_steps={config.pp_microbatches} (and leave pp_microbatches unset)")
-    if config.pp_schedule == "1F1B" and steps < config.pp_stages:
+    if config.schedule_fits(steps):
+        return
+    if config.pp_schedule == "1F1B":
         raise ValueError(f"parallelism_config pp_schedule='1F1B' with {config.pp_stages} stages needs at least "
                          f"{config.pp_stages} micro-batches per step, but gradient_accumulation_steps={steps}; "
                          f"raise it, or use pp_schedule='GPipe'")
-    if config.pp_schedule == "Interleaved1F1B" and steps % max(1, steps // pp):
-        raise ValueError(f"parallelism_config pp_schedule='Interleaved1F1B' on {pp} pp ranks splits a step's "
+    raise ValueError(f"parallelism_config pp_schedule='Interleaved1F1B' on {pp} pp ranks splits a step's "
                          f"micro-batches into equal rounds of about {pp}, which gradient_accumulation_steps={steps} "
                          f"cannot form; make it a multiple of {pp}")
 

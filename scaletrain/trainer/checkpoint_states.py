@@ -13,6 +13,7 @@ from ..checkpoint.hf_weights import write_adapter_weights, write_hf_weights
 
 from ..checkpoint.compatibility import model_fingerprint
 from ..modeling import adapter_config, model_class_name, tied_copy_names
+from ..parallel.pipeline_runtime import pipeline_of
 from .progress import TrainProgress
 from .resume import PROGRESS_FILE
 
@@ -91,6 +92,17 @@ def model_files_writer(model, processing_class: Optional[Any], args: Any = None)
     return write
 
 
+def adapter_keys_of_every_stage(strategy, model, trainable: set[str]) -> dict[str, str]:
+    """peft's adapter-file key of every pipeline stage's trained tensors: each rank asks peft about the layers its
+    stages hold (peft finds the keys structurally, from the model's own layers), and the answers are gathered."""
+    from peft import get_peft_model_state_dict
+
+    markers = {name: torch.empty(0) for name in trainable}  # peft passes the tensors through: matched by identity
+    key_of = {id(tensor): key for key, tensor in get_peft_model_state_dict(model, state_dict=markers).items()}
+    mine = {name: key_of[id(tensor)] for name, tensor in markers.items() if id(tensor) in key_of}
+    return {name: key for part in strategy.all_gather_object(mine) for name, key in part.items()}
+
+
 def hf_weights_writer(strategy, model_wrapped, model):
     """The checkpoint's model in HF's layout, written by every rank: the full weights (model.safetensors,
     sharded with an index when large), or a LoRA model's adapter (adapter_model.safetensors). `model` is
@@ -98,8 +110,9 @@ def hf_weights_writer(strategy, model_wrapped, model):
     def write(folder: Path) -> None:
         if adapter_config(model) is not None:
             trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+            keys = adapter_keys_of_every_stage(strategy, model, trainable) if pipeline_of(model) else None
             write_adapter_weights(folder, model, strategy.full_model_tensors(model_wrapped, trainable),
-                                  strategy.writes_files)
+                                  strategy.writes_files, keys)
         else:
             write_hf_weights(folder, strategy.full_model_tensors(model_wrapped), strategy.writes_files,
                              skip=frozenset(tied_copy_names(model)))

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from ..checkpoint import CheckpointError
 from ..checkpoint.compatibility import check_same_model
-from ..checkpoint.hf_trainer_format import hf_trainer_progress, position_from_global_step
+from ..checkpoint.hf_trainer_format import HF_TRAINER_FORMAT, hf_trainer_progress, position_from_global_step
 from ..checkpoint.manager import read_state
 from .plan import BatchGeometry
 
@@ -51,6 +51,13 @@ def read_resume_point(path: Path, checkpoints, strategy, configured: BatchGeomet
             f"{path} holds {saved_format!r} state (saved by strategy {manifest['strategy']}); strategy "
             f"{strategy.name} reads {' or '.join(map(repr, strategy.resume_formats))}. Resume with a strategy "
             "of the same family, or export it (scaletrain export) and start from the weights"
+        )
+    if saved_format == HF_TRAINER_FORMAT and strategy.layout.pp > 1:
+        raise CheckpointError(
+            f"{path} holds whole-model HF files (saved by strategy {manifest.get('strategy', 'transformers')}), "
+            f"whose optimizer state is numbered in the whole model's order; pipeline stages (parallelism_config "
+            f"pp_size={strategy.layout.pp}) resume from DCP state keyed by name: resume it once with strategy fsdp "
+            "without pp_size (its checkpoints are DCP), then with pp_size"
         )
     # transformers.Trainer writes no progress.json: its position is its global step
     saved_position = read_state(path, PROGRESS_FILE) if (path / PROGRESS_FILE).is_file() else \

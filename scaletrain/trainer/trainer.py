@@ -530,9 +530,12 @@ def _saving_on_this_rank(model: torch.nn.Module):
 
 def _refuse_overrides_the_layout_bypasses(cls: type, layout) -> None:
     """sp gives compute_loss slices of rows; pp runs stages whose last one computes the model's own loss, so
-    neither compute_loss nor training_step would run as written."""
-    overridden = [name for name in ("compute_loss", "training_step")
-                  if getattr(cls, name) is not getattr(Trainer, name)]
+    none of compute_loss, training_step and prediction_step (scaletrain's own Seq2SeqTrainer's aside: it calls
+    the Trainer's without generation, which pp refuses) would run as written."""
+    from .seq2seq_trainer import Seq2SeqTrainer
+
+    overridden = [name for name in ("compute_loss", "training_step", "prediction_step")
+                  if getattr(cls, name) not in (getattr(Trainer, name), getattr(Seq2SeqTrainer, name))]
     if "compute_loss" in overridden and layout.sp > 1:
         raise NotSupportedError(f"{cls.__name__} overrides compute_loss, and parallelism_config sp_size={layout.sp} "
                                 "gives each rank one slice of every row (with shift_labels): the override would see "
@@ -540,7 +543,7 @@ def _refuse_overrides_the_layout_bypasses(cls: type, layout) -> None:
     if overridden and layout.pp > 1:
         raise NotSupportedError(f"{cls.__name__} overrides {overridden[0]}, and parallelism_config pp_size={layout.pp} "
                                 "runs the model in pipeline stages whose last one computes the model's own loss: the "
-                                "override would never run; train without pp_size")
+                                "override would not run as written; train without pp_size")
 
 
 def _checked_args(args, compute_loss_func, optimizers, optimizer_cls_and_kwargs) -> TrainingArguments:
