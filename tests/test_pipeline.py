@@ -327,3 +327,21 @@ def test_the_command_line_refuses_a_model_pipeline_stages_cannot_split_before_an
                      '{"pp_size": 2, "pp_schedule": "GPipe"}'])
     assert code == 2
     assert "pp_size: BertForSequenceClassification is not a decoder-only causal LM" in capsys.readouterr().err
+
+
+def test_overrides_are_judged_by_the_class_that_defines_them():
+    """Seq2SeqTrainer's prediction_step is the Trainer's without generation (which pp refuses): it runs under pp;
+    a subclass's own prediction_step would bypass the stages' forward-only schedule and is refused."""
+    from scaletrain import Seq2SeqTrainer
+    from scaletrain.parallel.environment import DistEnv
+    from scaletrain.parallel.layout import ParallelLayout
+    from scaletrain.trainer.trainer import _refuse_overrides_the_layout_bypasses
+
+    class OwnPrediction(Seq2SeqTrainer):
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys, **gen_kwargs)
+
+    pipeline = ParallelLayout(DistEnv(0, 2, 0, 2), dp_replicate=1, dp_shard=1, tp=1, pp=2)
+    _refuse_overrides_the_layout_bypasses(Seq2SeqTrainer, pipeline)
+    with pytest.raises(NotSupportedError, match="OwnPrediction overrides prediction_step, and parallelism_config"):
+        _refuse_overrides_the_layout_bypasses(OwnPrediction, pipeline)

@@ -12,6 +12,7 @@ from .trainer import Trainer
 
 
 class Seq2SeqTrainer(Trainer):
+    layout_safe_overrides = ("prediction_step",)  # without generation it is the Trainer's (trainer.py)
     # HF's: a GenerationConfig, or the folder/file/model id of one
     load_generation_config = staticmethod(transformers.Seq2SeqTrainer.load_generation_config)
 

@@ -530,12 +530,16 @@ def _saving_on_this_rank(model: torch.nn.Module):
 
 def _refuse_overrides_the_layout_bypasses(cls: type, layout) -> None:
     """sp gives compute_loss slices of rows; pp runs stages whose last one computes the model's own loss, so
-    none of compute_loss, training_step and prediction_step (scaletrain's own Seq2SeqTrainer's aside: it calls
-    the Trainer's without generation, which pp refuses) would run as written."""
-    from .seq2seq_trainer import Seq2SeqTrainer
+    none of compute_loss, training_step and prediction_step would run as written. A class may name overrides
+    that call the Trainer's own where these layouts run (`layout_safe_overrides`: Seq2SeqTrainer's
+    prediction_step does without generation, which pp refuses)."""
+    def replaced(name: str) -> bool:
+        if getattr(cls, name) is getattr(Trainer, name):
+            return False
+        owner = next(k for k in cls.__mro__ if name in vars(k))
+        return name not in vars(owner).get("layout_safe_overrides", ())
 
-    overridden = [name for name in ("compute_loss", "training_step", "prediction_step")
-                  if getattr(cls, name) not in (getattr(Trainer, name), getattr(Seq2SeqTrainer, name))]
+    overridden = [name for name in ("compute_loss", "training_step", "prediction_step") if replaced(name)]
     if "compute_loss" in overridden and layout.sp > 1:
         raise NotSupportedError(f"{cls.__name__} overrides compute_loss, and parallelism_config sp_size={layout.sp} "
                                 "gives each rank one slice of every row (with shift_labels): the override would see "
