@@ -108,3 +108,37 @@ def tiny_llama(seed: int = 0, **config):
                                 tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0),
                          **config})
     return LlamaForCausalLM(cfg)
+
+
+def summed_lm_loss(net, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """A causal LM's cross-entropy over padded rows (input_ids, attention_mask, labels), summed over their
+    targets, and the target count: a plain-PyTorch reference, written without scaletrain."""
+    import torch.nn.functional as F
+
+    logits = net(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits[:, :-1]
+    targets = rows["labels"][:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+    return loss, int((targets != -100).sum())
+
+
+def plain_adamw_steps(net, batches: list[dict[str, torch.Tensor]], lr: float, clip: float) -> list[float]:
+    """One AdamW step (no weight decay) per batch on its loss summed over its targets and divided by their count,
+    gradients clipped to `clip`; each step's loss."""
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    for rows in batches:
+        loss, count = summed_lm_loss(net, rows)
+        (loss / count).backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item() / count)
+    return losses
+
+
+def mean_target_loss(net, batches: list[dict[str, torch.Tensor]]) -> float:
+    """The loss over every target of `batches` (evaluation's eval_loss), without gradients."""
+    with torch.no_grad():
+        sums = [summed_lm_loss(net, rows) for rows in batches]
+    return sum(loss.item() for loss, _ in sums) / sum(count for _, count in sums)

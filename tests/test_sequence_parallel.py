@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from helpers import VOCAB, losses_of, run_ranks, tiny_llama
+from helpers import VOCAB, losses_of, mean_target_loss, plain_adamw_steps, run_ranks, tiny_llama
 from scaletrain import Trainer, TrainingArguments
 from scaletrain.errors import NotSupportedError
 
@@ -56,33 +55,16 @@ def padded_rows(docs: list[list[int]], left: bool = False) -> dict[str, torch.Te
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def summed_loss(net, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    logits = net(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits[:, :-1]
-    targets = rows["labels"][:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                           reduction="sum")
-    return loss, int((targets != -100).sum())
-
-
 def plain_loop() -> tuple[list[float], dict[str, torch.Tensor], float]:
     """Each step: the next GLOBAL_DOCS documents of the permutation scaletrain documents (seed + epoch)."""
     net, data = model(), Documents(DOCS, seed=1)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=0.0)
     order = torch.randperm(DOCS, generator=torch.Generator().manual_seed(SEED)).tolist()
-    losses = []
-    for step in range(STEPS):
-        docs = [data.docs[i] for i in order[step * GLOBAL_DOCS:(step + 1) * GLOBAL_DOCS]]
-        loss, count = summed_loss(net, padded_rows(docs))
-        (loss / count).backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), CLIP)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item() / count)
-    net.eval()
-    with torch.no_grad():  # scaletrain's eval_loss: the mean over every target of the evaluation set
-        per_doc = [summed_loss(net, padded_rows([d])) for d in Documents(EVAL_DOCS, seed=9).docs]
-    return losses, {k: v.detach().clone() for k, v in net.state_dict().items()}, \
-        sum(loss.item() for loss, _ in per_doc) / sum(count for _, count in per_doc)
+    steps = [padded_rows([data.docs[i] for i in order[step * GLOBAL_DOCS:(step + 1) * GLOBAL_DOCS]])
+             for step in range(STEPS)]
+    losses = plain_adamw_steps(net, steps, LR, CLIP)
+    net.eval()  # scaletrain's eval_loss: the mean over every target of the evaluation set
+    eval_loss = mean_target_loss(net, [padded_rows([d]) for d in Documents(EVAL_DOCS, seed=9).docs])
+    return losses, {k: v.detach().clone() for k, v in net.state_dict().items()}, eval_loss
 
 
 COLLATORS = {"right": lambda features: padded_rows([f["input_ids"] for f in features]),
